@@ -1,0 +1,27 @@
+"""KL(π ‖ π_ref) estimators from per-token log-probs of the sampled tokens (Schulman, "Approximating KL").
+
+With x ~ π and log_ratio = ref_logp − logp = log(π_ref(x) / π(x)):
+    k1 = −log_ratio                    unbiased, but negative on some tokens and high variance
+    k2 = ½ · log_ratio²                biased, low variance, ≥ 0; its gradient is that of KL (ProRL v2)
+    k3 = exp(log_ratio) − log_ratio − 1  unbiased and ≥ 0 (GRPO, ProRL)
+"""
+
+import torch
+
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:
+    """Per-token KL estimate, same shape as logp."""
+    log_ratio = ref_logp - logp
+    if kind == "k1":
+        return -log_ratio
+    if kind == "k2":
+        return 0.5 * log_ratio**2
+    if kind == "k3":
+        return torch.exp(log_ratio) - log_ratio - 1
+    raise ValueError(f"unknown KL estimator '{kind}' (k1, k2, k3)")
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3", clamp: float | None = None) -> torch.Tensor:
+    """The per-token KL term of the loss; `clamp` bounds it (as verl does) so one wild token can't dominate."""
+    kl = kl_estimate(logp, ref_logp, kind)
+    return kl.clamp(min=-clamp, max=clamp) if clamp else kl

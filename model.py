@@ -1,0 +1,125 @@
+"""Models: load any Hugging Face causal LM from a local directory, or build the tiny built-in base.
+
+The built-in base is a stock `transformers` Llama (under a million parameters) with a character-level
+`PreTrainedTokenizerFast`, warm-started by a short supervised pass on the built-in tasks to partial
+competence and saved with `save_pretrained`. Everything else loads it the way it loads a real
+checkpoint, so `--model DIR` and the default take the same path through the code.
+"""
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+import tasks
+
+SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+CHARACTERS = list("0123456789+-*=>: ")
+
+# The tiny base: 3 layers of width 128 (~0.6M parameters); tasks and answers fit in 64 positions.
+TINY_CONFIG = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
+                   num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=True)
+WARMSTART = dict(task_mix="add:2,sort:1,countdown:2", level=1, steps=300, batch_size=128, lr=3e-3)
+
+
+def load(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) from a local Hugging Face directory; a one-line error if it is not one."""
+    if not (Path(path) / "config.json").is_file():
+        raise ValueError(f"--model {path}: no such model directory (expected a config.json inside)")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    if tokenizer.pad_token_id is None:  # many real checkpoints ship without one; any id works, pads are masked
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Token ids of a prompt: through the chat template when the tokenizer has one, else BOS + text."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                             tokenize=True, return_dict=False)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def stop_ids(model, tokenizer) -> tuple[int, ...]:
+    """Every id that ends a completion: the tokenizer's EOS and the model config's EOS id(s)."""
+    ids = {tokenizer.eos_token_id}
+    config_eos = model.config.eos_token_id
+    ids.update(config_eos if isinstance(config_eos, list) else [config_eos])
+    return tuple(sorted(i for i in ids if i is not None))
+
+
+# ----------------------------------------------------------------------------- the tiny built-in base
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer: every character of the built-in tasks is one token."""
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + CHARACTERS)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<bos>",
+                                   eos_token="<eos>", unk_token="<unk>")
+
+
+def build_tiny_model(tokenizer, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **TINY_CONFIG)
+    return LlamaForCausalLM(config)
+
+
+def ensure_tiny_base(path: str, seed: int = 0, log=print) -> str:
+    """Build and warm-start the tiny base at `path` unless an identical one is already there."""
+    recipe = {"seed": seed, "config": TINY_CONFIG, "warmstart": WARMSTART}
+    recipe_file = Path(path) / "recipe.json"
+    if recipe_file.is_file() and json.loads(recipe_file.read_text()) == recipe:
+        return path
+    start = time.time()
+    tokenizer = build_tokenizer()
+    model = build_tiny_model(tokenizer, seed)
+    warm_start(model, tokenizer, seed=seed, **WARMSTART)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    recipe_file.write_text(json.dumps(recipe))  # written last: a half-built base is never reused
+    log(f"built the tiny base model in {path} ({model.num_parameters() / 1e6:.2f}M parameters, "
+        f"{time.time() - start:.0f}s)")
+    return path
+
+
+def warm_start(model, tokenizer, task_mix: str, level: int, steps: int, batch_size: int, lr: float, seed: int):
+    """Supervised next-token training on (prompt, solution) pairs, loss on the solution tokens only.
+
+    Deliberately short: the base should be partly competent, so that RL has something to sharpen.
+    """
+    mix = tasks.TaskMix(task_mix, level=level, seed=seed + 10_000)  # a stream apart from RL's
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    for step in range(steps):
+        for group in optimizer.param_groups:  # linear warmup, then cosine decay to 10%
+            warmup = min(1.0, (step + 1) / 30)
+            group["lr"] = lr * warmup * (0.55 + 0.45 * math.cos(math.pi * step / steps))
+        input_ids, labels = supervised_batch(tokenizer, [mix.sample() for _ in range(batch_size)])
+        loss = model(input_ids=input_ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+
+
+def supervised_batch(tokenizer, examples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids [B, T] right-padded; labels [B, T] with −100 on the prompt and padding (no loss there)."""
+    rows, label_rows = [], []
+    for example in examples:
+        prompt = encode_prompt(tokenizer, example["prompt"])
+        answer = tokenizer(example["solution"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append(prompt + answer)
+        label_rows.append([-100] * len(prompt) + answer)
+    width = max(map(len, rows))
+    input_ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
+    labels = torch.tensor([r + [-100] * (width - len(r)) for r in label_rows])
+    return input_ids, labels

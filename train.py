@@ -1,0 +1,292 @@
+"""ProRL / BroRL training: sample → verify → advantages → clipped policy loss + KL → reset → repeat.
+
+    python train.py                         # tiny built-in base, built-in tasks, CPU, a few minutes
+    python train.py --preset prorl-v2 --model DIR --tasks data/math.jsonl
+    python train.py --help                  # every option
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import eval as evaluation
+import grpo
+import kernels
+import kl
+import model as model_lib
+import reset
+import rewards
+import rollout
+import tasks
+
+
+def option(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    model: str = option("", "local Hugging Face model directory; empty: build the tiny built-in base")
+    tasks: str = option("add,sort,countdown", "task mix: built-in names or JSONL paths, with optional :weight")
+    level: int = option(1, "difficulty of the built-in tasks (1-3)")
+    run: str = option("", "run name; metrics go to runs/<run>/ (default: tiny-s<seed>)")
+    seed: int = option(0, "seed of the base model build, the prompt stream and the sampler")
+    steps: int = option(60, "RL steps")
+    prompts_per_step: int = option(64, "groups (prompts) per step after dynamic sampling")
+    n: int = option(16, "rollouts per prompt (group size)")
+    max_new_tokens: int = option(16, "completion length limit; longer completions are truncated")
+    temperature: float = option(1.0, "sampling temperature (ProRL: 1.2)")
+    top_p: float = option(1.0, "nucleus sampling threshold")
+    lr: float = option(2e-4, "AdamW learning rate")
+    lr_scale_from_batch: int = option(0, "BroRL: scale lr by sqrt(samples per step / this) (0: off)")
+    advantage: str = option("grpo", "advantage estimator: grpo, reinforce_pp, rloo")
+    clip_low: float = option(0.2, "ε_low: ratio clipped below at 1 − ε_low")
+    clip_high: float = option(0.28, "ε_high: ratio clipped above at 1 + ε_high (ProRL: 0.4)")
+    loss_agg: str = option("token-mean", "token-mean, seq-mean-token-mean or seq-mean-token-sum")
+    kl_coef: float = option(1e-3, "β: weight of KL(π‖π_ref) in the loss (0: no reference model)")
+    kl_kind: str = option("k3", "KL estimator: k1, k2, k3")
+    dynamic_sampling: bool = option(True, "drop groups whose rewards are all equal, refill with fresh prompts")
+    max_sampling_rounds: int = option(2, "sampling rounds per step to fill the batch with informative groups")
+    minibatches: int = option(1, "optimizer steps per rollout batch (PPO mini-batches)")
+    epochs: int = option(1, "passes over each rollout batch")
+    micro_batch_rows: int = option(256, "rows per forward/backward (gradient accumulation); memory only")
+    grad_clip: float = option(1.0, "max gradient norm")
+    reset_every: int = option(0, "reset π_ref ← π every this many steps (0: never)")
+    reset_patience: int = option(0, "reset when validation pass@1 has not improved this many evaluations (0: off)")
+    reset_kl: float = option(0.0, "reset when a step's mean KL exceeds this (0: off)")
+    reset_optimizer: bool = option(True, "re-initialise the optimizer state at a reset (ProRL v1; v2: off)")
+    length_eta_max: float = option(0.0, "ProRL v2 cosine length penalty: η at the start of each cycle")
+    length_eta_min: float = option(0.0, "η at the end of each on-phase")
+    length_period: int = option(100, "steps of each on-phase of the length penalty")
+    length_off_steps: int = option(0, "steps with the length penalty off after each on-phase")
+    eval_every: int = option(20, "validation every this many steps (drives stall resets)")
+    val_problems: int = option(100, "held-out problems per family for validation during training")
+    eval_problems: int = option(500, "held-out problems per family for the final base-vs-trained report")
+    eval_samples: int = option(4, "samples per problem for pass@1")
+    eval_temperature: float = option(1.0, "sampling temperature of evaluation")
+    device: str = option("auto", "cpu, cuda, or auto")
+    preset: str = option("tiny", "tiny, prorl, prorl-v2 or brorl: the papers' hyperparameters, then your flags")
+
+
+PRESETS = {
+    "tiny": {},
+    # ProRL (arXiv 2505.24864): GRPO, clip 0.2/0.4, n=16, T=1.2, KL + resets that also reset Adam.
+    "prorl": dict(advantage="grpo", clip_low=0.2, clip_high=0.4, n=16, temperature=1.2, lr=2e-6,
+                  prompts_per_step=256, minibatches=4, kl_coef=1e-4, kl_kind="k3", reset_patience=3,
+                  reset_optimizer=True, max_new_tokens=8192),
+    # ProRL v2: REINFORCE++-baseline, clip 0.2/0.28, k2 KL β=1e-4, resets every 300 steps keeping Adam,
+    # scheduled cosine length penalty.
+    "prorl-v2": dict(advantage="reinforce_pp", clip_low=0.2, clip_high=0.28, n=16, temperature=1.2, lr=2e-6,
+                     prompts_per_step=256, minibatches=4, kl_coef=1e-4, kl_kind="k2", reset_every=300,
+                     reset_optimizer=False, length_eta_max=0.1, length_eta_min=0.0, length_period=200,
+                     length_off_steps=100, max_new_tokens=8192),
+    # BroRL (arXiv 2510.01180): N=512 rollouts for 128 prompts, lr scaled by sqrt(B_new / B_old)
+    # against ProRL's 256 prompts × 16.
+    "brorl": dict(advantage="reinforce_pp", clip_low=0.2, clip_high=0.28, n=512, prompts_per_step=128,
+                  temperature=1.2, lr=2e-6, lr_scale_from_batch=256 * 16, minibatches=4, kl_coef=1e-4,
+                  kl_kind="k2", reset_every=300, reset_optimizer=False, max_new_tokens=8192),
+}
+
+
+def parse_config(argv: list[str]) -> Config:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Config):
+        kind = (lambda s: s.lower() in ("1", "true", "yes")) if f.type is bool else f.type
+        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
+                            help=f"{f.metadata['help']} (default: {f.default})")
+    args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    preset = args.get("preset", "tiny")
+    if preset not in PRESETS:
+        parser.error(f"unknown preset '{preset}' (choose from {', '.join(PRESETS)})")
+    config = Config(**{**PRESETS[preset], **args})
+    try:
+        validate(config)
+    except ValueError as error:
+        parser.error(str(error))
+    return config
+
+
+def validate(c: Config) -> None:
+    checks = [(c.n >= 2, "--n must be at least 2: group advantages compare samples of one prompt"),
+              (c.prompts_per_step >= 1 and c.steps >= 0, "--prompts-per-step must be ≥ 1 and --steps ≥ 0"),
+              (c.lr > 0, "--lr must be positive"), (c.temperature >= 0, "--temperature must be ≥ 0"),
+              (0 < c.top_p <= 1, "--top-p must be in (0, 1]"), (c.max_new_tokens >= 1, "--max-new-tokens must be ≥ 1"),
+              (0 <= c.clip_low < 1 and c.clip_high >= 0, "--clip-low must be in [0, 1) and --clip-high ≥ 0"),
+              (c.minibatches >= 1 and c.epochs >= 1, "--minibatches and --epochs must be ≥ 1"),
+              (c.level in (1, 2, 3), "--level must be 1, 2 or 3"), (c.kl_coef >= 0, "--kl-coef must be ≥ 0"),
+              (c.eval_samples >= 1 and c.eval_every >= 0, "--eval-samples must be ≥ 1, --eval-every ≥ 0")]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    grpo.group_advantages(torch.zeros(1, 2), c.advantage)  # unknown names raise their own one-line error
+    grpo.aggregate(torch.zeros(1, 1), torch.ones(1, 1), c.loss_agg)
+    kl.kl_estimate(torch.zeros(1), torch.zeros(1), c.kl_kind)
+    tasks.parse_mix(c.tasks)
+    if c.model and not (Path(c.model) / "config.json").is_file():
+        raise ValueError(f"--model {c.model}: no such model directory (expected a config.json inside)")
+
+
+def sequence_logprobs(policy, batch: rollout.Rollout, temperature: float, entropy: bool = False):
+    """Teacher-forced log-probs [B, T−1] of tokens[:, 1:] (and their entropies), aligned with mask[:, 1:]."""
+    logits = policy(input_ids=batch.tokens, attention_mask=batch.attention_mask.long(),
+                    position_ids=rollout.position_ids(batch.attention_mask)).logits
+    return kernels.token_logprobs(logits[:, :-1], batch.tokens[:, 1:], max(temperature, 1e-6), entropy)
+
+
+def collect(policy, tokenizer, stream: tasks.TaskMix, c: Config, step: int):
+    """Sample groups until the batch holds `prompts_per_step` informative ones (or rounds run out)."""
+    kept_batches, kept_rewards, stats = [], [], {"groups": 0, "kept": 0, "reward": 0.0, "pass": 0.0, "length": 0.0}
+    eta = rewards.length_penalty_coef(step, c.length_eta_min, c.length_eta_max, c.length_period, c.length_off_steps)
+    for round_ in range(c.max_sampling_rounds if c.dynamic_sampling else 1):
+        examples = [stream.sample() for _ in range(c.prompts_per_step)]
+        batch, scores = evaluation.rollout_and_score(policy, tokenizer, examples, c.n, c.max_new_tokens,
+                                                     c.temperature, c.top_p, seed=c.seed * 100_003 + step * 10 + round_)
+        lengths = batch.mask.sum(dim=1).float()
+        stats["groups"] += len(examples)
+        stats["reward"] += scores.sum().item()
+        stats["pass"] += (scores >= 1).float().sum().item()
+        stats["length"] += lengths.sum().item()
+        if eta:
+            scores = scores - eta * lengths.view_as(scores) / c.max_new_tokens
+        keep = grpo.dynamic_sampling_mask(scores) if c.dynamic_sampling else torch.ones(len(examples), dtype=torch.bool)
+        kept_batches.append(select_rows(batch, keep.repeat_interleave(c.n)))
+        kept_rewards.append(scores[keep])
+        stats["kept"] += keep.sum().item()
+        if stats["kept"] >= c.prompts_per_step:
+            break
+    samples = stats["groups"] * c.n
+    stats = {"reward": stats["reward"] / samples, "pass_rate": stats["pass"] / samples,
+             "kept_frac": stats["kept"] / stats["groups"], "response_len": stats["length"] / samples}
+    group_rewards = torch.cat(kept_rewards)[: c.prompts_per_step]  # [P, N]
+    batch = select_rows(concat_rows(kept_batches, tokenizer.pad_token_id), slice(0, len(group_rewards) * c.n))
+    return batch, group_rewards, stats
+
+
+def select_rows(batch: rollout.Rollout, rows) -> rollout.Rollout:
+    return rollout.Rollout(batch.tokens[rows], batch.attention_mask[rows], batch.mask[rows],
+                           batch.logprobs[rows], batch.truncated[rows], batch.prompt_len)
+
+
+def concat_rows(batches: list[rollout.Rollout], pad_id: int) -> rollout.Rollout:
+    """Stack rollouts of different widths, right-padding the narrower ones (pads are masked out)."""
+    width = max(b.tokens.shape[1] for b in batches)
+    def pad(t, value):
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+    return rollout.Rollout(torch.cat([pad(b.tokens, pad_id) for b in batches]),
+                           torch.cat([pad(b.attention_mask, False) for b in batches]),
+                           torch.cat([pad(b.mask, False) for b in batches]),
+                           torch.cat([pad(b.logprobs, 0.0) for b in batches]),
+                           torch.cat([b.truncated for b in batches]), min(b.prompt_len for b in batches))
+
+
+def update(policy, reference, optimizer, batch: rollout.Rollout, adv: torch.Tensor, c: Config) -> dict:
+    """PPO-style update: `epochs` passes, each split into `minibatches` optimizer steps, each
+    accumulated over micro-batches of `micro_batch_rows` rows. Returns the step's mean statistics."""
+    mask = batch.mask[:, 1:]  # the loss is on completion tokens; position t predicts token t+1
+    rows = torch.arange(len(adv))
+    with torch.no_grad():
+        ref_logp = torch.cat([sequence_logprobs(reference, select_rows(batch, r), c.temperature)
+                              for r in rows.split(c.micro_batch_rows)]) if c.kl_coef > 0 else None
+        # Old log-probs are recomputed by the policy before any update (not taken from the sampler),
+        # so the ratio is exactly 1 on the first mini-batch; one update per batch needs no extra pass.
+        on_policy = c.minibatches == 1 and c.epochs == 1
+        old_logp = None if on_policy else torch.cat([sequence_logprobs(policy, select_rows(batch, r), c.temperature)
+                                                     for r in rows.split(c.micro_batch_rows)])
+    totals, updates = {}, 0
+    for _ in range(c.epochs):
+        for minibatch in rows[torch.randperm(len(rows))].chunk(c.minibatches):
+            for micro in minibatch.split(c.micro_batch_rows):
+                logp, entropy = sequence_logprobs(policy, select_rows(batch, micro), c.temperature, entropy=True)
+                micro_old = logp.detach() if on_policy else old_logp[micro]
+                loss, stats = grpo.policy_loss(logp, micro_old, adv[micro], mask[micro], c.clip_low, c.clip_high, c.loss_agg)
+                if ref_logp is not None:
+                    kl_per_token = kl.kl_penalty(logp, ref_logp[micro], c.kl_kind)
+                    loss = loss + c.kl_coef * grpo.aggregate(kl_per_token, mask[micro], c.loss_agg)
+                    stats["kl"] = grpo.masked_mean(kl_per_token.detach(), mask[micro])
+                stats["entropy"] = grpo.masked_mean(entropy, mask[micro])
+                (loss * grpo.aggregate_weight(mask[micro], mask[minibatch], c.loss_agg)).backward()
+                for name, value in stats.items():
+                    totals[name] = totals.get(name, 0.0) + float(value) * len(micro) / len(minibatch)
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), c.grad_clip)
+            if torch.isfinite(grad_norm):  # a non-finite gradient skips the update instead of poisoning it
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            updates += 1
+    return {name: value / updates for name, value in totals.items()}
+
+
+def main(argv: list[str]) -> None:
+    c = parse_config(argv)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" else c.device
+    torch.manual_seed(c.seed)
+    run_dir = Path("runs") / (c.run or f"{c.preset}-s{c.seed}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(c), indent=1))
+    model_dir = c.model or model_lib.ensure_tiny_base(f"runs/base/tiny-s{c.seed}", seed=c.seed)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    policy, tokenizer = model_lib.load(model_dir, device, dtype)
+    reference = model_lib.load(model_dir, device, dtype)[0].eval().requires_grad_(False) if c.kl_coef > 0 else None
+    samples_per_step = c.prompts_per_step * c.n
+    lr = c.lr * math.sqrt(samples_per_step / c.lr_scale_from_batch) if c.lr_scale_from_batch else c.lr
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=0.0)
+    stream = tasks.TaskMix(c.tasks, level=c.level, seed=c.seed)
+    families = list(stream.weights)
+    val_set = [ex for f in families for ex in tasks.heldout(f, c.val_problems, c.level)]
+    test_set = [ex for f in families for ex in tasks.heldout(f, c.eval_problems, c.level)]
+    tracker = reset.ResetTracker(c.reset_every, c.reset_patience, c.reset_kl)
+
+    def held_out_pass1(examples: list[dict]) -> dict:
+        report = evaluation.evaluate(policy.eval(), tokenizer, examples, c.eval_samples, c.max_new_tokens,
+                                     c.eval_temperature, seed=12345)
+        return {family: r[1] for family, r in report.items()}
+
+    base = held_out_pass1(test_set)
+    metrics_file = (run_dir / "metrics.jsonl").open("w")
+    progress = tqdm(range(1, c.steps + 1), desc="RL", dynamic_ncols=True, file=sys.stdout)
+    for step in progress:
+        start = time.time()
+        policy.eval()
+        batch, group_rewards, sample_stats = collect(policy, tokenizer, stream, c, step)
+        gen_time = time.time() - start
+        metrics = {"step": step, **sample_stats}
+        if len(group_rewards):
+            adv = grpo.group_advantages(group_rewards, c.advantage).flatten()  # [P·N]
+            policy.train()
+            metrics.update(update(policy, reference, optimizer, batch, adv, c))
+        reason = tracker.should_reset(metrics.get("kl", 0.0))
+        if c.eval_every and step % c.eval_every == 0:
+            metrics["val_pass1"] = held_out_pass1(val_set)["average"]
+            tracker.observe_validation(metrics["val_pass1"])
+        if reason and reference is not None:
+            reset.reset_reference(policy, reference, optimizer if c.reset_optimizer else None)
+            tracker.did_reset()
+            metrics["reset"] = reason
+        metrics.update(resets=tracker.count, gen_s=gen_time, step_s=time.time() - start,
+                       tokens_per_s=float(batch.mask.sum()) / (time.time() - start))
+        metrics_file.write(json.dumps(metrics) + "\n")
+        metrics_file.flush()
+        progress.set_postfix(reward=f"{metrics['reward']:.3f}", kept=f"{metrics['kept_frac']:.2f}",
+                             kl=f"{metrics.get('kl', 0):.4f}", ent=f"{metrics.get('entropy', 0):.2f}")
+    policy.save_pretrained(run_dir / "final")
+    tokenizer.save_pretrained(run_dir / "final")
+    trained = held_out_pass1(test_set)
+    lines = ["| task | base pass@1 | trained pass@1 | gain |", "|---|---|---|---|"]
+    lines += [f"| {f} | {base[f]:.3f} | {trained[f]:.3f} | {trained[f] - base[f]:+.3f} |" for f in base]
+    (run_dir / "result.md").write_text("\n".join(lines) + "\n")
+    print(f"held-out pass@1 ({c.eval_problems} problems per task, {c.eval_samples} samples each, "
+          f"T={c.eval_temperature}):\n" + "\n".join(lines))
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except ValueError as error:  # bad input the user can fix: one line, no traceback
+        sys.exit(f"error: {error}")
