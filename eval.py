@@ -1,29 +1,60 @@
 """Evaluation: sample n completions per problem, score them, and report pass@k per task family.
 
+    python eval.py --model BASE_DIR --model TRAINED_DIR      # the reasoning-boundary report, n=256
+    python eval.py --plot runs/tiny-s0                         # training curves from metrics.jsonl
+
 pass@k is the unbiased estimator of Chen et al. (Codex, 2021): with n samples of which c are right,
     pass@k = 1 − C(n−c, k) / C(n, k)
 the chance that at least one of k samples drawn without replacement from the n is right.
+
+ProRL (arXiv 2505.24864) claims that prolonged RL *expands the reasoning boundary*: the trained model
+beats its base at pass@k for every k up to 256, and by most on the tasks where the base is weak. Sampling
+only narrows the distribution if pass@1 rises while pass@256 falls. The boundary report puts the
+pass@k curves of the base and of the trained models side by side (table, JSON, plot) so anyone can check
+that claim on their own checkpoints.
 """
 
+import argparse
+import functools
+import json
 import math
+import sys
 from collections import defaultdict
+from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 import model as model_lib
 import rewards
 import rollout
+import tasks
+
+# ProRL's evaluation sampling (Section 4): temperature 0.6, top-p 0.95, n samples per problem.
+EVAL_TEMPERATURE = 0.6
+EVAL_TOP_P = 0.95
+EVAL_SAMPLES = 256
 
 
+@functools.cache  # a report asks for the same (n, c, k) many times: counts repeat across problems
 def pass_at_k(n: int, c: int, k: int) -> float:
-    """1 − C(n−c, k)/C(n, k), computed as a product so that it is exact and stable for n up to 1024+."""
+    """1 − C(n−c, k)/C(n, k): 0 when c = 0, 1 when k > n − c (every k-subset holds a right sample)."""
     if not 0 <= c <= n or not 1 <= k <= n:
         raise ValueError(f"pass@k needs 0 ≤ c ≤ n and 1 ≤ k ≤ n (got n={n}, c={c}, k={k})")
-    if n - c < k:
-        return 1.0
-    # C(n−c, k)/C(n, k) = Π_{i=0}^{k−1} (n−c−i)/(n−i)
-    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
+    # Exact integers, then one rounding: (C(n,k) − C(n−c,k)) / C(n,k). Python's int / int is correctly
+    # rounded however large the integers are (C(1024, 512) has 307 digits): no overflow, no cancellation.
+    # math.comb(n − c, k) is 0 when k > n − c.
+    total = math.comb(n, k)
+    return (total - math.comb(n - c, k)) / total
 
+
+def ks_up_to(n: int) -> list[int]:
+    """k = 1, 2, 4, ... up to n, and n itself when it is not a power of two."""
+    ks = [2**i for i in range(n.bit_length()) if 2**i <= n]
+    return ks if ks[-1] == n else ks + [n]
+
+
+# ----------------------------------------------------------------------------- sampling
 
 def rollout_and_score(policy, tokenizer, examples: list[dict], n: int, max_new_tokens: int,
                       temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
@@ -43,19 +74,265 @@ def rollout_and_score(policy, tokenizer, examples: list[dict], n: int, max_new_t
     return result, scores.view(len(examples), n)
 
 
+def correct_counts(policy, tokenizer, examples: list[dict], n: int = EVAL_SAMPLES, max_new_tokens: int = 16,
+                   temperature: float = EVAL_TEMPERATURE, top_p: float = EVAL_TOP_P, seed: int = 0,
+                   max_rows: int = 4096, progress: str = "", chunk: int = 0) -> list[int]:
+    """c for each example: how many of its n samples are right (reward ≥ 1; partial credit is not a pass).
+
+    Problems are sampled `chunk` at a time (default max_rows // n; a chunk starting at example i uses
+    seed + i), so memory is bounded whatever the number of problems. A non-empty `progress` shows a
+    progress bar with that label.
+    """
+    chunk = chunk or max(1, max_rows // n)
+    counts = []
+    with tqdm(total=len(examples), desc=progress, unit="problem", disable=not progress, dynamic_ncols=True) as bar:
+        for start in range(0, len(examples), chunk):
+            _, scores = rollout_and_score(policy, tokenizer, examples[start:start + chunk], n, max_new_tokens,
+                                          temperature, top_p, seed=seed + start, max_rows=max_rows)
+            counts += (scores >= 1.0).sum(dim=1).tolist()
+            bar.update(len(scores))
+    return counts
+
+
 def evaluate(policy, tokenizer, examples: list[dict], n: int = 4, max_new_tokens: int = 32,
              temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, ks: tuple[int, ...] = (1,),
              chunk: int = 256) -> dict[str, dict[int, float]]:
     """{family: {k: pass@k}} plus "average" (the mean over families). A sample is right iff reward ≥ 1."""
-    correct = []
-    for start in range(0, len(examples), chunk):
-        _, scores = rollout_and_score(policy, tokenizer, examples[start:start + chunk], n, max_new_tokens,
-                                      temperature, top_p, seed=seed + start)
-        correct += (scores >= 1.0).sum(dim=1).tolist()
-    by_family = defaultdict(list)
-    for example, c in zip(examples, correct):
-        by_family[example["task"]].append(c)
-    report = {family: {k: sum(pass_at_k(n, c, k) for c in counts) / len(counts) for k in ks if k <= n}
-              for family, counts in by_family.items()}
-    report["average"] = {k: sum(r[k] for r in report.values()) / len(report) for k in report[next(iter(report))]}
+    counts = correct_counts(policy, tokenizer, examples, n, max_new_tokens, temperature, top_p, seed, chunk=chunk)
+    report = pass_at_k_by_family(counts, examples, n, [k for k in ks if k <= n])
+    report["average"] = report.pop("overall")
     return report
+
+
+# ----------------------------------------------------------------------------- the boundary report
+
+def pass_at_k_by_family(counts: list[int], examples: list[dict], n: int, ks: list[int]) -> dict[str, dict[int, float]]:
+    """{family: {k: mean over its problems of pass@k}} plus "overall", the mean over families (each
+    family weighs the same however many problems it has)."""
+    by_family = defaultdict(list)
+    for example, c in zip(examples, counts, strict=True):
+        by_family[example["task"]].append(c)
+    report = {family: {k: sum(pass_at_k(n, c, k) for c in family_counts) / len(family_counts) for k in ks}
+              for family, family_counts in by_family.items()}
+    report["overall"] = {k: sum(r[k] for r in report.values()) / len(report) for k in ks}
+    return report
+
+
+def boundary(counts: dict[str, list[int]], examples: list[dict], n: int) -> dict[str, dict[str, dict[int, float]]]:
+    """{model: {family or "overall": {k: pass@k}}} for k = 1, 2, 4, ..., n. pass@1 is the mean of c/n."""
+    return {name: pass_at_k_by_family(model_counts, examples, n, ks_up_to(n)) for name, model_counts in counts.items()}
+
+
+def boundary_table(report: dict[str, dict[str, dict[int, float]]]) -> str:
+    """Markdown: one row per (family, model), one column per k. The first model is the base; the other
+    models' cells show their change against it in parentheses."""
+    base_name, *_ = report
+    families = list(report[base_name])
+    ks = list(report[base_name][families[0]])
+    lines = ["| task | model | " + " | ".join(f"pass@{k}" for k in ks) + " |",
+             "|---|---|" + "---:|" * len(ks)]
+    for family in families:
+        base = report[base_name][family]
+        for name, model_report in report.items():
+            cells = [f"{model_report[family][k]:.3f}" for k in ks]
+            if name != base_name:
+                cells = [f"{cell} ({model_report[family][k] - base[k]:+.3f})" for cell, k in zip(cells, ks)]
+            lines.append(f"| {family} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_boundary(report: dict[str, dict[str, dict[int, float]]], path: Path, title: str = "") -> None:
+    """pass@k against k (log scale), one panel per family and one for overall, one line per model."""
+    # Agg renders PNGs headless. Imported here, not at the top, so that `import eval` (train.py) stays fast.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    families = list(next(iter(report.values())))
+    fig = Figure(figsize=(4 * len(families), 3.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    for ax, family in zip(fig.subplots(1, len(families), squeeze=False)[0], families):
+        for name, model_report in report.items():
+            ks = list(model_report[family])
+            ax.plot(ks, [model_report[family][k] for k in ks], marker="o", markersize=3, label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.set_ylim(0, 1.02)
+        ax.set_title(family)
+        ax.set_xlabel("k")
+        ax.grid(alpha=0.3)
+    fig.axes[0].set_ylabel("pass@k")
+    fig.axes[0].legend()
+    if title:
+        fig.suptitle(title)
+    fig.savefig(path, dpi=120)
+
+
+def write_boundary(out_dir: str | Path, counts: dict[str, list[int]], examples: list[dict], n: int,
+                   settings: dict | None = None) -> str:
+    """Write boundary.md, boundary.json and boundary.png into out_dir; return the markdown table.
+
+    counts: {model name: [c per example]}, the first model the base, each list aligned with `examples`.
+    settings: what produced the samples (models, temperature, ...), recorded in the JSON and the markdown.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = boundary(counts, examples, n)
+    problems = defaultdict(int)
+    for example in examples:
+        problems[example["task"]] += 1
+    summary = f"{n} samples per problem; held-out problems: " + ", ".join(f"{f} {p}" for f, p in problems.items())
+    if settings:
+        summary += "; " + ", ".join(f"{key} {value}" for key, value in settings.items())
+    table = boundary_table(report)
+    (out_dir / "boundary.md").write_text(f"# Reasoning boundary: pass@k\n\n{summary}.\n\n{table}\n")
+    (out_dir / "boundary.json").write_text(json.dumps({
+        "n": n, "ks": ks_up_to(n), "settings": settings or {}, "pass_at_k": report,
+        "problems": [{"task": ex["task"], "prompt": ex["prompt"]} for ex in examples], "correct": counts,
+    }, indent=1))
+    plot_boundary(report, out_dir / "boundary.png", title=f"pass@k on held-out problems (n={n})")
+    return table
+
+
+# ----------------------------------------------------------------------------- training curves
+
+# (panel title, metrics.jsonl keys drawn in it), in the order train.py logs them.
+TRAINING_PANELS = [
+    ("reward", ["reward", "pass_rate", "val_pass1"]),
+    ("KL", ["kl", "approx_kl"]),
+    ("entropy", ["entropy"]),
+    ("response length (tokens)", ["response_len"]),
+    ("batch", ["kept_frac", "clipfrac"]),
+    ("throughput (tokens/s)", ["tokens_per_s"]),
+]
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise ValueError(f"--plot {run_dir}: no metrics.jsonl there (is it a run directory of train.py?)")
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):  # a half-written last line is a run still writing it, not an error
+                raise ValueError(f"{path}:{number}: not valid JSON") from None
+    if not records:
+        raise ValueError(f"{path}: no steps logged yet")
+    return records
+
+
+def training_series(records: list[dict]) -> tuple[dict[str, dict[str, tuple[list, list]]], list[tuple[int, str]]]:
+    """({panel: {key: (steps, values)}} for the keys present, [(step, reason) of each reference reset])."""
+    panels = {}
+    for title, keys in TRAINING_PANELS:
+        series = {key: ([r["step"] for r in records if key in r], [r[key] for r in records if key in r])
+                  for key in keys}
+        series = {key: xy for key, xy in series.items() if xy[0]}
+        if series:
+            panels[title] = series
+    resets = [(r["step"], r["reset"]) for r in records if r.get("reset")]
+    return panels, resets
+
+
+def plot_training(run_dir: str | Path) -> Path:
+    """Draw RUN_DIR/training.png from RUN_DIR/metrics.jsonl; reference resets are dashed vertical lines."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    panels, resets = training_series(read_metrics(run_dir))
+    columns = 2
+    rows = math.ceil(len(panels) / columns)
+    fig = Figure(figsize=(6 * columns, 3 * rows), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, columns, squeeze=False).flatten()
+    for ax, (title, series) in zip(axes, panels.items()):
+        for key, (steps, values) in series.items():
+            sparse = len(steps) < 0.5 * max(len(s) for s, _ in series.values())  # e.g. val_pass1
+            ax.plot(steps, values, label=key, marker="o" if sparse else None, markersize=4)
+        for number, (step, reason) in enumerate(resets):
+            ax.axvline(step, color="gray", linestyle="--", linewidth=1, label="reset" if number == 0 else None)
+            if ax is axes[0]:
+                ax.annotate(reason, (step, 1), xycoords=("data", "axes fraction"), rotation=90, fontsize=7,
+                            va="top", ha="right", color="gray")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle(f"{Path(run_dir).name}: {len(resets)} reference reset(s)")
+    path = Path(run_dir) / "training.png"
+    fig.savefig(path, dpi=110)
+    return path
+
+
+# ----------------------------------------------------------------------------- command line
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", action="append", default=[],
+                        help="local Hugging Face model directory; repeat it: the first is the base")
+    parser.add_argument("--tasks", default="add,sort,countdown", help="built-in names or JSONL paths, as train.py")
+    parser.add_argument("--level", type=int, default=1, help="difficulty of the built-in tasks (1-3)")
+    parser.add_argument("--problems", type=int, default=100, help="held-out problems per family")
+    parser.add_argument("--n", type=int, default=EVAL_SAMPLES, help="samples per problem (largest k)")
+    parser.add_argument("--temperature", type=float, default=EVAL_TEMPERATURE, help="sampling temperature")
+    parser.add_argument("--top-p", type=float, default=EVAL_TOP_P, help="nucleus sampling threshold")
+    parser.add_argument("--max-new-tokens", type=int, default=16,
+                        help="completion length limit (raise it for real models)")
+    parser.add_argument("--max-rows", type=int, default=4096, help="rows sampled at once; lower it if memory runs out")
+    parser.add_argument("--out", default="runs/eval", help="directory for boundary.md, boundary.json, boundary.png")
+    parser.add_argument("--seed", type=int, default=0, help="sampler seed (every model gets the same)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+    parser.add_argument("--plot", metavar="RUN_DIR", help="instead: draw RUN_DIR/training.png from metrics.jsonl")
+    args = parser.parse_args(argv)
+    if not args.plot and not args.model:
+        parser.error("give --model DIR (repeatable) for a pass@k report, or --plot RUN_DIR for training curves")
+    return args
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    if args.plot:
+        print(f"wrote {plot_training(args.plot)}")
+        return
+    checks = [(args.n >= 1 and args.problems >= 1, "--n and --problems must be at least 1"),
+              (args.level in (1, 2, 3), "--level must be 1, 2 or 3"),
+              (args.temperature >= 0 and 0 < args.top_p <= 1, "--temperature must be ≥ 0 and --top-p in (0, 1]"),
+              (args.max_new_tokens >= 1 and args.max_rows >= 1, "--max-new-tokens and --max-rows must be ≥ 1")]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    for path in args.model:  # all of them before the first hour of sampling, not after
+        if not (Path(path) / "config.json").is_file():
+            raise ValueError(f"--model {path}: no such model directory (expected a config.json inside)")
+    examples = []
+    for family in tasks.parse_mix(args.tasks):
+        family_examples = tasks.heldout(family, args.problems, args.level)
+        if not family_examples:
+            raise ValueError(f"--tasks {family}: no held-out problems in it (see tasks.is_heldout)")
+        examples += family_examples
+    names = ["base"] + (["trained"] if len(args.model) == 2 else [f"trained{i}" for i in range(1, len(args.model))])
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    counts = {}
+    for name, path in zip(names, args.model):
+        policy, tokenizer = model_lib.load(path, device, dtype)
+        counts[name] = correct_counts(policy.eval(), tokenizer, examples, args.n, args.max_new_tokens,
+                                      args.temperature, args.top_p, args.seed, args.max_rows, progress=name)
+        del policy
+    settings = {**dict(zip(names, args.model)), "temperature": args.temperature,
+                "top_p": args.top_p, "max_new_tokens": args.max_new_tokens, "seed": args.seed}
+    table = write_boundary(args.out, counts, examples, args.n, settings)
+    print(table)
+    print(f"wrote {args.out}/boundary.md, boundary.json, boundary.png")
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except ValueError as error:  # bad input the user can fix: one line, no traceback
+        sys.exit(f"error: {error}")
