@@ -4,6 +4,11 @@ Read it top to bottom: `generate` (the loop over prompt groups and row chunks), 
 decode loop), then the forward pass of a Llama / Qwen2 causal LM written out with a static KV cache
 (`prefill`, `decode_step`), the CUDA-graph wrapper, and sampling.
 
+Prefix sharing (BroRL's N=512 samples per prompt): each prompt is prefilled once, and its keys/values are
+*shared*, not copied, by its N rows. A decode step scores each row's query against its prompt's keys
+with the N rows batched as N queries of one matrix product, so the prompt's keys are read once per step
+instead of N times, and only the completions' keys/values are stored per row.
+
 Layout of one rollout (row i is sample i % n of prompt i // n):
 
     tokens  [P·N, T]   pad pad p p p p | c c c STOP pad pad
@@ -27,8 +32,8 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-DEFAULT_MAX_ROWS = 256  # rows decoded together; the KV cache holds max_rows · (L + max_new_tokens) tokens
-KV_BUCKET = 256  # on CUDA, decode attends over the cache rounded up to this many columns (one graph each)
+DEFAULT_MAX_ROWS = 256  # rows decoded together: the cache holds max_rows · max_new_tokens completion tokens
+KV_BUCKET = 256  # on CUDA, decode attends over the completion cache rounded up to this many columns
 
 
 @dataclass
@@ -75,8 +80,8 @@ def generate(
     was_training = model.training
     model.eval()
     num_prompts, prompt_len = len(prompts), max(len(p) for p in prompts)
-    num_rows, max_len = num_prompts * n, prompt_len + max_new_tokens
-    weights = Weights(model, max_len)
+    num_rows = num_prompts * n
+    weights = Weights(model, prompt_len + max_new_tokens)
     device = weights.device
     generator = torch.Generator(device=device).manual_seed(seed)
     stop_ids = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
@@ -86,72 +91,66 @@ def generate(
     prompt_ids = torch.full((num_prompts, prompt_len), pad_id, dtype=torch.long, device=device)  # [P, L]
     prompt_ids[prompt_mask] = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=device)
 
-    tokens = torch.full((num_rows, max_len), pad_id, dtype=torch.long, device=device)
-    tokens[:, :prompt_len] = prompt_ids.repeat_interleave(n, dim=0)
-    attention_mask = torch.zeros(num_rows, max_len, dtype=torch.bool, device=device)
-    attention_mask[:, :prompt_len] = prompt_mask.repeat_interleave(n, dim=0)
-    logprobs = torch.zeros(num_rows, max_len, dtype=torch.float32, device=device)
-    truncated = torch.zeros(num_rows, dtype=torch.bool, device=device)
-    longest_completion = 0
-
+    # A chunk of rows is either whole prompts (p prompts x n samples, p·n <= max_rows) or, when n > max_rows,
+    # a run of one prompt's samples; either way its rows are contiguous in the output.
+    samples_per_chunk = min(n, max_rows)
+    prompts_per_group = min(max_rows // samples_per_chunk, num_prompts)
     # One static cache for the whole call, reused by every chunk (CUDA graphs need fixed addresses).
-    chunk_rows = min(max_rows, num_rows)
-    cache = KVCache(weights, chunk_rows, max_len)
+    cache = KVCache(weights, prompts_per_group, prompt_len, prompts_per_group * samples_per_chunk, max_new_tokens)
     if device.type == "cuda":
         decode = CudaGraphDecode(weights, cache)
     else:
         decode = partial(decode_step, weights=weights, cache=cache)
 
-    # Prefill each prompt exactly once, then copy its keys/values into its n rows: BroRL's N=512 costs one
-    # prefill per prompt, not 512. Prompts go in groups whose rows fit in max_rows; a prompt with more than
-    # max_rows samples has its rows decoded in several chunks that all reuse its one prefill.
-    prompts_per_group = max(1, max_rows // n)
+    chunks = []  # (first row, completion [R, S], log-probs [R, S], completion mask [R, S], stopped [R])
     for first_prompt in range(0, num_prompts, prompts_per_group):
         group = slice(first_prompt, min(first_prompt + prompts_per_group, num_prompts))
-        prefix_k, prefix_v, prefix_logits = prefill(weights, prompt_ids[group], prompt_mask[group])
-        group_rows = (group.stop - group.start) * n
-        for first_row in range(0, group_rows, max_rows):
-            row_prompt = torch.arange(first_row, min(first_row + max_rows, group_rows), device=device) // n  # [R]
-            rows = slice(group.start * n + first_row, group.start * n + first_row + len(row_prompt))
-            cache.fill_prefix(prefix_k, prefix_v, prompt_mask[group], row_prompt)
-            completion, completion_logp, completion_mask, stopped = decode_rows(
-                decode, cache, prefix_logits[row_prompt], prompt_lens[group][row_prompt], max_new_tokens,
+        prefix_logits = prefill(weights, cache, prompt_ids[group], prompt_mask[group])  # each prompt once
+        for first_sample in range(0, n, samples_per_chunk):
+            samples = min(samples_per_chunk, n - first_sample)
+            completion = decode_rows(
+                decode, prefix_logits, prompt_lens[group], samples, max_new_tokens,
                 temperature, top_p, top_k, stop_ids, pad_id, generator,
             )
-            steps = completion.shape[1]
-            tokens[rows, prompt_len : prompt_len + steps] = completion
-            logprobs[rows, prompt_len : prompt_len + steps] = completion_logp
-            attention_mask[rows, prompt_len : prompt_len + steps] = completion_mask
-            truncated[rows] = ~stopped
-            longest_completion = max(longest_completion, steps)
+            chunks.append((first_prompt * n + first_sample, *completion))
 
+    # Assemble [P·N, T]: T = L + the longest completion any chunk generated.
+    end = prompt_len + max(completion.shape[1] for _, completion, *_ in chunks)
+    tokens = torch.full((num_rows, end), pad_id, dtype=torch.long, device=device)
+    tokens[:, :prompt_len] = prompt_ids.repeat_interleave(n, dim=0)
+    mask = torch.zeros(num_rows, end, dtype=torch.bool, device=device)
+    logprobs = torch.zeros(num_rows, end, dtype=torch.float32, device=device)
+    truncated = torch.zeros(num_rows, dtype=torch.bool, device=device)
+    for first_row, completion, completion_logp, completion_mask, stopped in chunks:
+        rows = slice(first_row, first_row + completion.shape[0])
+        columns = slice(prompt_len, prompt_len + completion.shape[1])
+        tokens[rows, columns] = completion
+        logprobs[rows, columns] = completion_logp
+        mask[rows, columns] = completion_mask
+        truncated[rows] = ~stopped
+    attention_mask = mask.clone()
+    attention_mask[:, :prompt_len] = prompt_mask.repeat_interleave(n, dim=0)
     model.train(was_training)
-    end = prompt_len + longest_completion
-    mask = attention_mask[:, :end].clone()
-    mask[:, :prompt_len] = False
-    return Rollout(
-        tokens=tokens[:, :end],
-        attention_mask=attention_mask[:, :end],
-        mask=mask,
-        logprobs=logprobs[:, :end],
-        truncated=truncated,
-        prompt_len=prompt_len,
-    )
+    return Rollout(tokens, attention_mask, mask, logprobs, truncated, prompt_len)
 
 
 def decode_rows(
-    decode, cache, logits, prompt_lens, max_new_tokens, temperature, top_p, top_k, stop_ids, pad_id, generator
+    decode, prefix_logits, prompt_lens, samples, max_new_tokens, temperature, top_p, top_k, stop_ids, pad_id,
+    generator,
 ):
-    """The decode loop of one chunk of R rows whose prompts are already in `cache`.
+    """The decode loop of one chunk: `samples` rows for each of the p prompts prefilled into the cache.
 
-    logits float32 [R, V] (of each row's first completion token), prompt_lens [R]. Returns the completions
-    [R, S], their log-probs [R, S], the completion mask [R, S] and whether each row stopped [R], where
-    S <= max_new_tokens is the number of steps run (the loop ends once every row has stopped)."""
-    num_rows = logits.shape[0]
-    completion = torch.full((num_rows, max_new_tokens), pad_id, dtype=torch.long, device=logits.device)
-    completion_logp = torch.zeros(num_rows, max_new_tokens, dtype=torch.float32, device=logits.device)
-    completion_mask = torch.zeros(num_rows, max_new_tokens, dtype=torch.bool, device=logits.device)
-    stopped = torch.zeros(num_rows, dtype=torch.bool, device=logits.device)
+    prefix_logits float32 [p, V] (of each prompt's first completion token), prompt_lens [p]. Returns the
+    completions [R, S], their log-probs [R, S], the completion mask [R, S] and whether each row stopped [R],
+    R = p·samples, S <= max_new_tokens the number of steps run (the loop ends once every row has stopped)."""
+    num_prompts = prefix_logits.shape[0]
+    num_rows, device = num_prompts * samples, prefix_logits.device
+    logits = prefix_logits.repeat_interleave(samples, dim=0)  # [R, V]
+    positions = prompt_lens.repeat_interleave(samples)  # [R] position of each row's first completion token
+    completion = torch.full((num_rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    completion_logp = torch.zeros(num_rows, max_new_tokens, dtype=torch.float32, device=device)
+    completion_mask = torch.zeros(num_rows, max_new_tokens, dtype=torch.bool, device=device)
+    stopped = torch.zeros(num_rows, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
         token, token_logp = sample(logits, temperature, top_p, top_k, generator)
         # Rows that already stopped keep decoding (the batch stays rectangular) but their tokens are
@@ -162,7 +161,7 @@ def decode_rows(
         stopped |= torch.isin(token, stop_ids)
         if step == max_new_tokens - 1 or bool(stopped.all()):
             break
-        logits = decode(token, prompt_lens + step, cache.prompt_len + step, num_rows)
+        logits = decode(token, positions + step, step, num_prompts, samples)
     steps = step + 1
     return completion[:, :steps], completion_logp[:, :steps], completion_mask[:, :steps], stopped
 
@@ -207,49 +206,63 @@ class Weights:
 class LayerWeights:
     attn_norm: torch.Tensor  # [d]
     qkv: torch.Tensor  # [d, (H + 2·Hkv)·D]
-    qkv_bias: torch.Tensor | None  # [(H + 2·Hkv)·D] for Qwen2, None for Llama
+    qkv_bias: torch.Tensor | None  # [(H + 2·Hkv)·D]: Qwen2 (and Llama with attention_bias), else None
     o: torch.Tensor  # [H·D, d]
+    o_bias: torch.Tensor | None  # [d]: Llama with attention_bias
     mlp_norm: torch.Tensor  # [d]
     gate_up: torch.Tensor  # [d, 2·F]
+    gate_up_bias: torch.Tensor | None  # [2·F]: Llama with mlp_bias
     down: torch.Tensor  # [F, d]
+    down_bias: torch.Tensor | None  # [d]
 
     @staticmethod
     def of(layer: torch.nn.Module) -> "LayerWeights":
         attn, mlp = layer.self_attn, layer.mlp
-        qkv_bias = None
-        if attn.q_proj.bias is not None:
-            qkv_bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
         return LayerWeights(
             attn_norm=layer.input_layernorm.weight,
-            qkv=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).t().contiguous(),
-            qkv_bias=qkv_bias,
+            qkv=_fuse_projections([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
+            qkv_bias=_fuse_biases([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]),
             o=attn.o_proj.weight.t().contiguous(),
+            o_bias=attn.o_proj.bias,
             mlp_norm=layer.post_attention_layernorm.weight,
-            gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).t().contiguous(),
+            gate_up=_fuse_projections([mlp.gate_proj.weight, mlp.up_proj.weight]),
+            gate_up_bias=_fuse_biases([mlp.gate_proj.bias, mlp.up_proj.bias]),
             down=mlp.down_proj.weight.t().contiguous(),
+            down_bias=mlp.down_proj.bias,
         )
 
 
-class KVCache:
-    """Static keys/values [layers, rows, kv_heads, max_len, D] and which columns hold real keys [rows, max_len].
+def _fuse_projections(weights: list[torch.Tensor]) -> torch.Tensor:
+    """nn.Linear weights [out_i, in] -> one [in, sum(out_i)] matrix."""
+    return torch.cat(weights).t().contiguous()
 
+
+def _fuse_biases(biases: list[torch.Tensor | None]) -> torch.Tensor | None:
+    return None if biases[0] is None else torch.cat(biases)
+
+
+def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [N, in] @ weight [in, out] (+ bias [out])."""
+    return x @ weight if bias is None else torch.addmm(bias, x, weight)
+
+
+class KVCache:
+    """The static cache of one chunk: p prompts' keys/values, shared by their rows, and each row's own.
+
+    prefix_k/v [layers, p, kv_heads, L, D]: the prompts (zero at pads), written by `prefill`;
+    prefix_bias [p·kv_heads, 1, L]: 0 on real prompt tokens, -inf on pads;
+    k/v [layers, rows, kv_heads, max_new_tokens, D]: each row's completion so far, written by `decode_step`.
     Zero-initialised: masked columns get softmax weight 0, and 0 · garbage would be NaN if garbage were
     NaN or inf (torch.empty can hold either)."""
 
-    def __init__(self, weights: Weights, rows: int, max_len: int):
-        shape = (len(weights.layers), rows, weights.num_kv_heads, max_len, weights.head_dim)
-        self.k = torch.zeros(shape, dtype=weights.dtype, device=weights.device)
-        self.v = torch.zeros(shape, dtype=weights.dtype, device=weights.device)
-        self.key_mask = torch.zeros(rows, max_len, dtype=torch.bool, device=weights.device)
-        self.prompt_len = 0
-
-    def fill_prefix(self, prefix_k, prefix_v, prompt_mask, row_prompt) -> None:
-        """Copy prompt row_prompt[r]'s prefilled keys/values [layers, p, kv_heads, L, D] into cache row r."""
-        rows, self.prompt_len = len(row_prompt), prefix_k.shape[3]
-        self.k[:, :rows, :, : self.prompt_len] = prefix_k[:, row_prompt]
-        self.v[:, :rows, :, : self.prompt_len] = prefix_v[:, row_prompt]
-        self.key_mask[:rows] = False  # completion columns become visible one step at a time
-        self.key_mask[:rows, : self.prompt_len] = prompt_mask[row_prompt]
+    def __init__(self, weights: Weights, prompts: int, prompt_len: int, rows: int, max_new_tokens: int):
+        layers, num_kv, head_dim = len(weights.layers), weights.num_kv_heads, weights.head_dim
+        options = {"dtype": weights.dtype, "device": weights.device}
+        self.prefix_k = torch.zeros(layers, prompts, num_kv, prompt_len, head_dim, **options)
+        self.prefix_v = torch.zeros_like(self.prefix_k)
+        self.prefix_bias = torch.zeros(prompts * num_kv, 1, prompt_len, **options)
+        self.k = torch.zeros(layers, rows, num_kv, max_new_tokens, head_dim, **options)
+        self.v = torch.zeros_like(self.k)
 
 
 def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -278,26 +291,25 @@ def transformer(weights: Weights, input_ids: torch.Tensor, positions: torch.Tens
     hidden = F.embedding(input_ids, weights.embed)  # [N, d]
     for layer_index, w in enumerate(weights.layers):
         x = rms_norm(hidden, w.attn_norm, weights.norm_eps)
-        qkv = x @ w.qkv if w.qkv_bias is None else torch.addmm(w.qkv_bias, x, w.qkv)
-        qkv = qkv.view(num_tokens, num_q + 2 * num_kv, head_dim)
+        qkv = project(x, w.qkv, w.qkv_bias).view(num_tokens, num_q + 2 * num_kv, head_dim)
         qk = apply_rope(qkv[:, : num_q + num_kv], cos, signed_sin)  # queries and keys rotated together
         q, k, v = qk[:, :num_q], qk[:, num_q:], qkv[:, num_q + num_kv :]  # [N, H | Hkv | Hkv, D]
-        hidden = hidden + attend(layer_index, q, k, v) @ w.o
+        hidden = hidden + project(attend(layer_index, q, k, v), w.o, w.o_bias)
         x = rms_norm(hidden, w.mlp_norm, weights.norm_eps)
-        gate, up = (x @ w.gate_up).chunk(2, dim=-1)  # [N, F] each
-        hidden = hidden + (F.silu(gate) * up) @ w.down
+        gate, up = project(x, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)  # [N, F] each
+        hidden = hidden + project(F.silu(gate) * up, w.down, w.down_bias)
     return rms_norm(hidden, weights.final_norm, weights.norm_eps)
 
 
-def prefill(
-    weights: Weights, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run left-padded prompts [p, L] once. Returns their keys and values [layers, p, kv_heads, L, D] (zero
-    at pads) and the float32 logits of each prompt's next token [p, V]."""
+def prefill(weights: Weights, cache: KVCache, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+    """Run left-padded prompts [p, L] once, writing their keys/values into the cache's shared prefix.
+    Returns the float32 logits of each prompt's next token [p, V]."""
     num_prompts, prompt_len = prompt_ids.shape
-    shape = (len(weights.layers), num_prompts, prompt_len, weights.num_kv_heads, weights.head_dim)
-    prefix_k = torch.zeros(shape, dtype=weights.dtype, device=weights.device)  # [layers, p, L, Hkv, D]
-    prefix_v = torch.zeros_like(prefix_k)
+    prefix_k, prefix_v = cache.prefix_k[:, :num_prompts], cache.prefix_v[:, :num_prompts]  # [layers, p, Hkv, L, D]
+    prefix_k.zero_(), prefix_v.zero_()  # pads keep zero keys/values (masked, and never NaN)
+    bias = torch.zeros(num_prompts, prompt_len, dtype=weights.dtype, device=weights.device)
+    bias.masked_fill_(~prompt_mask, float("-inf"))
+    cache.prefix_bias[: num_prompts * weights.num_kv_heads] = bias.repeat_interleave(weights.num_kv_heads, 0)[:, None]
     causal = torch.ones(prompt_len, prompt_len, dtype=torch.bool, device=weights.device).tril()
     # A real token attends to the real tokens up to itself; a pad attends to itself only, so no softmax
     # row is empty (no NaN) and no real token ever sees a pad.
@@ -305,52 +317,64 @@ def prefill(
     attn_mask = ((causal & prompt_mask[:, None, :]) | eye)[:, None]  # [p, 1, L, L]
 
     def attend(layer_index, q, k, v):
-        # Scatter the packed tokens back to their [p, L] places for attention only.
-        prefix_k[layer_index][prompt_mask], prefix_v[layer_index][prompt_mask] = k, v
+        # Scatter the packed tokens to their [p, L] places, into the cache, for attention only.
+        prefix_k[layer_index].transpose(1, 2)[prompt_mask] = k
+        prefix_v[layer_index].transpose(1, 2)[prompt_mask] = v
         q_padded = q.new_zeros(num_prompts, prompt_len, *q.shape[1:])  # [p, L, H, D]
         q_padded[prompt_mask] = q
         out = F.scaled_dot_product_attention(
-            q_padded.transpose(1, 2), prefix_k[layer_index].transpose(1, 2), prefix_v[layer_index].transpose(1, 2),
-            attn_mask=attn_mask, enable_gqa=weights.num_heads != weights.num_kv_heads,
+            q_padded.transpose(1, 2), prefix_k[layer_index], prefix_v[layer_index], attn_mask=attn_mask,
+            enable_gqa=weights.num_heads != weights.num_kv_heads,
         )  # [p, H, L, D]
         return out.transpose(1, 2)[prompt_mask].flatten(1)  # [N, H·D]
 
     hidden = transformer(weights, prompt_ids[prompt_mask], position_ids(prompt_mask)[prompt_mask], attend)
     # Each prompt's last token is the last of its packed run; only it needs the lm_head.
     last_token = prompt_mask.sum(-1).cumsum(0) - 1  # [p]
-    logits = (hidden[last_token] @ weights.lm_head).float()  # [p, V]
-    return prefix_k.transpose(2, 3), prefix_v.transpose(2, 3), logits
+    return (hidden[last_token] @ weights.lm_head).float()  # [p, V]
 
 
-def decode_step(token: torch.Tensor, position: torch.Tensor, slot: int, rows: int, kv_len: int | None = None,
-                *, weights: Weights, cache: KVCache) -> torch.Tensor:
-    """One new token for each of the first `rows` cache rows: token, position [R] -> float32 logits [R, V].
+def decode_step(token: torch.Tensor, position: torch.Tensor, slot: int, prompts: int, samples: int,
+                kv_len: int | None = None, *, weights: Weights, cache: KVCache) -> torch.Tensor:
+    """One new token for each of R = prompts·samples rows (row r continues prompt r // samples):
+    token, position [R] -> float32 logits [R, V].
 
-    Its keys/values go to cache column `slot` (an int, or a 0-dim tensor inside a CUDA graph); attention
-    reads columns [0, kv_len), kv_len = slot + 1 unless given (a bucket boundary under CUDA graphs)."""
+    Its keys/values go to completion column `slot` (an int, or a 0-dim tensor inside a CUDA graph); a row
+    attends to its prompt and to its completion columns [0, kv_len), kv_len = slot + 1 unless given (a
+    bucket edge under CUDA graphs; columns past `slot` are masked)."""
     kv_len = slot + 1 if kv_len is None else kv_len
     slot = torch.as_tensor(slot, device=weights.device).view(1)
-    num_kv, head_dim = weights.num_kv_heads, weights.head_dim
+    rows, num_kv, head_dim = prompts * samples, weights.num_kv_heads, weights.head_dim
     group = weights.num_heads // num_kv  # query heads per kv head (GQA)
-    key_mask = cache.key_mask[:rows]
-    key_mask.index_fill_(1, slot, True)  # the new token sees itself and every real token before it
-    # 0 where a key is visible, -inf where not; shared by every layer and head.
-    bias = torch.zeros(rows, kv_len, dtype=weights.dtype, device=weights.device).masked_fill_(
-        ~key_mask[:, :kv_len], float("-inf")
-    )
-    bias = bias[:, None, None].expand(rows, num_kv, 1, kv_len).reshape(rows * num_kv, 1, kv_len)
+    scale = head_dim**-0.5
+    prompt_len = cache.prefix_k.shape[3]
+    prefix_bias = cache.prefix_bias[: prompts * num_kv]  # [p·Hkv, 1, L]
+    own_bias = torch.zeros(1, 1, kv_len, dtype=weights.dtype, device=weights.device)  # [1, 1, kv_len]
+    own_bias.masked_fill_(torch.arange(kv_len, device=weights.device) > slot, float("-inf"))
 
     def attend(layer_index, q, k, v):
-        k_cache, v_cache = cache.k[layer_index, :rows], cache.v[layer_index, :rows]  # [R, Hkv, max_len, D]
-        k_cache.index_copy_(2, slot, k[:, :, None])
-        v_cache.index_copy_(2, slot, v[:, :, None])
-        # GQA without copying keys: the `group` query heads that share a kv head act as its `group` queries.
-        keys = k_cache[:, :, :kv_len].reshape(rows * num_kv, kv_len, head_dim)  # a view, no copy
-        values = v_cache[:, :, :kv_len].reshape(rows * num_kv, kv_len, head_dim)
-        scores = torch.baddbmm(bias, q.reshape(rows * num_kv, group, head_dim), keys.transpose(1, 2),
-                               alpha=head_dim**-0.5)  # [R·Hkv, g, kv_len]
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # softmax in float32, as HF
-        return torch.bmm(probs, values).view(rows, -1)  # [R, H·D]
+        own_k, own_v = cache.k[layer_index, :rows], cache.v[layer_index, :rows]  # [R, Hkv, max_new, D]
+        own_k.index_copy_(2, slot, k[:, :, None])
+        own_v.index_copy_(2, slot, v[:, :, None])
+        own_k, own_v = own_k[:, :, :kv_len].flatten(0, 1), own_v[:, :, :kv_len].flatten(0, 1)  # [R·Hkv, kv_len, D]
+        prefix_k = cache.prefix_k[layer_index, :prompts].flatten(0, 1)  # [p·Hkv, L, D]
+        prefix_v = cache.prefix_v[layer_index, :prompts].flatten(0, 1)
+        # Against the shared prompt, the `samples` rows of a prompt and the `group` heads of a kv head are
+        # one batch of samples·group queries: one matrix product reads the prompt's keys once.
+        q_by_prompt = q.view(prompts, samples, num_kv, group, head_dim).transpose(1, 2)
+        q_by_prompt = q_by_prompt.reshape(prompts * num_kv, samples * group, head_dim)
+        prefix_scores = torch.baddbmm(prefix_bias, q_by_prompt, prefix_k.transpose(1, 2), alpha=scale)
+        prefix_scores = prefix_scores.view(prompts, num_kv, samples, group, prompt_len).transpose(1, 2)
+        q_by_row = q.reshape(rows * num_kv, group, head_dim)
+        own_scores = torch.baddbmm(own_bias, q_by_row, own_k.transpose(1, 2), alpha=scale)  # [R·Hkv, g, kv_len]
+        # One softmax over the prompt's keys and the row's own, in float32 as HF does.
+        scores = torch.cat([prefix_scores.reshape(rows * num_kv, group, prompt_len), own_scores], dim=-1)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # [R·Hkv, g, L + kv_len]
+        prefix_probs, own_probs = probs.split([prompt_len, kv_len], dim=-1)
+        prefix_probs = prefix_probs.reshape(prompts, samples, num_kv, group, prompt_len).transpose(1, 2)
+        prefix_out = prefix_probs.reshape(prompts * num_kv, samples * group, prompt_len) @ prefix_v
+        prefix_out = prefix_out.view(prompts, num_kv, samples, group, head_dim).transpose(1, 2)
+        return prefix_out.reshape(rows, -1) + (own_probs @ own_v).view(rows, -1)  # [R, H·D]
 
     hidden = transformer(weights, token, position, attend)  # [R, d]
     return (hidden @ weights.lm_head).float()  # [R, V]
@@ -362,11 +386,11 @@ def decode_step(token: torch.Tensor, position: torch.Tensor, slot: int, rows: in
 
 
 class CudaGraphDecode:
-    """`decode_step` replayed from CUDA graphs, one per (rows, kv_len bucket).
+    """`decode_step` replayed from CUDA graphs, one per (prompts, samples, kv_len bucket).
 
-    Attention reads the cache up to the next multiple of KV_BUCKET columns (unwritten columns are masked),
-    so a 1024-token generation needs ~4 graphs and reads at most KV_BUCKET - 1 extra columns per step.
-    Graphs live for one `generate` call: they hold the addresses of this call's weights and cache."""
+    Attention reads the completion cache up to the next multiple of KV_BUCKET columns (unwritten columns
+    are masked), so a 1024-token generation needs 4 graphs and reads at most KV_BUCKET - 1 extra columns
+    per step. Graphs live for one `generate` call: they hold the addresses of this call's weights and cache."""
 
     def __init__(self, weights: Weights, cache: KVCache):
         self.weights, self.cache = weights, cache
@@ -377,21 +401,23 @@ class CudaGraphDecode:
         self.graphs, self.logits = {}, {}
         self.pool = torch.cuda.graph_pool_handle()
 
-    def __call__(self, token: torch.Tensor, position: torch.Tensor, slot: int, rows: int) -> torch.Tensor:
-        max_len = self.cache.k.shape[3]
-        kv_len = min(max_len, -(-(slot + 1) // KV_BUCKET) * KV_BUCKET)
+    def __call__(self, token: torch.Tensor, position: torch.Tensor, slot: int, prompts: int, samples: int):
+        rows, max_new_tokens = prompts * samples, self.cache.k.shape[3]
+        kv_len = min(max_new_tokens, -(-(slot + 1) // KV_BUCKET) * KV_BUCKET)
         self.token[:rows].copy_(token)
         self.position[:rows].copy_(position)
         self.slot.fill_(slot)
-        key = (rows, kv_len)
+        key = (prompts, samples, kv_len)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(rows, kv_len)
+            self.graphs[key] = self._capture(*key)
         self.graphs[key].replay()
         return self.logits[key]
 
-    def _capture(self, rows: int, kv_len: int) -> torch.cuda.CUDAGraph:
+    def _capture(self, prompts: int, samples: int, kv_len: int) -> torch.cuda.CUDAGraph:
+        rows = prompts * samples
+
         def step():
-            return decode_step(self.token[:rows], self.position[:rows], self.slot, rows, kv_len,
+            return decode_step(self.token[:rows], self.position[:rows], self.slot, prompts, samples, kv_len,
                                weights=self.weights, cache=self.cache)
 
         # Warm up on a side stream (allocator, kernel selection), as torch.cuda.graphs recommends. The warm-up
@@ -403,7 +429,7 @@ class CudaGraphDecode:
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            self.logits[(rows, kv_len)] = step()
+            self.logits[(prompts, samples, kv_len)] = step()
         return graph
 
 

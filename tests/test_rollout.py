@@ -103,6 +103,22 @@ def test_greedy_equals_hf_generate(model, stop):
         assert out.truncated.tolist() != [True] * len(PROMPTS), "the stop tokens should end some rows early"
 
 
+def test_llama_with_every_bias(tmp_path_factory):
+    """Llama's optional attention_bias (q, k, v, o) and mlp_bias are applied too."""
+    config = LlamaConfig(vocab_size=48, num_attention_heads=4, num_key_value_heads=4, attention_bias=True,
+                         mlp_bias=True, **SMALL)
+    model = build(tmp_path_factory, config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.5)  # HF initialises biases to 0, which would test nothing
+    ids, mask = left_pad(PROMPTS)
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=8,
+                                  eos_token_id=None, pad_token_id=0)
+    assert rollout.generate(model, PROMPTS, 1, 8, temperature=0).tokens.tolist() == expected.tolist()
+
+
 def test_greedy_rows_equal_across_samples_and_chunks(model):
     """n rows of one prompt are identical under greedy decoding, however the rows are chunked."""
     reference = rollout.generate(model, PROMPTS, 1, 10, temperature=0)
@@ -164,9 +180,9 @@ def test_every_prompt_prefilled_once(model, monkeypatch):
     prefilled = []
     real_prefill = rollout.prefill
 
-    def counting_prefill(weights, prompt_ids, prompt_mask):
+    def counting_prefill(weights, cache, prompt_ids, prompt_mask):
         prefilled.append(prompt_ids.shape[0])
-        return real_prefill(weights, prompt_ids, prompt_mask)
+        return real_prefill(weights, cache, prompt_ids, prompt_mask)
 
     monkeypatch.setattr(rollout, "prefill", counting_prefill)
     out = rollout.generate(model, PROMPTS, 40, 4, max_rows=16)  # 160 rows, 16 at a time
@@ -175,18 +191,22 @@ def test_every_prompt_prefilled_once(model, monkeypatch):
 
 
 def test_bucketed_attention_masks_unwritten_columns(model):
-    """Reading past the written cache columns (what CUDA graphs do, up to a bucket edge) changes nothing."""
+    """Reading past the written completion columns (what CUDA graphs do, up to a bucket edge) changes
+    nothing, whatever stale values those columns hold."""
+    prompts, samples, steps = len(PROMPTS), 3, 5
     weights = rollout.Weights(model, 64)
     ids, mask = left_pad(PROMPTS)
-    prefix_k, prefix_v, logits = rollout.prefill(weights, ids, mask.bool())
-    token, position = logits.argmax(-1), mask.sum(-1)
     results = []
-    for kv_len in (None, 40):  # exact length, and the cache read up to column 40 (stale values beyond)
-        cache = rollout.KVCache(weights, len(PROMPTS), 64)
-        cache.k.normal_(), cache.v.normal_()  # stale keys from an earlier chunk
-        cache.fill_prefix(prefix_k, prefix_v, mask.bool(), torch.arange(len(PROMPTS)))
-        results.append(rollout.decode_step(token, position, ids.shape[1], len(PROMPTS), kv_len,
-                                           weights=weights, cache=cache))
+    for kv_len in (None, 12):  # the exact length, and the cache read up to column 12
+        cache = rollout.KVCache(weights, prompts, ids.shape[1], prompts * samples, 16)
+        cache.k.normal_(), cache.v.normal_()  # stale keys/values from an earlier chunk
+        logits = rollout.prefill(weights, cache, ids, mask.bool()).repeat_interleave(samples, 0)
+        for step in range(steps):
+            token = logits.argmax(-1)
+            position = mask.sum(-1).repeat_interleave(samples) + step
+            logits = rollout.decode_step(token, position, step, prompts, samples, kv_len,
+                                         weights=weights, cache=cache)
+        results.append(logits)
     assert torch.allclose(results[0], results[1], atol=1e-5)
 
 
