@@ -1,0 +1,65 @@
+"""The tiny built-in base: a real tokenizer and model that load like any checkpoint, and a warm-start that learns."""
+
+import torch
+
+import model as model_lib
+import tasks
+
+
+def test_tokenizer_is_character_level_and_round_trips():
+    tokenizer = model_lib.build_tokenizer()
+    text = "12 7 31>40:3*9+7-1="
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text)
+    assert tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.decode(ids + [tokenizer.eos_token_id], skip_special_tokens=True) == text
+    assert model_lib.encode_prompt(tokenizer, "1+2=")[0] == tokenizer.bos_token_id
+
+
+def test_supervised_batch_puts_loss_on_the_answer_only():
+    tokenizer = model_lib.build_tokenizer()
+    input_ids, labels = model_lib.supervised_batch(tokenizer, [{"prompt": "1+2=", "solution": "3"},
+                                                               {"prompt": "10+20=", "solution": "30"}])
+    vocab = tokenizer.get_vocab()
+    # row 0: <bos> 1 + 2 = 3 <eos>, right-padded to row 1's 10 tokens; only "3" and <eos> are predicted
+    assert input_ids[0].tolist() == [vocab[t] for t in ["<bos>", "1", "+", "2", "=", "3", "<eos>"] + ["<pad>"] * 3]
+    assert labels[0].tolist() == [-100] * 5 + [vocab["3"], vocab["<eos>"]] + [-100] * 3
+    assert labels[1].tolist() == [-100] * 7 + [vocab["3"], vocab["0"], vocab["<eos>"]]
+
+
+def test_saved_base_loads_like_a_checkpoint_and_is_reused(tmp_path, monkeypatch):
+    monkeypatch.setitem(model_lib.WARMSTART, "steps", 2)
+    built = []
+    path = model_lib.ensure_tiny_base(str(tmp_path / "base"), seed=0, log=built.append)
+    model_lib.ensure_tiny_base(str(tmp_path / "base"), seed=0, log=built.append)
+    assert len(built) == 1  # the second call found the same recipe and reused it
+    policy, tokenizer = model_lib.load(path)
+    assert policy.config.model_type == "llama"
+    assert policy.num_parameters() < 2_000_000
+    assert model_lib.stop_ids(policy, tokenizer) == (tokenizer.eos_token_id,)
+
+
+def test_load_reports_a_missing_directory_in_one_line(tmp_path):
+    try:
+        model_lib.load(str(tmp_path / "nope"))
+    except ValueError as error:
+        assert "no such model directory" in str(error) and "\n" not in str(error)
+    else:
+        raise AssertionError("load of a missing directory did not fail")
+
+
+def test_warm_start_lowers_the_loss_on_held_out_problems():
+    tokenizer = model_lib.build_tokenizer()
+    policy = model_lib.build_tiny_model(tokenizer, seed=0)
+    held_out = [ex for family in tasks.BUILTIN for ex in tasks.heldout(family, 20)]
+    input_ids, labels = model_lib.supervised_batch(tokenizer, held_out)
+
+    def loss() -> float:
+        with torch.no_grad():
+            return policy(input_ids=input_ids, labels=labels).loss.item()
+
+    before = loss()
+    model_lib.warm_start(policy, tokenizer, task_mix="add,sort,countdown", level=1, steps=40, batch_size=32,
+                         lr=3e-3, seed=0)
+    assert loss() < 0.75 * before
