@@ -1,0 +1,202 @@
+"""grpo.py: advantages, dynamic sampling, the clipped policy loss and its aggregations.
+
+Each test states a small case worked out by hand, then the property that must hold in general.
+"""
+
+import math
+
+import pytest
+import torch
+
+import grpo
+import kl
+
+ESTIMATORS = ("grpo", "reinforce_pp", "rloo")
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+
+
+# ----------------------------------------------------------------------------- advantages
+
+def test_grpo_advantage_by_hand():
+    # Group 1: mean 0.5, population std 0.5              → A = ±0.5 / 0.5 = ±1
+    # Group 2: mean 0.25, std sqrt((0.75² + 3·0.25²)/4) = sqrt(3)/4 → A = 0.75/(√3/4) = √3, −0.25/(√3/4) = −1/√3
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
+    expected = torch.tensor([[1.0, -1.0, -1.0, 1.0], [math.sqrt(3), -1 / math.sqrt(3), -1 / math.sqrt(3), -1 / math.sqrt(3)]])
+    torch.testing.assert_close(grpo.group_advantages(rewards, "grpo"), expected, atol=1e-5, rtol=0)
+
+
+def test_reinforce_pp_advantage_by_hand():
+    # r̃ = r − group mean: [.5, −.5, −.5, .5] and [.75, −.25, −.25, −.25]; the batch mean of r̃ is 0 and its
+    # population std is sqrt((4·0.25 + 0.5625 + 3·0.0625)/8) = sqrt(7/32). Unlike GRPO, the second group's
+    # right answer gets 0.75/sqrt(7/32) = 1.604, not √3 = 1.732: one batch-wide scale for every group.
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
+    scale = math.sqrt(7 / 32)
+    expected = torch.tensor([[0.5, -0.5, -0.5, 0.5], [0.75, -0.25, -0.25, -0.25]]) / scale
+    torch.testing.assert_close(grpo.group_advantages(rewards, "reinforce_pp"), expected, atol=1e-5, rtol=0)
+
+
+def test_reinforce_pp_is_whitened_over_the_batch():
+    rewards = torch.rand(8, 16)
+    adv = grpo.group_advantages(rewards, "reinforce_pp")
+    assert abs(adv.mean().item()) < 1e-5
+    assert abs(adv.std(unbiased=False).item() - 1) < 1e-4
+
+
+def test_rloo_advantage_by_hand():
+    # Leave-one-out baseline: A_0 = 1 − mean(0, 0, 1) = 2/3,  A_1 = 0 − mean(1, 0, 1) = −2/3.
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
+    expected = torch.tensor([[2 / 3, -2 / 3, -2 / 3, 2 / 3], [1.0, -1 / 3, -1 / 3, -1 / 3]])
+    torch.testing.assert_close(grpo.group_advantages(rewards, "rloo"), expected)
+
+
+def test_rloo_equals_the_leave_one_out_definition():
+    rewards = torch.rand(5, 6)
+    total = rewards.sum(dim=1, keepdim=True)
+    leave_one_out_mean = (total - rewards) / (rewards.shape[1] - 1)
+    torch.testing.assert_close(grpo.group_advantages(rewards, "rloo"), rewards - leave_one_out_mean)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_an_all_equal_group_has_zero_advantage(estimator):
+    # All right, all wrong, or all equally penalised: nothing to prefer, whatever the other groups hold.
+    rewards = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0], [0.3, 0.3, 0.3, 0.3], [1.0, 0.0, 1.0, 0.0]])
+    adv = grpo.group_advantages(rewards, estimator)
+    torch.testing.assert_close(adv[:3], torch.zeros(3, 4), atol=1e-6, rtol=0)
+    assert adv[3].abs().min() > 0.5
+    # a batch made only of such groups: zero, not NaN
+    assert torch.equal(grpo.group_advantages(torch.ones(2, 4), estimator), torch.zeros(2, 4))
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_advantages_sum_to_zero_in_each_group_and_rank_like_rewards(estimator):
+    rewards = torch.rand(6, 8)
+    adv = grpo.group_advantages(rewards, estimator)
+    torch.testing.assert_close(adv.sum(dim=1), torch.zeros(6), atol=1e-5, rtol=0)
+    assert torch.equal(adv.argsort(dim=1), rewards.argsort(dim=1))
+
+
+def test_unknown_estimator_is_a_one_line_error():
+    with pytest.raises(ValueError, match="unknown advantage estimator 'ppo'"):
+        grpo.group_advantages(torch.zeros(1, 2), "ppo")
+
+
+# ----------------------------------------------------------------------------- dynamic sampling
+
+def test_dynamic_sampling_drops_groups_whose_rewards_are_all_equal():
+    rewards = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.9, 0.95, 0.9]])
+    assert grpo.dynamic_sampling_mask(rewards).tolist() == [False, True, False, True]
+
+
+# ----------------------------------------------------------------------------- clipped policy loss
+
+def ratios_case(ratios, adv, clip_low=0.2, clip_high=0.28):
+    """policy_loss for one response whose tokens have the given ratios π/π_old, all unmasked."""
+    ratio = torch.tensor([ratios])
+    old_logp = torch.full_like(ratio, -1.0)
+    return grpo.policy_loss(old_logp + ratio.log(), old_logp, torch.tensor([adv]), torch.ones_like(ratio, dtype=torch.bool),
+                            clip_low, clip_high)
+
+
+def test_policy_loss_positive_advantage_by_hand():
+    # A = +1, ε_low = 0.2, ε_high = 0.28: per token max(−ρ, −clip(ρ, 0.8, 1.28))
+    #   ρ = 1.0 → −1;  ρ = 1.5 → −1.28 (clipped);  ρ = 0.5 → −0.5 (the lower bound never binds for A > 0);  ρ = 1.1 → −1.1
+    loss, stats = ratios_case([1.0, 1.5, 0.5, 1.1], adv=1.0)
+    assert loss.item() == pytest.approx(-(1.0 + 1.28 + 0.5 + 1.1) / 4)
+    assert stats["clipfrac"].item() == pytest.approx(1 / 4)
+    assert stats["ratio_mean"].item() == pytest.approx((1.0 + 1.5 + 0.5 + 1.1) / 4)
+    log_ratios = torch.tensor([1.0, 1.5, 0.5, 1.1]).log()
+    assert stats["approx_kl"].item() == pytest.approx((0.5 * log_ratios**2).mean().item())
+
+
+def test_policy_loss_negative_advantage_by_hand():
+    # A = −1: per token max(ρ, clip(ρ, 0.8, 1.28))
+    #   ρ = 1.0 → 1;  ρ = 1.5 → 1.5 (the upper bound never binds for A < 0);  ρ = 0.5 → 0.8 (clipped);  ρ = 1.1 → 1.1
+    loss, stats = ratios_case([1.0, 1.5, 0.5, 1.1], adv=-1.0)
+    assert loss.item() == pytest.approx((1.0 + 1.5 + 0.8 + 1.1) / 4)
+    assert stats["clipfrac"].item() == pytest.approx(1 / 4)
+
+
+def test_clip_higher_is_asymmetric():
+    # ρ = 1.25 with A = +1: inside 1 + ε_high = 1.28, so not clipped; with symmetric bounds (0.2, 0.2) it is.
+    assert ratios_case([1.25], adv=1.0)[0].item() == pytest.approx(-1.25)
+    assert ratios_case([1.25], adv=1.0, clip_high=0.2)[0].item() == pytest.approx(-1.2)
+    # ρ = 0.75 with A = −1: below 1 − ε_low = 0.8, clipped whatever ε_high is.
+    assert ratios_case([0.75], adv=-1.0)[0].item() == pytest.approx(0.8)
+    assert ratios_case([0.75], adv=-1.0, clip_high=10.0)[1]["clipfrac"].item() == 1.0
+
+
+def test_clipped_tokens_get_no_gradient_and_the_others_get_minus_a_times_ratio():
+    # d(−A·ρ)/d logp = −A·ρ (ρ = exp(logp − old_logp)); token-mean over 4 tokens divides by 4.
+    ratio = torch.tensor([[1.0, 1.5, 0.5, 1.1]])
+    old_logp = torch.zeros_like(ratio)
+    logp = ratio.log().requires_grad_()
+    loss, _ = grpo.policy_loss(logp, old_logp, torch.tensor([1.0]), torch.ones_like(ratio, dtype=torch.bool))
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[-1.0, 0.0, -0.5, -1.1]]) / 4)
+
+
+def test_at_ratio_one_the_loss_is_minus_the_mean_advantage():
+    # The first mini-batch of an update: logp == old_logp, nothing is clipped, loss = −mean(A) per token.
+    logp = torch.randn(3, 5)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    adv = torch.tensor([1.0, -2.0, 4.0])
+    loss, stats = grpo.policy_loss(logp, logp.clone(), adv, mask)
+    assert loss.item() == pytest.approx(-1.0)
+    assert stats["clipfrac"].item() == 0.0 and stats["ratio_mean"].item() == 1.0
+
+
+def test_per_token_advantages_are_accepted():
+    logp = torch.randn(2, 3)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    adv = torch.tensor([1.0, -1.0])
+    by_row = grpo.policy_loss(logp, logp, adv, mask)[0]
+    by_token = grpo.policy_loss(logp, logp, adv[:, None].expand(2, 3), mask)[0]
+    assert by_row.item() == by_token.item()
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+PER_TOKEN = torch.tensor([[1.0, 2.0, 3.0, 9.0], [4.0, 9.0, 9.0, 9.0], [9.0, 9.0, 9.0, 9.0]])
+MASK = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)  # 9s are padding; row 3 is empty
+
+
+@pytest.mark.parametrize("agg, expected", [
+    ("token-mean", (1 + 2 + 3 + 4) / 4),           # every token weighs the same
+    ("seq-mean-token-mean", ((1 + 2 + 3) / 3 + 4) / 2),  # each response weighs the same; the empty one is skipped
+    ("seq-mean-token-sum", ((1 + 2 + 3) + 4) / 2),
+])
+def test_aggregations_by_hand(agg, expected):
+    assert grpo.aggregate(PER_TOKEN, MASK, agg).item() == pytest.approx(expected)
+
+
+def test_unknown_aggregation_is_a_one_line_error():
+    with pytest.raises(ValueError, match="unknown loss aggregation 'sum'"):
+        grpo.aggregate(PER_TOKEN, MASK, "sum")
+
+
+@pytest.mark.parametrize("agg", AGGREGATIONS)
+def test_masked_tokens_get_zero_gradient_from_the_policy_loss_and_the_kl(agg):
+    torch.manual_seed(0)
+    logp = (torch.randn(4, 6) * 0.1 - 1).requires_grad_()
+    old_logp = logp.detach() + torch.randn(4, 6) * 0.3  # some tokens clipped, some not
+    mask = torch.rand(4, 6) > 0.4
+    mask[0] = False  # and one response with no tokens at all
+    ref_logp = logp.detach() + torch.randn(4, 6)
+    loss, _ = grpo.policy_loss(logp, old_logp, torch.randn(4), mask, agg=agg)
+    loss = loss + 0.1 * grpo.aggregate(kl.kl_penalty(logp, ref_logp, "k3"), mask, agg)  # the whole training loss
+    loss.backward()
+    assert torch.all(logp.grad[~mask] == 0)
+    assert torch.any(logp.grad[mask] != 0)
+
+
+@pytest.mark.parametrize("agg", AGGREGATIONS)
+def test_micro_batch_weights_recover_the_mini_batch_aggregate(agg):
+    # train.update accumulates weight · aggregate(micro-batch); the sum must equal aggregate(mini-batch).
+    torch.manual_seed(0)
+    per_token = torch.randn(7, 5)
+    mask = torch.rand(7, 5) > 0.5
+    mask[2] = False
+    whole = grpo.aggregate(per_token, mask, agg)
+    accumulated = sum(grpo.aggregate(per_token[rows], mask[rows], agg) * grpo.aggregate_weight(mask[rows], mask, agg)
+                      for rows in torch.arange(7).split(3))
+    assert accumulated.item() == pytest.approx(whole.item(), abs=1e-6)
