@@ -1,0 +1,308 @@
+"""train.py: configuration errors, sampling with dynamic-sampling refill, the PPO-style update, and a couple of
+real steps of every paper preset on a tiny random model.
+
+The tiny model answers at random, so it never solves a task: where a test needs groups with unequal
+rewards it turns on a small length penalty (completions of different lengths then score differently), or
+swaps in a verifier whose scores it chooses.
+"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import grpo
+import model as model_lib
+import rewards
+import rollout
+import tasks
+import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- configuration errors
+
+def config_error(capsys, argv: list[str]) -> str:
+    """parse_config must refuse argv with one sentence: a SystemExit with one line on stderr, or a ValueError
+    (which train.py's __main__ prints as "error: <message>"). Returns that line."""
+    try:
+        train.parse_config(argv)
+    except ValueError as error:
+        message = str(error)
+    except SystemExit as exit_info:
+        assert exit_info.code not in (0, None)
+        message = (exit_info.code if isinstance(exit_info.code, str) else "") + capsys.readouterr().err
+    else:
+        pytest.fail(f"parse_config accepted {argv}")
+    lines = [line for line in message.splitlines() if line.strip()]
+    assert len(lines) == 1, "a config error should be one sentence, not a usage dump:\n" + "\n".join(lines)
+    return lines[0]
+
+
+def test_cli_n_1_exits_with_one_line(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), "--n", "1"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--n must be at least 2" in lines[0], result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n", "1"], "--n must be at least 2"),
+    (["--preset", "prorl-v3"], "unknown preset 'prorl-v3'"),
+    (["--model", "/no/such/dir"], "--model /no/such/dir: no such model directory"),
+    (["--tasks", "add,nope"], "unknown task 'nope'"),  # before a model is loaded or runs/ is written
+    (["--advantage", "ppo"], "unknown advantage estimator 'ppo'"),
+    (["--kl-kind", "k4"], "unknown KL estimator 'k4'"),
+    (["--loss-agg", "sum"], "unknown loss aggregation 'sum'"),
+    (["--length-eta-max", "0.1", "--length-period", "0"], "--length-period"),  # each of these five ends in a
+    (["--max-sampling-rounds", "0"], "--max-sampling-rounds"),                 # traceback later on
+    (["--micro-batch-rows", "0"], "--micro-batch-rows"),
+    (["--eval-problems", "0"], "--eval-problems"),
+    (["--lr-scale-from-batch", "-5"], "--lr-scale-from-batch"),
+])
+def test_bad_config_is_one_line(capsys, argv, message):
+    assert message in config_error(capsys, argv)
+
+
+def test_flags_override_the_preset():
+    c = train.parse_config(["--preset", "prorl", "--n", "8", "--clip-high", "0.3"])
+    assert (c.n, c.clip_high, c.advantage, c.temperature) == (8, 0.3, "grpo", 1.2)
+
+
+# ----------------------------------------------------------------------------- collect: dynamic sampling
+
+@pytest.fixture
+def scripted_rewards(monkeypatch):
+    """Make every token a stop token (each completion is one token, none truncated) and score the "add"
+    task from a script: the k-th completion scored gets script[k]. Returns the list of prompts scored."""
+    monkeypatch.setattr(model_lib, "stop_ids", lambda model, tokenizer: tuple(range(len(tokenizer))))
+    scored_prompts, script = [], []
+
+    def scripted(example, completion):
+        scored_prompts.append(example["prompt"])
+        return script[len(scored_prompts) - 1]
+
+    monkeypatch.setitem(rewards.VERIFIERS, "add", scripted)
+    return script, scored_prompts
+
+
+def prompt_of(batch: rollout.Rollout, row: int, tokenizer) -> str:
+    prompt_tokens = batch.tokens[row][batch.attention_mask[row] & ~batch.mask[row]]
+    return tokenizer.decode(prompt_tokens, skip_special_tokens=True)
+
+
+def test_dynamic_sampling_refills_from_fresh_prompts(tiny_model, scripted_rewards):
+    policy, tokenizer = tiny_model
+    script, scored_prompts = scripted_rewards
+    # round 1: group A all right (dropped), group B mixed (kept); round 2: C all wrong (dropped), D mixed (kept)
+    script += [1, 1, 1, 1] + [1, 0, 0, 0] + [0, 0, 0, 0] + [0, 1, 1, 1]
+    stream = tasks.TaskMix("add", seed=0)
+    c = train.Config(prompts_per_step=2, n=4, max_new_tokens=4, max_sampling_rounds=3)
+    batch, group_rewards, stats = train.collect(policy, tokenizer, stream, c, step=1)
+    assert group_rewards.tolist() == [[1, 0, 0, 0], [0, 1, 1, 1]]
+    assert stream.drawn == 4  # two rounds of two prompts; the third round was not needed
+    assert stats == pytest.approx({"reward": 8 / 16, "pass_rate": 8 / 16, "kept_frac": 2 / 4, "response_len": 1.0})
+    # the batch holds exactly the kept groups' rows, in order: B's four samples, then D's
+    group_b, group_d = scored_prompts[4], scored_prompts[12]
+    assert batch.tokens.shape[0] == 8
+    assert [prompt_of(batch, row, tokenizer) for row in range(8)] == [group_b] * 4 + [group_d] * 4
+
+
+def test_without_dynamic_sampling_every_group_is_kept(tiny_model, scripted_rewards):
+    policy, tokenizer = tiny_model
+    script, _ = scripted_rewards
+    script += [1, 1, 1, 1] + [1, 0, 0, 0]
+    c = train.Config(prompts_per_step=2, n=4, max_new_tokens=4, dynamic_sampling=False)
+    batch, group_rewards, stats = train.collect(policy, tokenizer, tasks.TaskMix("add"), c, step=1)
+    assert group_rewards.tolist() == [[1, 1, 1, 1], [1, 0, 0, 0]] and stats["kept_frac"] == 1.0
+    assert batch.tokens.shape[0] == 8
+
+
+def test_when_no_group_is_informative_the_batch_is_empty(tiny_model, scripted_rewards):
+    policy, tokenizer = tiny_model
+    script, _ = scripted_rewards
+    script += [0.0] * 24
+    stream = tasks.TaskMix("add")
+    c = train.Config(prompts_per_step=2, n=4, max_new_tokens=4, max_sampling_rounds=3)
+    batch, group_rewards, stats = train.collect(policy, tokenizer, stream, c, step=1)
+    assert group_rewards.shape == (0, 4) and batch.tokens.shape[0] == 0
+    assert stats["kept_frac"] == 0.0 and stream.drawn == 6  # it tried every round
+
+
+def test_truncated_responses_score_zero_and_the_length_penalty_is_applied(tiny_model, monkeypatch):
+    policy, tokenizer = tiny_model
+    monkeypatch.setitem(rewards.VERIFIERS, "add", lambda example, completion: 1.0)  # every answer "right"
+    c = train.Config(prompts_per_step=4, n=8, max_new_tokens=3, dynamic_sampling=False,
+                     length_eta_max=0.3, length_eta_min=0.1, length_period=2)
+    # step 1 is halfway through a 2-step on-phase: η = 0.1 + ½ · 0.2 · (1 + cos(π/2)) = 0.2
+    batch, group_rewards, _ = train.collect(policy, tokenizer, tasks.TaskMix("add"), c, step=1)
+    assert 0 < batch.truncated.sum() < len(batch.truncated)  # the random model stops on some rows only
+    lengths = batch.mask.sum(dim=1).float()
+    expected = (~batch.truncated).float() - 0.2 * lengths / 3
+    torch.testing.assert_close(group_rewards.flatten(), expected)
+
+
+# ----------------------------------------------------------------------------- update
+
+@pytest.fixture
+def rollout_batch(tiny_model):
+    policy, tokenizer = tiny_model
+    prompts = [model_lib.encode_prompt(tokenizer, text) for text in ("12+34=", "5 3 9 1 7=", "3 7 9>30:", "8+8=")]
+    batch = rollout.generate(policy, prompts, n=4, max_new_tokens=6, seed=0, pad_id=tokenizer.pad_token_id)
+    adv = grpo.group_advantages(torch.rand(4, 4, generator=torch.Generator().manual_seed(0))).flatten()
+    return batch, adv
+
+
+def test_on_policy_update_has_ratio_one_and_zero_kl_to_an_identical_reference(tiny_model, tiny_model_dir, rollout_batch):
+    policy, _ = tiny_model
+    reference = model_lib.load(tiny_model_dir)[0].eval()
+    batch, adv = rollout_batch
+    before = [p.clone() for p in policy.parameters()]
+    stats = train.update(policy, reference, torch.optim.AdamW(policy.parameters(), lr=1e-3), batch, adv,
+                         train.Config(minibatches=1, epochs=1, kl_coef=1e-3))
+    assert stats["ratio_mean"] == 1.0 and stats["clipfrac"] == 0.0 and stats["kl"] == 0.0
+    assert stats["entropy"] > 0
+    assert any(not torch.equal(p, q) for p, q in zip(before, policy.parameters()))
+
+
+def test_minibatches_and_epochs_take_one_optimizer_step_each(tiny_model, rollout_batch):
+    policy, _ = tiny_model
+    batch, adv = rollout_batch
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+    stats = train.update(policy, None, optimizer, batch, adv, train.Config(minibatches=2, epochs=3, kl_coef=0.0))
+    assert optimizer.state[next(policy.parameters())]["step"].item() == 6
+    # after the first optimizer step the policy is no longer the one that produced old_logp
+    assert stats["ratio_mean"] != 1.0 and stats["approx_kl"] > 0
+    assert "kl" not in stats  # β = 0: no reference, no KL
+
+
+def test_old_logprobs_are_recomputed_not_taken_from_the_sampler(tiny_model, tiny_model_dir, rollout_batch):
+    # Two identical policies updated on the same batch, one whose sampler log-probs are garbage: the
+    # update must not read them, so both end with the same weights.
+    batch, adv = rollout_batch
+    garbage = train.select_rows(batch, slice(None))
+    garbage.logprobs = torch.full_like(batch.logprobs, -7.0)
+    c = train.Config(minibatches=2, epochs=2, kl_coef=0.0)
+    results = []
+    for sampled in (batch, garbage):
+        policy = model_lib.load(tiny_model_dir)[0]
+        torch.manual_seed(0)  # the same mini-batch shuffle
+        train.update(policy, None, torch.optim.AdamW(policy.parameters(), lr=1e-2), sampled, adv, c)
+        results.append(list(policy.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(*results))
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_micro_batches_change_memory_not_the_update(tiny_model_dir, rollout_batch, agg):
+    batch, adv = rollout_batch
+    deltas = []
+    for micro_batch_rows in (3, 16):
+        policy = model_lib.load(tiny_model_dir)[0]
+        before = [p.clone() for p in policy.parameters()]
+        c = train.Config(micro_batch_rows=micro_batch_rows, loss_agg=agg, kl_coef=0.0, grad_clip=1e9)
+        train.update(policy, None, torch.optim.SGD(policy.parameters(), lr=1.0), batch, adv, c)  # Δθ = −∇loss
+        deltas.append(torch.cat([(p - q).flatten() for p, q in zip(policy.parameters(), before)]))
+    assert deltas[0].abs().max() > 0
+    torch.testing.assert_close(deltas[0], deltas[1], atol=1e-6, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- end to end, per preset
+
+# A random model never answers right, so every group would be all-zero and dropped; a small length
+# penalty makes completions of different lengths score differently, so the update runs. (prorl-v2 has one.)
+PRESET_RUNS = {
+    "prorl": (["--n", "4", "--length-eta-max", "0.05"],
+              {"advantage": "grpo", "clip_low": 0.2, "clip_high": 0.4, "temperature": 1.2, "kl_kind": "k3",
+               "kl_coef": 1e-4, "reset_patience": 3, "reset_optimizer": True, "minibatches": 4}),
+    "prorl-v2": (["--n", "4"],
+                 {"advantage": "reinforce_pp", "clip_high": 0.28, "kl_kind": "k2", "reset_every": 300,
+                  "reset_optimizer": False, "length_eta_max": 0.1, "length_period": 200, "length_off_steps": 100}),
+    "brorl": (["--n", "16", "--length-eta-max", "0.05"],
+              {"advantage": "reinforce_pp", "n": 16, "lr_scale_from_batch": 256 * 16, "kl_kind": "k2"}),
+}
+STEP_KEYS = {"step", "reward", "pass_rate", "kept_frac", "response_len", "clipfrac", "approx_kl", "ratio_mean",
+             "kl", "entropy", "val_pass1", "resets", "gen_s", "step_s", "tokens_per_s"}
+
+
+def run_train(tmp_path, monkeypatch, model_dir: str, argv: list[str]) -> tuple[dict, list[dict], list[float]]:
+    """train.main in tmp_path → (config.json, metrics.jsonl records, the learning rate AdamW was built with)."""
+    monkeypatch.chdir(tmp_path)
+    learning_rates = []
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def __init__(self, params, lr, **kwargs):
+            learning_rates.append(lr)
+            super().__init__(params, lr=lr, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    train.main(["--model", model_dir, "--run", "e2e", "--max-new-tokens", "8", "--eval-problems", "5",
+                "--val-problems", "5", "--eval-samples", "2"] + argv)
+    run_dir = tmp_path / "runs" / "e2e"
+    config = json.loads((run_dir / "config.json").read_text())
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert (run_dir / "result.md").is_file() and (run_dir / "final" / "config.json").is_file()
+    return config, metrics, learning_rates
+
+
+@pytest.mark.parametrize("preset", list(PRESET_RUNS))
+def test_preset_trains_end_to_end(tmp_path, monkeypatch, tiny_model_dir, preset):
+    extra, expected_settings = PRESET_RUNS[preset]
+    config, metrics, learning_rates = run_train(
+        tmp_path, monkeypatch, tiny_model_dir,
+        ["--preset", preset, "--steps", "2", "--prompts-per-step", "4", "--eval-every", "1"] + extra)
+    assert {k: config[k] for k in expected_settings} == expected_settings
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert STEP_KEYS <= set(m), STEP_KEYS - set(m)
+        assert all(math.isfinite(m[k]) for k in STEP_KEYS)
+        assert 0 < m["kept_frac"] <= 1
+    # BroRL: lr · sqrt(B_new / B_old) = 2e-6 · sqrt(4·16 / (256·16)) = 2e-6 / 8; the others use the preset's lr
+    expected_lr = 2e-6 / 8 if preset == "brorl" else 2e-6
+    assert learning_rates == [pytest.approx(expected_lr)]
+    result = (tmp_path / "runs" / "e2e" / "result.md").read_text()
+    assert all(f"| {family} |" in result for family in ("add", "sort", "countdown", "average"))
+
+
+def test_scheduled_reset_makes_the_next_steps_kl_exactly_zero(tmp_path, monkeypatch, tiny_model_dir):
+    # One mini-batch per step, so a step's KL is measured before its own update: step 1 starts at π = π_ref
+    # (0), step 2 after one update (> 0), reset after step 2, step 3 back at π = π_ref (exactly 0).
+    _, metrics, _ = run_train(tmp_path, monkeypatch, tiny_model_dir,
+                              ["--steps", "3", "--prompts-per-step", "8", "--n", "4", "--eval-every", "0",
+                               "--lr", "1e-2", "--reset-every", "2", "--length-eta-max", "0.1"])
+    assert metrics[0]["kl"] == 0.0 and metrics[1]["kl"] > 0 and metrics[2]["kl"] == 0.0
+    assert [m.get("reset") for m in metrics] == [None, "schedule", None]
+    assert [m["resets"] for m in metrics] == [0, 1, 1]
+
+
+def test_stalled_validation_resets_right_after_the_evaluation_that_shows_it(tmp_path, monkeypatch, tiny_model_dir):
+    # The random model scores 0 on every validation: step 1 sets the best (0), step 2 does not beat it, which
+    # with patience 1 is a stall, so π_ref is reset at the end of step 2, not one step later.
+    _, metrics, _ = run_train(tmp_path, monkeypatch, tiny_model_dir,
+                              ["--steps", "2", "--prompts-per-step", "2", "--n", "2", "--eval-every", "1",
+                               "--reset-patience", "1"])
+    assert [m["val_pass1"] for m in metrics] == [0.0, 0.0]
+    assert [m.get("reset") for m in metrics] == [None, "stalled"]
+
+
+# ----------------------------------------------------------------------------- bench/ablate.py, smoke
+
+def test_ablation_script_runs_each_variant_in_its_own_dir_and_tabulates_them(tmp_path, monkeypatch, tiny_model_dir):
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    monkeypatch.chdir(tmp_path)
+    import ablate
+
+    ablate.main(["--quick", "--only", "no-kl,n4,n32", "--model", tiny_model_dir, "--max-new-tokens", "8"])
+    configs = {name: json.loads((tmp_path / "runs" / f"ablate-{name}" / "config.json").read_text())
+               for name in ("no-kl", "n4", "n32")}
+    assert configs["no-kl"]["kl_coef"] == 0.0
+    # the same rollout budget, spent on more prompts or more samples per prompt
+    assert [(configs[k]["prompts_per_step"], configs[k]["n"]) for k in ("n4", "n32")] == [(16, 4), (2, 32)]
+    rows = (tmp_path / "runs" / "ablate.md").read_text().splitlines()
+    assert len(rows) == 2 + 3 and rows[2].startswith("| no-kl |") and "| 16 × 4 |" in rows[3]
