@@ -266,18 +266,22 @@ class KVCache:
         self.prompt_len, self.max_new_tokens = prompt_len, max_new_tokens
 
 
+# In-place ops (mul_, add_) below are not style: on CPU, every fresh activation tensor is one more trip
+# through memory, and the prefill's activations do not fit in cache.
+
+
 def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """HF's RMSNorm, x / sqrt(mean(x²) + eps) · weight: normalised in float32, cast back, then scaled."""
-    normed = F.rms_norm(hidden.float(), hidden.shape[-1:], eps=eps)
-    return weight * normed.to(hidden.dtype)
+    return F.rms_norm(hidden.float(), hidden.shape[-1:], eps=eps).to(hidden.dtype).mul_(weight)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """RoPE in HF's half-split convention, x·cos + rotate_half(x)·sin with rotate_half(x) = [-x2, x1].
+def apply_rope_(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """RoPE in HF's half-split convention, in place: x <- x·cos + rotate_half(x)·sin, rotate_half(x) = [-x2, x1].
 
     x [..., D]; cos, signed_sin broadcastable to it, signed_sin = [-sin1, sin2] so that
     rotate_half(x)·sin = roll(x, D/2)·signed_sin (one op instead of slice, negate and concatenate)."""
-    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+    rotated = x.roll(x.shape[-1] // 2, dims=-1).mul_(signed_sin)
+    return x.mul_(cos).add_(rotated)
 
 
 def transformer(weights: Weights, input_ids: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
@@ -293,12 +297,12 @@ def transformer(weights: Weights, input_ids: torch.Tensor, positions: torch.Tens
     for layer_index, w in enumerate(weights.layers):
         x = rms_norm(hidden, w.attn_norm, weights.norm_eps)
         qkv = project(x, w.qkv, w.qkv_bias).view(num_tokens, num_q + 2 * num_kv, head_dim)
-        qk = apply_rope(qkv[:, : num_q + num_kv], cos, signed_sin)  # queries and keys rotated together
-        q, k, v = qk[:, :num_q], qk[:, num_q:], qkv[:, num_q + num_kv :]  # [N, H | Hkv | Hkv, D]
-        hidden = hidden + project(attend(layer_index, q, k, v), w.o, w.o_bias)
+        apply_rope_(qkv[:, : num_q + num_kv], cos, signed_sin)  # queries and keys rotated together
+        q, k, v = qkv.split([num_q, num_kv, num_kv], dim=1)  # [N, H | Hkv | Hkv, D]
+        hidden.add_(project(attend(layer_index, q, k, v), w.o, w.o_bias))
         x = rms_norm(hidden, w.mlp_norm, weights.norm_eps)
         gate, up = project(x, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)  # [N, F] each
-        hidden = hidden + project(F.silu(gate) * up, w.down, w.down_bias)
+        hidden.add_(project(F.silu(gate, inplace=True).mul_(up), w.down, w.down_bias))
     return rms_norm(hidden, weights.final_norm, weights.norm_eps)
 
 
