@@ -170,9 +170,10 @@ def decode_rows(
 class Weights:
     """A Hugging Face Llama / Qwen2 causal LM's tensors, arranged for the sampler.
 
-    Matrices are stored transposed, [in, out], and q/k/v and gate/up concatenated, so each projection is one
-    `x @ w` (on CPU, MKL's plain x @ w is ~20% faster than F.linear's x @ wᵀ at these sizes). These are
-    copies, made once per `generate` since the trainer changes the weights between calls. RoPE's cos/sin
+    Projection matrices are used input-major, [in, out], so each projection is `x @ w`: on CPU as
+    contiguous copies (MKL's x @ w is ~20% faster than x @ wᵀ at these sizes; the copies are made once
+    per `generate`, since the trainer changes the weights between calls), on GPU as views of the model's
+    own tensors (cuBLAS reads either layout, and copies would double the model's memory). RoPE's cos/sin
     come from the model's own rotary module (rope_theta, rope scaling) for positions 0..max_len-1."""
 
     def __init__(self, model: torch.nn.Module, max_len: int):
@@ -189,58 +190,51 @@ class Weights:
         self.norm_eps = config.rms_norm_eps
         self.embed = model.model.embed_tokens.weight  # [V, d]
         self.final_norm = model.model.norm.weight  # [d]
-        self.lm_head = model.lm_head.weight.t().contiguous()  # [d, V]
+        self.lm_head = input_major(model.lm_head.weight)  # [d, V]
         self.dtype, self.device = self.embed.dtype, self.embed.device
         self.layers = [LayerWeights.of(layer) for layer in model.model.layers]
         positions = torch.arange(max_len, device=self.device)[None]  # [1, max_len]
         cos, sin = model.model.rotary_emb(self.embed[:1], positions)  # [1, max_len, D] each
         half = self.head_dim // 2
         self.cos = cos[0]  # [max_len, D]
-        self.signed_sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)  # [max_len, D], see apply_rope
+        self.signed_sin = torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)  # [max_len, D], see apply_rope_
 
 
 @dataclass
 class LayerWeights:
     attn_norm: torch.Tensor  # [d]
-    qkv: torch.Tensor  # [d, (H + 2·Hkv)·D]
-    qkv_bias: torch.Tensor | None  # [(H + 2·Hkv)·D]: Qwen2 (and Llama with attention_bias), else None
+    q: torch.Tensor  # [d, H·D]
+    k: torch.Tensor  # [d, Hkv·D]
+    v: torch.Tensor  # [d, Hkv·D]
     o: torch.Tensor  # [H·D, d]
-    o_bias: torch.Tensor | None  # [d]: Llama with attention_bias
     mlp_norm: torch.Tensor  # [d]
-    gate_up: torch.Tensor  # [d, 2·F]
-    gate_up_bias: torch.Tensor | None  # [2·F]: Llama with mlp_bias
+    gate: torch.Tensor  # [d, F]
+    up: torch.Tensor  # [d, F]
     down: torch.Tensor  # [F, d]
-    down_bias: torch.Tensor | None  # [d]
+    biases: dict[str, torch.Tensor]  # by projection name: Qwen2's q/k/v; Llama's with attention_bias / mlp_bias
 
     @staticmethod
     def of(layer: torch.nn.Module) -> "LayerWeights":
         attn, mlp = layer.self_attn, layer.mlp
+        linears = {"q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj, "o": attn.o_proj,
+                   "gate": mlp.gate_proj, "up": mlp.up_proj, "down": mlp.down_proj}
         return LayerWeights(
             attn_norm=layer.input_layernorm.weight,
-            qkv=_fuse_projections([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
-            qkv_bias=_fuse_biases([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]),
-            o=attn.o_proj.weight.t().contiguous(),
-            o_bias=attn.o_proj.bias,
             mlp_norm=layer.post_attention_layernorm.weight,
-            gate_up=_fuse_projections([mlp.gate_proj.weight, mlp.up_proj.weight]),
-            gate_up_bias=_fuse_biases([mlp.gate_proj.bias, mlp.up_proj.bias]),
-            down=mlp.down_proj.weight.t().contiguous(),
-            down_bias=mlp.down_proj.bias,
+            biases={name: linear.bias for name, linear in linears.items() if linear.bias is not None},
+            **{name: input_major(linear.weight) for name, linear in linears.items()},
         )
 
-
-def _fuse_projections(weights: list[torch.Tensor]) -> torch.Tensor:
-    """nn.Linear weights [out_i, in] -> one [in, sum(out_i)] matrix."""
-    return torch.cat(weights).t().contiguous()
-
-
-def _fuse_biases(biases: list[torch.Tensor | None]) -> torch.Tensor | None:
-    return None if biases[0] is None else torch.cat(biases)
+    def project(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """x [N, in] @ w [in, out] (+ bias [out])."""
+        bias = self.biases.get(name)
+        weight = getattr(self, name)
+        return x @ weight if bias is None else torch.addmm(bias, x, weight)
 
 
-def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [N, in] @ weight [in, out] (+ bias [out])."""
-    return x @ weight if bias is None else torch.addmm(bias, x, weight)
+def input_major(weight: torch.Tensor) -> torch.Tensor:
+    """nn.Linear's [out, in] weight as [in, out]: a contiguous copy on CPU, a view elsewhere (see Weights)."""
+    return weight.t().contiguous() if weight.device.type == "cpu" else weight.t()
 
 
 class KVCache:
@@ -296,13 +290,13 @@ def transformer(weights: Weights, input_ids: torch.Tensor, positions: torch.Tens
     hidden = F.embedding(input_ids, weights.embed)  # [N, d]
     for layer_index, w in enumerate(weights.layers):
         x = rms_norm(hidden, w.attn_norm, weights.norm_eps)
-        qkv = project(x, w.qkv, w.qkv_bias).view(num_tokens, num_q + 2 * num_kv, head_dim)
-        apply_rope_(qkv[:, : num_q + num_kv], cos, signed_sin)  # queries and keys rotated together
-        q, k, v = qkv.split([num_q, num_kv, num_kv], dim=1)  # [N, H | Hkv | Hkv, D]
-        hidden.add_(project(attend(layer_index, q, k, v), w.o, w.o_bias))
+        q = apply_rope_(w.project("q", x).view(num_tokens, num_q, head_dim), cos, signed_sin)  # [N, H, D]
+        k = apply_rope_(w.project("k", x).view(num_tokens, num_kv, head_dim), cos, signed_sin)  # [N, Hkv, D]
+        v = w.project("v", x).view(num_tokens, num_kv, head_dim)  # [N, Hkv, D]
+        hidden.add_(w.project("o", attend(layer_index, q, k, v)))
         x = rms_norm(hidden, w.mlp_norm, weights.norm_eps)
-        gate, up = project(x, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)  # [N, F] each
-        hidden.add_(project(F.silu(gate, inplace=True).mul_(up), w.down, w.down_bias))
+        gate, up = w.project("gate", x), w.project("up", x)  # [N, F] each
+        hidden.add_(w.project("down", F.silu(gate, inplace=True).mul_(up)))
     return rms_norm(hidden, weights.final_norm, weights.norm_eps)
 
 
