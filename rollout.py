@@ -304,10 +304,8 @@ def prefill(weights: Weights, cache: KVCache, prompt_ids: torch.Tensor, prompt_m
     """Run left-padded prompts [p, L] once, writing their keys/values into the cache's shared prefix.
     Returns the float32 logits of each prompt's next token [p, V]."""
     num_prompts, prompt_len = prompt_ids.shape
-    prefix_k, prefix_v = cache.prefix_k[:, :num_prompts], cache.prefix_v[:, :num_prompts]  # [layers, p, Hkv, D|L, L|D]
-    prefix_k.zero_(), prefix_v.zero_()  # pads keep zero keys/values (masked, and never NaN)
     bias = torch.zeros(num_prompts, prompt_len, dtype=weights.dtype, device=weights.device)
-    bias.masked_fill_(~prompt_mask, float("-inf"))
+    bias.masked_fill_(~prompt_mask, float("-inf"))  # what decode steps add to their scores against the prompt
     cache.prefix_bias[: num_prompts * weights.num_kv_heads] = bias.repeat_interleave(weights.num_kv_heads, 0)[:, None]
     causal = torch.ones(prompt_len, prompt_len, dtype=torch.bool, device=weights.device).tril()
     # A real token attends to the real tokens up to itself; a pad attends to itself only, so no softmax
@@ -315,15 +313,18 @@ def prefill(weights: Weights, cache: KVCache, prompt_ids: torch.Tensor, prompt_m
     eye = torch.eye(prompt_len, dtype=torch.bool, device=weights.device)
     attn_mask = ((causal & prompt_mask[:, None, :]) | eye)[:, None]  # [p, 1, L, L]
 
+    def unpack(x: torch.Tensor) -> torch.Tensor:
+        """Packed tokens [N, heads, D] back to their padded places [p, heads, L, D], zero at pads."""
+        padded = x.new_zeros(num_prompts, prompt_len, *x.shape[1:])
+        padded[prompt_mask] = x
+        return padded.transpose(1, 2)
+
     def attend(layer_index, q, k, v):
-        # Scatter the packed tokens to their [p, L] places, into the cache, for attention only.
-        prefix_k[layer_index].permute(0, 3, 1, 2)[prompt_mask] = k  # [p, L, Hkv, D] view of [p, Hkv, D, L]
-        prefix_v[layer_index].transpose(1, 2)[prompt_mask] = v
-        q_padded = q.new_zeros(num_prompts, prompt_len, *q.shape[1:])  # [p, L, H, D]
-        q_padded[prompt_mask] = q
+        q, k, v = unpack(q), unpack(k), unpack(v)  # [p, H | Hkv | Hkv, L, D]
+        cache.prefix_k[layer_index, :num_prompts] = k.transpose(2, 3)  # zero keys/values at pads: masked,
+        cache.prefix_v[layer_index, :num_prompts] = v  # and never NaN
         out = F.scaled_dot_product_attention(
-            q_padded.transpose(1, 2), prefix_k[layer_index].transpose(2, 3), prefix_v[layer_index], attn_mask=attn_mask,
-            enable_gqa=weights.num_heads != weights.num_kv_heads,
+            q, k, v, attn_mask=attn_mask, enable_gqa=weights.num_heads != weights.num_kv_heads
         )  # [p, H, L, D]
         return out.transpose(1, 2)[prompt_mask].flatten(1)  # [N, H·D]
 
