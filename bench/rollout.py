@@ -20,7 +20,7 @@ import time
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config
 
 import rollout
 
@@ -38,16 +38,14 @@ def tiny_llama() -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
-def qwen25_1p5b_shaped() -> Qwen2ForCausalLM:
+def qwen25_1p5b_shaped() -> torch.nn.Module:
     """Qwen2.5-1.5B's shape with random weights, bf16 on CUDA."""
     config = Qwen2Config(
         vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
         num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=True,
     )
-    torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
-        model = Qwen2ForCausalLM(config)
-    torch.set_default_dtype(torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     return model.eval()
 
 
@@ -114,7 +112,10 @@ def prefill_sharing(model, prompt: list[int], repeats: int) -> None:
 
 def main() -> None:
     torch.manual_seed(0)
-    print(f"{time.strftime('%Y-%m-%d')}  torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    # One thread for both samplers: the tiny model's matrices are too small to split, and on a shared
+    # 2-core machine a second OpenMP thread mostly waits for a core, which makes timings erratic.
+    torch.set_num_threads(1)
+    print(f"{time.strftime('%Y-%m-%d')}  torch {torch.__version__}, {torch.get_num_threads()} CPU thread")
     model = tiny_llama()
     print(f"CPU: tiny Llama ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, fp32)")
     prompts = random_prompts(64, 15, 30, model.config.vocab_size)
@@ -135,6 +136,13 @@ def gpu() -> None:
     prompts = random_prompts(batch, prompt_len, prompt_len, model.config.vocab_size)
     compare(model, prompts, 1, max_new_tokens, repeats=1)
     prefill_sharing(model, prompts[0], repeats=3)
+    # Prefix sharing in decode: 256 rows of one prompt read its keys once per step, 256 prompts 256 times.
+    distinct, shared = best_times([
+        lambda: rollout.generate(model, prompts, 1, 256),
+        lambda: rollout.generate(model, prompts[:1], batch, 256),
+    ], 1, model.device)
+    print(f"  256 new tokens, batch {batch}: {batch} distinct prompts {batch * 256 / distinct:.0f} tokens/s, "
+          f"1 prompt x N={batch} {batch * 256 / shared:.0f} tokens/s")
 
     # Decode step time: a full run minus a one-token run (prefill + first sample), per remaining step.
     full, first = best_times([

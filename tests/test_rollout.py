@@ -142,6 +142,18 @@ def test_logprobs_equal_teacher_forced(model, temperature, top_p, top_k):
     assert out.logprobs.dtype == torch.float32 and (out.logprobs[out.mask] <= 0).all()
 
 
+def test_bf16_model_runs_in_bf16(tmp_path_factory):
+    """A bf16 model is sampled in bf16: log-probs within bf16 noise of its own teacher-forced forward."""
+    config = Qwen2Config(vocab_size=48, num_attention_heads=4, num_key_value_heads=2, **SMALL)
+    model = build(tmp_path_factory, config).to(torch.bfloat16)
+    out = rollout.generate(model, PROMPTS, 4, 10, seed=1)
+    logits = teacher_forced_logits(model, out)[:, :-1]
+    logp = torch.log_softmax(logits, -1).gather(-1, out.tokens[:, 1:, None])[..., 0]
+    mask = out.mask[:, 1:]
+    assert out.logprobs.dtype == torch.float32
+    assert torch.allclose(out.logprobs[:, 1:][mask], logp[mask], atol=2e-2)
+
+
 def test_stop_tokens_mask_and_truncation(model):
     """Each row's mask covers its completion up to and including its first stop token; pads after it."""
     stop_ids = (3, 17, 29)
