@@ -53,6 +53,9 @@ class Config:
     loss_agg: str = option("token-mean", "token-mean, seq-mean-token-mean or seq-mean-token-sum")
     kl_coef: float = option(1e-3, "β: weight of KL(π‖π_ref) in the loss (0: no reference model)")
     kl_kind: str = option("k3", "KL estimator: k1, k2, k3")
+    kl_clamp: float = option(0.0, "clamp the per-token KL term to ±this (0: off)")
+    kl_in_reward: bool = option(False, "fold β·KL into each response's reward instead of the loss")
+    overlong_filter: bool = option(False, "mask truncated responses out of the loss instead of rewarding them 0")
     dynamic_sampling: bool = option(True, "drop groups whose rewards are all equal, refill with fresh prompts")
     max_sampling_rounds: int = option(2, "sampling rounds per step to fill the batch with informative groups")
     minibatches: int = option(1, "optimizer steps per rollout batch (PPO mini-batches)")
@@ -105,12 +108,9 @@ def parse_config(argv: list[str]) -> Config:
     args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     preset = args.get("preset", "tiny")
     if preset not in PRESETS:
-        parser.error(f"unknown preset '{preset}' (choose from {', '.join(PRESETS)})")
+        raise ValueError(f"unknown preset '{preset}' (choose from {', '.join(PRESETS)})")
     config = Config(**{**PRESETS[preset], **args})
-    try:
-        validate(config)
-    except ValueError as error:
-        parser.error(str(error))
+    validate(config)
     return config
 
 
@@ -122,14 +122,20 @@ def validate(c: Config) -> None:
               (0 <= c.clip_low < 1 and c.clip_high >= 0, "--clip-low must be in [0, 1) and --clip-high ≥ 0"),
               (c.minibatches >= 1 and c.epochs >= 1, "--minibatches and --epochs must be ≥ 1"),
               (c.level in (1, 2, 3), "--level must be 1, 2 or 3"), (c.kl_coef >= 0, "--kl-coef must be ≥ 0"),
-              (c.eval_samples >= 1 and c.eval_every >= 0, "--eval-samples must be ≥ 1, --eval-every ≥ 0")]
+              (c.eval_samples >= 1 and c.eval_every >= 0, "--eval-samples must be ≥ 1, --eval-every ≥ 0"),
+              (c.eval_problems >= 1 and c.val_problems >= 1, "--eval-problems and --val-problems must be ≥ 1"),
+              (c.max_sampling_rounds >= 1, "--max-sampling-rounds must be ≥ 1"),
+              (c.micro_batch_rows >= 1, "--micro-batch-rows must be ≥ 1"),
+              (c.length_period >= 1 and c.length_off_steps >= 0, "--length-period must be ≥ 1, --length-off-steps ≥ 0"),
+              (c.lr_scale_from_batch >= 0 and c.kl_clamp >= 0, "--lr-scale-from-batch and --kl-clamp must be ≥ 0"),
+              (c.kl_coef > 0 or not c.kl_in_reward, "--kl-in-reward needs --kl-coef > 0")]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
     grpo.group_advantages(torch.zeros(1, 2), c.advantage)  # unknown names raise their own one-line error
     grpo.aggregate(torch.zeros(1, 1), torch.ones(1, 1), c.loss_agg)
     kl.kl_estimate(torch.zeros(1), torch.zeros(1), c.kl_kind)
-    tasks.parse_mix(c.tasks)
+    tasks.TaskMix(c.tasks, c.level)  # unknown task names and unreadable files fail here, before any work
     if c.model and not (Path(c.model) / "config.json").is_file():
         raise ValueError(f"--model {c.model}: no such model directory (expected a config.json inside)")
 
@@ -141,75 +147,36 @@ def sequence_logprobs(policy, batch: rollout.Rollout, temperature: float, entrop
     return kernels.token_logprobs(logits[:, :-1], batch.tokens[:, 1:], max(temperature, 1e-6), entropy)
 
 
-def collect(policy, tokenizer, stream: tasks.TaskMix, c: Config, step: int):
-    """Sample groups until the batch holds `prompts_per_step` informative ones (or rounds run out)."""
-    kept_batches, kept_rewards, stats = [], [], {"groups": 0, "kept": 0, "reward": 0.0, "pass": 0.0, "length": 0.0}
-    eta = rewards.length_penalty_coef(step, c.length_eta_min, c.length_eta_max, c.length_period, c.length_off_steps)
-    for round_ in range(c.max_sampling_rounds if c.dynamic_sampling else 1):
-        examples = [stream.sample() for _ in range(c.prompts_per_step)]
-        batch, scores = evaluation.rollout_and_score(policy, tokenizer, examples, c.n, c.max_new_tokens,
-                                                     c.temperature, c.top_p, seed=c.seed * 100_003 + step * 10 + round_)
-        lengths = batch.mask.sum(dim=1).float()
-        stats["groups"] += len(examples)
-        stats["reward"] += scores.sum().item()
-        stats["pass"] += (scores >= 1).float().sum().item()
-        stats["length"] += lengths.sum().item()
-        if eta:
-            scores = scores - eta * lengths.view_as(scores) / c.max_new_tokens
-        keep = grpo.dynamic_sampling_mask(scores) if c.dynamic_sampling else torch.ones(len(examples), dtype=torch.bool)
-        kept_batches.append(select_rows(batch, keep.repeat_interleave(c.n)))
-        kept_rewards.append(scores[keep])
-        stats["kept"] += keep.sum().item()
-        if stats["kept"] >= c.prompts_per_step:
-            break
-    samples = stats["groups"] * c.n
-    stats = {"reward": stats["reward"] / samples, "pass_rate": stats["pass"] / samples,
-             "kept_frac": stats["kept"] / stats["groups"], "response_len": stats["length"] / samples}
-    group_rewards = torch.cat(kept_rewards)[: c.prompts_per_step]  # [P, N]
-    batch = select_rows(concat_rows(kept_batches, tokenizer.pad_token_id), slice(0, len(group_rewards) * c.n))
-    return batch, group_rewards, stats
+@torch.no_grad()
+def batch_logprobs(model, batch: rollout.Rollout, c: Config) -> torch.Tensor:
+    """Log-probs [B, T−1] of the whole batch without gradient, micro-batch by micro-batch."""
+    return torch.cat([sequence_logprobs(model, grpo.select_rows(batch, rows), c.temperature)
+                      for rows in torch.arange(len(batch.tokens)).split(c.micro_batch_rows)])
 
 
-def select_rows(batch: rollout.Rollout, rows) -> rollout.Rollout:
-    return rollout.Rollout(batch.tokens[rows], batch.attention_mask[rows], batch.mask[rows],
-                           batch.logprobs[rows], batch.truncated[rows], batch.prompt_len)
-
-
-def concat_rows(batches: list[rollout.Rollout], pad_id: int) -> rollout.Rollout:
-    """Stack rollouts of different widths, right-padding the narrower ones (pads are masked out)."""
-    width = max(b.tokens.shape[1] for b in batches)
-    def pad(t, value):
-        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
-    return rollout.Rollout(torch.cat([pad(b.tokens, pad_id) for b in batches]),
-                           torch.cat([pad(b.attention_mask, False) for b in batches]),
-                           torch.cat([pad(b.mask, False) for b in batches]),
-                           torch.cat([pad(b.logprobs, 0.0) for b in batches]),
-                           torch.cat([b.truncated for b in batches]), min(b.prompt_len for b in batches))
-
-
-def update(policy, reference, optimizer, batch: rollout.Rollout, adv: torch.Tensor, c: Config) -> dict:
+def update(policy, optimizer, batch: rollout.Rollout, adv: torch.Tensor, ref_logp: torch.Tensor | None,
+           c: Config) -> dict:
     """PPO-style update: `epochs` passes, each split into `minibatches` optimizer steps, each
     accumulated over micro-batches of `micro_batch_rows` rows. Returns the step's mean statistics."""
     mask = batch.mask[:, 1:]  # the loss is on completion tokens; position t predicts token t+1
+    if c.overlong_filter:  # DAPO: a truncated response is no evidence either way, so it gets no gradient
+        mask = mask & ~batch.truncated[:, None]
+    kl_coef = 0.0 if c.kl_in_reward or ref_logp is None else c.kl_coef
     rows = torch.arange(len(adv))
-    with torch.no_grad():
-        ref_logp = torch.cat([sequence_logprobs(reference, select_rows(batch, r), c.temperature)
-                              for r in rows.split(c.micro_batch_rows)]) if c.kl_coef > 0 else None
-        # Old log-probs are recomputed by the policy before any update (not taken from the sampler),
-        # so the ratio is exactly 1 on the first mini-batch; one update per batch needs no extra pass.
-        on_policy = c.minibatches == 1 and c.epochs == 1
-        old_logp = None if on_policy else torch.cat([sequence_logprobs(policy, select_rows(batch, r), c.temperature)
-                                                     for r in rows.split(c.micro_batch_rows)])
+    # Old log-probs are recomputed by the policy before any update (not taken from the sampler), so the
+    # ratio is exactly 1 on the first mini-batch; a single update per batch needs no extra pass.
+    on_policy = c.minibatches == 1 and c.epochs == 1
+    old_logp = None if on_policy else batch_logprobs(policy, batch, c)
     totals, updates = {}, 0
     for _ in range(c.epochs):
         for minibatch in rows[torch.randperm(len(rows))].chunk(c.minibatches):
             for micro in minibatch.split(c.micro_batch_rows):
-                logp, entropy = sequence_logprobs(policy, select_rows(batch, micro), c.temperature, entropy=True)
+                logp, entropy = sequence_logprobs(policy, grpo.select_rows(batch, micro), c.temperature, entropy=True)
                 micro_old = logp.detach() if on_policy else old_logp[micro]
                 loss, stats = grpo.policy_loss(logp, micro_old, adv[micro], mask[micro], c.clip_low, c.clip_high, c.loss_agg)
                 if ref_logp is not None:
-                    kl_per_token = kl.kl_penalty(logp, ref_logp[micro], c.kl_kind)
-                    loss = loss + c.kl_coef * grpo.aggregate(kl_per_token, mask[micro], c.loss_agg)
+                    kl_per_token = kl.kl_penalty(logp, ref_logp[micro], c.kl_kind, c.kl_clamp or None)
+                    loss = loss + kl_coef * grpo.aggregate(kl_per_token, mask[micro], c.loss_agg)
                     stats["kl"] = grpo.masked_mean(kl_per_token.detach(), mask[micro])
                 stats["entropy"] = grpo.masked_mean(entropy, mask[micro])
                 (loss * grpo.aggregate_weight(mask[micro], mask[minibatch], c.loss_agg)).backward()
@@ -253,23 +220,31 @@ def main(argv: list[str]) -> None:
     progress = tqdm(range(1, c.steps + 1), desc="RL", dynamic_ncols=True, file=sys.stdout)
     for step in progress:
         start = time.time()
-        policy.eval()
-        batch, group_rewards, sample_stats = collect(policy, tokenizer, stream, c, step)
-        gen_time = time.time() - start
-        metrics = {"step": step, **sample_stats}
-        if len(group_rewards):
-            adv = grpo.group_advantages(group_rewards, c.advantage).flatten()  # [P·N]
-            policy.train()
-            metrics.update(update(policy, reference, optimizer, batch, adv, c))
-        reason = tracker.should_reset(metrics.get("kl", 0.0))
+        batch, scores, metrics = grpo.sample_groups(
+            policy.eval(), tokenizer, stream, c.prompts_per_step, c.n, c.max_new_tokens, c.temperature, c.top_p,
+            rounds=c.max_sampling_rounds if c.dynamic_sampling else 1, dynamic_sampling=c.dynamic_sampling,
+            seed=c.seed * 100_003 + step * 10)
+        metrics = {"step": step, **metrics, "gen_s": time.time() - start}
+        if len(scores):
+            eta = rewards.length_penalty_coef(step, c.length_eta_min, c.length_eta_max, c.length_period,
+                                              c.length_off_steps)
+            lengths = batch.mask.sum(dim=1).view_as(scores)
+            shaped = rewards.apply_length_penalty(scores, lengths, c.max_new_tokens, eta)  # [P, N]
+            ref_logp = batch_logprobs(reference, batch, c) if reference is not None else None
+            if c.kl_in_reward:  # r − β · Σ_t KL_t, with the sampler's log-probs as π (no extra forward)
+                token_kl = kl.kl_estimate(batch.logprobs[:, 1:], ref_logp, c.kl_kind) * batch.mask[:, 1:]
+                shaped = shaped - c.kl_coef * token_kl.sum(dim=1).view_as(shaped)
+            adv = grpo.group_advantages(shaped, c.advantage).flatten()  # [P·N]: one advantage per response
+            metrics.update(update(policy.train(), optimizer, batch, adv, ref_logp, c), length_eta=eta)
         if c.eval_every and step % c.eval_every == 0:
             metrics["val_pass1"] = held_out_pass1(val_set)["average"]
             tracker.observe_validation(metrics["val_pass1"])
+        reason = tracker.should_reset(metrics.get("kl", 0.0))
         if reason and reference is not None:
             reset.reset_reference(policy, reference, optimizer if c.reset_optimizer else None)
             tracker.did_reset()
             metrics["reset"] = reason
-        metrics.update(resets=tracker.count, gen_s=gen_time, step_s=time.time() - start,
+        metrics.update(resets=tracker.count, step_s=time.time() - start,
                        tokens_per_s=float(batch.mask.sum()) / (time.time() - start))
         metrics_file.write(json.dumps(metrics) + "\n")
         metrics_file.flush()

@@ -5,6 +5,7 @@ import itertools
 import math
 
 import pytest
+import torch
 
 import rewards
 
@@ -47,5 +48,5 @@ def test_off_by_default():
 
 def test_apply_length_penalty_by_hand():
     # r − η · len / max_len with η = 0.1, max_len = 8
-    penalised = rewards.apply_length_penalty([1.0, 1.0, 0.0], [4, 8, 2], max_len=8, eta=0.1)
-    assert penalised == pytest.approx([0.95, 0.9, -0.025])
+    penalised = rewards.apply_length_penalty(torch.tensor([1.0, 1.0, 0.0]), torch.tensor([4, 8, 2]), max_len=8, eta=0.1)
+    assert penalised.tolist() == pytest.approx([0.95, 0.9, -0.025])

@@ -93,6 +93,12 @@ def scripted_rewards(monkeypatch):
     return script, scored_prompts
 
 
+def collect(policy, tokenizer, stream: tasks.TaskMix, c: train.Config):
+    return grpo.sample_groups(policy, tokenizer, stream, c.prompts_per_step, c.n, c.max_new_tokens, c.temperature,
+                              c.top_p, rounds=c.max_sampling_rounds if c.dynamic_sampling else 1,
+                              dynamic_sampling=c.dynamic_sampling)
+
+
 def prompt_of(batch: rollout.Rollout, row: int, tokenizer) -> str:
     prompt_tokens = batch.tokens[row][batch.attention_mask[row] & ~batch.mask[row]]
     return tokenizer.decode(prompt_tokens, skip_special_tokens=True)
@@ -105,10 +111,11 @@ def test_dynamic_sampling_refills_from_fresh_prompts(tiny_model, scripted_reward
     script += [1, 1, 1, 1] + [1, 0, 0, 0] + [0, 0, 0, 0] + [0, 1, 1, 1]
     stream = tasks.TaskMix("add", seed=0)
     c = train.Config(prompts_per_step=2, n=4, max_new_tokens=4, max_sampling_rounds=3)
-    batch, group_rewards, stats = train.collect(policy, tokenizer, stream, c, step=1)
+    batch, group_rewards, stats = collect(policy, tokenizer, stream, c)
     assert group_rewards.tolist() == [[1, 0, 0, 0], [0, 1, 1, 1]]
     assert stream.drawn == 4  # two rounds of two prompts; the third round was not needed
-    assert stats == pytest.approx({"reward": 8 / 16, "pass_rate": 8 / 16, "kept_frac": 2 / 4, "response_len": 1.0})
+    assert stats == pytest.approx({"reward": 8 / 16, "pass_rate": 8 / 16, "kept_frac": 2 / 4, "response_len": 1.0,
+                                   "sampling_rounds": 2})
     # the batch holds exactly the kept groups' rows, in order: B's four samples, then D's
     group_b, group_d = scored_prompts[4], scored_prompts[12]
     assert batch.tokens.shape[0] == 8
@@ -120,7 +127,7 @@ def test_without_dynamic_sampling_every_group_is_kept(tiny_model, scripted_rewar
     script, _ = scripted_rewards
     script += [1, 1, 1, 1] + [1, 0, 0, 0]
     c = train.Config(prompts_per_step=2, n=4, max_new_tokens=4, dynamic_sampling=False)
-    batch, group_rewards, stats = train.collect(policy, tokenizer, tasks.TaskMix("add"), c, step=1)
+    batch, group_rewards, stats = collect(policy, tokenizer, tasks.TaskMix("add"), c)
     assert group_rewards.tolist() == [[1, 1, 1, 1], [1, 0, 0, 0]] and stats["kept_frac"] == 1.0
     assert batch.tokens.shape[0] == 8
 
@@ -131,22 +138,23 @@ def test_when_no_group_is_informative_the_batch_is_empty(tiny_model, scripted_re
     script += [0.0] * 24
     stream = tasks.TaskMix("add")
     c = train.Config(prompts_per_step=2, n=4, max_new_tokens=4, max_sampling_rounds=3)
-    batch, group_rewards, stats = train.collect(policy, tokenizer, stream, c, step=1)
+    batch, group_rewards, stats = collect(policy, tokenizer, stream, c)
     assert group_rewards.shape == (0, 4) and batch.tokens.shape[0] == 0
     assert stats["kept_frac"] == 0.0 and stream.drawn == 6  # it tried every round
 
 
-def test_truncated_responses_score_zero_and_the_length_penalty_is_applied(tiny_model, monkeypatch):
+def test_truncated_responses_score_zero_and_the_length_penalty_shapes_the_rest(tiny_model, monkeypatch):
     policy, tokenizer = tiny_model
     monkeypatch.setitem(rewards.VERIFIERS, "add", lambda example, completion: 1.0)  # every answer "right"
-    c = train.Config(prompts_per_step=4, n=8, max_new_tokens=3, dynamic_sampling=False,
-                     length_eta_max=0.3, length_eta_min=0.1, length_period=2)
-    # step 1 is halfway through a 2-step on-phase: η = 0.1 + ½ · 0.2 · (1 + cos(π/2)) = 0.2
-    batch, group_rewards, _ = train.collect(policy, tokenizer, tasks.TaskMix("add"), c, step=1)
+    c = train.Config(prompts_per_step=4, n=8, max_new_tokens=3, dynamic_sampling=False)
+    batch, scores, _ = collect(policy, tokenizer, tasks.TaskMix("add"), c)
     assert 0 < batch.truncated.sum() < len(batch.truncated)  # the random model stops on some rows only
-    lengths = batch.mask.sum(dim=1).float()
-    expected = (~batch.truncated).float() - 0.2 * lengths / 3
-    torch.testing.assert_close(group_rewards.flatten(), expected)
+    torch.testing.assert_close(scores.flatten(), (~batch.truncated).float())
+    # step 1 is halfway through a 2-step on-phase: η = 0.1 + ½ · 0.2 · (1 + cos(π/2)) = 0.2
+    eta = rewards.length_penalty_coef(1, eta_min=0.1, eta_max=0.3, period=2)
+    lengths = batch.mask.sum(dim=1).view_as(scores)
+    shaped = rewards.apply_length_penalty(scores, lengths, 3, eta)
+    torch.testing.assert_close(shaped.flatten(), (~batch.truncated).float() - 0.2 * lengths.flatten() / 3)
 
 
 # ----------------------------------------------------------------------------- update
@@ -165,8 +173,9 @@ def test_on_policy_update_has_ratio_one_and_zero_kl_to_an_identical_reference(ti
     reference = model_lib.load(tiny_model_dir)[0].eval()
     batch, adv = rollout_batch
     before = [p.clone() for p in policy.parameters()]
-    stats = train.update(policy, reference, torch.optim.AdamW(policy.parameters(), lr=1e-3), batch, adv,
-                         train.Config(minibatches=1, epochs=1, kl_coef=1e-3))
+    c = train.Config(minibatches=1, epochs=1, kl_coef=1e-3)
+    ref_logp = train.batch_logprobs(reference, batch, c)
+    stats = train.update(policy, torch.optim.AdamW(policy.parameters(), lr=1e-3), batch, adv, ref_logp, c)
     assert stats["ratio_mean"] == 1.0 and stats["clipfrac"] == 0.0 and stats["kl"] == 0.0
     assert stats["entropy"] > 0
     assert any(not torch.equal(p, q) for p, q in zip(before, policy.parameters()))
@@ -176,7 +185,7 @@ def test_minibatches_and_epochs_take_one_optimizer_step_each(tiny_model, rollout
     policy, _ = tiny_model
     batch, adv = rollout_batch
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
-    stats = train.update(policy, None, optimizer, batch, adv, train.Config(minibatches=2, epochs=3, kl_coef=0.0))
+    stats = train.update(policy, optimizer, batch, adv, None, train.Config(minibatches=2, epochs=3, kl_coef=0.0))
     assert optimizer.state[next(policy.parameters())]["step"].item() == 6
     # after the first optimizer step the policy is no longer the one that produced old_logp
     assert stats["ratio_mean"] != 1.0 and stats["approx_kl"] > 0
@@ -187,14 +196,14 @@ def test_old_logprobs_are_recomputed_not_taken_from_the_sampler(tiny_model, tiny
     # Two identical policies updated on the same batch, one whose sampler log-probs are garbage: the
     # update must not read them, so both end with the same weights.
     batch, adv = rollout_batch
-    garbage = train.select_rows(batch, slice(None))
+    garbage = grpo.select_rows(batch, slice(None))
     garbage.logprobs = torch.full_like(batch.logprobs, -7.0)
     c = train.Config(minibatches=2, epochs=2, kl_coef=0.0)
     results = []
     for sampled in (batch, garbage):
         policy = model_lib.load(tiny_model_dir)[0]
         torch.manual_seed(0)  # the same mini-batch shuffle
-        train.update(policy, None, torch.optim.AdamW(policy.parameters(), lr=1e-2), sampled, adv, c)
+        train.update(policy, torch.optim.AdamW(policy.parameters(), lr=1e-2), sampled, adv, None, c)
         results.append(list(policy.parameters()))
     assert all(torch.equal(p, q) for p, q in zip(*results))
 
@@ -207,7 +216,7 @@ def test_micro_batches_change_memory_not_the_update(tiny_model_dir, rollout_batc
         policy = model_lib.load(tiny_model_dir)[0]
         before = [p.clone() for p in policy.parameters()]
         c = train.Config(micro_batch_rows=micro_batch_rows, loss_agg=agg, kl_coef=0.0, grad_clip=1e9)
-        train.update(policy, None, torch.optim.SGD(policy.parameters(), lr=1.0), batch, adv, c)  # Δθ = −∇loss
+        train.update(policy, torch.optim.SGD(policy.parameters(), lr=1.0), batch, adv, None, c)  # Δθ = −∇loss
         deltas.append(torch.cat([(p - q).flatten() for p, q in zip(policy.parameters(), before)]))
     assert deltas[0].abs().max() > 0
     torch.testing.assert_close(deltas[0], deltas[1], atol=1e-6, rtol=1e-4)
@@ -215,16 +224,17 @@ def test_micro_batches_change_memory_not_the_update(tiny_model_dir, rollout_batc
 
 # ----------------------------------------------------------------------------- end to end, per preset
 
-# A random model never answers right, so every group would be all-zero and dropped; a small length
-# penalty makes completions of different lengths score differently, so the update runs. (prorl-v2 has one.)
+# A random model never answers right, so dynamic sampling (which filters on correctness) would drop every
+# group; with it off, a small length penalty makes completions of different lengths score differently, so
+# the update runs. (prorl-v2 has a length penalty of its own.)
 PRESET_RUNS = {
-    "prorl": (["--n", "4", "--length-eta-max", "0.05"],
+    "prorl": (["--n", "4", "--length-eta-max", "0.05", "--dynamic-sampling", "false"],
               {"advantage": "grpo", "clip_low": 0.2, "clip_high": 0.4, "temperature": 1.2, "kl_kind": "k3",
                "kl_coef": 1e-4, "reset_patience": 3, "reset_optimizer": True, "minibatches": 4}),
-    "prorl-v2": (["--n", "4"],
+    "prorl-v2": (["--n", "4", "--dynamic-sampling", "false"],
                  {"advantage": "reinforce_pp", "clip_high": 0.28, "kl_kind": "k2", "reset_every": 300,
                   "reset_optimizer": False, "length_eta_max": 0.1, "length_period": 200, "length_off_steps": 100}),
-    "brorl": (["--n", "16", "--length-eta-max", "0.05"],
+    "brorl": (["--n", "16", "--length-eta-max", "0.05", "--dynamic-sampling", "false"],
               {"advantage": "reinforce_pp", "n": 16, "lr_scale_from_batch": 256 * 16, "kl_kind": "k2"}),
 }
 STEP_KEYS = {"step", "reward", "pass_rate", "kept_frac", "response_len", "clipfrac", "approx_kl", "ratio_mean",
@@ -275,7 +285,8 @@ def test_scheduled_reset_makes_the_next_steps_kl_exactly_zero(tmp_path, monkeypa
     # (0), step 2 after one update (> 0), reset after step 2, step 3 back at π = π_ref (exactly 0).
     _, metrics, _ = run_train(tmp_path, monkeypatch, tiny_model_dir,
                               ["--steps", "3", "--prompts-per-step", "8", "--n", "4", "--eval-every", "0",
-                               "--lr", "1e-2", "--reset-every", "2", "--length-eta-max", "0.1"])
+                               "--lr", "1e-2", "--reset-every", "2", "--length-eta-max", "0.1",
+                               "--dynamic-sampling", "false"])
     assert metrics[0]["kl"] == 0.0 and metrics[1]["kl"] > 0 and metrics[2]["kl"] == 0.0
     assert [m.get("reset") for m in metrics] == [None, "schedule", None]
     assert [m["resets"] for m in metrics] == [0, 1, 1]
