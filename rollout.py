@@ -32,7 +32,8 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-DEFAULT_MAX_ROWS = 256  # rows decoded together: the cache holds max_rows · max_new_tokens completion tokens
+MAX_ROWS = 1024  # rows decoded together by default, at most: more gains little, and logits [rows, V] grow
+KV_CACHE_BYTES = 4 * 2**30  # ... and fewer where their KV cache would take more memory than this
 KV_BUCKET = 256  # on CUDA, decode attends over the completion cache rounded up to this many columns
 
 
@@ -65,15 +66,16 @@ def generate(
     stop_ids: tuple[int, ...] | list[int] = (),
     seed: int = 0,
     pad_id: int = 0,
-    max_rows: int = DEFAULT_MAX_ROWS,
+    max_rows: int | None = None,
 ) -> Rollout:
     """Sample n completions for each prompt (a list of token-id lists); see the module docstring.
 
-    Rows are decoded max_rows at a time, so memory is bounded whatever P·N is. The same arguments and
-    seed give the same rollout."""
+    Rows are decoded max_rows at a time (default: MAX_ROWS, or fewer if their KV cache would exceed
+    KV_CACHE_BYTES), so memory is bounded whatever P·N is. The same arguments and seed give the same
+    rollout."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, and every prompt needs at least one token.")
-    if n < 1 or max_new_tokens < 1 or max_rows < 1:
+    if n < 1 or max_new_tokens < 1 or (max_rows is not None and max_rows < 1):
         raise ValueError("n, max_new_tokens and max_rows must all be at least 1.")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise ValueError("temperature must be >= 0, top_p in (0, 1] and top_k >= 0.")
@@ -85,6 +87,9 @@ def generate(
     device = weights.device
     generator = torch.Generator(device=device).manual_seed(seed)
     stop_ids = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    if max_rows is None:
+        bytes_per_row = weights.kv_bytes_per_token * (prompt_len + max_new_tokens)
+        max_rows = max(1, min(MAX_ROWS, KV_CACHE_BYTES // bytes_per_row))
 
     prompt_lens = torch.tensor([len(p) for p in prompts], device=device)  # [P]
     prompt_mask = torch.arange(prompt_len, device=device) >= prompt_len - prompt_lens[:, None]  # [P, L]
@@ -192,6 +197,9 @@ class Weights:
         self.final_norm = model.model.norm.weight  # [d]
         self.lm_head = input_major(model.lm_head.weight)  # [d, V]
         self.dtype, self.device = self.embed.dtype, self.embed.device
+        self.kv_bytes_per_token = (  # a key and a value per layer and kv head
+            2 * config.num_hidden_layers * self.num_kv_heads * self.head_dim * self.embed.element_size()
+        )
         self.layers = [LayerWeights.of(layer) for layer in model.model.layers]
         positions = torch.arange(max_len, device=self.device)[None]  # [1, max_len]
         cos, sin = model.model.rotary_emb(self.embed[:1], positions)  # [1, max_len, D] each
@@ -353,7 +361,8 @@ def decode_step(token: torch.Tensor, position: torch.Tensor, slot: int, prompts:
     own_bias.masked_fill_(torch.arange(kv_len, device=weights.device) > slot, float("-inf"))
 
     def attend(layer_index, q, k, v):
-        own_k, own_v = cache.k[layer_index, :rows], cache.v[layer_index, :rows]  # [R, Hkv, D, max_new], [R, Hkv, max_new, D]
+        own_k = cache.k[layer_index, :rows]  # [R, Hkv, D, max_new]
+        own_v = cache.v[layer_index, :rows]  # [R, Hkv, max_new, D]
         own_k.index_copy_(3, slot, k[:, :, :, None])
         own_v.index_copy_(2, slot, v[:, :, None])
         own_k = own_k[:, :, :, :kv_len].flatten(0, 1)  # [R·Hkv, D, kv_len]
@@ -466,7 +475,8 @@ def sample(
         # a token is dropped when the mass before it already reaches it; the most likely is always kept.
         mass_before = sorted_probs.cumsum(-1) - sorted_probs
         drop_sorted = mass_before >= top_p * sorted_probs.sum(-1, keepdim=True)
-        kept_logp = kept_logp.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), float("-inf"))
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # back to vocabulary order
+        kept_logp = kept_logp.masked_fill(drop, float("-inf"))
     # Exponential race (as in gpt-fast): argmax_i p_i / E_i with E_i ~ Exp(1) is a draw from p, with no
     # renormalisation needed. E = -log(U), U ~ U[0, 1), is never 0, so p_i / E_i is never 0/0.
     exponential = torch.rand(kept_logp.shape, generator=generator, device=kept_logp.device).log_().neg_()

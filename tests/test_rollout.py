@@ -119,13 +119,18 @@ def test_llama_with_every_bias(tmp_path_factory):
     assert rollout.generate(model, PROMPTS, 1, 8, temperature=0).tokens.tolist() == expected.tolist()
 
 
-def test_greedy_rows_equal_across_samples_and_chunks(model):
+def test_greedy_rows_equal_across_samples_and_chunks(model, monkeypatch):
     """n rows of one prompt are identical under greedy decoding, however the rows are chunked."""
     reference = rollout.generate(model, PROMPTS, 1, 10, temperature=0)
-    for max_rows in (1, 3, 256):  # 3: prompts' rows split across chunks
+    for max_rows in (1, 2, 3, 256):  # 2: a prompt's rows split across chunks
         out = rollout.generate(model, PROMPTS, 3, 10, temperature=0, max_rows=max_rows)
         assert torch.equal(out.tokens, reference.tokens.repeat_interleave(3, 0))
         assert torch.allclose(out.logprobs, reference.logprobs.repeat_interleave(3, 0), atol=1e-5)
+    # The default chunk size follows the KV-cache budget: room for 2 rows here.
+    weights = rollout.Weights(model, 18)
+    monkeypatch.setattr(rollout, "KV_CACHE_BYTES", 2 * weights.kv_bytes_per_token * 18)
+    out = rollout.generate(model, PROMPTS, 3, 10, temperature=0)
+    assert torch.equal(out.tokens, reference.tokens.repeat_interleave(3, 0))
 
 
 @pytest.mark.parametrize("temperature, top_p, top_k", [(1.0, 1.0, 0), (0.7, 0.9, 0), (1.3, 1.0, 5), (0.0, 1.0, 0)])
