@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 MAX_ROWS = 1024  # rows decoded together by default, at most: more gains little, and logits [rows, V] grow
-KV_CACHE_BYTES = 4 * 2**30  # ... and fewer where their KV cache would take more memory than this
+KV_CACHE_BYTES = 4 * 2**30  # ... and fewer where their KV cache would take more than this (CPU) or than
+# half the free memory (GPU)
 KV_BUCKET = 256  # on CUDA, decode attends over the completion cache rounded up to this many columns
 
 
@@ -71,8 +72,8 @@ def generate(
     """Sample n completions for each prompt (a list of token-id lists); see the module docstring.
 
     Rows are decoded max_rows at a time (default: MAX_ROWS, or fewer if their KV cache would exceed
-    KV_CACHE_BYTES), so memory is bounded whatever P·N is. The same arguments and seed give the same
-    rollout."""
+    KV_CACHE_BYTES on CPU, half the free memory on GPU), so memory is bounded whatever P·N is. The same
+    arguments and seed give the same rollout."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, and every prompt needs at least one token.")
     if n < 1 or max_new_tokens < 1 or (max_rows is not None and max_rows < 1):
@@ -88,8 +89,8 @@ def generate(
     generator = torch.Generator(device=device).manual_seed(seed)
     stop_ids = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     if max_rows is None:
-        bytes_per_row = weights.kv_bytes_per_token * (prompt_len + max_new_tokens)
-        max_rows = max(1, min(MAX_ROWS, KV_CACHE_BYTES // bytes_per_row))
+        budget = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else KV_CACHE_BYTES
+        max_rows = max(1, min(MAX_ROWS, budget // (weights.kv_bytes_per_token * (prompt_len + max_new_tokens))))
 
     prompt_lens = torch.tensor([len(p) for p in prompts], device=device)  # [P]
     prompt_mask = torch.arange(prompt_len, device=device) >= prompt_len - prompt_lens[:, None]  # [P, L]
