@@ -36,6 +36,7 @@ MAX_ROWS = 1024  # rows decoded together by default, at most: more gains little,
 KV_CACHE_BYTES = 4 * 2**30  # ... and fewer where their KV cache would take more than this (CPU) or than
 # half the free memory (GPU)
 KV_BUCKET = 256  # on CUDA, decode attends over the completion cache rounded up to this many columns
+PREFILL_TOKENS = 16384  # padded prompt tokens per prefill forward, at most: bounds its activations
 
 
 @dataclass
@@ -101,6 +102,7 @@ def generate(
     # a run of one prompt's samples; either way its rows are contiguous in the output.
     samples_per_chunk = min(n, max_rows)
     prompts_per_group = min(max_rows // samples_per_chunk, num_prompts)
+    prompts_per_prefill = max(1, PREFILL_TOKENS // prompt_len)
     # One static cache for the whole call, reused by every chunk (CUDA graphs need fixed addresses).
     cache = KVCache(weights, prompts_per_group, prompt_len, prompts_per_group * samples_per_chunk, max_new_tokens)
     decode = make_decoder(weights, cache)
@@ -108,7 +110,11 @@ def generate(
     chunks = []  # (first row, completion [R, S], log-probs [R, S], completion mask [R, S], stopped [R])
     for first_prompt in range(0, num_prompts, prompts_per_group):
         group = slice(first_prompt, min(first_prompt + prompts_per_group, num_prompts))
-        prefix_logits = prefill(weights, cache, prompt_ids[group], prompt_mask[group])  # each prompt once
+        prefix_logits = []  # [p, V] in pieces; each prompt prefilled once
+        for first in range(group.start, group.stop, prompts_per_prefill):
+            piece = slice(first, min(first + prompts_per_prefill, group.stop))
+            prefix_logits.append(prefill(weights, cache, prompt_ids[piece], prompt_mask[piece], first - group.start))
+        prefix_logits = torch.cat(prefix_logits)
         for first_sample in range(0, n, samples_per_chunk):
             samples = min(samples_per_chunk, n - first_sample)
             completion = decode_rows(
@@ -309,13 +315,17 @@ def transformer(weights: Weights, input_ids: torch.Tensor, positions: torch.Tens
     return rms_norm(hidden, weights.final_norm, weights.norm_eps)
 
 
-def prefill(weights: Weights, cache: KVCache, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
-    """Run left-padded prompts [p, L] once, writing their keys/values into the cache's shared prefix.
-    Returns the float32 logits of each prompt's next token [p, V]."""
+def prefill(
+    weights: Weights, cache: KVCache, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, first: int = 0
+) -> torch.Tensor:
+    """Run left-padded prompts [p, L] once, writing their keys/values into the cache's shared prefix at
+    prompts first ... first + p - 1. Returns the float32 logits of each prompt's next token [p, V]."""
     num_prompts, prompt_len = prompt_ids.shape
+    prompts = slice(first, first + num_prompts)  # their places in the cache
     bias = torch.zeros(num_prompts, prompt_len, dtype=weights.dtype, device=weights.device)
     bias.masked_fill_(~prompt_mask, float("-inf"))  # what decode steps add to their scores against the prompt
-    cache.prefix_bias[: num_prompts * weights.num_kv_heads] = bias.repeat_interleave(weights.num_kv_heads, 0)[:, None]
+    num_kv = weights.num_kv_heads
+    cache.prefix_bias[first * num_kv : (first + num_prompts) * num_kv] = bias.repeat_interleave(num_kv, 0)[:, None]
     causal = torch.ones(prompt_len, prompt_len, dtype=torch.bool, device=weights.device).tril()
     # A real token attends to the real tokens up to itself; a pad attends to itself only, so no softmax
     # row is empty (no NaN) and no real token ever sees a pad.
@@ -330,8 +340,8 @@ def prefill(weights: Weights, cache: KVCache, prompt_ids: torch.Tensor, prompt_m
 
     def attend(layer_index, q, k, v):
         q, k, v = unpack(q), unpack(k), unpack(v)  # [p, H | Hkv | Hkv, L, D]
-        cache.prefix_k[layer_index, :num_prompts] = k.transpose(2, 3)  # zero keys/values at pads: masked,
-        cache.prefix_v[layer_index, :num_prompts] = v  # and never NaN
+        cache.prefix_k[layer_index, prompts] = k.transpose(2, 3)  # zero keys/values at pads: masked,
+        cache.prefix_v[layer_index, prompts] = v  # and never NaN
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, enable_gqa=weights.num_heads != weights.num_kv_heads
         )  # [p, H, L, D]

@@ -197,14 +197,21 @@ def test_every_prompt_prefilled_once(model, monkeypatch):
     prefilled = []
     real_prefill = rollout.prefill
 
-    def counting_prefill(weights, cache, prompt_ids, prompt_mask):
+    def counting_prefill(weights, cache, prompt_ids, prompt_mask, first):
         prefilled.append(prompt_ids.shape[0])
-        return real_prefill(weights, cache, prompt_ids, prompt_mask)
+        return real_prefill(weights, cache, prompt_ids, prompt_mask, first)
 
     monkeypatch.setattr(rollout, "prefill", counting_prefill)
     out = rollout.generate(model, PROMPTS, 40, 4, max_rows=16)  # 160 rows, 16 at a time
     assert sum(prefilled) == len(PROMPTS)
     assert out.tokens.shape[0] == 160
+    # Prefill forwards are bounded too: 8 padded tokens each here, one prompt at a time.
+    prefilled.clear()
+    monkeypatch.setattr(rollout, "PREFILL_TOKENS", 8)
+    bounded = rollout.generate(model, PROMPTS, 2, 6, temperature=0)
+    assert prefilled == [1, 1, 1, 1]
+    monkeypatch.undo()
+    assert torch.equal(bounded.tokens, rollout.generate(model, PROMPTS, 2, 6, temperature=0).tokens)
 
 
 @torch.no_grad()  # as inside generate: the forward writes activations in place
