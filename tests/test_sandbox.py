@@ -1,0 +1,272 @@
+"""The code sandbox: honest programs are judged right; hostile ones end within their limits, score 0, and
+leave the machine as it was.
+
+Hostile programs run only through the sandbox, and only once `sandbox.protections()` has proven, with
+harmless probes, the walls they would break through if the sandbox failed. Where a wall is missing (no
+namespaces in a container, not root), the test that needs it is skipped and says which wall, rather
+than run a fork bomb or kill(-1) unprotected.
+"""
+
+import os
+import socket
+import subprocess
+import time
+
+import pytest
+
+import rewards
+import sandbox
+
+LIMIT = 1.0  # seconds per test in the hostile examples below
+SLACK = 8.0  # starting the sandbox on a busy two-core machine, on top of the tests' own limits
+
+
+def require(*needed: str, any_of: tuple[str, ...] = ()) -> None:
+    """Skip, naming what is missing, unless every protection in `needed` (and one of `any_of`) is proven."""
+    proven = sandbox.protections()
+    missing = [name for name in needed if not proven[name]]
+    if any_of and not any(proven[name] for name in any_of):
+        missing.append(" or ".join(any_of))
+    if missing:
+        pytest.skip(f"not safe to run here: the sandbox cannot prove {', '.join(missing)} on this machine")
+
+
+def sum_example(**extra) -> dict:
+    """Read two integers, print their sum: three tests, each limited to LIMIT seconds."""
+    tests = [{"input": "1 2\n", "output": "3\n"}, {"input": "10 -4\n", "output": "6\n"}, {"input": "0 0\n", "output": "0\n"}]
+    return {"task": "code", "prompt": "...", "tests": tests, "time_limit": LIMIT, **extra}
+
+
+def python_block(program: str) -> str:
+    return f"Here is my solution.\n```python\n{program}\n```\n"
+
+
+def leftovers() -> list[int]:
+    """Live processes under this test process's throw-away uids (none may outlive a run).
+
+    SIGKILL is delivered asynchronously, so a dying process gets two seconds to go; zombies don't count.
+    """
+    first = sandbox.UID_BASE + (os.getpid() % 2**14) * 2**16
+    deadline = time.monotonic() + 2
+    while True:
+        alive = []
+        for entry in os.listdir("/proc"):
+            try:
+                if entry.isdigit() and first <= os.stat(f"/proc/{entry}").st_uid < first + 2**16:
+                    with open(f"/proc/{entry}/stat") as stat:
+                        if stat.read().rpartition(")")[2].split()[0] != "Z":
+                            alive.append(int(entry))
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.1)
+
+
+def score_hostile(program: str, example: dict | None = None) -> tuple[float, float]:
+    """(reward, seconds) of a hostile program, scored like any completion."""
+    start = time.monotonic()
+    reward = rewards.score(example or sum_example(), python_block(program))
+    return reward, time.monotonic() - start
+
+
+# ----------------------------------------------------------------------------- the probe, honest programs
+
+def test_protections_are_probed_and_the_basic_ones_hold_everywhere():
+    proven = sandbox.protections()
+    print("sandbox protections on this machine:", proven)
+    assert set(proven) == {"own_user", "own_session", "no_network", "cannot_signal_host", "own_pid_namespace",
+                           "process_limit", "memory_limit", "private_filesystem", "clean_environment"}
+    assert all(isinstance(value, bool) for value in proven.values())
+    # These come from rlimits, setsid and the environment we pass: no system can take them away.
+    assert proven["own_session"] and proven["memory_limit"] and proven["clean_environment"]
+
+
+def test_stdin_and_call_tests_run_and_report_what_happened():
+    results = sandbox.run_tests("a, b = map(int, input().split())\nprint(a + b)", [{"input": "1 2\n"}, {"input": "x y\n"}])
+    assert results == [{"status": "ok", "output": "3\n"}, {"status": "exit code 1", "output": ""}]
+    program = "def add(a, b):\n    print('adding', end='')\n    return a + b\n\nif __name__ == '__main__':\n    print('main')"
+    results = sandbox.run_tests(program, [{"call": "add(1, 2)"}, {"call": "add('a', 'b')"}, {"call": "add(1)"}])
+    # a call test runs the program as a module (no __main__ block) and prints repr(value) on a last line of its own
+    assert results[0] == {"status": "ok", "output": "adding\n3\n"}
+    assert results[1] == {"status": "ok", "output": "adding\n'ab'\n"}
+    assert results[2]["status"] == "exit code 1"
+    assert sandbox.run_tests("import sys\nsys.exit(3)", [{"input": ""}]) == [{"status": "exit code 3", "output": ""}]
+
+
+def test_each_test_gets_a_fresh_process_and_only_its_own_input():
+    program = "import sys\ncounter = globals().setdefault('seen', [])\ncounter.append(1)\nprint(len(counter), sys.stdin.read())"
+    results = sandbox.run_tests(program, [{"input": "first"}, {"input": "second"}])
+    assert [r["output"] for r in results] == ["1 first\n", "1 second\n"]
+
+
+def test_programs_see_a_clean_environment_and_a_private_scratch_directory(monkeypatch):
+    monkeypatch.setenv("PRORL_TEST_SECRET", "hunter2")
+    program = "import os\nopen('scratch.txt', 'w').write('x')\nprint(sorted(os.environ), os.path.exists('scratch.txt'))"
+    [result] = sandbox.run_tests(program, [{"input": ""}])
+    assert result == {"status": "ok", "output": "['HOME', 'LANG', 'PATH', 'TMPDIR'] True\n"}
+
+
+# ----------------------------------------------------------------------------- hostile programs
+
+def test_infinite_loop_is_stopped_at_the_time_limit():
+    reward, seconds = score_hostile("while True:\n    pass")
+    assert reward == 0.0
+    assert seconds < 3 * LIMIT + SLACK
+    assert sandbox.run_tests("while True:\n    pass", [{"input": ""}], time_limit=0.5)[0]["status"] == "timeout"
+    assert not leftovers()
+
+
+def test_every_test_runs_under_the_documented_limits():
+    program = ("import resource\nfor name in ['CPU', 'AS', 'NPROC', 'FSIZE', 'NOFILE', 'CORE']:\n"
+               "    print(name, *resource.getrlimit(getattr(resource, 'RLIMIT_' + name)))")
+    [result] = sandbox.run_tests(program, [{"input": ""}], time_limit=1.5)
+    megabytes = sandbox.MEMORY_MB * 2**20
+    assert result["output"].split("\n")[:-1] == [
+        "CPU 2 3",  # 1.5 s rounded up; SIGXCPU at the soft limit, SIGKILL a second later
+        f"AS {megabytes} {megabytes}", f"NPROC {sandbox.MAX_PROCESSES} {sandbox.MAX_PROCESSES}",
+        f"FSIZE {sandbox.OUTPUT_LIMIT} {sandbox.OUTPUT_LIMIT}",
+        f"NOFILE {sandbox.MAX_OPEN_FILES} {sandbox.MAX_OPEN_FILES}", "CORE 0 0"]
+
+
+def test_fork_bomb_is_contained():
+    require("process_limit", "cannot_signal_host")
+    program = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
+    reward, seconds = score_hostile(program)
+    assert reward == 0.0
+    assert seconds < 3 * LIMIT + SLACK
+    assert not leftovers()
+    assert subprocess.run(["true"], check=False).returncode == 0  # the host can still start processes
+
+
+def test_allocating_20_gb_fails_at_once():
+    require("memory_limit")
+    reward, seconds = score_hostile("block = bytearray(20 * 2**30)\nprint(len(block))")
+    assert reward == 0.0
+    assert seconds < 3 * LIMIT + SLACK
+    [result] = sandbox.run_tests("block = bytearray(20 * 2**30)", [{"input": ""}])
+    assert result["status"] == "exit code 1"  # MemoryError, not an out-of-memory killer on the host
+
+
+def test_printing_1_gb_is_cut_at_the_output_limit():
+    program = "import sys\nline = 'x' * 2**20\nfor _ in range(1024):\n    sys.stdout.write(line)"
+    reward, seconds = score_hostile(program)
+    assert reward == 0.0
+    assert seconds < 3 * LIMIT + SLACK
+    [result] = sandbox.run_tests(program, [{"input": ""}])
+    assert result["status"] == "exit code 1"  # the write past RLIMIT_FSIZE fails
+    assert len(result["output"]) == sandbox.OUTPUT_LIMIT
+
+
+def test_writing_outside_its_directory_changes_nothing_on_the_host(tmp_path):
+    require("private_filesystem")
+    targets = [str(tmp_path / "escaped.txt"), sandbox.__file__ + ".escaped", f"/tmp/prorl-escaped-{os.getpid()}"]
+    program = "\n".join(f"try:\n    open({t!r}, 'w').write('x')\nexcept OSError:\n    pass" for t in targets)
+    assert score_hostile(program)[0] == 0.0
+    assert sandbox.run_tests(program, [{"input": ""}])[0]["status"] == "ok"  # it did try every write
+    assert not any(os.path.exists(t) for t in targets)  # the world-writable /tmp included
+
+
+def test_reading_the_parents_environment_finds_nothing(monkeypatch):
+    require("clean_environment", any_of=("own_user", "own_pid_namespace"))
+    monkeypatch.setenv("PRORL_TEST_SECRET", "hunter2-" + str(os.getpid()))
+    program = ("import os\nprint(os.environ)\n"
+               "for pid in os.listdir('/proc'):\n"
+               "    try:\n        print(open(f'/proc/{pid}/environ').read())\n    except OSError:\n        pass\n"
+               f"for pid in (os.getppid(), 1, {os.getpid()}):\n"
+               "    try:\n        print(open(f'/proc/{pid}/environ').read())\n    except OSError:\n        pass")
+    reward, _ = score_hostile(program)
+    assert reward == 0.0
+    [result] = sandbox.run_tests(program, [{"input": ""}])
+    assert result["status"] == "ok"
+    assert "hunter2" not in result["output"]
+
+
+def test_killing_its_parent_and_this_process_fails():
+    require("cannot_signal_host")
+    program = (f"import os\nfor pid in (os.getppid(), 1, {os.getpid()}, {os.getppid()}):\n"
+               "    try:\n        os.kill(pid, 9)\n    except OSError:\n        pass")
+    reward, seconds = score_hostile(program)
+    assert reward == 0.0  # and this test is still running
+    assert seconds < 3 * LIMIT + SLACK
+    assert not leftovers()
+
+
+def test_kill_all_reaches_nothing_outside():
+    require("cannot_signal_host", any_of=("own_user", "own_pid_namespace"))
+    reward, seconds = score_hostile("import os\nos.kill(-1, 9)")
+    assert reward == 0.0  # and this test, like everything else on the machine, is still running
+    assert seconds < 3 * LIMIT + SLACK
+
+
+def test_segfault_is_just_a_failed_test():
+    reward, _ = score_hostile("import ctypes\nctypes.string_at(0)")
+    assert reward == 0.0
+    assert sandbox.run_tests("import ctypes\nctypes.string_at(0)", [{"input": ""}])[0]["status"] == "killed by SIGSEGV"
+
+
+def test_exiting_before_the_tests_run_passes_nothing():
+    # Harnesses that append asserts to the program and trust exit code 0 are fooled by this; ours compares output.
+    call_example = {"task": "code", "prompt": "...", "entry_point": "add", "time_limit": LIMIT,
+                    "tests": [{"call": "add(1, 2)", "output": "3"}, {"call": "add(2, 2)", "output": "4"}]}
+    assert rewards.score(call_example, python_block("import sys\nsys.exit(0)\ndef add(a, b):\n    return a + b")) == 0.0
+    assert rewards.score(call_example, python_block("import os\nos._exit(0)\ndef add(a, b):\n    return a + b")) == 0.0
+    assert rewards.score(sum_example(), python_block("import sys\nsys.exit(0)")) == 0.0
+    assert rewards.score(call_example, python_block("def add(a, b):\n    return a + b")) == 1.0  # the honest version
+
+
+def test_a_child_that_outlives_its_parent_is_killed_and_its_late_answer_ignored():
+    require(any_of=("own_pid_namespace", "own_user"))
+    # The parent exits at once; a detached child would print the right answer long after the limit.
+    program = ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(5)\n"
+               "    a, b = map(int, input().split())\n    print(a + b, flush=True)")
+    reward, seconds = score_hostile(program)
+    assert reward == 0.0
+    assert seconds < 3 * LIMIT + SLACK
+    assert not leftovers()
+
+
+def test_no_network():
+    require("no_network")
+    with socket.socket() as listener:  # our own loopback listener: the only address a test may ever try
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(0)
+        program = (f"import socket\ntry:\n    socket.create_connection(('127.0.0.1', {listener.getsockname()[1]}), timeout=1)\n"
+                   "    print('connected')\nexcept OSError as error:\n    print('refused', error)")
+        [result] = sandbox.run_tests(program, [{"input": ""}])
+        assert result["status"] == "ok" and result["output"].startswith("refused")
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nobody knocked
+
+
+# ----------------------------------------------------------------------------- the fallback without namespaces
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the no-namespace fallback isolates by uid, which needs root")
+def test_fallback_without_namespaces_still_isolates_by_uid(monkeypatch):
+    with pytest.warns(UserWarning, match="namespaces are unavailable"):
+        plain = sandbox._system(allow_jail=False)
+    assert "unshare" not in plain["command"]
+    monkeypatch.setattr(sandbox, "_system", lambda: plain)
+    honest = python_block("a, b = map(int, input().split())\nprint(a + b)")
+    assert rewards.score(sum_example(), honest) == 1.0
+    # Here the driver is not PID 1, so a program can kill it; the run then fails as a whole and its
+    # leftovers are found by uid. The host test process stays out of reach (another uid).
+    program = (f"import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(30)\n"
+               f"os.kill({os.getpid()}, 0)\n")  # raises PermissionError: a different user
+    assert score_hostile(program)[0] == 0.0
+    assert score_hostile("import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(30)\n"
+                         "os.kill(os.getppid(), 9)")[0] == 0.0
+    assert not leftovers()
+    results = sandbox.run_tests("import os\nprint(os.getuid())", [{"input": ""}])
+    assert int(results[0]["output"]) >= sandbox.UID_BASE
+
+
+def test_status_names_come_from_signal_numbers():
+    raw = b"exit 0 2\nhisignal 11 0\ntimeout 0 0\nexit 2 0\n"
+    assert sandbox._parse_results(raw, 4) == [
+        {"status": "ok", "output": "hi"}, {"status": "killed by SIGSEGV", "output": ""},
+        {"status": "timeout", "output": ""}, {"status": "exit code 2", "output": ""}]
+    assert sandbox._parse_results(raw, 5) is None          # a result missing
+    assert sandbox._parse_results(raw + b"x", 4) is None   # bytes left over
+    assert sandbox._parse_results(b"exit 0 9\nhi", 1) is None  # output shorter than announced
