@@ -1,10 +1,33 @@
-"""Verifiers: rewards.score(example, completion) -> float in [0, 1], and the scheduled length penalty.
+r"""Verifiers: rewards.score(example, completion) -> float in [0, 1], and the scheduled length penalty.
 
-A verifier never raises on model output: anything malformed scores 0.
+A verifier never raises on model output: anything malformed scores 0. One per task (ProRL's five domains
+plus the built-in toy tasks):
+
+  task     reward                                         how
+  math     1 if the final answer equals "answer"          math-verify: \boxed{} first, else the last answer-like
+                                                          expression; equal as numbers/sets/expressions
+  code     fraction of "tests" passed (ProRL)             the last ```python block, run in sandbox.py
+  logic    the dataset's own score, continuous            reasoning-gym's scorer on the last <answer>...</answer>
+  mcq      1 if the chosen letter is "answer"             "answer is (C)", "Answer: C", \boxed{C}, or just "C"
+  ifeval   fraction of "constraints" satisfied            IFEVAL_CHECKS below, after IFEval (Zhou et al., 2023)
+
+Reasoning before a closing </think> is never read as the answer, nor (for math, logic, mcq) anything
+inside a fenced code block: code is not an answer.
 """
 
 import ast
+import functools
+import inspect
+import json
 import math
+import os
+import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import sandbox
+
+MATH_TIME_LIMIT = 5  # seconds math-verify may spend parsing or comparing one answer (\boxed{9^{9^{9^9}}} ...)
 
 
 def score(example: dict, completion: str) -> float:
@@ -14,8 +37,230 @@ def score(example: dict, completion: str) -> float:
         raise ValueError(f"no verifier for task '{example.get('task')}'; known: {', '.join(VERIFIERS)}")
     try:
         return float(verifier(example, completion))
-    except Exception:  # a verifier that crashes on odd model output must not end a long run
+    except Exception:  # noqa: BLE001  (a verifier that crashes on odd model output must not end a long run)
         return 0.0
+
+
+def score_batch(examples: list[dict], completions: list[str], workers: int | None = None) -> list[float]:
+    """score() for many completions at once: code in up to `workers` sandboxes side by side (default: one
+    per core), everything else meanwhile in this thread (math-verify's time limits need the main thread).
+    """
+    if len(examples) != len(completions):
+        raise ValueError(f"score_batch got {len(examples)} examples but {len(completions)} completions")
+    rewards = [0.0] * len(completions)
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        code = {i: pool.submit(score, example, completion)
+                for i, (example, completion) in enumerate(zip(examples, completions)) if example.get("task") == "code"}
+        for i, (example, completion) in enumerate(zip(examples, completions)):
+            if i not in code:
+                rewards[i] = score(example, completion)
+        for i, future in code.items():
+            rewards[i] = future.result()
+    return rewards
+
+
+def final_text(completion: str) -> str:
+    """What a math/logic/mcq answer is read from: the text after the last </think>, code blocks removed."""
+    return FENCED_BLOCK.sub(" ", after_thinking(completion))
+
+
+def after_thinking(completion: str) -> str:
+    return completion.rpartition("</think>")[2]
+
+
+FENCED_BLOCK = re.compile(r"```.*?(?:```|\Z)", re.DOTALL)  # an unclosed fence runs to the end
+
+
+# ----------------------------------------------------------------------------- math
+
+def score_math(example: dict, completion: str) -> float:
+    r"""1 if math-verify finds the completion's final answer equal to example["answer"], else 0.
+
+    math-verify's parse() looks for \boxed{} first and falls back to the last LaTeX or plain expression
+    ("... so the answer is 7.78."); verify() compares numbers, fractions, sets, intervals and symbolic
+    expressions (so \boxed{1/2}, \boxed{0.5} and \frac{1}{2} all match "1/2"). Two different boxed
+    answers parse as the set of both and match neither: hedging scores 0.
+    """
+    from math_verify import parse, verify  # imported here: sympy takes a second to load
+
+    # math-verify enforces its time limits with SIGALRM, which only the main thread may set.
+    seconds = MATH_TIME_LIMIT if threading.current_thread() is threading.main_thread() else None
+    predicted = parse(final_text(completion), parsing_timeout=seconds)
+    gold = parse_gold_answer(example["answer"], seconds)
+    return float(bool(predicted) and verify(gold, predicted, timeout_seconds=seconds))
+
+
+@functools.lru_cache(maxsize=4096)  # the N completions of a prompt share its answer
+def parse_gold_answer(answer: str, seconds: int | None) -> list:
+    r"""A dataset's answer ("\frac{1}{2}", "1/2", "$x^2+1$") as math-verify objects; bare LaTeX gets $...$."""
+    from math_verify import parse
+
+    return parse(answer if "$" in answer or "\\boxed" in answer else f"${answer}$", parsing_timeout=seconds)
+
+
+# ----------------------------------------------------------------------------- code
+
+PYTHON_BLOCK = re.compile(r"```(?:python3?|py)[ \t]*\n(.*?)```", re.DOTALL)
+
+
+def extract_program(completion: str) -> str | None:
+    """The last ```python fenced block (```py and ```python3 too), or None."""
+    blocks = PYTHON_BLOCK.findall(after_thinking(completion))
+    return blocks[-1] if blocks else None
+
+
+def score_code(example: dict, completion: str) -> float:
+    """Fraction of example["tests"] the program passes (ProRL's continuous code reward).
+
+    A test passes when the program exits cleanly within its limits and prints the expected output:
+    stdin tests {"input", "output"} compare stdout line by line, trailing whitespace ignored; call tests
+    {"call", "output"} compare the call's value with the Python literal "output". A test that errors,
+    times out or is killed fails; no program, or a sandbox that fails as a whole, scores 0.
+    """
+    program = extract_program(completion)
+    if program is None:
+        return 0.0
+    tests = example["tests"]
+    results = sandbox.run_tests(program, [{"call": t["call"]} if "call" in t else {"input": t["input"]} for t in tests],
+                                time_limit=example.get("time_limit", sandbox.DEFAULT_TIME_LIMIT))
+    if results is None:
+        return 0.0
+    return sum(r["status"] == "ok" and output_matches(r["output"], t) for r, t in zip(results, tests)) / len(tests)
+
+
+def output_matches(output: str, test: dict) -> bool:
+    if "call" in test:  # the sandbox prints repr(value) on the last line, after anything the program printed
+        lines = output.rstrip("\n").split("\n")
+        return same_value(lines[-1], test["output"])
+    return _lines(output) == _lines(test["output"])
+
+
+def _lines(text: str) -> list[str]:
+    return [line.rstrip() for line in text.rstrip().split("\n")]
+
+
+def same_value(printed: str, expected: str) -> bool:
+    """Equal as Python literals ("[1, 2]" == "[1,2]", "3" != "'3'"); as stripped text if either is not one."""
+    try:
+        return ast.literal_eval(printed.strip()) == ast.literal_eval(expected.strip())
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return printed.strip() == expected.strip()
+
+
+# ----------------------------------------------------------------------------- logic (reasoning-gym)
+
+ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def score_logic(example: dict, completion: str) -> float:
+    """reasoning-gym's own score for the last <answer>...</answer>, clipped to [0, 1]; no tag scores 0."""
+    answers = ANSWER_TAG.findall(final_text(completion))
+    if not answers:
+        return 0.0
+    scorer = reasoning_gym_scorer(example["dataset"])
+    return min(1.0, max(0.0, float(scorer(answers[-1].strip(), example["entry"]))))
+
+
+@functools.cache
+def reasoning_gym_scorer(dataset: str):
+    """The dataset's score_answer(answer, entry); built once per dataset (some load word lists)."""
+    import reasoning_gym  # imported here: it takes seconds to load
+
+    return reasoning_gym.get_score_answer_fn(dataset)
+
+
+# ----------------------------------------------------------------------------- multiple choice (STEM)
+
+_LETTER = r"\(?\s*([A-J])\s*\)?(?![A-Za-z0-9])"  # C, (C), ( C ): a letter that is not the start of a word
+MCQ_STATED = re.compile(r"(?:\\boxed\{\s*(?:\\text\{\s*)?|(?i:answer|correct option|correct choice)(?:\s+(?i:is))?\s*[:=]?\s*)"
+                        + _LETTER)
+MCQ_ALONE = re.compile(r"^\s*\(?\s*([A-J])\s*(?:[).:]?\s*$|[).:]\s)")  # just the letter: "C", "(C)", "C) Paris"
+MCQ_HEDGE = re.compile(r"\s*(?:,|/|&|\bor\b|\band\b)\s*\(?\s*[A-J](?![A-Za-z0-9])")
+
+
+def choose_letter(completion: str) -> str | None:
+    """The option letter a completion commits to, or None (no answer, or a hedge like "A or B")."""
+    text = final_text(completion).replace("*", "")  # **Answer:** C, **C**
+    stated = list(MCQ_STATED.finditer(text)) or list(MCQ_ALONE.finditer(text))
+    if not stated or MCQ_HEDGE.match(text, stated[-1].end()):
+        return None
+    return stated[-1].group(1)
+
+
+def score_mcq(example: dict, completion: str) -> float:
+    return float(choose_letter(completion) == example["answer"].strip().upper())
+
+
+# ----------------------------------------------------------------------------- instruction following (IFEval)
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text)  # IFEval counts words with nltk's RegexpTokenizer(r"\w+")
+
+
+def _sentences(text: str) -> list[str]:
+    return [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]  # IFEval uses nltk punkt; close enough here
+
+
+def _is_json(text: str) -> bool:
+    text = re.sub(r"^```(?:json)?\s*|\s*```$", "", text.strip(), flags=re.IGNORECASE)  # IFEval strips the fences too
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _count_word(text: str, word: str) -> int:
+    return len(re.findall(rf"\b{re.escape(word)}\b", text, re.IGNORECASE))
+
+
+# kind -> check(response, **params); the IFEval instruction id each follows is beside it.
+IFEVAL_CHECKS = {
+    "max_words": lambda r, n: len(_words(r)) <= n,                           # length_constraints:number_words
+    "min_words": lambda r, n: len(_words(r)) >= n,                           #   (at most / at least)
+    "max_sentences": lambda r, n: len(_sentences(r)) <= n,                   # length_constraints:number_sentences
+    "min_sentences": lambda r, n: len(_sentences(r)) >= n,
+    "paragraphs": lambda r, n: len([p for p in re.split(r"\s*\*\*\*\s*", r.strip()) if p]) == n,
+                                                                             # length_constraints:number_paragraphs
+    "include_keywords": lambda r, keywords: all(_count_word(r, k) for k in keywords),  # keywords:existence
+    "forbidden_words": lambda r, words: not any(_count_word(r, w) for w in words),   # keywords:forbidden_words
+    "keyword_frequency": lambda r, keyword, n: _count_word(r, keyword) >= n,          # keywords:frequency
+    "json_format": lambda r: _is_json(r),                                    # detectable_format:json_format
+    "lowercase": lambda r: r == r.lower(),                                   # change_case:english_lowercase
+    "uppercase": lambda r: r == r.upper(),                                   # change_case:english_capital
+    "no_comma": lambda r: "," not in r,                                      # punctuation:no_comma
+    "ends_with": lambda r, phrase: r.strip().endswith(phrase),               # startend:end_checker
+    "quotation": lambda r: len(r.strip()) > 1 and r.strip()[0] == r.strip()[-1] == '"',  # startend:quotation
+    "title": lambda r: re.search(r"<<[^\n]+>>", r) is not None,               # detectable_format:title
+    "bullet_points": lambda r, n: len(re.findall(r"^\s*[*-]\s", r, re.MULTILINE)) == n,
+                                                                             # detectable_format:number_bullet_lists
+    "highlighted_sections": lambda r, n: len(re.findall(r"\*[^\n*]+\*", r)) >= n,
+                                                                   # detectable_format:number_highlighted_sections
+    "placeholders": lambda r, n: len(re.findall(r"\[[^\]]+\]", r)) >= n,     # detectable_content:number_placeholders
+    "postscript": lambda r, marker="P.S.": re.search(rf"^\s*{re.escape(marker)}", r, re.MULTILINE) is not None,
+                                                                             # detectable_content:postscript
+}
+
+
+def score_ifeval(example: dict, completion: str) -> float:
+    """Fraction of example["constraints"] ({"kind": ..., params}) the response satisfies; empty scores 0."""
+    response = after_thinking(completion)
+    if not response.strip():
+        return 0.0  # an empty response follows no instruction (it would pass "no_comma", "max_words", ...)
+    constraints = example["constraints"]
+    satisfied = [IFEVAL_CHECKS[c["kind"]](response, **{k: v for k, v in c.items() if k != "kind"}) for c in constraints]
+    return sum(map(bool, satisfied)) / len(constraints)
+
+
+def check_constraint(constraint: dict) -> None:
+    """Raise ValueError unless `constraint` names a known kind with the parameters that kind takes."""
+    kind = constraint.get("kind") if isinstance(constraint, dict) else None
+    if kind not in IFEVAL_CHECKS:
+        raise ValueError(f"unknown constraint kind {kind!r}; known: {', '.join(IFEVAL_CHECKS)}")
+    try:
+        inspect.signature(IFEVAL_CHECKS[kind]).bind("", **{k: v for k, v in constraint.items() if k != "kind"})
+    except TypeError as error:
+        raise ValueError(f"constraint {kind!r}: {error}") from None
 
 
 # ----------------------------------------------------------------------------- built-in tasks
@@ -55,7 +300,8 @@ def evaluate_arithmetic(expression: str) -> int:
     return walk(ast.parse(expression, mode="eval"))
 
 
-VERIFIERS = {"add": score_exact, "sort": score_exact, "countdown": score_countdown}
+VERIFIERS = {"math": score_math, "code": score_code, "logic": score_logic, "mcq": score_mcq, "ifeval": score_ifeval,
+             "add": score_exact, "sort": score_exact, "countdown": score_countdown}
 
 
 # ----------------------------------------------------------------------------- length penalty
@@ -75,6 +321,7 @@ def length_penalty_coef(step: int, eta_min: float, eta_max: float, period: int, 
     return eta_min + 0.5 * (eta_max - eta_min) * (1 + math.cos(math.pi * t / period))
 
 
-def apply_length_penalty(rewards: list[float], lengths: list[int], max_len: int, eta: float) -> list[float]:
-    """r − η · len/max_len: shorter answers are preferred by up to η per response (ProRL v2)."""
-    return [r - eta * n / max_len for r, n in zip(rewards, lengths)]
+def apply_length_penalty(rewards, lengths, max_len: int, eta: float):
+    """r − η · len/max_len (elementwise; tensors or floats): shorter answers are preferred by up to η per
+    response (ProRL v2)."""
+    return rewards - eta * lengths / max_len
