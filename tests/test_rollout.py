@@ -119,6 +119,19 @@ def test_llama_with_every_bias(tmp_path_factory):
     assert rollout.generate(model, PROMPTS, 1, 8, temperature=0).tokens.tolist() == expected.tolist()
 
 
+def test_llama3_rope_scaling(tmp_path_factory):
+    """RoPE frequencies come from the model's rotary module, so Llama 3's rope scaling is honoured."""
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    config = LlamaConfig(vocab_size=48, num_attention_heads=4, num_key_value_heads=2, rope_parameters=rope, **SMALL)
+    model = build(tmp_path_factory, config)
+    ids, mask = left_pad(PROMPTS)
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=8,
+                                  eos_token_id=None, pad_token_id=0)
+    assert rollout.generate(model, PROMPTS, 1, 8, temperature=0).tokens.tolist() == expected.tolist()
+
+
 def test_greedy_rows_equal_across_samples_and_chunks(model, monkeypatch):
     """n rows of one prompt are identical under greedy decoding, however the rows are chunked."""
     reference = rollout.generate(model, PROMPTS, 1, 10, temperature=0)
