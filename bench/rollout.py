@@ -5,7 +5,8 @@
 Prints, for the same model, batch and lengths: tokens/s of our sampler and of `model.generate` with
 sampling, their ratio, and the time to the first sampled token (prefill) for N=1 vs N=64 rows sharing a
 prompt. Batch 64 is run twice: 64 distinct prompts, and 4 prompts x 16 samples (what train.py asks for:
-N samples per prompt; `model.generate` gets num_return_sequences=16). On CUDA it also prints the decode
+N samples per prompt; `model.generate` gets num_return_sequences=16); then train.py's tiny preset,
+64 prompts x 16. On CUDA it also prints the decode
 step time and the fraction of the HBM-bandwidth roofline it reaches. Weights are random (no download):
 speed does not depend on their values. The two samplers are timed alternately and the best of several
 runs is kept, so a busy machine slows both alike.
@@ -121,6 +122,7 @@ def main() -> None:
     prompts = random_prompts(64, 15, 30, model.config.vocab_size)
     compare(model, prompts, 1, 24, repeats=5)
     compare(model, prompts[:4], 16, 24, repeats=5)
+    compare(model, prompts, 16, 24, repeats=3)  # train.py's tiny preset: 64 prompts x 16 samples
     prefill_sharing(model, prompts[0], repeats=10)
     if torch.cuda.is_available():
         gpu()
@@ -144,27 +146,35 @@ def gpu() -> None:
     print(f"  256 new tokens, batch {batch}: {batch} distinct prompts {batch * 256 / distinct:.0f} tokens/s, "
           f"1 prompt x N={batch} {batch * 256 / shared:.0f} tokens/s")
 
-    # Decode step time: a full run minus a one-token run (prefill + first sample), per remaining step.
-    full, first = best_times([
-        lambda: rollout.generate(model, prompts, 1, max_new_tokens),
-        lambda: rollout.generate(model, prompts, 1, 1),
-    ], 1, model.device)
-    step_s = (full - first) / (max_new_tokens - 1)
-    # Roofline: a step must read every weight once (the tied embedding once, as lm_head) and each row's
-    # KV cache so far (the mean context over the run).
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    config = model.config
-    head_dim = config.hidden_size // config.num_attention_heads
-    kv_bytes_per_token = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * 2
-    step_bytes = weight_bytes + batch * (prompt_len + max_new_tokens / 2) * kv_bytes_per_token
-    print(f"  decode step         {step_s * 1e3:10.2f} ms for {batch} rows ({batch / step_s:.0f} tokens/s)")
-    print(f"  bytes per step      {step_bytes / 1e9:10.2f} GB (weights {weight_bytes / 1e9:.2f} + mean KV cache)")
-    peak = next((bw for key, bw in PEAK_BANDWIDTH.items() if all(word in name for word in key.split())), None)
-    if peak:
-        print(f"  roofline fraction   {step_bytes / step_s / peak:10.2f} of {peak / 1e12:.2f} TB/s")
-    else:
-        print(f"  achieved bandwidth  {step_bytes / step_s / 1e12:10.2f} TB/s (peak of {name!r} unknown)")
+    decode_roofline(model, prompts, max_new_tokens, name)
 
+
+@torch.no_grad()
+def decode_roofline(model, prompts: list[list[int]], max_new_tokens: int, name: str) -> None:
+    """Time one decode step (a CUDA-graph replay) halfway through the generation and compare the bytes it
+    must read, every weight once plus each row's KV cache so far, with the GPU's HBM bandwidth."""
+    batch, prompt_len = len(prompts), len(prompts[0])
+    weights = rollout.Weights(model, prompt_len + max_new_tokens)
+    cache = rollout.KVCache(weights, batch, prompt_len, batch, max_new_tokens)
+    decode = rollout.make_decoder(weights, cache)
+    prompt_ids = torch.tensor(prompts, device=model.device)
+    logits = rollout.prefill(weights, cache, prompt_ids, torch.ones_like(prompt_ids, dtype=torch.bool))
+    slot = max_new_tokens // 2  # halfway: the mean context of the run
+    token = logits.argmax(-1)
+    position = torch.full((batch,), prompt_len + slot, device=model.device)
+    (step_s,) = best_times([lambda: decode(token, position, slot, batch, 1)], 20, model.device)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied embedding counted once
+    kv_bytes = batch * (prompt_len + slot + 1) * weights.kv_bytes_per_token
+    print(f"  decode step at {prompt_len + slot + 1} tokens of context, batch {batch}: {step_s * 1e3:.2f} ms "
+          f"({batch / step_s:.0f} tokens/s)")
+    print(f"  bytes it must read  {(weight_bytes + kv_bytes) / 1e9:10.2f} GB (weights {weight_bytes / 1e9:.2f}, "
+          f"KV cache {kv_bytes / 1e9:.2f})")
+    peak = next((bw for key, bw in PEAK_BANDWIDTH.items() if all(word in name for word in key.split())), None)
+    achieved = (weight_bytes + kv_bytes) / step_s
+    if peak:
+        print(f"  roofline fraction   {achieved / peak:10.2f} ({achieved / 1e12:.2f} of {peak / 1e12:.2f} TB/s)")
+    else:
+        print(f"  achieved bandwidth  {achieved / 1e12:10.2f} TB/s (peak of {name!r} unknown)")
 
 if __name__ == "__main__":
     main()
