@@ -1,0 +1,72 @@
+"""Benchmark the verifiers: completions scored per second, for code (10 tests each) and for math.
+
+    python bench/rewards.py            # about a minute on two cores
+
+Code: the 12 problems of data/code.jsonl (10 tests each), 8 completions per problem: their reference
+solution 6 times, a program that fails every test, one that crashes at once. Each completion gets its
+own sandbox; rewards.score_batch runs one per core side by side, and once with a single worker for
+comparison. (A program that times out costs its time limit per test on top, in waiting, not CPU.) Math: data/math.jsonl's 24 problems, 20
+completions each (boxed, plain, equivalent and wrong answers), scored by math-verify in the calling thread.
+Prints the machine's core count and load: on a shared machine other work slows every figure alike.
+"""
+
+import os
+import sys
+import time
+
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, not bench/
+
+import rewards
+import sandbox
+import tasks
+
+
+def code_batch() -> tuple[list[dict], list[str]]:
+    examples, completions = [], []
+    for example in tasks.load_source("code"):
+        wrong = "```python\nprint('no')\n```"
+        crash = "```python\nraise SystemExit(input())\n```"
+        for completion in [example["solution"]] * 6 + [wrong, crash]:
+            examples.append(example)
+            completions.append(completion)
+    return examples, completions
+
+
+def math_batch() -> tuple[list[dict], list[str]]:
+    examples, completions = [], []
+    for example in tasks.load_source("math"):
+        answer = example["answer"]
+        forms = [f"The answer is $\\boxed{{{answer}}}$.", f"Therefore the answer is ${answer}$.",
+                 f"Lots of reasoning first. {'So on and so forth. ' * 40}Final answer: \\boxed{{{answer}}}",
+                 "\\boxed{12345}", "I am not sure."]
+        for completion in forms * 4:
+            examples.append(example)
+            completions.append(completion)
+    return examples, completions
+
+
+def throughput(examples: list[dict], completions: list[str], workers: int) -> tuple[float, list[float]]:
+    start = time.perf_counter()
+    scores = rewards.score_batch(examples, completions, workers=workers)
+    return len(completions) / (time.perf_counter() - start), scores
+
+
+def main() -> None:
+    cores = os.cpu_count()
+    print(f"machine: {cores} cores, load average {os.getloadavg()[0]:.1f}; sandbox protections: "
+          f"{', '.join(name for name, on in sandbox.protections().items() if on)}")
+    examples, completions = code_batch()
+    rewards.score_batch(examples[:cores], completions[:cores])  # warm up: the sandbox's mode is worked out once
+    per_second, scores = throughput(examples, completions, workers=cores)
+    one_worker, _ = throughput(examples, completions, workers=1)
+    print(f"code: {per_second:6.1f} completions/s with {cores} workers, {one_worker:6.1f} with 1 "
+          f"({len(completions)} completions x 10 tests; mean reward {sum(scores) / len(scores):.2f})")
+    examples, completions = math_batch()
+    rewards.score_batch(examples[:5], completions[:5])  # warm up: imports math-verify and sympy
+    per_second, scores = throughput(examples, completions, workers=cores)
+    print(f"math: {per_second:6.1f} completions/s ({len(completions)} completions; mean reward "
+          f"{sum(scores) / len(scores):.2f})")
+
+
+if __name__ == "__main__":
+    main()
