@@ -13,7 +13,7 @@ Protections, and where each comes from:
             its own PID namespace: sees and can signal only its own processes; when the driver
             (PID 1 there) ends, the kernel kills everything left inside
             its own mount namespace and root: read-only /usr (and the interpreter's install), a
-            private size-capped /tmp as working directory, /dev/null, /dev/urandom, its own /proc;
+            private size-capped /tmp as working directory, /dev/{null,zero,urandom}, its own /proc;
             no host file (your data, its expected outputs) is visible, nothing outside is writable
             a throw-away uid of its own, no groups, no capabilities, no_new_privs: it can touch
             nothing of yours, and RLIMIT_NPROC, which counts per uid, holds each run to its own
