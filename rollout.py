@@ -281,7 +281,8 @@ class KVCache:
 
 def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """HF's RMSNorm, x / sqrt(mean(x²) + eps) · weight: normalised in float32, cast back, then scaled."""
-    return F.rms_norm(hidden.float(), hidden.shape[-1:], eps=eps).to(hidden.dtype).mul_(weight)
+    hidden32 = hidden.float()
+    return (hidden32 * torch.rsqrt(hidden32.pow(2).mean(-1, keepdim=True) + eps)).to(hidden.dtype).mul_(weight)
 
 
 def apply_rope_(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
