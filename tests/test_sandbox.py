@@ -82,6 +82,19 @@ def test_protections_are_probed_and_the_basic_ones_hold_everywhere():
     assert proven["own_session"] and proven["memory_limit"] and proven["clean_environment"]
 
 
+def test_the_sandbox_uses_every_wall_this_machine_allows():
+    # Checked independently of the sandbox, so that a regression fails here instead of turning into skips.
+    flags = ["--mount", "--net", "--pid", "--ipc", "--uts", "--fork"] + ([] if os.geteuid() == 0 else ["--user", "--map-root-user"])
+    namespaces = subprocess.run(["unshare", *flags, "true"], check=False, capture_output=True).returncode == 0
+    proven = sandbox.protections()
+    if namespaces:
+        for wall in ["no_network", "own_pid_namespace", "private_filesystem", "cannot_signal_host", "process_limit"]:
+            assert proven[wall], wall
+    if os.geteuid() == 0:
+        for wall in ["own_user", "cannot_signal_host", "process_limit"]:
+            assert proven[wall], wall
+
+
 def test_stdin_and_call_tests_run_and_report_what_happened():
     results = sandbox.run_tests("a, b = map(int, input().split())\nprint(a + b)", [{"input": "1 2\n"}, {"input": "x y\n"}])
     assert results == [{"status": "ok", "output": "3\n"}, {"status": "exit code 1", "output": ""}]
