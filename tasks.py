@@ -25,6 +25,7 @@ JSONL schema: one example per line, a JSON object with "task" and "prompt", and 
   mcq     "answer": the right option's letter, A to J
   ifeval  "constraints": [{"kind": "max_words", "n": 50}, ...], kinds as in rewards.IFEVAL_CHECKS
   add, sort, countdown: as the built-in generators make them
+Any example may carry "solution", one completion that scores 1 (every shipped one is tested to).
 A line that breaks the schema is an error naming the file and the line.
 """
 
