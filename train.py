@@ -75,6 +75,8 @@ class Config:
     eval_problems: int = option(500, "held-out problems per family for the final base-vs-trained report")
     eval_samples: int = option(4, "samples per problem for pass@1")
     eval_temperature: float = option(1.0, "sampling temperature of evaluation")
+    boundary_problems: int = option(50, "held-out problems per family for the final pass@k boundary (0: skip)")
+    boundary_n: int = option(256, "samples per problem for the boundary report, at ProRL's T=0.6, top-p 0.95")
     device: str = option("auto", "cpu, cuda, or auto")
     preset: str = option("tiny", "tiny, prorl, prorl-v2 or brorl: the papers' hyperparameters, then your flags")
 
@@ -124,6 +126,7 @@ def validate(c: Config) -> None:
               (c.level in (1, 2, 3), "--level must be 1, 2 or 3"), (c.kl_coef >= 0, "--kl-coef must be ≥ 0"),
               (c.eval_samples >= 1 and c.eval_every >= 0, "--eval-samples must be ≥ 1, --eval-every ≥ 0"),
               (c.eval_problems >= 1 and c.val_problems >= 1, "--eval-problems and --val-problems must be ≥ 1"),
+              (c.boundary_problems >= 0 and c.boundary_n >= 1, "--boundary-problems must be ≥ 0, --boundary-n ≥ 1"),
               (c.max_sampling_rounds >= 1, "--max-sampling-rounds must be ≥ 1"),
               (c.micro_batch_rows >= 1, "--micro-batch-rows must be ≥ 1"),
               (c.length_period >= 1 and c.length_off_steps >= 0, "--length-period must be ≥ 1, --length-off-steps ≥ 0"),
@@ -215,7 +218,13 @@ def main(argv: list[str]) -> None:
                                      c.eval_temperature, seed=12345)
         return {family: r[1] for family, r in report.items()}
 
-    base = held_out_pass1(test_set)
+    boundary_set = [ex for f in families for ex in tasks.heldout(f, c.boundary_problems, c.level)]
+
+    def boundary_counts(name: str) -> list[int]:
+        return evaluation.correct_counts(policy.eval(), tokenizer, boundary_set, c.boundary_n, c.max_new_tokens,
+                                         seed=12345, progress=f"{name} pass@k") if boundary_set else []
+
+    base, base_counts = held_out_pass1(test_set), boundary_counts("base")
     metrics_file = (run_dir / "metrics.jsonl").open("w")
     progress = tqdm(range(1, c.steps + 1), desc="RL", dynamic_ncols=True, file=sys.stdout)
     for step in progress:
@@ -256,6 +265,11 @@ def main(argv: list[str]) -> None:
     lines = ["| task | base pass@1 | trained pass@1 | gain |", "|---|---|---|---|"]
     lines += [f"| {f} | {base[f]:.3f} | {trained[f]:.3f} | {trained[f] - base[f]:+.3f} |" for f in base]
     (run_dir / "result.md").write_text("\n".join(lines) + "\n")
+    (run_dir / "result.json").write_text(json.dumps({"base": base, "trained": trained}))
+    if boundary_set:
+        evaluation.write_boundary(run_dir, {"base": base_counts, "trained": boundary_counts("trained")}, boundary_set,
+                                  c.boundary_n, settings={"base": model_dir, "trained": str(run_dir / "final")})
+    evaluation.plot_training(run_dir)
     print(f"held-out pass@1 ({c.eval_problems} problems per task, {c.eval_samples} samples each, "
           f"T={c.eval_temperature}):\n" + "\n".join(lines))
 

@@ -43,13 +43,9 @@ def variants(steps: int, samples_per_step: int) -> list[tuple[str, str, list[str
 
 
 def read_result(run_dir: Path) -> dict[str, tuple[float, float]]:
-    """{family: (base pass@1, trained pass@1)} from the table train.py writes to result.md."""
-    result = {}
-    for line in (run_dir / "result.md").read_text().splitlines():
-        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-        if len(cells) == 4 and cells[0] not in ("task", "") and not cells[0].startswith("---"):
-            result[cells[0]] = (float(cells[1]), float(cells[2]))
-    return result
+    """{family: (base pass@1, trained pass@1)} from the result.json train.py writes."""
+    result = json.loads((run_dir / "result.json").read_text())
+    return {family: (result["base"][family], result["trained"][family]) for family in result["base"]}
 
 
 def mean_kept_fraction(run_dir: Path) -> float:
@@ -94,7 +90,7 @@ def main(argv: list[str]) -> None:
     for name, change, flags in runs:
         print(f"\n=== ablate-{name}: {change}", flush=True)
         start = time.time()
-        train.main(["--steps", str(args.steps), "--eval-every", str(max(1, args.steps // 6)),
+        train.main(["--boundary-problems", "0", "--steps", str(args.steps), "--eval-every", str(max(1, args.steps // 6)),
                     "--run", f"ablate-{name}"] + flags + train_flags)  # later flags win: the user's come last
         run_dir = Path("runs") / f"ablate-{name}"
         config = json.loads((run_dir / "config.json").read_text())

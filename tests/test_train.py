@@ -253,11 +253,13 @@ def run_train(tmp_path, monkeypatch, model_dir: str, argv: list[str]) -> tuple[d
 
     monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
     train.main(["--model", model_dir, "--run", "e2e", "--max-new-tokens", "8", "--eval-problems", "5",
-                "--val-problems", "5", "--eval-samples", "2"] + argv)
+                "--val-problems", "5", "--eval-samples", "2", "--boundary-problems", "2", "--boundary-n", "4"] + argv)
     run_dir = tmp_path / "runs" / "e2e"
     config = json.loads((run_dir / "config.json").read_text())
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert (run_dir / "result.md").is_file() and (run_dir / "final" / "config.json").is_file()
+    assert {"base", "trained"} == set(json.loads((run_dir / "result.json").read_text()))
+    assert (run_dir / "boundary.md").is_file() and (run_dir / "training.png").is_file()
     return config, metrics, learning_rates
 
 
