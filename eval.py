@@ -69,7 +69,7 @@ def rollout_and_score(policy, tokenizer, examples: list[dict], n: int, max_new_t
                               pad_id=tokenizer.pad_token_id, max_rows=max_rows)
     completions = tokenizer.batch_decode(torch.where(result.mask, result.tokens, tokenizer.pad_token_id)
                                          [:, result.prompt_len:], skip_special_tokens=True)
-    scores = [rewards.score(examples[i // n], text) for i, text in enumerate(completions)]
+    scores = rewards.score_batch([examples[i // n] for i in range(len(completions))], completions)
     scores = torch.tensor(scores).masked_fill(result.truncated, 0.0)
     return result, scores.view(len(examples), n)
 
