@@ -8,6 +8,7 @@ checkpoint, so `--model DIR` and the default take the same path through the code
 
 import json
 import math
+import random
 import time
 from pathlib import Path
 
@@ -26,7 +27,7 @@ CHARACTERS = list("0123456789+-*=>: ")
 # The tiny base: 3 layers of width 128 (~0.6M parameters); tasks and answers fit in 64 positions.
 TINY_CONFIG = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
                    num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=True)
-WARMSTART = dict(task_mix="add:2,sort:1,countdown:2", level=1, steps=500, batch_size=128, lr=3e-3)
+WARMSTART = dict(task_mix="add:2,sort:1,countdown:2", level=1, steps=500, batch_size=128, lr=3e-3, noise=0.3)
 
 
 def load(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
@@ -94,24 +95,37 @@ def ensure_tiny_base(path: str, seed: int = 0, log=print) -> str:
     return path
 
 
-def warm_start(model, tokenizer, task_mix: str, level: int, steps: int, batch_size: int, lr: float, seed: int):
+def warm_start(model, tokenizer, task_mix: str, level: int, steps: int, batch_size: int, lr: float, seed: int,
+               noise: float = 0.0):
     """Supervised next-token training on (prompt, solution) pairs, loss on the solution tokens only.
 
-    Deliberately short: the base should be partly competent, so that RL has something to sharpen.
+    Deliberately short, and with a fraction `noise` of the solutions corrupted (one character replaced by
+    a random digit), like a pretrained base that has also seen wrong worked answers: the base then puts
+    real probability on wrong answers, so its pass@k is far above its pass@1, the regime where RL gains.
     """
     mix = tasks.TaskMix(task_mix, level=level, seed=seed + 10_000)  # a stream apart from RL's
+    rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
     for step in range(steps):
         for group in optimizer.param_groups:  # linear warmup, then cosine decay to 10%
             warmup = min(1.0, (step + 1) / 30)
             group["lr"] = lr * warmup * (0.55 + 0.45 * math.cos(math.pi * step / steps))
-        input_ids, labels = supervised_batch(tokenizer, [mix.sample() for _ in range(batch_size)])
+        examples = [mix.sample() for _ in range(batch_size)]
+        examples = [corrupt(ex, rng) if rng.random() < noise else ex for ex in examples]
+        input_ids, labels = supervised_batch(tokenizer, examples)
         loss = model(input_ids=input_ids, labels=labels).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     model.eval()
+
+
+def corrupt(example: dict, rng: random.Random) -> dict:
+    """A copy of the example whose solution has one character replaced by a random digit."""
+    solution = example["solution"]
+    position = rng.randrange(len(solution))
+    return {**example, "solution": solution[:position] + rng.choice("0123456789") + solution[position + 1:]}
 
 
 def supervised_batch(tokenizer, examples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:

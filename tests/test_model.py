@@ -63,3 +63,14 @@ def test_warm_start_lowers_the_loss_on_held_out_problems():
     model_lib.warm_start(policy, tokenizer, task_mix="add,sort,countdown", level=1, steps=40, batch_size=32,
                          lr=3e-3, seed=0)
     assert loss() < 0.75 * before
+
+
+def test_corrupt_changes_at_most_one_character_of_the_solution():
+    import random
+    example = {"task": "sort", "prompt": "52 7 31=", "answer": "7 31 52", "solution": "7 31 52"}
+    rng = random.Random(0)
+    for _ in range(100):
+        noisy = model_lib.corrupt(example, rng)
+        assert len(noisy["solution"]) == len(example["solution"])
+        assert sum(a != b for a, b in zip(noisy["solution"], example["solution"])) <= 1
+        assert noisy["answer"] == example["answer"] and example["solution"] == "7 31 52"  # the original is untouched

@@ -215,7 +215,7 @@ def test_micro_batches_change_memory_not_the_update(tiny_model_dir, rollout_batc
     for micro_batch_rows in (3, 16):
         policy = model_lib.load(tiny_model_dir)[0]
         before = [p.clone() for p in policy.parameters()]
-        c = train.Config(micro_batch_rows=micro_batch_rows, loss_agg=agg, kl_coef=0.0, grad_clip=1e9)
+        c = train.Config(micro_batch_rows=micro_batch_rows, loss_agg=agg, kl_coef=0.0, grad_clip=1e9, minibatches=1)
         train.update(policy, torch.optim.SGD(policy.parameters(), lr=1.0), batch, adv, None, c)  # Δθ = −∇loss
         deltas.append(torch.cat([(p - q).flatten() for p, q in zip(policy.parameters(), before)]))
     assert deltas[0].abs().max() > 0
@@ -286,7 +286,7 @@ def test_scheduled_reset_makes_the_next_steps_kl_exactly_zero(tmp_path, monkeypa
     # One mini-batch per step, so a step's KL is measured before its own update: step 1 starts at π = π_ref
     # (0), step 2 after one update (> 0), reset after step 2, step 3 back at π = π_ref (exactly 0).
     _, metrics, _ = run_train(tmp_path, monkeypatch, tiny_model_dir,
-                              ["--steps", "3", "--prompts-per-step", "8", "--n", "4", "--eval-every", "0",
+                              ["--steps", "3", "--prompts-per-step", "8", "--n", "4", "--eval-every", "0", "--minibatches", "1",
                                "--lr", "1e-2", "--reset-every", "2", "--length-eta-max", "0.1",
                                "--dynamic-sampling", "false"])
     assert metrics[0]["kl"] == 0.0 and metrics[1]["kl"] > 0 and metrics[2]["kl"] == 0.0
