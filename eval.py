@@ -275,7 +275,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", default=[],
                         help="local Hugging Face model directory; repeat it: the first is the base")
-    parser.add_argument("--tasks", default="add,sort,countdown", help="built-in names or JSONL paths, as train.py")
+    parser.add_argument("--tasks", default="sort,reverse,countdown", help="built-in names or JSONL paths, as train.py")
     parser.add_argument("--level", type=int, default=1, help="difficulty of the built-in tasks (1-3)")
     parser.add_argument("--problems", type=int, default=100, help="held-out problems per family")
     parser.add_argument("--n", type=int, default=EVAL_SAMPLES, help="samples per problem (largest k)")

@@ -22,12 +22,12 @@ import tasks
 transformers.logging.disable_progress_bar()  # the loading/saving bars of a 1M-parameter model are noise
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
-CHARACTERS = list("0123456789+-*=>: ")
+CHARACTERS = list("0123456789+-*=<>: ")
 
 # The tiny base: 3 layers of width 128 (~0.6M parameters); tasks and answers fit in 64 positions.
 TINY_CONFIG = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
                    num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=True)
-WARMSTART = dict(task_mix="add:2,sort:1,countdown:2", level=1, steps=500, batch_size=128, lr=3e-3, noise=0.3)
+WARMSTART = dict(task_mix="add:1,sort:1,reverse:1,countdown:2", level=1, steps=500, batch_size=128, lr=3e-3, noise=0.3)
 
 
 def load(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
@@ -79,7 +79,7 @@ def build_tiny_model(tokenizer, seed: int = 0) -> LlamaForCausalLM:
 
 def ensure_tiny_base(path: str, seed: int = 0, log=print) -> str:
     """Build and warm-start the tiny base at `path` unless an identical one is already there."""
-    recipe = {"seed": seed, "config": TINY_CONFIG, "warmstart": WARMSTART}
+    recipe = {"seed": seed, "config": TINY_CONFIG, "warmstart": WARMSTART, "characters": "".join(CHARACTERS)}
     recipe_file = Path(path) / "recipe.json"
     if recipe_file.is_file() and json.loads(recipe_file.read_text()) == recipe:
         return path

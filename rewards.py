@@ -266,7 +266,7 @@ def check_constraint(constraint: dict) -> None:
 # ----------------------------------------------------------------------------- built-in tasks
 
 def score_exact(example: dict, completion: str) -> float:
-    """add, sort: the completion (stripped) is exactly the answer."""
+    """add, sort, reverse: the completion (stripped) is exactly the answer."""
     return float(completion.strip() == example["answer"])
 
 
@@ -301,7 +301,7 @@ def evaluate_arithmetic(expression: str) -> int:
 
 
 VERIFIERS = {"math": score_math, "code": score_code, "logic": score_logic, "mcq": score_mcq, "ifeval": score_ifeval,
-             "add": score_exact, "sort": score_exact, "countdown": score_countdown}
+             "add": score_exact, "sort": score_exact, "reverse": score_exact, "countdown": score_countdown}
 
 
 # ----------------------------------------------------------------------------- length penalty

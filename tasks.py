@@ -7,6 +7,7 @@ only by the supervised warm-start of the tiny base model (model.py), never by RL
 Built-in families (each with difficulty levels 1..3):
   add        "47+38="         -> "85"                  one right answer
   sort       "52 7 31 88 4="  -> "4 7 31 52 88"          one right answer
+  reverse    "52 7 31 88 4 9<" -> "9 4 88 31 7 52"       one right answer
   countdown  "3 7 9>30:"      -> "3*9+7" (or "9*3+7")  many right answers: the tiny model's pass@8 is far
                                                        above its pass@1, the regime where RL gains most
 
@@ -53,6 +54,13 @@ def make_sort(rng: random.Random, level: int) -> dict:
     return {"task": "sort", "prompt": " ".join(map(str, numbers)) + "=", "answer": answer, "solution": answer}
 
 
+def make_reverse(rng: random.Random, level: int) -> dict:
+    count = {1: 6, 2: 8, 3: 10}[level]
+    numbers = [rng.randrange(100) for _ in range(count)]
+    answer = " ".join(map(str, reversed(numbers)))
+    return {"task": "reverse", "prompt": " ".join(map(str, numbers)) + "<", "answer": answer, "solution": answer}
+
+
 def make_countdown(rng: random.Random, level: int) -> dict:
     """Pick numbers and operators at random; the target is what that expression evaluates to."""
     count, high = {1: (3, 20), 2: (4, 20), 3: (5, 30)}[level]
@@ -68,7 +76,7 @@ def make_countdown(rng: random.Random, level: int) -> dict:
             "solution": solution}
 
 
-BUILTIN = {"add": make_add, "sort": make_sort, "countdown": make_countdown}
+BUILTIN = {"add": make_add, "sort": make_sort, "reverse": make_reverse, "countdown": make_countdown}
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DOMAINS = {domain: DATA_DIR / f"{domain}.jsonl" for domain in ["math", "code", "logic", "mcq", "ifeval"]}

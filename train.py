@@ -35,8 +35,8 @@ def option(default, help: str):
 @dataclass
 class Config:
     model: str = option("", "local Hugging Face model directory; empty: build the tiny built-in base")
-    tasks: str = option("add,sort,countdown", "task mix SOURCE[:WEIGHT],...: built-in add/sort/countdown, a domain "
-                        "(math, code, logic, mcq, ifeval), rg:NAME (reasoning-gym), or a JSONL path")
+    tasks: str = option("sort,reverse,countdown", "task mix SOURCE[:WEIGHT],...: built-in add/sort/reverse/"
+                        "countdown, a domain (math, code, logic, mcq, ifeval), rg:NAME (reasoning-gym), or a JSONL path")
     level: int = option(1, "difficulty of the built-in tasks (1-3)")
     run: str = option("", "run name; metrics go to runs/<run>/ (default: tiny-s<seed>)")
     seed: int = option(0, "seed of the base model build, the prompt stream and the sampler")

@@ -18,7 +18,7 @@ def test_every_generated_solution_scores_one(family, level):
         assert rewards.score(example, example["solution"] + "1") == 0.0
 
 
-def test_add_and_sort_by_hand():
+def test_add_sort_and_reverse_by_hand():
     add = {"task": "add", "prompt": "47+38=", "answer": "85"}
     assert rewards.score(add, "85") == 1.0
     assert rewards.score(add, " 85 ") == 1.0  # surrounding whitespace is not an error
@@ -27,6 +27,9 @@ def test_add_and_sort_by_hand():
     sort = {"task": "sort", "prompt": "52 7 31=", "answer": "7 31 52"}
     assert rewards.score(sort, "7 31 52") == 1.0
     assert rewards.score(sort, "7 52 31") == 0.0
+    reverse = {"task": "reverse", "prompt": "52 7 31<", "answer": "31 7 52"}
+    assert rewards.score(reverse, "31 7 52") == 1.0
+    assert rewards.score(reverse, "7 31 52") == 0.0  # sorted is not reversed
 
 
 def test_countdown_accepts_every_valid_expression_and_nothing_else():

@@ -279,7 +279,7 @@ def test_preset_trains_end_to_end(tmp_path, monkeypatch, tiny_model_dir, preset)
     expected_lr = 2e-6 / 8 if preset == "brorl" else 2e-6
     assert learning_rates == [pytest.approx(expected_lr)]
     result = (tmp_path / "runs" / "e2e" / "result.md").read_text()
-    assert all(f"| {family} |" in result for family in ("add", "sort", "countdown", "average"))
+    assert all(f"| {family} |" in result for family in ("sort", "reverse", "countdown", "average"))
 
 
 def test_scheduled_reset_makes_the_next_steps_kl_exactly_zero(tmp_path, monkeypatch, tiny_model_dir):
