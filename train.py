@@ -85,20 +85,20 @@ class Config:
 PRESETS = {
     "tiny": {},
     # ProRL (arXiv 2505.24864): GRPO, clip 0.2/0.4, n=16, T=1.2, KL + resets that also reset Adam.
-    "prorl": dict(advantage="grpo", clip_low=0.2, clip_high=0.4, n=16, temperature=1.2, lr=2e-6,
-                  prompts_per_step=256, minibatches=4, kl_coef=1e-4, kl_kind="k3", reset_patience=3,
-                  reset_optimizer=True, max_new_tokens=8192),
+    "prorl": {"advantage": "grpo", "clip_low": 0.2, "clip_high": 0.4, "n": 16, "temperature": 1.2, "lr": 2e-6,
+              "prompts_per_step": 256, "minibatches": 4, "kl_coef": 1e-4, "kl_kind": "k3", "reset_patience": 3,
+              "reset_optimizer": True, "max_new_tokens": 8192},
     # ProRL v2: REINFORCE++-baseline, clip 0.2/0.28, k2 KL β=1e-4, resets every 300 steps keeping Adam,
     # scheduled cosine length penalty.
-    "prorl-v2": dict(advantage="reinforce_pp", clip_low=0.2, clip_high=0.28, n=16, temperature=1.2, lr=2e-6,
-                     prompts_per_step=256, minibatches=4, kl_coef=1e-4, kl_kind="k2", reset_every=300,
-                     reset_optimizer=False, length_eta_max=0.1, length_eta_min=0.0, length_period=200,
-                     length_off_steps=100, max_new_tokens=8192),
+    "prorl-v2": {"advantage": "reinforce_pp", "clip_low": 0.2, "clip_high": 0.28, "n": 16, "temperature": 1.2, "lr": 2e-6,
+                 "prompts_per_step": 256, "minibatches": 4, "kl_coef": 1e-4, "kl_kind": "k2", "reset_every": 300,
+                 "reset_optimizer": False, "length_eta_max": 0.1, "length_eta_min": 0.0, "length_period": 200,
+                 "length_off_steps": 100, "max_new_tokens": 8192},
     # BroRL (arXiv 2510.01180): N=512 rollouts for 128 prompts, lr scaled by sqrt(B_new / B_old)
     # against ProRL's 256 prompts × 16.
-    "brorl": dict(advantage="reinforce_pp", clip_low=0.2, clip_high=0.28, n=512, prompts_per_step=128,
-                  temperature=1.2, lr=2e-6, lr_scale_from_batch=256 * 16, minibatches=4, kl_coef=1e-4,
-                  kl_kind="k2", reset_every=300, reset_optimizer=False, max_new_tokens=8192),
+    "brorl": {"advantage": "reinforce_pp", "clip_low": 0.2, "clip_high": 0.28, "n": 512, "prompts_per_step": 128,
+              "temperature": 1.2, "lr": 2e-6, "lr_scale_from_batch": 256 * 16, "minibatches": 4, "kl_coef": 1e-4,
+              "kl_kind": "k2", "reset_every": 300, "reset_optimizer": False, "max_new_tokens": 8192},
 }
 
 
