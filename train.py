@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import checkpoint
+import dist
 import eval as evaluation
 import grpo
 import kernels
@@ -79,6 +81,8 @@ class Config:
     boundary_problems: int = option(50, "held-out problems per family for the final pass@k boundary (0: skip)")
     boundary_n: int = option(256, "samples per problem for the boundary report, at ProRL's T=0.6, top-p 0.95")
     device: str = option("auto", "cpu, cuda, or auto")
+    save_every: int = option(50, "write <run>/checkpoint.pt every this many steps, and always at the end (0: end only)")
+    resume: str = option("", "continue the run in this directory from its checkpoint (flags given now override)")
     preset: str = option("tiny", "tiny, prorl, prorl-v2 or brorl: the papers' hyperparameters, then your flags")
 
 
@@ -109,6 +113,8 @@ def parse_config(argv: list[str]) -> Config:
         parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
                             help=f"{f.metadata['help']} (default: {f.default})")
     args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    if args.get("resume"):  # the run's own settings, then the flags given now (e.g. more --steps)
+        args = {**checkpoint.saved_config(args["resume"]), **args}
     preset = args.get("preset", "tiny")
     if preset not in PRESETS:
         raise ValueError(f"unknown preset '{preset}' (choose from {', '.join(PRESETS)})")
@@ -129,7 +135,8 @@ def validate(c: Config) -> None:
               (c.eval_problems >= 1 and c.val_problems >= 1, "--eval-problems and --val-problems must be ≥ 1"),
               (c.boundary_problems >= 0 and c.boundary_n >= 1, "--boundary-problems must be ≥ 0, --boundary-n ≥ 1"),
               (c.max_sampling_rounds >= 1, "--max-sampling-rounds must be ≥ 1"),
-              (c.micro_batch_rows >= 1, "--micro-batch-rows must be ≥ 1"),
+              (c.micro_batch_rows >= 1, "--micro-batch-rows must be ≥ 1"), (c.save_every >= 0, "--save-every must be ≥ 0"),
+              (c.prompts_per_step % dist.planned_world_size() == 0, "--prompts-per-step must divide among the ranks"),
               (c.length_period >= 1 and c.length_off_steps >= 0, "--length-period must be ≥ 1, --length-off-steps ≥ 0"),
               (c.lr_scale_from_batch >= 0 and c.kl_clamp >= 0, "--lr-scale-from-batch and --kl-clamp must be ≥ 0"),
               (c.kl_coef > 0 or not c.kl_in_reward, "--kl-in-reward needs --kl-coef > 0")]
@@ -171,9 +178,10 @@ def update(policy, optimizer, batch: rollout.Rollout, adv: torch.Tensor, ref_log
     # ratio is exactly 1 on the first mini-batch; a single update per batch needs no extra pass.
     on_policy = c.minibatches == 1 and c.epochs == 1
     old_logp = None if on_policy else batch_logprobs(policy, batch, c)
-    totals, updates = {}, 0
+    totals, updates, skipped = {}, 0, 0
     for _ in range(c.epochs):
         for minibatch in rows[torch.randperm(len(rows))].chunk(c.minibatches):
+            share, finite = dist.loss_share(mask[minibatch], c.loss_agg), True  # this rank's part of the global mean
             for micro in minibatch.split(c.micro_batch_rows):
                 logp, entropy = sequence_logprobs(policy, grpo.select_rows(batch, micro), c.temperature, entropy=True)
                 micro_old = logp.detach() if on_policy else old_logp[micro]
@@ -183,69 +191,76 @@ def update(policy, optimizer, batch: rollout.Rollout, adv: torch.Tensor, ref_log
                     loss = loss + kl_coef * grpo.aggregate(kl_per_token, mask[micro], c.loss_agg)
                     stats["kl"] = grpo.masked_mean(kl_per_token.detach(), mask[micro])
                 stats["entropy"] = grpo.masked_mean(entropy, mask[micro])
-                (loss * grpo.aggregate_weight(mask[micro], mask[minibatch], c.loss_agg)).backward()
+                finite = finite and bool(torch.isfinite(loss))
+                (loss * grpo.aggregate_weight(mask[micro], mask[minibatch], c.loss_agg) * share).backward()
                 for name, value in stats.items():
                     totals[name] = totals.get(name, 0.0) + float(value) * len(micro) / len(minibatch)
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), c.grad_clip)
-            if torch.isfinite(grad_norm):  # a non-finite gradient skips the update instead of poisoning it
+            grad_norm = dist.clip_grad_norm_(policy.parameters(), c.grad_clip)
+            ok = dist.all_true(finite and bool(torch.isfinite(grad_norm)))  # NaN/inf on any rank: skip, not poison
+            if ok:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            updates += 1
-    return {name: value / updates for name, value in totals.items()}
+            updates, skipped = updates + 1, skipped + (not ok)
+    return dist.reduce_metrics({**{name: value / updates for name, value in totals.items()}, "skipped_updates": skipped})
 
 
 def main(argv: list[str]) -> None:
     c = parse_config(argv)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" else c.device
+    device = dist.setup(("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" else c.device)
     torch.manual_seed(c.seed)
-    run_dir = Path("runs") / (c.run or f"{c.preset}-s{c.seed}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(c), indent=1))
-    model_dir = c.model or model_lib.ensure_tiny_base(f"runs/base/tiny-s{c.seed}", seed=c.seed)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    run_dir = Path(c.resume or Path("runs") / (c.run or f"{c.preset}-s{c.seed}"))
+    checkpoint.save_config(run_dir, dataclasses.asdict(c))
+    model_dir = c.model or dist.main_first(lambda: model_lib.ensure_tiny_base(f"runs/base/tiny-s{c.seed}", seed=c.seed))
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     policy, tokenizer = model_lib.load(model_dir, device, dtype)
-    reference = model_lib.load(model_dir, device, dtype)[0].eval().requires_grad_(False) if c.kl_coef > 0 else None
-    samples_per_step = c.prompts_per_step * c.n
-    lr = c.lr * math.sqrt(samples_per_step / c.lr_scale_from_batch) if c.lr_scale_from_batch else c.lr
+    policy = dist.shard(policy)  # FSDP2 under torchrun; the optimizer is built on the shards
+    reference = dist.shard(model_lib.load(model_dir, device, dtype)[0].eval().requires_grad_(False)) if c.kl_coef else None
+    lr = c.lr * math.sqrt(c.prompts_per_step * c.n / c.lr_scale_from_batch) if c.lr_scale_from_batch else c.lr
     optimizer = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=0.0)
-    stream = tasks.TaskMix(c.tasks, level=c.level, seed=c.seed)
+    stream = tasks.TaskMix(c.tasks, level=c.level, seed=c.seed + 1_000_003 * dist.rank())  # a stream per rank
     families = list(stream.weights)
     val_set = [ex for f in families for ex in tasks.heldout(f, c.val_problems, c.level)]
     test_set = [ex for f in families for ex in tasks.heldout(f, c.eval_problems, c.level)]
+    boundary_set = [ex for f in families for ex in tasks.heldout(f, c.boundary_problems, c.level)]
     tracker = reset.ResetTracker(c.reset_every, c.reset_patience, c.reset_kl)
 
-    def held_out_pass1(examples: list[dict]) -> dict:
-        report = evaluation.evaluate(policy.eval(), tokenizer, examples, c.eval_samples, c.max_new_tokens,
-                                     c.eval_temperature, seed=12345)
+    def held_out_pass1(examples: list[dict]) -> dict:  # every rank evaluates, so every rank decides resets alike
+        with dist.full_weights(policy):
+            report = evaluation.evaluate(policy.eval(), tokenizer, examples, c.eval_samples, c.max_new_tokens,
+                                         c.eval_temperature, seed=12345)
         return {family: r[1] for family, r in report.items()}
 
-    boundary_set = [ex for f in families for ex in tasks.heldout(f, c.boundary_problems, c.level)]
-
     def boundary_counts(name: str) -> list[int]:
-        return evaluation.correct_counts(policy.eval(), tokenizer, boundary_set, c.boundary_n, c.max_new_tokens,
-                                         seed=12345, progress=f"{name} pass@k") if boundary_set else []
+        with dist.full_weights(policy):
+            return evaluation.correct_counts(policy.eval(), tokenizer, boundary_set, c.boundary_n, c.max_new_tokens,
+                                             seed=12345, progress=f"{name} pass@k") if boundary_set else []
 
-    base, base_counts = held_out_pass1(test_set), boundary_counts("base")
-    metrics_file = (run_dir / "metrics.jsonl").open("w")
-    progress = tqdm(range(1, c.steps + 1), desc="RL", dynamic_ncols=True, file=sys.stdout)
+    saved = (checkpoint.load(run_dir, policy, reference, optimizer, tracker, stream) if c.resume  # base: before step 1
+             else {"step": 0, "base": held_out_pass1(test_set), "base_counts": boundary_counts("base")})
+    base, base_counts, metrics_file = saved["base"], saved["base_counts"], checkpoint.open_metrics(run_dir, saved["step"])
+    progress = tqdm(range(saved["step"] + 1, c.steps + 1), desc="RL", dynamic_ncols=True, file=sys.stdout,
+                    disable=not dist.is_main())
     for step in progress:
         start = time.time()
-        batch, scores, metrics = grpo.sample_groups(
-            policy.eval(), tokenizer, stream, c.prompts_per_step, c.n, c.max_new_tokens, c.temperature, c.top_p,
-            rounds=c.max_sampling_rounds if c.dynamic_sampling else 1, dynamic_sampling=c.dynamic_sampling,
-            seed=c.seed * 100_003 + step * 10)
-        metrics = {"step": step, **metrics, "gen_s": time.time() - start}
+        with dist.full_weights(policy):  # each rank samples its share of whole groups, with its own seed
+            batch, scores, metrics = grpo.sample_groups(
+                policy.eval(), tokenizer, stream, c.prompts_per_step // dist.world_size(), c.n, c.max_new_tokens,
+                c.temperature, c.top_p, rounds=c.max_sampling_rounds if c.dynamic_sampling else 1,
+                dynamic_sampling=c.dynamic_sampling, seed=c.seed * 100_003 + step * 10 + dist.rank() * 1_000_003)
+        batch, scores = dist.gather_groups(batch, scores, tokenizer.pad_token_id)  # the whole batch on every rank
+        metrics = {"step": step, **dist.reduce_metrics(metrics), "gen_s": time.time() - start}  # means over ranks
         if len(scores):
             eta = rewards.length_penalty_coef(step, c.length_eta_min, c.length_eta_max, c.length_period,
                                               c.length_off_steps)
             lengths = batch.mask.sum(dim=1).view_as(scores)
             shaped = rewards.apply_length_penalty(scores, lengths, c.max_new_tokens, eta)  # [P, N]
-            ref_logp = batch_logprobs(reference, batch, c) if reference is not None else None
+            local, rows = dist.my_share(batch)  # the rows this rank's forward/backward passes cover
+            ref_logp = batch_logprobs(reference, local, c) if reference is not None else None
             if c.kl_in_reward:  # r − β · Σ_t KL_t, with the sampler's log-probs as π (no extra forward)
-                token_kl = kl.kl_estimate(batch.logprobs[:, 1:], ref_logp, c.kl_kind) * batch.mask[:, 1:]
-                shaped = shaped - c.kl_coef * token_kl.sum(dim=1).view_as(shaped)
+                token_kl = kl.kl_estimate(batch.logprobs[:, 1:], dist.gather_rows(ref_logp, len(batch.tokens)), c.kl_kind)
+                shaped = shaped - c.kl_coef * (token_kl * batch.mask[:, 1:]).sum(dim=1).view_as(shaped)
             adv = grpo.group_advantages(shaped, c.advantage).flatten()  # [P·N]: one advantage per response
-            metrics.update(update(policy.train(), optimizer, batch, adv, ref_logp, c), length_eta=eta)
+            metrics.update(update(policy.train(), optimizer, local, adv[rows], ref_logp, c), length_eta=eta)
         if c.eval_every and step % c.eval_every == 0:
             metrics["val_pass1"] = held_out_pass1(val_set)["average"]
             tracker.observe_validation(metrics["val_pass1"])
@@ -258,17 +273,20 @@ def main(argv: list[str]) -> None:
                        tokens_per_s=float(batch.mask.sum()) / (time.time() - start))
         metrics_file.write(json.dumps(metrics) + "\n")
         metrics_file.flush()
+        if step == c.steps or (c.save_every and step % c.save_every == 0):
+            checkpoint.save(run_dir, step, policy, reference, optimizer, tracker, stream, base=base, base_counts=base_counts)
         progress.set_postfix(reward=f"{metrics['reward']:.3f}", kept=f"{metrics['kept_frac']:.2f}",
                              kl=f"{metrics.get('kl', 0):.4f}", ent=f"{metrics.get('entropy', 0):.2f}")
-    policy.save_pretrained(run_dir / "final")
-    tokenizer.save_pretrained(run_dir / "final")
-    trained = held_out_pass1(test_set)
+    dist.save_pretrained(policy, tokenizer, run_dir / "final")
+    trained, trained_counts = held_out_pass1(test_set), boundary_counts("trained")
+    if not dist.is_main():
+        return
     lines = ["| task | base pass@1 | trained pass@1 | gain |", "|---|---|---|---|"]
     lines += [f"| {f} | {base[f]:.3f} | {trained[f]:.3f} | {trained[f] - base[f]:+.3f} |" for f in base]
     (run_dir / "result.md").write_text("\n".join(lines) + "\n")
     (run_dir / "result.json").write_text(json.dumps({"base": base, "trained": trained}))
     if boundary_set:
-        evaluation.write_boundary(run_dir, {"base": base_counts, "trained": boundary_counts("trained")}, boundary_set,
+        evaluation.write_boundary(run_dir, {"base": base_counts, "trained": trained_counts}, boundary_set,
                                   c.boundary_n, settings={"base": model_dir, "trained": str(run_dir / "final")})
     evaluation.plot_training(run_dir)
     print(f"held-out pass@1 ({c.eval_problems} problems per task, {c.eval_samples} samples each, "

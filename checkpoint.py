@@ -1,0 +1,112 @@
+"""Checkpoints: everything a run needs to continue exactly as if it had never stopped.
+
+One file, <run>/checkpoint.pt, holding the policy, the reference, the optimizer, every rank's RNG states and
+prompt-stream position, the step, the reset tracker, and whatever else train.py passes (the base model's
+evaluation, so a resumed run does not measure the trained policy as its "base"). The length penalty needs
+no state of its own: its η is a function of the step.
+
+Atomic: rank 0 writes a temporary file in the same directory and renames it onto checkpoint.pt (a rename
+within one file system is atomic), so a run killed mid-save leaves the previous checkpoint intact and
+at worst a stale checkpoint.pt.tmp, which nothing reads and the next save overwrites.
+"""
+
+import json
+import os
+import random
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint.state_dict as dcp
+
+import dist
+
+FILE = "checkpoint.pt"
+# Whole (unsharded) tensors on the CPU: the file is the same whatever the number of ranks that wrote it.
+FULL = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def save(run_dir: str | Path, step: int, policy: torch.nn.Module, reference: torch.nn.Module | None,
+         optimizer: torch.optim.Optimizer, tracker, stream, **extra) -> None:
+    """Write <run_dir>/checkpoint.pt atomically. Every rank must call it (gathering shards is collective)."""
+    state = {
+        "step": step,
+        "world_size": dist.world_size(),
+        "policy": dcp.get_model_state_dict(policy, options=FULL),
+        "reference": dcp.get_model_state_dict(reference, options=FULL) if reference is not None else None,
+        # An empty optimizer (just reset, ProRL v1) is saved as None: get_optimizer_state_dict would fill it
+        # by taking a zero-gradient step, which sets Adam's step count and changes every later update.
+        "optimizer": dcp.get_optimizer_state_dict(policy, optimizer, options=FULL) if optimizer.state else None,
+        "tracker": tracker.state_dict(),
+        "ranks": dist.gather_objects(rank_state(stream)),  # [world_size]: each rank's RNGs and prompt stream
+        **extra,
+    }
+    if dist.is_main():
+        path = Path(run_dir) / FILE
+        temporary = path.with_name(FILE + ".tmp")
+        with open(temporary, "wb") as file:
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())  # the bytes are on disk before the rename makes them the checkpoint
+        os.replace(temporary, path)
+    dist.barrier()  # no rank runs ahead of a checkpoint that is not yet written
+
+
+def load(run_dir: str | Path, policy: torch.nn.Module, reference: torch.nn.Module | None,
+         optimizer: torch.optim.Optimizer, tracker, stream) -> dict:
+    """Restore a checkpoint written by `save` into already-built objects; returns the saved dict (step, extras)."""
+    state = torch.load(Path(run_dir) / FILE, map_location="cpu", weights_only=False)
+    if state["world_size"] != dist.world_size():
+        raise ValueError(f"--resume {run_dir}: the checkpoint was written by {state['world_size']} ranks; "
+                         f"resume with the same --nproc-per-node × --nnodes")
+    dcp.set_model_state_dict(policy, state["policy"], options=FULL)
+    if reference is not None:
+        dcp.set_model_state_dict(reference, state["reference"], options=FULL)
+    if state["optimizer"] is not None:
+        dcp.set_optimizer_state_dict(policy, optimizer, state["optimizer"], options=FULL)
+    tracker.load_state_dict(state["tracker"])
+    load_rank_state(state["ranks"][dist.rank()], stream)
+    return state
+
+
+def rank_state(stream) -> dict:
+    """What differs between ranks: random number generators and the position in the prompt stream."""
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "stream_rng": stream.rng.getstate(), "stream_drawn": stream.drawn}
+
+
+def load_rank_state(state: dict, stream) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    stream.rng.setstate(state["stream_rng"])
+    stream.drawn = state["stream_drawn"]
+
+
+def save_config(run_dir: str | Path, config: dict) -> None:
+    """<run_dir>/config.json: the run's settings, which --resume reads back."""
+    if dist.is_main():
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(run_dir) / "config.json").write_text(json.dumps(config, indent=1))
+
+
+def saved_config(run_dir: str | Path) -> dict:
+    """The settings of the run in run_dir (its config.json), checked to have a checkpoint to resume from."""
+    path = Path(run_dir)
+    if not (path / "config.json").is_file() or not (path / FILE).is_file():
+        raise ValueError(f"--resume {run_dir}: not a run directory with a config.json and a {FILE}")
+    return {**json.loads((path / "config.json").read_text()), "resume": str(run_dir)}
+
+
+def open_metrics(run_dir: str | Path, resume_step: int):
+    """metrics.jsonl for appending, keeping the lines of steps up to resume_step (0: a fresh run, none). Lines
+    of steps after the checkpoint (written before the run stopped, and about to be redone) are dropped, so
+    the file reads as one uninterrupted run."""
+    if not dist.is_main():
+        return open(os.devnull, "w")
+    path = Path(run_dir) / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= resume_step]
+    path.write_text("".join(line + "\n" for line in kept))
+    return path.open("a")

@@ -1,0 +1,111 @@
+"""checkpoint.py + train.py --resume: a run stopped and resumed is the run that never stopped, bit for bit;
+a run killed in the middle of a save resumes from the checkpoint before it.
+
+The runs use a small length penalty with dynamic sampling off (the random model never answers right, so its
+groups differ only by length), two PPO mini-batches (the shuffle reads torch's global RNG), validation every
+2 steps and a reference reset every 3 steps (so the reset tracker's state matters after a resume at step 2).
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import checkpoint
+import model as model_lib
+import train
+
+ARGS = ["--prompts-per-step", "4", "--n", "4", "--max-new-tokens", "6", "--dynamic-sampling", "false",
+        "--length-eta-max", "0.05", "--minibatches", "2", "--lr", "1e-2", "--eval-every", "2", "--reset-every", "3",
+        "--kl-coef", "1e-2", "--eval-problems", "2", "--val-problems", "2", "--eval-samples", "1",
+        "--boundary-problems", "0"]
+TIMING = {"gen_s", "step_s", "tokens_per_s"}  # wall-clock: the only values allowed to differ
+
+
+def train_run(cwd: Path, model_dir: str, argv: list[str]) -> None:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(cwd)
+        train.main(["--model", model_dir] + ARGS + argv)
+
+
+def result(run_dir: Path) -> tuple[list[torch.Tensor], list[dict]]:
+    """(final policy parameters, metrics.jsonl without its timings)"""
+    params = [p.detach() for p in model_lib.load(str(run_dir / "final"))[0].parameters()]
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return params, [{k: v for k, v in m.items() if k not in TIMING} for m in metrics]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, tiny_model_dir):
+    """4 steps without stopping."""
+    cwd = tmp_path_factory.mktemp("straight")
+    train_run(cwd, tiny_model_dir, ["--run", "straight", "--steps", "4"])
+    return result(cwd / "runs" / "straight")
+
+
+def assert_same_run(resumed: tuple, straight: tuple) -> None:
+    (params, metrics), (straight_params, straight_metrics) = resumed, straight
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert metrics == straight_metrics
+    assert [m.get("reset") for m in metrics] == [None, None, "schedule", None]  # the tracker survived the stop
+    assert all(torch.equal(p, q) for p, q in zip(params, straight_params))
+
+
+def test_stop_and_resume_is_the_straight_run(tmp_path, tiny_model_dir, straight):
+    train_run(tmp_path, tiny_model_dir, ["--run", "r", "--steps", "2"])
+    run_dir = tmp_path / "runs" / "r"
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["step"] == 2  # saved at the end
+    first_half = result(run_dir)
+    assert not all(torch.equal(p, q) for p, q in zip(first_half[0], straight[0]))  # 2 steps ≠ 4 steps
+    train_run(tmp_path, tiny_model_dir, ["--resume", str(run_dir), "--steps", "4"])
+    assert_same_run(result(run_dir), straight)
+
+
+class Killed(BaseException):
+    """The process dying: not an Exception, so nothing on the way up handles it."""
+
+
+def test_killed_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, tiny_model_dir, straight, monkeypatch):
+    saves, real_save = [], torch.save
+
+    def dies_during_the_third_save(state, file):
+        saves.append(state["step"])
+        if state["step"] == 3:
+            file.write(b"half a checkpoint")  # the bytes written before the kill
+            raise Killed
+        real_save(state, file)
+
+    monkeypatch.setattr(torch, "save", dies_during_the_third_save)
+    with pytest.raises(Killed):
+        train_run(tmp_path, tiny_model_dir, ["--run", "k", "--steps", "4", "--save-every", "1"])
+    monkeypatch.setattr(torch, "save", real_save)
+    run_dir = tmp_path / "runs" / "k"
+    assert saves == [1, 2, 3]
+    assert (run_dir / "checkpoint.pt.tmp").read_bytes() == b"half a checkpoint"  # never renamed into place
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+    train_run(tmp_path, tiny_model_dir, ["--resume", str(run_dir)])  # step 3 is redone, its old line dropped
+    assert_same_run(result(run_dir), straight)
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["step"] == 4
+    assert not (run_dir / "checkpoint.pt.tmp").exists()  # the next save wrote over it and renamed it
+
+
+def test_resume_needs_a_run_directory_with_a_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="not a run directory with a config.json and a checkpoint.pt"):
+        train.parse_config(["--resume", str(tmp_path)])
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="checkpoint.pt"):
+        train.parse_config(["--resume", str(tmp_path)])
+
+
+def test_open_metrics_keeps_the_lines_up_to_the_checkpoint(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3)))
+    with checkpoint.open_metrics(tmp_path, 2) as file:
+        file.write(json.dumps({"step": 3, "again": True}) + "\n")
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines() == ['{"step": 1}', '{"step": 2}',
+                                                                     '{"step": 3, "again": true}']
+    with checkpoint.open_metrics(tmp_path, 0):  # a fresh run starts an empty file
+        pass
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
