@@ -109,3 +109,31 @@ def test_open_metrics_keeps_the_lines_up_to_the_checkpoint(tmp_path):
     with checkpoint.open_metrics(tmp_path, 0):  # a fresh run starts an empty file
         pass
     assert (tmp_path / "metrics.jsonl").read_text() == ""
+
+
+# ----------------------------------------------------------------------------- guards: a NaN loss skips one update
+
+def test_a_nan_loss_skips_that_update_is_logged_and_training_goes_on(tmp_path, tiny_model_dir, monkeypatch):
+    # One optimizer step per RL step (one mini-batch, one micro-batch), so policy_loss call k is step k's loss.
+    calls, real_policy_loss = [], train.grpo.policy_loss
+
+    def nan_at_step_2(*args, **kwargs):
+        loss, stats = real_policy_loss(*args, **kwargs)
+        calls.append(len(calls) + 1)
+        return (loss * float("nan"), stats) if len(calls) == 2 else (loss, stats)
+
+    weights_after = {}  # step → the policy's weights when that step's checkpoint is written
+
+    def record(run_dir, step, policy, *args, **kwargs):
+        weights_after[step] = [p.detach().clone() for p in policy.parameters()]
+
+    monkeypatch.setattr(train.grpo, "policy_loss", nan_at_step_2)
+    monkeypatch.setattr(checkpoint, "save", record)
+    train_run(tmp_path, tiny_model_dir, ["--run", "nan", "--steps", "3", "--minibatches", "1", "--save-every", "1",
+                                         "--eval-every", "0", "--reset-every", "0"])
+    metrics = [json.loads(line) for line in (tmp_path / "runs" / "nan" / "metrics.jsonl").read_text().splitlines()]
+    assert calls == [1, 2, 3]
+    assert [m["skipped_updates"] for m in metrics] == [0, 1, 0]
+    assert all(torch.equal(p, q) for p, q in zip(weights_after[1], weights_after[2]))  # step 2 changed nothing
+    assert not all(torch.equal(p, q) for p, q in zip(weights_after[2], weights_after[3]))  # step 3 trained
+    assert all(torch.isfinite(p).all() for p in weights_after[3])
