@@ -27,8 +27,8 @@ CHARACTERS = list("0123456789+-*=<>: ")
 # The tiny base: 3 layers of width 128 (~0.6M parameters); tasks and answers fit in 64 positions.
 TINY_CONFIG = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 3, "num_attention_heads": 4,
                "num_key_value_heads": 4, "max_position_embeddings": 64, "tie_word_embeddings": True}
-WARMSTART = {"task_mix": "add:1,sort:1,reverse:1,countdown:2", "level": 1, "steps": 500, "batch_size": 128,
-             "lr": 3e-3, "noise": 0.3}
+WARMSTART = {"task_mix": "sort:2,reverse:1,countdown:3", "level": 1, "steps": 500, "batch_size": 128,
+             "lr": 3e-3, "noise": 0.4}
 
 
 def load(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32):

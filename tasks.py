@@ -7,7 +7,7 @@ only by the supervised warm-start of the tiny base model (model.py), never by RL
 Built-in families (each with difficulty levels 1..3):
   add        "47+38="         -> "85"                  one right answer
   sort       "52 7 31 88 4="  -> "4 7 31 52 88"          one right answer
-  reverse    "52 7 31 88 4 9<" -> "9 4 88 31 7 52"       one right answer
+  reverse    "52 7 31 88<"    -> "88 31 7 52"            one right answer
   countdown  "3 7 9>30:"      -> "3*9+7" (or "9*3+7")  many right answers: the tiny model's pass@8 is far
                                                        above its pass@1, the regime where RL gains most
 
@@ -55,7 +55,7 @@ def make_sort(rng: random.Random, level: int) -> dict:
 
 
 def make_reverse(rng: random.Random, level: int) -> dict:
-    count = {1: 6, 2: 8, 3: 10}[level]
+    count = {1: 4, 2: 6, 3: 8}[level]
     numbers = [rng.randrange(100) for _ in range(count)]
     answer = " ".join(map(str, reversed(numbers)))
     return {"task": "reverse", "prompt": " ".join(map(str, numbers)) + "<", "answer": answer, "solution": answer}

@@ -281,16 +281,12 @@ def main(argv: list[str]) -> None:
     trained, trained_counts = held_out_pass1(test_set), boundary_counts("trained")
     if not dist.is_main():
         return
-    lines = ["| task | base pass@1 | trained pass@1 | gain |", "|---|---|---|---|"]
-    lines += [f"| {f} | {base[f]:.3f} | {trained[f]:.3f} | {trained[f] - base[f]:+.3f} |" for f in base]
-    (run_dir / "result.md").write_text("\n".join(lines) + "\n")
-    (run_dir / "result.json").write_text(json.dumps({"base": base, "trained": trained}))
     if boundary_set:
         evaluation.write_boundary(run_dir, {"base": base_counts, "trained": trained_counts}, boundary_set,
                                   c.boundary_n, settings={"base": model_dir, "trained": str(run_dir / "final")})
     evaluation.plot_training(run_dir)
-    print(f"held-out pass@1 ({c.eval_problems} problems per task, {c.eval_samples} samples each, "
-          f"T={c.eval_temperature}):\n" + "\n".join(lines))
+    print(evaluation.write_result(run_dir, base, trained, f"{c.eval_problems} problems per task, "
+                                  f"{c.eval_samples} samples each, T={c.eval_temperature}"))
 
 
 if __name__ == "__main__":
