@@ -23,7 +23,6 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
-import grpo
 import rollout
 
 
@@ -107,11 +106,11 @@ def gather_groups(batch: rollout.Rollout, scores: torch.Tensor, pad_id: int) -> 
     if world_size() == 1:
         return batch, scores
     device = batch.tokens.device
-    on_cpu = grpo.select_rows(batch, slice(None))
+    on_cpu = rollout.select_rows(batch, slice(None))
     for name in ("tokens", "attention_mask", "mask", "logprobs", "truncated"):
         setattr(on_cpu, name, getattr(batch, name).cpu())  # a pickled CUDA tensor would land on the sender's GPU
     parts = gather_objects((on_cpu, scores.cpu()))
-    batch = grpo.concat_rows([b for b, _ in parts], pad_id)
+    batch = rollout.concat_rows([b for b, _ in parts], pad_id)
     for name in ("tokens", "attention_mask", "mask", "logprobs", "truncated"):
         setattr(batch, name, getattr(batch, name).to(device))
     return batch, torch.cat([s for _, s in parts]).to(device)
@@ -126,7 +125,7 @@ def my_share(batch: rollout.Rollout) -> tuple[rollout.Rollout, torch.Tensor]:
         return batch, torch.arange(rows, device=batch.tokens.device)
     per_rank = -(-rows // world_size())
     index = torch.arange(rank() * per_rank, (rank() + 1) * per_rank, device=batch.tokens.device)
-    local = grpo.select_rows(batch, index.clamp(max=rows - 1))
+    local = rollout.select_rows(batch, index.clamp(max=rows - 1))
     local.mask = local.mask & (index < rows)[:, None]
     return local, index.clamp(max=rows - 1)
 
@@ -191,7 +190,10 @@ def collective_device() -> torch.device:
 
 def save_pretrained(model: torch.nn.Module, tokenizer, path) -> None:
     """The whole model in Hugging Face format (a plain `--model` directory), written by rank 0."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if is_main():

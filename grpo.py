@@ -117,34 +117,15 @@ def sample_groups(policy, tokenizer, stream, groups: int, n: int, max_new_tokens
         batch, scores = evaluation.rollout_and_score(policy, tokenizer, examples, n, max_new_tokens, temperature,
                                                      top_p, seed=seed + round_)
         keep = dynamic_sampling_mask(scores) if dynamic_sampling else torch.ones(groups, dtype=torch.bool)
-        kept_batches.append(select_rows(batch, keep.repeat_interleave(n)))
+        kept_batches.append(rollout.select_rows(batch, keep.repeat_interleave(n)))
         kept_scores.append(scores[keep])
         all_scores.append(scores)
         lengths.append(batch.mask.sum(dim=1).float())
         if sum(len(s) for s in kept_scores) >= groups:
             break
     scores, all_scores = torch.cat(kept_scores)[:groups], torch.cat(all_scores)  # [G, N], [groups·rounds, N]
-    batch = select_rows(concat_rows(kept_batches, tokenizer.pad_token_id), slice(0, len(scores) * n))
+    batch = rollout.select_rows(rollout.concat_rows(kept_batches, tokenizer.pad_token_id), slice(0, len(scores) * n))
     stats = {"reward": all_scores.mean().item(), "pass_rate": (all_scores >= 1).float().mean().item(),
              "kept_frac": sum(len(s) for s in kept_scores) / len(all_scores),
              "response_len": torch.cat(lengths).mean().item(), "sampling_rounds": round_ + 1}
     return batch, scores, stats
-
-
-def select_rows(batch: rollout.Rollout, rows) -> rollout.Rollout:
-    return rollout.Rollout(batch.tokens[rows], batch.attention_mask[rows], batch.mask[rows],
-                           batch.logprobs[rows], batch.truncated[rows], batch.prompt_len)
-
-
-def concat_rows(batches: list[rollout.Rollout], pad_id: int) -> rollout.Rollout:
-    """Stack rollouts of different widths, right-padding the narrower ones (pads are masked out)."""
-    width = max(b.tokens.shape[1] for b in batches)
-
-    def pad(t: torch.Tensor, value) -> torch.Tensor:
-        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
-
-    return rollout.Rollout(torch.cat([pad(b.tokens, pad_id) for b in batches]),
-                           torch.cat([pad(b.attention_mask, False) for b in batches]),
-                           torch.cat([pad(b.mask, False) for b in batches]),
-                           torch.cat([pad(b.logprobs, 0.0) for b in batches]),
-                           torch.cat([b.truncated for b in batches]), min(b.prompt_len for b in batches))

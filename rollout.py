@@ -49,6 +49,26 @@ class Rollout:
     prompt_len: int  # L: completions start at column L
 
 
+def select_rows(batch: Rollout, rows) -> Rollout:
+    """The rows `rows` (an index, slice or bool mask) of a rollout."""
+    return Rollout(batch.tokens[rows], batch.attention_mask[rows], batch.mask[rows],
+                   batch.logprobs[rows], batch.truncated[rows], batch.prompt_len)
+
+
+def concat_rows(batches: list[Rollout], pad_id: int) -> Rollout:
+    """Stack rollouts of different widths, right-padding the narrower ones (pads are masked out)."""
+    width = max(b.tokens.shape[1] for b in batches)
+
+    def pad(t: torch.Tensor, value) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+    return Rollout(torch.cat([pad(b.tokens, pad_id) for b in batches]),
+                   torch.cat([pad(b.attention_mask, False) for b in batches]),
+                   torch.cat([pad(b.mask, False) for b in batches]),
+                   torch.cat([pad(b.logprobs, 0.0) for b in batches]),
+                   torch.cat([b.truncated for b in batches]), min(b.prompt_len for b in batches))
+
+
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions of left-padded rows: bool [B, T] -> long [B, T] = cumsum(mask) - 1, pads clamped to 0.
 

@@ -161,7 +161,7 @@ def sequence_logprobs(policy, batch: rollout.Rollout, temperature: float, entrop
 @torch.no_grad()
 def batch_logprobs(model, batch: rollout.Rollout, c: Config) -> torch.Tensor:
     """Log-probs [B, T−1] of the whole batch without gradient, micro-batch by micro-batch."""
-    return torch.cat([sequence_logprobs(model, grpo.select_rows(batch, rows), c.temperature)
+    return torch.cat([sequence_logprobs(model, rollout.select_rows(batch, rows), c.temperature)
                       for rows in torch.arange(len(batch.tokens)).split(c.micro_batch_rows)])
 
 
@@ -183,7 +183,7 @@ def update(policy, optimizer, batch: rollout.Rollout, adv: torch.Tensor, ref_log
         for minibatch in rows[torch.randperm(len(rows))].chunk(c.minibatches):
             share, finite = dist.loss_share(mask[minibatch], c.loss_agg), True  # this rank's part of the global mean
             for micro in minibatch.split(c.micro_batch_rows):
-                logp, entropy = sequence_logprobs(policy, grpo.select_rows(batch, micro), c.temperature, entropy=True)
+                logp, entropy = sequence_logprobs(policy, rollout.select_rows(batch, micro), c.temperature, entropy=True)
                 micro_old = logp.detach() if on_policy else old_logp[micro]
                 loss, stats = grpo.policy_loss(logp, micro_old, adv[micro], mask[micro], c.clip_low, c.clip_high, c.loss_agg)
                 if ref_logp is not None:

@@ -196,7 +196,7 @@ def test_old_logprobs_are_recomputed_not_taken_from_the_sampler(tiny_model, tiny
     # Two identical policies updated on the same batch, one whose sampler log-probs are garbage: the
     # update must not read them, so both end with the same weights.
     batch, adv = rollout_batch
-    garbage = grpo.select_rows(batch, slice(None))
+    garbage = rollout.select_rows(batch, slice(None))
     garbage.logprobs = torch.full_like(batch.logprobs, -7.0)
     c = train.Config(minibatches=2, epochs=2, kl_coef=0.0)
     results = []
