@@ -7,6 +7,8 @@ the [tokens, V] logits (V = 151936 for Qwen: 16k tokens → 10 GB) and reads it 
 
 import torch
 
+from kl import kl_estimate as kl_estimate_ref  # the same k1/k2/k3 the unfused loss uses
+
 KL_KINDS = ("k1", "k2", "k3")
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 
@@ -29,22 +31,6 @@ def token_logprobs_ref(
         # p·log p → 0 as p → 0; where() keeps a −inf logit (p = 0) from making 0·(−inf) = nan.
         entropy = -torch.where(probs > 0, probs * logp_all, 0.0).sum(-1)  # [...]
     return logp, entropy
-
-
-def kl_estimate_ref(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-token estimate of KL(π‖π_ref) from a sample of π (Schulman, "Approximating KL divergence", 2020).
-
-    k1 = log r̃ with r̃ = π/π_ref (unbiased, noisy); k2 = ½(log r̃)²; k3 = r − log r − 1 with r = π_ref/π
-    (unbiased, always ≥ 0; the one ProRL uses). Same as `kl.kl_estimate`.
-    """
-    log_ratio = logp - ref_logp  # log π/π_ref
-    if kind == "k1":
-        return log_ratio
-    if kind == "k2":
-        return 0.5 * log_ratio**2
-    if kind == "k3":
-        return torch.exp(-log_ratio) + log_ratio - 1  # exp(ref − logp) − (ref − logp) − 1
-    raise ValueError(f"kl_kind must be one of {KL_KINDS}, got {kind!r}.")
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, agg: str) -> torch.Tensor:
