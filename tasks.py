@@ -12,7 +12,7 @@ Built-in families (each with difficulty levels 1..3):
                                                        above its pass@1, the regime where RL gains most
 
 Sources, as named in `--tasks` (comma-separated SOURCE[:WEIGHT], weights normalised, default 1):
-  add, sort, countdown                 the built-in families above
+  add, sort, reverse, countdown        the built-in families above
   math, code, logic, mcq, ifeval       ProRL's domains: the small sample files data/<domain>.jsonl
   rg:NAME                              any reasoning-gym dataset, generated on the fly (offline), as "logic"
   path/to/file.jsonl                   your own examples
@@ -25,7 +25,7 @@ JSONL schema: one example per line, a JSON object with "task" and "prompt", and 
   logic   "dataset": a reasoning-gym dataset name, "entry": one of its entries (question, answer, metadata)
   mcq     "answer": the right option's letter, A to J
   ifeval  "constraints": [{"kind": "max_words", "n": 50}, ...], kinds as in rewards.IFEVAL_CHECKS
-  add, sort, countdown: as the built-in generators make them
+  add, sort, reverse, countdown: as the built-in generators make them
 Any example may carry "solution", one completion that scores 1 (every shipped one is tested to).
 A line that breaks the schema is an error naming the file and the line.
 """
