@@ -71,6 +71,10 @@ def run_tests(program: str, tests: list[dict], time_limit: float = DEFAULT_TIME_
 @functools.cache
 def protections() -> dict[str, bool]:
     """Which protections hold on this machine, each proven by a harmless probe run in the sandbox."""
+    # A host process for the probe to signal. Pids do not compare across pid namespaces (inside a jail, the
+    # same number names a sandbox process), so what counts is whether this process is hit, not whether kill()
+    # succeeds.
+    target = subprocess.Popen(["sleep", "60"], start_new_session=True)
     with socket.socket() as listener, tempfile.TemporaryDirectory() as host_dir:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
@@ -78,17 +82,26 @@ def protections() -> dict[str, bool]:
         open(marker, "w").close()
         os.chmod(host_dir, 0o755)
         os.chmod(marker, 0o644)  # readable by anyone: only walls can hide it
-        probe_input = json.dumps({"port": listener.getsockname()[1], "host_pid": os.getpid(), "marker": marker,
+        probe_input = json.dumps({"port": listener.getsockname()[1], "host_pid": target.pid, "marker": marker,
                                   "forks": MAX_PROCESSES + 8, "allocate": (MEMORY_MB + 64) * 2**20})
-        results = run_tests(_PROBE, [{"input": probe_input}], time_limit=20)
+        try:
+            results = run_tests(_PROBE, [{"input": probe_input}], time_limit=20)
+            try:
+                target.wait(timeout=0.5)  # a signal sent is delivered at once; give the exit a moment to show
+                host_signalled = True
+            except subprocess.TimeoutExpired:
+                host_signalled = False
+        finally:
+            target.kill()
+            target.wait()
     if not results or results[0]["status"] != "ok":
         raise RuntimeError(f"the sandbox probe did not finish cleanly: {results}")
     facts = json.loads(results[0]["output"])
     return {
         "own_user": facts["uid"] not in (0, os.getuid()),      # not root, not you: a throw-away uid
-        "own_session": facts["sid"] != os.getsid(0),
+        "own_session": facts["sid"] == facts["pid"],           # a session leader (sids do not compare across namespaces)
         "no_network": not facts["network"],
-        "cannot_signal_host": not facts["host_signalable"],
+        "cannot_signal_host": not host_signalled,
         "own_pid_namespace": facts["parent_pid"] == 1,          # the driver is PID 1: a namespace of its own
         "process_limit": facts["fork_refused"],
         "memory_limit": facts["allocation_refused"],
@@ -208,18 +221,18 @@ _STARTUP_CHECK = "import decimal, fractions, heapq, json\nprint('ok')\n"  # stdl
 _PROBE = """
 import json, os, socket, sys, time
 given = json.loads(sys.stdin.read())
-facts = {"uid": os.getuid(), "sid": os.getsid(0), "parent_pid": os.getppid(), "environment": sorted(os.environ),
+facts = {"uid": os.getuid(), "pid": os.getpid(), "sid": os.getsid(0), "parent_pid": os.getppid(), "environment": sorted(os.environ),
          "marker_visible": os.path.exists(given["marker"])}
 try:
     socket.create_connection(("127.0.0.1", given["port"]), timeout=2).close()
     facts["network"] = True
 except OSError:
     facts["network"] = False
-try:
-    os.kill(given["host_pid"], 0)
-    facts["host_signalable"] = True
-except OSError:
-    facts["host_signalable"] = False
+if given["host_pid"] not in (os.getpid(), os.getppid()):  # those two are plainly ours, never the host's
+    try:
+        os.kill(given["host_pid"], 15)
+    except OSError:
+        pass
 children, facts["fork_refused"] = [], False
 for _ in range(given["forks"]):
     try:
@@ -323,7 +336,7 @@ def _sandbox_main() -> None:
 
     def run_program(test: dict, stdin_file, stdout_file) -> int:
         """In the forked child: limits, redirections, then the program. Returns the exit status."""
-        os.setpgid(0, 0)  # a group of its own, so a timeout kills it and everything it started at once
+        os.setsid()  # a session and group of its own: no terminal, and a timeout kills the whole group at once
         cpu_seconds = max(1, math.ceil(job["time_limit"]))
         resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))  # SIGXCPU, then SIGKILL
         resource.setrlimit(resource.RLIMIT_FSIZE, (job["output_limit"], job["output_limit"]))
