@@ -18,9 +18,10 @@ Protections, and where each comes from:
             a throw-away uid of its own, no groups, no capabilities, no_new_privs: it can touch
             nothing of yours, and RLIMIT_NPROC, which counts per uid, holds each run to its own
             budget (with a shared `nobody`, one fork bomb would starve the runs beside it)
-            its own session; a clean environment (PATH, HOME, TMPDIR, LANG only)
+            a clean environment (PATH, HOME, TMPDIR, LANG only)
             RLIMIT_AS (memory), RLIMIT_NPROC (processes), RLIMIT_NOFILE, no core dumps
-  per test  wall-clock limit (the driver kills the test's process group, then every process left
+  per test  its own session and process group (setsid): no controlling terminal
+            wall-clock limit (the driver kills the test's process group, then every process left
             in the sandbox), CPU-time limit (RLIMIT_CPU), output cap (RLIMIT_FSIZE on its stdout)
 
 Where the system refuses some of this, the sandbox says so once (a warning) and runs with what it has:

@@ -7,9 +7,11 @@ namespaces in a container, not root), the test that needs it is skipped and says
 than run a fork bomb or kill(-1) unprotected.
 """
 
+import json
 import os
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
@@ -94,6 +96,22 @@ def test_the_sandbox_uses_every_wall_this_machine_allows():
         for wall in ["own_user", "cannot_signal_host", "process_limit"]:
             assert proven[wall], wall
 
+
+
+def test_the_probe_holds_when_the_host_itself_runs_in_a_pid_namespace():
+    """CI runs the tests inside a PID namespace whose session leader is outside it (getsid there is 0), and
+    pids inside the sandbox can equal host pids: the probe must not compare ids across namespaces."""
+    flags = ["--pid", "--fork", "--mount-proc"] + ([] if os.geteuid() == 0 else ["--user", "--map-root-user"])
+    if subprocess.run(["unshare", *flags, "true"], check=False, capture_output=True).returncode != 0:
+        pytest.skip("unshare --pid is refused on this machine")
+    script = "import json, sandbox; print(json.dumps(sandbox.protections()))"
+    done = subprocess.run(["unshare", *flags, sys.executable, "-c", script], check=False, capture_output=True,
+                          text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr[-2000:]
+    nested = json.loads(done.stdout.strip().splitlines()[-1])
+    assert nested["own_session"] and nested["memory_limit"] and nested["clean_environment"], nested
+    for wall in ["cannot_signal_host", "own_pid_namespace", "no_network"]:
+        assert nested[wall] == sandbox.protections()[wall], (wall, nested)
 
 def test_stdin_and_call_tests_run_and_report_what_happened():
     results = sandbox.run_tests("a, b = map(int, input().split())\nprint(a + b)", [{"input": "1 2\n"}, {"input": "x y\n"}])
