@@ -255,12 +255,15 @@ def main(argv: list[str]) -> None:
             lengths = batch.mask.sum(dim=1).view_as(scores)
             shaped = rewards.apply_length_penalty(scores, lengths, c.max_new_tokens, eta)  # [P, N]
             local, rows = dist.my_share(batch)  # the rows this rank's forward/backward passes cover
+            ref_start = time.time()
             ref_logp = batch_logprobs(reference, local, c) if reference is not None else None
+            metrics["ref_s"], update_start = time.time() - ref_start, time.time()
             if c.kl_in_reward:  # r − β · Σ_t KL_t, with the sampler's log-probs as π (no extra forward)
                 token_kl = kl.kl_estimate(batch.logprobs[:, 1:], dist.gather_rows(ref_logp, len(batch.tokens)), c.kl_kind)
                 shaped = shaped - c.kl_coef * (token_kl * batch.mask[:, 1:]).sum(dim=1).view_as(shaped)
             adv = grpo.group_advantages(shaped, c.advantage).flatten()  # [P·N]: one advantage per response
-            metrics.update(update(policy.train(), optimizer, local, adv[rows], ref_logp, c), length_eta=eta)
+            metrics.update(update(policy.train(), optimizer, local, adv[rows], ref_logp, c), length_eta=eta,
+                           update_s=time.time() - update_start)
         if c.eval_every and step % c.eval_every == 0:
             metrics["val_pass1"] = held_out_pass1(val_set)["average"]
             tracker.observe_validation(metrics["val_pass1"])
@@ -271,6 +274,8 @@ def main(argv: list[str]) -> None:
             metrics["reset"] = reason
         metrics.update(resets=tracker.count, step_s=time.time() - start,
                        tokens_per_s=float(batch.mask.sum()) / (time.time() - start))
+        if device.startswith("cuda"):  # the most this rank's GPU has held so far, in GB
+            metrics["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
         metrics_file.write(json.dumps(metrics) + "\n")
         metrics_file.flush()
         if step == c.steps or (c.save_every and step % c.save_every == 0):

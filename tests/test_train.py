@@ -238,7 +238,7 @@ PRESET_RUNS = {
               {"advantage": "reinforce_pp", "n": 16, "lr_scale_from_batch": 256 * 16, "kl_kind": "k2"}),
 }
 STEP_KEYS = {"step", "reward", "pass_rate", "kept_frac", "response_len", "clipfrac", "approx_kl", "ratio_mean",
-             "kl", "entropy", "val_pass1", "resets", "gen_s", "step_s", "tokens_per_s"}
+             "kl", "entropy", "val_pass1", "resets", "gen_s", "ref_s", "update_s", "step_s", "tokens_per_s"}
 
 
 def run_train(tmp_path, monkeypatch, model_dir: str, argv: list[str]) -> tuple[dict, list[dict], list[float]]:
@@ -274,6 +274,7 @@ def test_preset_trains_end_to_end(tmp_path, monkeypatch, tiny_model_dir, preset)
     for m in metrics:
         assert STEP_KEYS <= set(m), STEP_KEYS - set(m)
         assert all(math.isfinite(m[k]) for k in STEP_KEYS)
+        assert 0 < m["gen_s"] + m["ref_s"] + m["update_s"] <= m["step_s"]  # the time split is part of the step
         assert 0 < m["kept_frac"] <= 1
     # BroRL: lr · sqrt(B_new / B_old) = 2e-6 · sqrt(4·16 / (256·16)) = 2e-6 / 8; the others use the preset's lr
     expected_lr = 2e-6 / 8 if preset == "brorl" else 2e-6
@@ -319,3 +320,16 @@ def test_ablation_script_runs_each_variant_in_its_own_dir_and_tabulates_them(tmp
     assert [(configs[k]["prompts_per_step"], configs[k]["n"]) for k in ("n4", "n32")] == [(16, 4), (2, 32)]
     rows = (tmp_path / "runs" / "ablate.md").read_text().splitlines()
     assert len(rows) == 2 + 3 and rows[2].startswith("| no-kl |") and "| 16 × 4 |" in rows[3]
+
+
+# ----------------------------------------------------------------------------- bench/step.py, smoke
+
+def test_step_benchmark_runs_one_prorl_v2_step_and_prints_its_time_split(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "step.py"), "--sizes", "2", "2", "4", "4"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    split = dict(zip(*[iter(done.stdout.strip().splitlines()[-1].split()[:8])] * 2, strict=True))
+    assert set(split) == {"gen_s", "ref_s", "update_s", "step_s"}
+    assert sum(float(split[k]) for k in ("gen_s", "ref_s", "update_s")) <= float(split["step_s"]) + 0.02
+    config = json.loads((tmp_path / "runs" / "bench-step" / "small" / "train" / "config.json").read_text())
+    assert (config["advantage"], config["kl_kind"], config["n"], config["max_new_tokens"]) == ("reinforce_pp", "k2", 2, 4)
