@@ -70,7 +70,7 @@ def rollout_and_score(policy, tokenizer, examples: list[dict], n: int, max_new_t
     completions = tokenizer.batch_decode(torch.where(result.mask, result.tokens, tokenizer.pad_token_id)
                                          [:, result.prompt_len:], skip_special_tokens=True)
     scores = rewards.score_batch([examples[i // n] for i in range(len(completions))], completions)
-    scores = torch.tensor(scores).masked_fill(result.truncated, 0.0)
+    scores = torch.tensor(scores, device=result.truncated.device).masked_fill(result.truncated, 0.0)  # [P·N]
     return result, scores.view(len(examples), n)
 
 

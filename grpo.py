@@ -19,9 +19,12 @@ def group_advantages(rewards: torch.Tensor, estimator: str = "grpo") -> torch.Te
                   — the group mean is the baseline; normalising by the whole batch, not the group,
                   does not blow up the advantage of a group that is nearly all right or all wrong.
     rloo          (REINFORCE leave-one-out):  A_i = r_i − mean_{j≠i} r_j = N/(N−1) · (r_i − mean_group)
+    A group whose rewards are all equal gets exactly 0 (its float32 mean may miss the value by a rounding
+    step, and for grpo that ±6e-8 divided by a std of 0 would be a sizeable advantage of one sign).
     """
     rewards = rewards.float()
-    centred = rewards - rewards.mean(dim=1, keepdim=True)  # [P, N]
+    constant = (rewards == rewards[:, :1]).all(dim=1, keepdim=True)  # [P, 1]
+    centred = (rewards - rewards.mean(dim=1, keepdim=True)).masked_fill(constant, 0.0)  # [P, N]
     if estimator == "grpo":
         return centred / (rewards.std(dim=1, keepdim=True, unbiased=False) + EPS)
     if estimator == "reinforce_pp":
@@ -116,7 +119,7 @@ def sample_groups(policy, tokenizer, stream, groups: int, n: int, max_new_tokens
         examples = [stream.sample() for _ in range(groups)]
         batch, scores = evaluation.rollout_and_score(policy, tokenizer, examples, n, max_new_tokens, temperature,
                                                      top_p, seed=seed + round_)
-        keep = dynamic_sampling_mask(scores) if dynamic_sampling else torch.ones(groups, dtype=torch.bool)
+        keep = dynamic_sampling_mask(scores) if dynamic_sampling else torch.ones_like(scores[:, 0], dtype=torch.bool)
         kept_batches.append(rollout.select_rows(batch, keep.repeat_interleave(n)))
         kept_scores.append(scores[keep])
         all_scores.append(scores)

@@ -55,7 +55,7 @@ class Config:
     clip_high: float = option(0.28, "ε_high: ratio clipped above at 1 + ε_high (ProRL: 0.4)")
     loss_agg: str = option("token-mean", "token-mean, seq-mean-token-mean or seq-mean-token-sum")
     kl_coef: float = option(1e-3, "β: weight of KL(π‖π_ref) in the loss (0: no reference model)")
-    kl_kind: str = option("k3", "KL estimator: k1, k2, k3")
+    kl_kind: str = option("k3", "KL estimator: k1, k2, k3 (k1 in the loss has zero expected gradient: use it with --kl-in-reward)")
     kl_clamp: float = option(0.0, "clamp the per-token KL term to ±this (0: off)")
     kl_in_reward: bool = option(False, "fold β·KL into each response's reward instead of the loss")
     overlong_filter: bool = option(False, "mask truncated responses out of the loss instead of rewarding them 0")
@@ -126,7 +126,7 @@ def parse_config(argv: list[str]) -> Config:
 def validate(c: Config) -> None:
     checks = [(c.n >= 2, "--n must be at least 2: group advantages compare samples of one prompt"),
               (c.prompts_per_step >= 1 and c.steps >= 0, "--prompts-per-step must be ≥ 1 and --steps ≥ 0"),
-              (c.lr > 0, "--lr must be positive"), (c.temperature >= 0, "--temperature must be ≥ 0"),
+              (c.lr > 0, "--lr must be positive"), (c.temperature > 0, "--temperature must be > 0 (the loss is at the sampling temperature)"),
               (0 < c.top_p <= 1, "--top-p must be in (0, 1]"), (c.max_new_tokens >= 1, "--max-new-tokens must be ≥ 1"),
               (0 <= c.clip_low < 1 and c.clip_high >= 0, "--clip-low must be in [0, 1) and --clip-high ≥ 0"),
               (c.minibatches >= 1 and c.epochs >= 1, "--minibatches and --epochs must be ≥ 1"),
@@ -134,7 +134,7 @@ def validate(c: Config) -> None:
               (c.eval_samples >= 1 and c.eval_every >= 0, "--eval-samples must be ≥ 1, --eval-every ≥ 0"),
               (c.eval_problems >= 1 and c.val_problems >= 1, "--eval-problems and --val-problems must be ≥ 1"),
               (c.boundary_problems >= 0 and c.boundary_n >= 1, "--boundary-problems must be ≥ 0, --boundary-n ≥ 1"),
-              (c.max_sampling_rounds >= 1, "--max-sampling-rounds must be ≥ 1"),
+              (1 <= c.max_sampling_rounds <= 10, "--max-sampling-rounds must be in 1..10"),
               (c.micro_batch_rows >= 1, "--micro-batch-rows must be ≥ 1"), (c.save_every >= 0, "--save-every must be ≥ 0"),
               (c.prompts_per_step % dist.planned_world_size() == 0, "--prompts-per-step must divide among the ranks"),
               (c.length_period >= 1 and c.length_off_steps >= 0, "--length-period must be ≥ 1, --length-off-steps ≥ 0"),
@@ -155,7 +155,7 @@ def sequence_logprobs(policy, batch: rollout.Rollout, temperature: float, entrop
     """Teacher-forced log-probs [B, T−1] of tokens[:, 1:] (and their entropies), aligned with mask[:, 1:]."""
     logits = policy(input_ids=batch.tokens, attention_mask=batch.attention_mask.long(),
                     position_ids=rollout.position_ids(batch.attention_mask)).logits
-    return kernels.token_logprobs(logits[:, :-1], batch.tokens[:, 1:], max(temperature, 1e-6), entropy)
+    return kernels.token_logprobs(logits[:, :-1], batch.tokens[:, 1:], temperature, entropy)
 
 
 @torch.no_grad()
@@ -246,11 +246,11 @@ def main(argv: list[str]) -> None:
             batch, scores, metrics = grpo.sample_groups(
                 policy.eval(), tokenizer, stream, c.prompts_per_step // dist.world_size(), c.n, c.max_new_tokens,
                 c.temperature, c.top_p, rounds=c.max_sampling_rounds if c.dynamic_sampling else 1,
-                dynamic_sampling=c.dynamic_sampling, seed=c.seed * 100_003 + step * 10 + dist.rank() * 1_000_003)
+                dynamic_sampling=c.dynamic_sampling, seed=c.seed * 100_003 + step * 10 + dist.rank() * 1_000_003)  # + round < 10
         batch, scores = dist.gather_groups(batch, scores, tokenizer.pad_token_id)  # the whole batch on every rank
         metrics = {"step": step, **dist.reduce_metrics(metrics), "gen_s": time.time() - start}  # means over ranks
         if len(scores):
-            eta = rewards.length_penalty_coef(step, c.length_eta_min, c.length_eta_max, c.length_period,
+            eta = rewards.length_penalty_coef(step - 1, c.length_eta_min, c.length_eta_max, c.length_period,
                                               c.length_off_steps)
             lengths = batch.mask.sum(dim=1).view_as(scores)
             shaped = rewards.apply_length_penalty(scores, lengths, c.max_new_tokens, eta)  # [P, N]

@@ -65,6 +65,10 @@ def test_an_all_equal_group_has_zero_advantage(estimator):
     assert adv[3].abs().min() > 0.5
     # a batch made only of such groups: zero, not NaN
     assert torch.equal(grpo.group_advantages(torch.ones(2, 4), estimator), torch.zeros(2, 4))
+    # 16 equal shaped rewards whose float32 mean is one rounding step off the value (std exactly 0): still 0
+    shaped = torch.full((1, 16), 0.9885262)
+    assert shaped.mean() != shaped[0, 0]
+    assert torch.equal(grpo.group_advantages(shaped, estimator), torch.zeros(1, 16))
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)

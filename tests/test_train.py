@@ -63,6 +63,8 @@ def test_cli_n_1_exits_with_one_line(tmp_path):
     (["--loss-agg", "sum"], "unknown loss aggregation 'sum'"),
     (["--length-eta-max", "0.1", "--length-period", "0"], "--length-period"),  # each of these five ends in a
     (["--max-sampling-rounds", "0"], "--max-sampling-rounds"),                 # traceback later on
+    (["--max-sampling-rounds", "11"], "--max-sampling-rounds must be in 1..10"),  # seeds step·10 + round
+    (["--temperature", "0"], "--temperature must be > 0"),
     (["--micro-batch-rows", "0"], "--micro-batch-rows"),
     (["--eval-problems", "0"], "--eval-problems"),
     (["--lr-scale-from-batch", "-5"], "--lr-scale-from-batch"),
@@ -168,7 +170,7 @@ def rollout_batch(tiny_model):
     return batch, adv
 
 
-def test_on_policy_update_has_ratio_one_and_zero_kl_to_an_identical_reference(tiny_model, tiny_model_dir, rollout_batch):
+def test_update_has_zero_kl_to_an_identical_reference(tiny_model, tiny_model_dir, rollout_batch):
     policy, _ = tiny_model
     reference = model_lib.load(tiny_model_dir)[0].eval()
     batch, adv = rollout_batch
@@ -176,9 +178,44 @@ def test_on_policy_update_has_ratio_one_and_zero_kl_to_an_identical_reference(ti
     c = train.Config(minibatches=1, epochs=1, kl_coef=1e-3)
     ref_logp = train.batch_logprobs(reference, batch, c)
     stats = train.update(policy, torch.optim.AdamW(policy.parameters(), lr=1e-3), batch, adv, ref_logp, c)
-    assert stats["ratio_mean"] == 1.0 and stats["clipfrac"] == 0.0 and stats["kl"] == 0.0
-    assert stats["entropy"] > 0
+    assert stats["kl"] == 0.0 and stats["entropy"] > 0
     assert any(not torch.equal(p, q) for p, q in zip(before, policy.parameters()))
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_update_steps_down_the_gradient_of_the_loss_written_out_by_hand(tiny_model_dir, agg):
+    """One SGD step (lr 1) of update() — micro-batches of 3 rows, k3 KL to another model, T = 1.3 — equals
+    minus the gradient of the clipped loss + β·k3 written out here from log_softmax, for the whole batch."""
+    policy, tokenizer = model_lib.load(tiny_model_dir)
+    reference = model_lib.build_tiny_model(tokenizer, seed=1).eval()
+    prompts = [model_lib.encode_prompt(tokenizer, text) for text in ("12+34=", "5 3 9 1 7=", "3 7 9>30:", "8+8=")]
+    batch = rollout.generate(policy, prompts, n=4, max_new_tokens=6, temperature=1.3, seed=0,
+                             pad_id=tokenizer.pad_token_id)
+    adv = torch.randn(16, generator=torch.Generator().manual_seed(0))
+    c = train.Config(micro_batch_rows=3, loss_agg=agg, kl_coef=0.1, kl_kind="k3", grad_clip=1e9, minibatches=1,
+                     temperature=1.3)
+    ref_logp = train.batch_logprobs(reference, batch, c)
+    before = [p.clone() for p in policy.parameters()]
+    train.update(policy, torch.optim.SGD(policy.parameters(), lr=1.0), batch, adv, ref_logp, c)
+    step = torch.cat([(p - q).flatten() for p, q in zip(policy.parameters(), before)])
+
+    fresh = model_lib.load(tiny_model_dir)[0]
+    logits = fresh(input_ids=batch.tokens, attention_mask=batch.attention_mask.long(),
+                   position_ids=rollout.position_ids(batch.attention_mask)).logits[:, :-1]
+    logp = torch.log_softmax(logits / 1.3, -1).gather(-1, batch.tokens[:, 1:, None])[..., 0]
+    ratio = torch.exp(logp - logp.detach())  # on-policy: 1, with the gradient of logp
+    log_ratio = ref_logp - logp
+    per_token = torch.maximum(-adv[:, None] * ratio, -adv[:, None] * ratio.clamp(0.8, 1.28))
+    per_token = per_token + 0.1 * (torch.exp(log_ratio) - log_ratio - 1)
+    mask = batch.mask[:, 1:].float()
+    seq_sum, seq_tokens = (per_token * mask).sum(1), mask.sum(1)
+    loss = {"token-mean": seq_sum.sum() / mask.sum(),
+            "seq-mean-token-mean": (seq_sum / seq_tokens.clamp(min=1)).sum() / (seq_tokens > 0).sum(),
+            "seq-mean-token-sum": seq_sum.sum() / (seq_tokens > 0).sum()}[agg]
+    loss.backward()
+    gradient = torch.cat([p.grad.flatten() for p in fresh.parameters()])
+    assert gradient.abs().max() > 1e-4
+    torch.testing.assert_close(step, -gradient, atol=1e-6, rtol=1e-4)
 
 
 def test_minibatches_and_epochs_take_one_optimizer_step_each(tiny_model, rollout_batch):
@@ -291,6 +328,7 @@ def test_scheduled_reset_makes_the_next_steps_kl_exactly_zero(tmp_path, monkeypa
                                "--lr", "1e-2", "--reset-every", "2", "--length-eta-max", "0.1",
                                "--dynamic-sampling", "false"])
     assert metrics[0]["kl"] == 0.0 and metrics[1]["kl"] > 0 and metrics[2]["kl"] == 0.0
+    assert metrics[0]["length_eta"] == 0.1  # step 1 opens the first on-phase of the length penalty at η_max
     assert [m.get("reset") for m in metrics] == [None, "schedule", None]
     assert [m["resets"] for m in metrics] == [0, 1, 1]
 
