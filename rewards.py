@@ -7,7 +7,8 @@ plus the built-in toy tasks):
   math     1 if the final answer equals "answer"          math-verify: \boxed{} first, else the last answer-like
                                                           expression; equal as numbers/sets/expressions
   code     fraction of "tests" passed (ProRL)             the last ```python block, run in sandbox.py
-  logic    the dataset's own score, continuous            reasoning-gym's scorer on the last <answer>...</answer>
+  logic    the dataset's own score, continuous            reasoning-gym's scorer on the last <answer>...</answer>,
+                                                          run in sandbox.py (some scorers eval() the answer)
   mcq      1 if the chosen letter is "answer"             "answer is (C)", "Answer: C", \boxed{C}, or just "C"
   ifeval   fraction of "constraints" satisfied            IFEVAL_CHECKS below, after IFEval (Zhou et al., 2023)
 
@@ -16,18 +17,24 @@ inside a fenced code block: code is not an answer.
 """
 
 import ast
+import base64
 import functools
 import inspect
 import json
 import math
 import os
+import pickle
 import re
+import sysconfig
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import sandbox
 
 MATH_TIME_LIMIT = 5  # seconds math-verify may spend parsing or comparing one answer (\boxed{9^{9^{9^9}}} ...)
+LOGIC_TIME_LIMIT = 5  # seconds one reasoning-gym score may take ...
+LOGIC_STARTUP = 30  # ... after importing reasoning-gym in the sandbox (about a second; more on a busy machine)
 
 
 def score(example: dict, completion: str) -> float:
@@ -37,25 +44,30 @@ def score(example: dict, completion: str) -> float:
         raise ValueError(f"no verifier for task '{example.get('task')}'; known: {', '.join(VERIFIERS)}")
     try:
         return float(verifier(example, completion))
-    except Exception:  # noqa: BLE001  (a verifier that crashes on odd model output must not end a long run)
+    except (Exception, SystemExit):  # noqa: BLE001  (a verifier that crashes on odd model output must not end a run)
         return 0.0
 
 
 def score_batch(examples: list[dict], completions: list[str], workers: int | None = None) -> list[float]:
     """score() for many completions at once: code in up to `workers` sandboxes side by side (default: one
-    per core), everything else meanwhile in this thread (math-verify's time limits need the main thread).
+    per core), all logic answers in one more sandbox, everything else meanwhile in this thread (math-verify's
+    time limits need the main thread).
     """
     if len(examples) != len(completions):
         raise ValueError(f"score_batch got {len(examples)} examples but {len(completions)} completions")
     rewards = [0.0] * len(completions)
+    logic = [i for i, example in enumerate(examples) if example.get("task") == "logic"]
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
         code = {i: pool.submit(score, example, completion)
                 for i, (example, completion) in enumerate(zip(examples, completions)) if example.get("task") == "code"}
+        logic_scores = pool.submit(score_logic_batch, [examples[i] for i in logic], [completions[i] for i in logic])
         for i, (example, completion) in enumerate(zip(examples, completions)):
-            if i not in code:
+            if i not in code and example.get("task") != "logic":
                 rewards[i] = score(example, completion)
         for i, future in code.items():
             rewards[i] = future.result()
+        for i, reward in zip(logic, logic_scores.result(), strict=True):
+            rewards[i] = reward
     return rewards
 
 
@@ -149,16 +161,85 @@ def same_value(printed: str, expected: str) -> bool:
 
 # ----------------------------------------------------------------------------- logic (reasoning-gym)
 
-ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+def tagged_answer(text: str) -> str | None:
+    """What the last complete <answer>...</answer> holds, stripped, or None. (Found with rfind, not a regex:
+    a lazy regex rescans the rest of the text from every unclosed tag, which is quadratic.)"""
+    end = text.rfind("</answer>")
+    start = text.rfind("<answer>", 0, max(end, 0))
+    return text[start + len("<answer>") : end].strip() if end >= 0 and start >= 0 else None
 
 
 def score_logic(example: dict, completion: str) -> float:
     """reasoning-gym's own score for the last <answer>...</answer>, clipped to [0, 1]; no tag scores 0."""
-    answers = ANSWER_TAG.findall(final_text(completion))
-    if not answers:
-        return 0.0
-    scorer = reasoning_gym_scorer(example["dataset"])
-    return min(1.0, max(0.0, float(scorer(answers[-1].strip(), example["entry"]))))
+    return score_logic_batch([example], [completion])[0]
+
+
+def score_logic_batch(examples: list[dict], completions: list[str]) -> list[float]:
+    """score_logic for many completions, all in one sandbox run.
+
+    Some reasoning-gym scorers eval() the answer (spiral_matrix, n_queens, ...) or hand it to sympy's
+    parse_expr, which does too: a model could run code, exit(), or loop there. So the scorers run in the
+    sandbox, LOGIC_TIME_LIMIT seconds per answer, their scores printed one line each as they go; when the
+    run dies on an answer, that answer scores 0 and a new run takes the rest. Where the sandbox cannot
+    import reasoning-gym (no namespaces and an interpreter it cannot read), they run here, with a warning.
+    """
+    rewards = [0.0] * len(completions)
+    todo = [(i, answer, example["dataset"], example["entry"]) for i, (example, completion)
+            in enumerate(zip(examples, completions)) if (answer := tagged_answer(final_text(completion)))]
+    while todo:
+        job = base64.b64encode(pickle.dumps([item[1:] for item in todo])).decode()
+        program = LOGIC_SCORER.format(site=sysconfig.get_paths()["purelib"], limit=LOGIC_TIME_LIMIT)
+        try:
+            results = sandbox.run_tests(program, [{"input": job}], time_limit=LOGIC_STARTUP + LOGIC_TIME_LIMIT * len(todo))
+        except RuntimeError:  # the sandbox cannot start Python at all
+            return score_logic_unsandboxed(rewards, todo)
+        if results is None:  # the sandbox failed as a whole: what is left scores 0
+            break
+        lines = results[0]["output"].split("\n")[:-1]  # complete lines only
+        if lines[:1] != ["ready"]:
+            return score_logic_unsandboxed(rewards, todo)
+        for (i, *_), line in zip(todo, lines[1:]):
+            rewards[i] = min(1.0, max(0.0, float(line)))
+        todo = todo[len(lines):]  # all scored, or: the run died on todo[len(lines) - 1], which scores 0
+    return rewards
+
+
+# Runs in the sandbox: the job on stdin (base64 of a pickled list of (answer, dataset, entry)), one score
+# per line out. site-packages is not on the path of the sandbox's `python -I -S`; it is added back here.
+LOGIC_SCORER = """
+import base64, os, pickle, signal, sys
+os.environ.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+sys.path.append({site!r})
+import reasoning_gym
+print("ready", flush=True)
+
+def too_slow(signum, frame):
+    raise TimeoutError
+
+signal.signal(signal.SIGALRM, too_slow)
+scorers = {{}}
+for answer, dataset, entry in pickle.loads(base64.b64decode(sys.stdin.read())):
+    signal.alarm({limit})
+    try:
+        if dataset not in scorers:
+            scorers[dataset] = reasoning_gym.get_score_answer_fn(dataset)
+        score = float(scorers[dataset](answer, entry))
+    except BaseException:
+        score = 0.0
+    signal.alarm(0)
+    print(score if score == score else 0.0, flush=True)  # NaN scores 0
+"""
+
+
+def score_logic_unsandboxed(rewards: list[float], todo: list[tuple]) -> list[float]:
+    warnings.warn("rewards: the sandbox cannot import reasoning-gym here, so logic answers are scored in this "
+                  "process, where a scorer that eval()s the answer runs model-written code", stacklevel=3)
+    for i, answer, dataset, entry in todo:
+        try:
+            rewards[i] = min(1.0, max(0.0, float(reasoning_gym_scorer(dataset)(answer, entry))))
+        except (Exception, SystemExit):  # noqa: BLE001  (model output that crashes the scorer scores 0)
+            rewards[i] = 0.0
+    return rewards
 
 
 @functools.cache
