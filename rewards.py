@@ -112,13 +112,20 @@ def parse_gold_answer(answer: str, seconds: int | None) -> list:
 
 # ----------------------------------------------------------------------------- code
 
-PYTHON_BLOCK = re.compile(r"```(?:python3?|py)[ \t]*\n(.*?)```", re.DOTALL)
+PYTHON_FENCE = re.compile(r"(?:python3?|py)[ \t]*\n")  # the language line of a Python block
 
 
 def extract_program(completion: str) -> str | None:
-    """The last ```python fenced block (```py and ```python3 too), or None."""
-    blocks = PYTHON_BLOCK.findall(after_thinking(completion))
-    return blocks[-1] if blocks else None
+    """The last closed ```python fenced block (```py and ```python3 too), or None.
+
+    Fences open and close in turn, as in Markdown; split on them instead of a lazy regex, which rescans
+    the rest of the text from every unclosed fence (quadratic on output that repeats ```python)."""
+    pieces = after_thinking(completion).split("```")
+    for block in reversed(pieces[1:-1:2]):  # what lies between an opening fence and its closing one
+        language = PYTHON_FENCE.match(block)
+        if language:
+            return block[language.end():]
+    return None
 
 
 def score_code(example: dict, completion: str) -> float:
@@ -261,7 +268,9 @@ MCQ_HEDGE = re.compile(r"\s*(?:,|/|&|\bor\b|\band\b)\s*\(?\s*[A-J](?![A-Za-z0-9]
 
 def choose_letter(completion: str) -> str | None:
     """The option letter a completion commits to, or None (no answer, or a hedge like "A or B")."""
-    text = final_text(completion).replace("*", "")  # **Answer:** C, **C**
+    # **Answer:** C and **C** lose their stars; runs of whitespace become one space, which keeps the
+    # patterns' adjacent \s* from backtracking through long runs (cubic time on "answer is" + 3000 newlines).
+    text = re.sub(r"\s+", " ", final_text(completion).replace("*", ""))
     stated = list(MCQ_STATED.finditer(text)) or list(MCQ_ALONE.finditer(text))
     if not stated or MCQ_HEDGE.match(text, stated[-1].end()):
         return None
@@ -283,7 +292,9 @@ def _sentences(text: str) -> list[str]:
 
 
 def _is_json(text: str) -> bool:
-    text = re.sub(r"^```(?:json)?\s*|\s*```$", "", text.strip(), flags=re.IGNORECASE)  # IFEval strips the fences too
+    for fence in ("```json", "```Json", "```JSON", "```"):  # IFEval strips the fences too, exactly so
+        text = text.strip().removeprefix(fence)
+    text = text.removesuffix("```").strip()
     try:
         json.loads(text)
     except ValueError:
@@ -312,13 +323,13 @@ IFEVAL_CHECKS = {
     "no_comma": lambda r: "," not in r,                                      # punctuation:no_comma
     "ends_with": lambda r, phrase: r.strip().endswith(phrase),               # startend:end_checker
     "quotation": lambda r: len(r.strip()) > 1 and r.strip()[0] == r.strip()[-1] == '"',  # startend:quotation
-    "title": lambda r: re.search(r"<<[^\n]+>>", r) is not None,               # detectable_format:title
-    "bullet_points": lambda r, n: len(re.findall(r"^\s*[*-]\s", r, re.MULTILINE)) == n,
+    "title": lambda r: re.search(r"<<[^\n<>]+>>", r) is not None,             # detectable_format:title
+    "bullet_points": lambda r, n: len(re.findall(r"^[ \t]*[*-]\s", r, re.MULTILINE)) == n,
                                                                              # detectable_format:number_bullet_lists
     "highlighted_sections": lambda r, n: len(re.findall(r"\*[^\n*]+\*", r)) >= n,
                                                                    # detectable_format:number_highlighted_sections
-    "placeholders": lambda r, n: len(re.findall(r"\[[^\]]+\]", r)) >= n,     # detectable_content:number_placeholders
-    "postscript": lambda r, marker="P.S.": re.search(rf"^\s*{re.escape(marker)}", r, re.MULTILINE) is not None,
+    "placeholders": lambda r, n: len(re.findall(r"\[[^\[\]]+\]", r)) >= n,  # detectable_content:number_placeholders
+    "postscript": lambda r, marker="P.S.": re.search(rf"^[ \t]*{re.escape(marker)}", r, re.MULTILINE) is not None,
                                                                              # detectable_content:postscript
 }
 
@@ -338,10 +349,21 @@ def check_constraint(constraint: dict) -> None:
     kind = constraint.get("kind") if isinstance(constraint, dict) else None
     if kind not in IFEVAL_CHECKS:
         raise ValueError(f"unknown constraint kind {kind!r}; known: {', '.join(IFEVAL_CHECKS)}")
+    params = {k: v for k, v in constraint.items() if k != "kind"}
     try:
-        inspect.signature(IFEVAL_CHECKS[kind]).bind("", **{k: v for k, v in constraint.items() if k != "kind"})
+        inspect.signature(IFEVAL_CHECKS[kind]).bind("", **params)
     except TypeError as error:
         raise ValueError(f"constraint {kind!r}: {error}") from None
+    for name, value in params.items():  # a "50" or a bare "cat" would silently score every response 0
+        expected = IFEVAL_PARAM_TYPES[name]
+        ok = (isinstance(value, list) and all(isinstance(v, str) for v in value) if expected is list
+              else isinstance(value, expected) and not isinstance(value, bool))
+        if not ok:
+            raise ValueError(f"constraint {kind!r}: {name} must be {IFEVAL_PARAM_NAMES[expected]}, got {value!r}")
+
+
+IFEVAL_PARAM_TYPES = {"n": int, "keywords": list, "words": list, "keyword": str, "phrase": str, "marker": str}
+IFEVAL_PARAM_NAMES = {int: "an integer", list: "a list of strings", str: "a string"}
 
 
 # ----------------------------------------------------------------------------- built-in tasks

@@ -262,6 +262,40 @@ def test_ifeval_constraints_are_checked_before_scoring():
     with pytest.raises(ValueError, match="max_words"):
         rewards.check_constraint({"kind": "max_words", "count": 5})
     rewards.check_constraint({"kind": "postscript"})  # its marker has a default
+    with pytest.raises(ValueError, match="n must be an integer, got '50'"):
+        rewards.check_constraint({"kind": "max_words", "n": "50"})
+    with pytest.raises(ValueError, match="keywords must be a list of strings, got 'cat'"):
+        rewards.check_constraint({"kind": "include_keywords", "keywords": "cat"})
+    with pytest.raises(ValueError, match="phrase must be a string"):
+        rewards.check_constraint({"kind": "ends_with", "phrase": 3})
+    rewards.check_constraint({"kind": "keyword_frequency", "keyword": "cat", "n": 2})
+
+
+DEGENERATE = [  # what a collapsed policy can emit, 40-60k characters: none may make a verifier slow
+    "The answer is" + "\n" * 50_000, "Answer:" + " " * 50_000, " " * 50_000, "\n" * 50_000,
+    "<answer>" * 6_000, "```python\n" * 5_000, "```" * 15_000, "[" * 50_000, "<<" * 25_000, "\\boxed{" * 5_000,
+    "(" * 50_000, "P.S." + "\n" * 50_000, "1 " * 25_000,
+]
+
+
+@pytest.mark.parametrize("example", [
+    {"task": "mcq", "prompt": "?", "answer": "C"},
+    {"task": "ifeval", "prompt": "?", "constraints": [{"kind": k, **p} for k, p in [
+        ("bullet_points", {"n": 2}), ("placeholders", {"n": 1}), ("title", {}), ("json_format", {}),
+        ("postscript", {}), ("highlighted_sections", {"n": 1}), ("max_sentences", {"n": 3}),
+        ("keyword_frequency", {"keyword": "answer", "n": 2})]]},
+    {"task": "code", "prompt": "?", "tests": [{"input": "", "output": "1"}]},
+    {"task": "logic", "prompt": "?", "dataset": "basic_arithmetic", "entry": {"question": "?", "answer": "1"}},
+    {"task": "math", "prompt": "?", "answer": "1"},
+], ids=lambda example: example["task"])
+def test_degenerate_output_is_scored_fast(example):
+    start = time.monotonic()
+    scores = rewards.score_batch([example] * len(DEGENERATE), DEGENERATE)
+    elapsed = time.monotonic() - start
+    assert all(0.0 <= s <= 1.0 for s in scores)
+    # code and logic start a sandbox, math has a time limit of its own per answer
+    assert elapsed < {"math": 3 * rewards.MATH_TIME_LIMIT * len(DEGENERATE), "code": 30, "logic": 30}.get(
+        example["task"], 2.0), f"{example['task']}: {elapsed:.1f} s"
 
 
 # ----------------------------------------------------------------------------- scoring many at once
