@@ -32,6 +32,7 @@ A line that breaks the schema is an error naming the file and the line.
 
 import json
 import random
+import warnings
 import zlib
 from pathlib import Path
 
@@ -152,7 +153,15 @@ class TaskMix:
         self.weights = parse_mix(spec)
         self.level = level
         self.rng = random.Random(seed)
-        self.files = {name: load_source(name) for name in self.weights if not is_procedural(name)}
+        self.files = {}  # the training problems of each file source
+        for name in self.weights:
+            if not is_procedural(name):
+                examples = load_source(name)
+                self.files[name] = [ex for ex in examples if not is_heldout(ex)]
+                if not self.files[name]:  # e.g. a file of a handful of problems: better than no training at all
+                    warnings.warn(f"{name}: all {len(examples)} problems fall in the held-out split, so training "
+                                  "uses them too and their held-out scores are not held out", stacklevel=2)
+                    self.files[name] = examples
         for name in self.weights:
             if name.startswith(REASONING_GYM):
                 check_reasoning_gym_name(name[len(REASONING_GYM):])  # an unknown name fails now, not mid-run
@@ -162,8 +171,7 @@ class TaskMix:
         name = self.rng.choices(list(self.weights), weights=list(self.weights.values()))[0]
         self.drawn += 1
         if name in self.files:
-            train = [ex for ex in self.files[name] if not is_heldout(ex)] or self.files[name]
-            return self.rng.choice(train)
+            return self.rng.choice(self.files[name])
         while True:
             example = generate(name, self.rng, self.level)
             if not is_heldout(example):

@@ -375,3 +375,12 @@ def test_reasoning_gym_sources_have_a_fixed_heldout_split_the_stream_never_draws
     drawn = [stream.sample() for _ in range(300)]
     assert not {example["prompt"] for example in drawn} & {example["prompt"] for example in heldout}
     assert not any(tasks.is_heldout(example) for example in drawn)
+
+
+def test_a_file_whose_problems_are_all_held_out_is_trained_on_with_a_warning(tmp_path):
+    held = next(f"q{i}" for i in range(1000) if tasks.is_heldout({"prompt": f"q{i}"}))
+    path = tmp_path / "tiny.jsonl"
+    path.write_text(json.dumps({"task": "mcq", "prompt": held, "answer": "A"}) + "\n")
+    with pytest.warns(UserWarning, match="all 1 problems fall in the held-out split"):
+        stream = tasks.TaskMix(str(path))
+    assert stream.sample()["prompt"] == held
