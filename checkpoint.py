@@ -99,6 +99,14 @@ def saved_config(run_dir: str | Path) -> dict:
     return {**json.loads((path / "config.json").read_text()), "resume": str(run_dir)}
 
 
+def parse_line(line: str) -> dict | None:
+    """A metrics.jsonl line, or None for a blank or torn one (the run was killed while writing it)."""
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
+
+
 def open_metrics(run_dir: str | Path, resume_step: int):
     """metrics.jsonl for appending, keeping the lines of steps up to resume_step (0: a fresh run, none). Lines
     of steps after the checkpoint (written before the run stopped, and about to be redone) are dropped, so
@@ -107,6 +115,6 @@ def open_metrics(run_dir: str | Path, resume_step: int):
         return open(os.devnull, "w")
     path = Path(run_dir) / "metrics.jsonl"
     lines = path.read_text().splitlines() if path.is_file() else []
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= resume_step]
+    kept = [line for line in lines if (record := parse_line(line)) and record["step"] <= resume_step]
     path.write_text("".join(line + "\n" for line in kept))
     return path.open("a")

@@ -316,6 +316,7 @@ def main(argv: list[str]) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    model_lib.check_device(args.device)
     for path in args.model:  # all of them before the first hour of sampling, not after
         if not (Path(path) / "config.json").is_file():
             raise ValueError(f"--model {path}: no such model directory (expected a config.json inside)")

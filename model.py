@@ -41,11 +41,22 @@ def load(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """(model, tokenizer) from a local Hugging Face directory; a one-line error if it is not one."""
     if not (Path(path) / "config.json").is_file():
         raise ValueError(f"--model {path}: no such model directory (expected a config.json inside)")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    except (OSError, ValueError, KeyError, TypeError) as error:  # no weights, a broken config.json, ...
+        raise ValueError(f"--model {path}: cannot load it: {str(error).strip().splitlines()[0]}") from None
     if tokenizer.pad_token_id is None:  # many real checkpoints ship without one; any id works, pads are masked
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def check_device(device: str) -> None:
+    """A one-line error for a --device this machine does not have."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--device must be cpu, cuda or auto, not {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: this machine has no CUDA device (PyTorch sees none)")
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:

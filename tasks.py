@@ -226,11 +226,14 @@ def check_example(example: dict) -> None:
     """Raise ValueError, in one sentence, unless `example` has what its task's verifier needs."""
     if not isinstance(example, dict) or not isinstance(example.get("prompt"), str) or "task" not in example:
         raise ValueError("an example needs at least 'task' and 'prompt' fields")
+    if not all(isinstance(example.get(field, ""), str) for field in ("task", "dataset")):
+        raise ValueError("'task' and 'dataset' must be strings")
     task = example["task"]
     if task not in rewards.VERIFIERS:
         raise ValueError(f"unknown task '{task}'; known: {', '.join(rewards.VERIFIERS)}")
     required = {"math": ["answer"], "code": ["tests"], "logic": ["dataset", "entry"], "mcq": ["answer"],
-                "ifeval": ["constraints"], "add": ["answer"], "sort": ["answer"], "countdown": ["numbers", "target"]}
+                "ifeval": ["constraints"], "add": ["answer"], "sort": ["answer"], "reverse": ["answer"],
+                "countdown": ["numbers", "target"]}
     missing = [field for field in required[task] if field not in example]
     if missing:
         raise ValueError(f"a '{task}' example needs the field(s) {', '.join(missing)}")
@@ -247,6 +250,9 @@ def check_example(example: dict) -> None:
             if not (isinstance(test, dict) and isinstance(test.get("output"), str)
                     and (isinstance(test.get("input"), str)) != (isinstance(test.get("call"), str))):
                 raise ValueError(f"a code test needs 'output' and either 'input' or 'call', all strings: {test!r}")
+        limit = example.get("time_limit", 1)
+        if not (isinstance(limit, (int, float)) and not isinstance(limit, bool) and 0 < limit <= 60):
+            raise ValueError(f"'time_limit' must be a number of seconds in (0, 60], not {limit!r}")
     if task == "logic":
         if not (isinstance(example["entry"], dict) and "question" in example["entry"]):
             raise ValueError("'entry' must be a reasoning-gym entry, with its 'question', 'answer' and 'metadata'")

@@ -106,10 +106,15 @@ PRESETS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # "error: <message>" on one line (see __main__), not a usage dump
+        raise ValueError(message)
+
+
 def parse_config(argv: list[str]) -> Config:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
-        kind = (lambda s: s.lower() in ("1", "true", "yes")) if f.type is bool else f.type
+        kind = parse_bool if f.type is bool else f.type
         parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
                             help=f"{f.metadata['help']} (default: {f.default})")
     args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
@@ -123,9 +128,15 @@ def parse_config(argv: list[str]) -> Config:
     return config
 
 
+def parse_bool(text: str) -> bool:
+    if text.lower() not in ("1", "true", "yes", "0", "false", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("1", "true", "yes")
+
+
 def validate(c: Config) -> None:
     checks = [(c.n >= 2, "--n must be at least 2: group advantages compare samples of one prompt"),
-              (c.prompts_per_step >= 1 and c.steps >= 0, "--prompts-per-step must be ≥ 1 and --steps ≥ 0"),
+              (c.prompts_per_step >= 1 and c.steps >= 1, "--prompts-per-step and --steps must be ≥ 1"),
               (c.lr > 0, "--lr must be positive"), (c.temperature > 0, "--temperature must be > 0 (the loss is at the sampling temperature)"),
               (0 < c.top_p <= 1, "--top-p must be in (0, 1]"), (c.max_new_tokens >= 1, "--max-new-tokens must be ≥ 1"),
               (0 <= c.clip_low < 1 and c.clip_high >= 0, "--clip-low must be in [0, 1) and --clip-high ≥ 0"),
@@ -139,6 +150,12 @@ def validate(c: Config) -> None:
               (c.prompts_per_step % dist.planned_world_size() == 0, "--prompts-per-step must divide among the ranks"),
               (c.length_period >= 1 and c.length_off_steps >= 0, "--length-period must be ≥ 1, --length-off-steps ≥ 0"),
               (c.lr_scale_from_batch >= 0 and c.kl_clamp >= 0, "--lr-scale-from-batch and --kl-clamp must be ≥ 0"),
+              (all(math.isfinite(v) for v in dataclasses.asdict(c).values() if isinstance(v, float)),
+               "every number must be finite (no nan or inf)"),
+              (c.grad_clip > 0 and c.reset_kl >= 0 and c.eval_temperature >= 0,
+               "--grad-clip must be > 0, --reset-kl and --eval-temperature ≥ 0"),
+              (not c.run or c.resume or not (Path("runs") / c.run / "config.json").exists(),
+               f"runs/{c.run} already holds a run: --resume runs/{c.run} continues it, another --run starts anew"),
               (c.kl_coef > 0 or not c.kl_in_reward, "--kl-in-reward needs --kl-coef > 0")]
     for ok, message in checks:
         if not ok:
@@ -146,7 +163,10 @@ def validate(c: Config) -> None:
     grpo.group_advantages(torch.zeros(1, 2), c.advantage)  # unknown names raise their own one-line error
     grpo.aggregate(torch.zeros(1, 1), torch.ones(1, 1), c.loss_agg)
     kl.kl_estimate(torch.zeros(1), torch.zeros(1), c.kl_kind)
-    tasks.TaskMix(c.tasks, c.level)  # unknown task names and unreadable files fail here, before any work
+    mix = tasks.TaskMix(c.tasks, c.level)  # unknown task names and unreadable files fail here, before any work
+    if not any(tasks.heldout(family, 1, c.level) for family in mix.weights):
+        raise ValueError(f"--tasks {c.tasks}: no held-out problems to evaluate on (see tasks.is_heldout)")
+    model_lib.check_device(c.device)
     if c.model and not (Path(c.model) / "config.json").is_file():
         raise ValueError(f"--model {c.model}: no such model directory (expected a config.json inside)")
 
@@ -204,12 +224,23 @@ def update(policy, optimizer, batch: rollout.Rollout, adv: torch.Tensor, ref_log
     return dist.reduce_metrics({**{name: value / updates for name, value in totals.items()}, "skipped_updates": skipped})
 
 
+def new_run_dir(c: Config) -> Path:
+    """runs/<--run>, or by default runs/<preset>-s<seed>, suffixed -2, -3, ... past earlier runs of that name."""
+    name = c.run or f"{c.preset}-s{c.seed}"
+    path, suffix = Path("runs") / name, 2
+    while (path / "config.json").exists():
+        path, suffix = Path("runs") / f"{name}-{suffix}", suffix + 1
+    return path
+
+
 def main(argv: list[str]) -> None:
     c = parse_config(argv)
     device = dist.setup(("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" else c.device)
     torch.manual_seed(c.seed)
-    run_dir = Path(c.resume or Path("runs") / (c.run or f"{c.preset}-s{c.seed}"))
+    run_dir = Path(c.resume) if c.resume else dist.gather_objects(new_run_dir(c))[0]  # rank 0's choice
     checkpoint.save_config(run_dir, dataclasses.asdict(c))
+    if dist.is_main():
+        print(f"run directory: {run_dir}", flush=True)
     model_dir = c.model or dist.main_first(lambda: model_lib.ensure_tiny_base(f"runs/base/tiny-s{c.seed}", seed=c.seed))
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     policy, tokenizer = model_lib.load(model_dir, device, dtype)
@@ -237,6 +268,8 @@ def main(argv: list[str]) -> None:
 
     saved = (checkpoint.load(run_dir, policy, reference, optimizer, tracker, stream) if c.resume  # base: before step 1
              else {"step": 0, "base": held_out_pass1(test_set), "base_counts": boundary_counts("base")})
+    if saved["step"] >= c.steps:
+        raise ValueError(f"{run_dir} is at step {saved['step']} already: give --steps beyond it to train on")
     base, base_counts, metrics_file = saved["base"], saved["base_counts"], checkpoint.open_metrics(run_dir, saved["step"])
     progress = tqdm(range(saved["step"] + 1, c.steps + 1), desc="RL", dynamic_ncols=True, file=sys.stdout,
                     disable=not dist.is_main())
@@ -265,7 +298,8 @@ def main(argv: list[str]) -> None:
             metrics.update(update(policy.train(), optimizer, local, adv[rows], ref_logp, c), length_eta=eta,
                            update_s=time.time() - update_start)
         if c.eval_every and step % c.eval_every == 0:
-            metrics["val_pass1"] = held_out_pass1(val_set)["average"]
+            # the mean over ranks, so that all take the same reset decision (timeouts may differ between them)
+            metrics["val_pass1"] = dist.reduce_metrics({"v": held_out_pass1(val_set)["average"]})["v"]
             tracker.observe_validation(metrics["val_pass1"])
         reason = tracker.should_reset(metrics.get("kl", 0.0))
         if reason and reference is not None:

@@ -20,6 +20,7 @@ all-equal rewards): with N = 4 many more groups are all right or all wrong than 
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -90,6 +91,7 @@ def main(argv: list[str]) -> None:
     for name, change, flags in runs:
         print(f"\n=== ablate-{name}: {change}", flush=True)
         start = time.time()
+        shutil.rmtree(Path("runs") / f"ablate-{name}", ignore_errors=True)  # a rerun replaces the ablation's runs
         train.main(["--boundary-problems", "0", "--steps", str(args.steps), "--eval-every", str(max(1, args.steps // 6)),
                     "--run", f"ablate-{name}"] + flags + train_flags)  # later flags win: the user's come last
         run_dir = Path("runs") / f"ablate-{name}"

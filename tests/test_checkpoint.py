@@ -106,6 +106,10 @@ def test_open_metrics_keeps_the_lines_up_to_the_checkpoint(tmp_path):
         file.write(json.dumps({"step": 3, "again": True}) + "\n")
     assert (tmp_path / "metrics.jsonl").read_text().splitlines() == ['{"step": 1}', '{"step": 2}',
                                                                      '{"step": 3, "again": true}']
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"st')  # killed mid-line
+    with checkpoint.open_metrics(tmp_path, 2):
+        pass
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines() == ['{"step": 1}', '{"step": 2}']
     with checkpoint.open_metrics(tmp_path, 0):  # a fresh run starts an empty file
         pass
     assert (tmp_path / "metrics.jsonl").read_text() == ""

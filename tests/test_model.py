@@ -1,5 +1,6 @@
 """The tiny built-in base: a real tokenizer and model that load like any checkpoint, and a warm-start that learns."""
 
+import pytest
 import torch
 
 import model as model_lib
@@ -74,3 +75,11 @@ def test_corrupt_changes_at_most_one_character_of_the_solution():
         assert len(noisy["solution"]) == len(example["solution"])
         assert sum(a != b for a, b in zip(noisy["solution"], example["solution"])) <= 1
         assert noisy["answer"] == example["answer"] and example["solution"] == "7 31 52"  # the original is untouched
+
+
+def test_load_reports_a_directory_without_weights_in_one_line(tmp_path):
+    model_lib.build_tokenizer().save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')  # a config, but no weights
+    with pytest.raises(ValueError, match=f"--model {tmp_path}: cannot load it") as error:
+        model_lib.load(str(tmp_path))
+    assert "\n" not in str(error.value)

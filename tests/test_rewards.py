@@ -339,6 +339,9 @@ def test_every_shipped_example_is_solved_by_its_solution_and_not_by_nothing(doma
     ('{"task": "ifeval", "prompt": "?", "constraints": [{"kind": "shout"}]}', "unknown constraint kind 'shout'"),
     ('{"task": "poetry", "prompt": "?"}', "unknown task 'poetry'"),
     ('["task", "prompt"]', "needs at least 'task' and 'prompt'"),
+    ('{"task": ["math"], "prompt": "?"}', "'task' and 'dataset' must be strings"),
+    ('{"task": "reverse", "prompt": "1 2<"}', "a 'reverse' example needs the field(s) answer"),
+    ('{"task": "code", "prompt": "?", "tests": [{"input": "", "output": "1"}], "time_limit": "abc"}', "'time_limit'"),
 ])
 def test_a_bad_line_is_an_error_naming_file_and_line(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"

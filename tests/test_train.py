@@ -65,12 +65,39 @@ def test_cli_n_1_exits_with_one_line(tmp_path):
     (["--max-sampling-rounds", "0"], "--max-sampling-rounds"),                 # traceback later on
     (["--max-sampling-rounds", "11"], "--max-sampling-rounds must be in 1..10"),  # seeds step·10 + round
     (["--temperature", "0"], "--temperature must be > 0"),
+    (["--grad-clip", "nan"], "must be finite"), (["--grad-clip", "-1"], "--grad-clip must be > 0"),
+    (["--length-eta-max", "inf"], "must be finite"), (["--reset-kl", "-1"], "--reset-kl"),
+    (["--overlong-filter", "on"], "argument --overlong-filter: expected true or false, got 'on'"),
+    (["--steps", "many"], "argument --steps: invalid int value: 'many'"),
+    (["--device", "tpu"], "--device must be cpu, cuda or auto"),
     (["--micro-batch-rows", "0"], "--micro-batch-rows"),
     (["--eval-problems", "0"], "--eval-problems"),
     (["--lr-scale-from-batch", "-5"], "--lr-scale-from-batch"),
 ])
 def test_bad_config_is_one_line(capsys, argv, message):
     assert message in config_error(capsys, argv)
+
+
+def test_device_cuda_without_one_is_one_line(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    assert "--device cuda: this machine has no CUDA device" in config_error(capsys, ["--device", "cuda"])
+
+
+def test_a_new_run_never_overwrites_an_earlier_one(tmp_path, monkeypatch, capsys, tiny_model_dir):
+    monkeypatch.chdir(tmp_path)
+    fast = ["--model", tiny_model_dir, "--steps", "1", "--prompts-per-step", "2", "--n", "2", "--max-new-tokens", "4",
+            "--eval-problems", "1", "--val-problems", "1", "--eval-samples", "1", "--boundary-problems", "0"]
+    train.main(fast)  # the default name: runs/tiny-s0
+    first = (tmp_path / "runs" / "tiny-s0" / "checkpoint.pt").read_bytes()
+    train.main(fast)  # again: a run of its own beside the first
+    assert (tmp_path / "runs" / "tiny-s0-2" / "checkpoint.pt").is_file()
+    assert (tmp_path / "runs" / "tiny-s0" / "checkpoint.pt").read_bytes() == first
+    assert "run directory: runs/tiny-s0-2" in capsys.readouterr().out
+    assert "runs/tiny-s0 already holds a run: --resume runs/tiny-s0 continues it" in config_error(
+        capsys, fast + ["--run", "tiny-s0"])
+    assert "is at step 1 already: give --steps beyond it" in str(
+        pytest.raises(ValueError, train.main, ["--resume", "runs/tiny-s0"]).value)
 
 
 def test_flags_override_the_preset():
