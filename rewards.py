@@ -260,8 +260,8 @@ def reasoning_gym_scorer(dataset: str):
 # ----------------------------------------------------------------------------- multiple choice (STEM)
 
 _LETTER = r"\(?\s*([A-J])\s*\)?(?![A-Za-z0-9])"  # C, (C), ( C ): a letter that is not the start of a word
-MCQ_STATED = re.compile(r"(?:\\boxed\{\s*(?:\\text\{\s*)?|(?i:answer|correct option|correct choice)(?:\s+(?i:is))?\s*[:=]?\s*)"
-                        + _LETTER)
+MCQ_STATED = re.compile(r"(?:\\boxed\{\s*(?:\\text(?:bf)?\{\s*)?|(?i:answer|correct option|correct choice)(?:\s+(?i:is))?"
+                        r"\s*[:=—-]?\s*(?i:option\s+|choice\s+)?\$?)" + _LETTER)
 MCQ_ALONE = re.compile(r"^\s*\(?\s*([A-J])\s*(?:[).:]?\s*$|[).:]\s)")  # just the letter: "C", "(C)", "C) Paris"
 MCQ_HEDGE = re.compile(r"\s*(?:,|/|&|\bor\b|\band\b)\s*\(?\s*[A-J](?![A-Za-z0-9])")
 

@@ -200,6 +200,7 @@ def test_logic_answers_that_scorers_eval_cannot_touch_the_host(tmp_path, monkeyp
     ("The answer is (C).", 1.0), ("Answer: C", 1.0), ("**Answer:** C", 1.0), ("answer is: **(C)**", 1.0),
     ("\\boxed{C}", 1.0), ("$\\boxed{\\text{C}}$", 1.0), ("C", 1.0), ("(C)", 1.0), ("C) Carbon dioxide", 1.0),
     ("Option A fails. The correct option is C because ...", 1.0),
+    ("The answer is option C.", 1.0), ("Answer: $C$", 1.0), ("Answer — C", 1.0), ("\\boxed{\\textbf{C}}", 1.0),
     ("Answer: C\nWait, no. The answer is B.", 0.0),   # the last statement counts
     ("The answer is B", 0.0),                         # wrong
     ("answer is c", 0.0),                             # lower case: the article "a", not a choice
