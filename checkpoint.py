@@ -41,14 +41,23 @@ def save(run_dir: str | Path, step: int, policy: torch.nn.Module, reference: tor
         **extra,
     }
     if dist.is_main():
-        path = Path(run_dir) / FILE
-        temporary = path.with_name(FILE + ".tmp")
-        with open(temporary, "wb") as file:
-            torch.save(state, file)
-            file.flush()
-            os.fsync(file.fileno())  # the bytes are on disk before the rename makes them the checkpoint
-        os.replace(temporary, path)
+        write_atomically(Path(run_dir) / FILE, lambda file: torch.save(state, file))
     dist.barrier()  # no rank runs ahead of a checkpoint that is not yet written
+
+
+def write_atomically(path: Path, write) -> None:
+    """write(binary file) to path.tmp, then rename it onto path: a crash leaves the old file or the new one."""
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "wb") as file:
+        write(file)
+        file.flush()
+        os.fsync(file.fileno())  # the bytes are on disk before the rename makes them the file
+    os.replace(temporary, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # and the rename itself survives a power cut
+    finally:
+        os.close(directory)
 
 
 def load(run_dir: str | Path, policy: torch.nn.Module, reference: torch.nn.Module | None,
@@ -88,7 +97,7 @@ def save_config(run_dir: str | Path, config: dict) -> None:
     """<run_dir>/config.json: the run's settings, which --resume reads back."""
     if dist.is_main():
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-        (Path(run_dir) / "config.json").write_text(json.dumps(config, indent=1))
+        write_atomically(Path(run_dir) / "config.json", lambda file: file.write(json.dumps(config, indent=1).encode()))
 
 
 def saved_config(run_dir: str | Path) -> dict:
@@ -116,5 +125,5 @@ def open_metrics(run_dir: str | Path, resume_step: int):
     path = Path(run_dir) / "metrics.jsonl"
     lines = path.read_text().splitlines() if path.is_file() else []
     kept = [line for line in lines if (record := parse_line(line)) and record["step"] <= resume_step]
-    path.write_text("".join(line + "\n" for line in kept))
+    write_atomically(path, lambda file: file.write("".join(line + "\n" for line in kept).encode()))
     return path.open("a")
