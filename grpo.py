@@ -5,7 +5,6 @@ Shapes: P prompts, N samples per prompt (a "group"), B = P·N rows, T token posi
 
 import torch
 
-import eval as evaluation
 import rollout
 
 EPS = 1e-6
@@ -79,9 +78,10 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, agg: str = "token-mea
     seq-mean-token-sum   sum over each response's tokens, then mean over responses (Dr. GRPO-like)
     """
     mask = mask.float()
+    per_token = torch.where(mask > 0, per_token, 0.0)  # not per_token · mask: a NaN at a pad would stay NaN
     if agg == "token-mean":
-        return (per_token * mask).sum() / mask.sum().clamp(min=1)
-    per_seq_sum = (per_token * mask).sum(dim=1)  # [B]
+        return per_token.sum() / mask.sum().clamp(min=1)
+    per_seq_sum = per_token.sum(dim=1)  # [B]
     has_tokens = mask.sum(dim=1) > 0
     if agg == "seq-mean-token-mean":
         per_seq = per_seq_sum / mask.sum(dim=1).clamp(min=1)
@@ -102,7 +102,7 @@ def aggregate_weight(mask: torch.Tensor, total_mask: torch.Tensor, agg: str) -> 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     mask = mask.float()
-    return (values * mask).sum() / mask.sum().clamp(min=1)
+    return torch.where(mask > 0, values, 0.0).sum() / mask.sum().clamp(min=1)
 
 
 def sample_groups(policy, tokenizer, stream, groups: int, n: int, max_new_tokens: int, temperature: float,
@@ -114,6 +114,8 @@ def sample_groups(policy, tokenizer, stream, groups: int, n: int, max_new_tokens
     (a Rollout of G·N rows, G ≤ groups), their scores [G, N], and the statistics of *all* sampled groups
     (reward and pass rate before filtering, and the kept fraction).
     """
+    import eval as evaluation  # here, not at the top: kernels.reference imports this module, and eval's
+    # import of transformers probes for a package named `kernels` (ours) while that is still importing
     kept_batches, kept_scores, all_scores, lengths = [], [], [], []
     for round_ in range(rounds):
         examples = [stream.sample() for _ in range(groups)]

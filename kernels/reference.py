@@ -7,6 +7,7 @@ the [tokens, V] logits (V = 151936 for Qwen: 16k tokens → 10 GB) and reads it 
 
 import torch
 
+from grpo import aggregate, masked_mean  # the same reductions the unfused loss uses (NaN-safe at pads)
 from kl import kl_estimate as kl_estimate_ref  # the same k1/k2/k3 the unfused loss uses
 
 KL_KINDS = ("k1", "k2", "k3")
@@ -33,28 +34,6 @@ def token_logprobs_ref(
     return logp, entropy
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, agg: str) -> torch.Tensor:
-    """Reduce a per-token loss [B, T] over the unmasked tokens to a scalar.
-
-    "token-mean" (DAPO; ProRL): Σ_tokens / (number of unmasked tokens in the batch), so long answers
-    weigh as much per token as short ones. "seq-mean-token-mean" (original GRPO): mean over each
-    sequence's tokens, then over sequences. "seq-mean-token-sum": sum over each sequence's tokens, then
-    mean over sequences. Sequences with no unmasked token are left out of the mean over sequences.
-    """
-    mask = mask.to(per_token.dtype)
-    per_token = torch.where(mask > 0, per_token, 0.0)
-    if agg == "token-mean":
-        return per_token.sum() / mask.sum().clamp(min=1)
-    if agg not in AGGREGATIONS:
-        raise ValueError(f"agg must be one of {AGGREGATIONS}, got {agg!r}.")
-    seq_tokens = mask.sum(-1)  # [B]
-    seq_loss = per_token.sum(-1)  # [B]
-    if agg == "seq-mean-token-mean":
-        seq_loss = seq_loss / seq_tokens.clamp(min=1)
-    has_tokens = (seq_tokens > 0).to(per_token.dtype)  # [B]
-    return (seq_loss * has_tokens).sum() / has_tokens.sum().clamp(min=1)
-
-
 def aggregation_weights(mask: torch.Tensor, agg: str) -> torch.Tensor:
     """Weights w [B, T] with aggregate(x, mask, agg) = Σ w·x. The loss is linear in the per-token
     losses, so the fused kernel only needs these to turn dloss_t/dlogp into dloss/dlogp."""
@@ -68,12 +47,6 @@ def aggregation_weights(mask: torch.Tensor, agg: str) -> torch.Tensor:
     if agg == "seq-mean-token-mean":
         return mask / seq_tokens.clamp(min=1) / num_seqs
     return mask / num_seqs  # seq-mean-token-sum
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of `values` over the tokens where `mask` is set (0 when none is)."""
-    mask = mask.to(values.dtype)
-    return torch.where(mask > 0, values, 0.0).sum() / mask.sum().clamp(min=1)
 
 
 def policy_stats(
