@@ -205,7 +205,11 @@ def load_source(name: str) -> list[dict]:
 def load_jsonl(path: str | Path) -> list[dict]:
     """One example per line (schema at the top of this file); a bad line is an error naming the file and line."""
     examples = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError) as error:
+        raise ValueError(f"{path}: cannot read it as UTF-8 text ({error.__class__.__name__})") from None
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -351,6 +351,13 @@ def test_a_bad_line_is_an_error_naming_file_and_line(tmp_path, line, message):
         tasks.load_jsonl(path)
 
 
+def test_a_file_that_is_not_utf8_is_an_error_naming_it(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes('{"task": "math", "prompt": "café?", "answer": "1"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.jsonl: cannot read it as UTF-8 text"):
+        tasks.load_jsonl(path)
+
+
 def test_tasks_syntax_names_domains_reasoning_gym_and_files(tmp_path):
     assert tasks.parse_mix("math:3,rg:basic_arithmetic:1") == {"math": 0.75, "rg:basic_arithmetic": 0.25}
     assert tasks.parse_mix("rg:basic_arithmetic,code") == {"rg:basic_arithmetic": 0.5, "code": 0.5}
