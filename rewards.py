@@ -205,27 +205,35 @@ def score_logic_batch(examples: list[dict], completions: list[str]) -> list[floa
         lines = results[0]["output"].split("\n")[:-1]  # complete lines only
         if lines[:1] != ["ready"]:
             return score_logic_unsandboxed(rewards, todo)
+        scored = 0
         for (i, *_), line in zip(todo, lines[1:]):
-            rewards[i] = min(1.0, max(0.0, float(line)))
-        todo = todo[len(lines):]  # all scored, or: the run died on todo[len(lines) - 1], which scores 0
+            index, _, score = line.partition(" ")
+            if index != str(scored):
+                break
+            rewards[i], scored = min(1.0, max(0.0, float(score))), scored + 1
+        todo = todo[scored + 1:]  # all scored, or: the run died on todo[scored], which scores 0
     return rewards
 
 
-# Runs in the sandbox: the job on stdin (base64 of a pickled list of (answer, dataset, entry)), one score
-# per line out. site-packages is not on the path of the sandbox's `python -I -S`; it is added back here.
+# Runs in the sandbox: the job on stdin (base64 of a pickled list of (answer, dataset, entry)), "INDEX SCORE"
+# lines out. site-packages is not on the path of the sandbox's `python -I -S`; it is added back here. The
+# scores go out on a copy of stdout, stdout itself to /dev/null: an answer that prints "1.0" scores nothing.
 LOGIC_SCORER = """
 import base64, os, pickle, signal, sys
 os.environ.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
 sys.path.append({site!r})
 import reasoning_gym
-print("ready", flush=True)
+results = os.fdopen(os.dup(1), "w")
+os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+results.write("ready\\n")
+results.flush()
 
 def too_slow(signum, frame):
     raise TimeoutError
 
 signal.signal(signal.SIGALRM, too_slow)
 scorers = {{}}
-for answer, dataset, entry in pickle.loads(base64.b64decode(sys.stdin.read())):
+for index, (answer, dataset, entry) in enumerate(pickle.loads(base64.b64decode(sys.stdin.read()))):
     signal.alarm({limit})
     try:
         if dataset not in scorers:
@@ -234,7 +242,8 @@ for answer, dataset, entry in pickle.loads(base64.b64decode(sys.stdin.read())):
     except BaseException:
         score = 0.0
     signal.alarm(0)
-    print(score if score == score else 0.0, flush=True)  # NaN scores 0
+    results.write(f"{{index}} {{score if score == score else 0.0}}\\n")  # NaN scores 0
+    results.flush()
 """
 
 

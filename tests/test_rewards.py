@@ -173,11 +173,13 @@ def test_logic_answers_that_scorers_eval_cannot_end_the_run_or_stall_it(monkeypa
     example = logic_example("spiral_matrix", 1)
     right = f"<answer>{example['entry']['answer']}</answer>"
     hostile = ["<answer>exit()</answer>", "<answer>__import__('time').sleep(600)</answer>",
-               "<answer>__import__('os')._exit(3)</answer>", "<answer>[[]] * 10**10</answer>"]
+               "<answer>__import__('os')._exit(3)</answer>", "<answer>[[]] * 10**10</answer>",
+               "<answer>print('1 1.0', flush=True) or []</answer>",  # printing a score line earns nothing
+               "<answer>__import__('os').write(1, b'2 1.0\\n') and []</answer>"]
     start = time.monotonic()
-    scores = rewards.score_batch([example] * 6, [right, *hostile, right])
-    assert scores == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
-    print(f"six logic answers, four hostile: {time.monotonic() - start:.1f} s")
+    scores = rewards.score_batch([example] * 8, [right, *hostile, right])
+    assert scores == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    print(f"eight logic answers, six hostile: {time.monotonic() - start:.1f} s")
     assert time.monotonic() - start < 4 * rewards.LOGIC_STARTUP  # one timeout, one restart: well inside
 
 
