@@ -1,4 +1,4 @@
-"""Benchmark the verifiers: completions scored per second, for code (10 tests each) and for math.
+"""Benchmark the verifiers: completions scored per second, for code (10 tests each), math and logic.
 
     python bench/rewards.py            # about a minute on two cores
 
@@ -7,6 +7,8 @@ solution 6 times, a program that fails every test, one that crashes at once. Eac
 own sandbox; rewards.score_batch runs one per core side by side, and once with a single worker for
 comparison. (A program that times out costs its time limit per test on top, in waiting, not CPU.) Math: data/math.jsonl's 24 problems, 20
 completions each (boxed, plain, equivalent and wrong answers), scored by math-verify in the calling thread.
+Logic: data/logic.jsonl's problems, 24 completions each (right, wrong, no tag), scored by reasoning-gym in
+one sandbox per batch (it starts by importing reasoning-gym, about a second).
 Prints the machine's core count and load: on a shared machine other work slows every figure alike.
 """
 
@@ -45,6 +47,16 @@ def math_batch() -> tuple[list[dict], list[str]]:
     return examples, completions
 
 
+def logic_batch() -> tuple[list[dict], list[str]]:
+    examples, completions = [], []
+    for example in tasks.load_source("logic"):
+        forms = [f"<answer>{example['entry']['answer']}</answer>", "<answer>wrong</answer>", "no tag"]
+        for completion in forms * 8:
+            examples.append(example)
+            completions.append(completion)
+    return examples, completions
+
+
 def throughput(examples: list[dict], completions: list[str], workers: int) -> tuple[float, list[float]]:
     start = time.perf_counter()
     scores = rewards.score_batch(examples, completions, workers=workers)
@@ -65,6 +77,10 @@ def main() -> None:
     rewards.score_batch(examples[:5], completions[:5])  # warm up: imports math-verify and sympy
     per_second, scores = throughput(examples, completions, workers=cores)
     print(f"math: {per_second:6.1f} completions/s ({len(completions)} completions; mean reward "
+          f"{sum(scores) / len(scores):.2f})")
+    examples, completions = logic_batch()
+    per_second, scores = throughput(examples, completions, workers=cores)
+    print(f"logic: {per_second:5.1f} completions/s ({len(completions)} completions in one batch; mean reward "
           f"{sum(scores) / len(scores):.2f})")
 
 
