@@ -213,8 +213,9 @@ def update(policy, optimizer, batch: rollout.Rollout, adv: torch.Tensor, ref_log
                 stats["entropy"] = grpo.masked_mean(entropy, mask[micro])
                 finite = finite and bool(torch.isfinite(loss))
                 (loss * grpo.aggregate_weight(mask[micro], mask[minibatch], c.loss_agg) * share).backward()
+                tokens = float(mask[micro].sum()) / max(float(mask[minibatch].sum()), 1.0)  # stats are token means
                 for name, value in stats.items():
-                    totals[name] = totals.get(name, 0.0) + float(value) * len(micro) / len(minibatch)
+                    totals[name] = totals.get(name, 0.0) + float(value) * tokens
             grad_norm = dist.clip_grad_norm_(policy.parameters(), c.grad_clip)
             ok = dist.all_true(finite and bool(torch.isfinite(grad_norm)))  # NaN/inf on any rank: skip, not poison
             if ok:

@@ -275,15 +275,20 @@ def test_old_logprobs_are_recomputed_not_taken_from_the_sampler(tiny_model, tiny
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
 def test_micro_batches_change_memory_not_the_update(tiny_model_dir, rollout_batch, agg):
     batch, adv = rollout_batch
-    deltas = []
+    batch = rollout.select_rows(batch, slice(None))  # responses of 1 to 6 tokens, so rows weigh differently
+    last = batch.prompt_len + torch.arange(len(batch.mask)) % 6  # the last completion column each row keeps
+    batch.mask = batch.mask & (torch.arange(batch.mask.shape[1])[None] <= last[:, None])
+    deltas, stats = [], []
     for micro_batch_rows in (3, 16):
         policy = model_lib.load(tiny_model_dir)[0]
         before = [p.clone() for p in policy.parameters()]
         c = train.Config(micro_batch_rows=micro_batch_rows, loss_agg=agg, kl_coef=0.0, grad_clip=1e9, minibatches=1)
-        train.update(policy, torch.optim.SGD(policy.parameters(), lr=1.0), batch, adv, None, c)  # Δθ = −∇loss
-        deltas.append(torch.cat([(p - q).flatten() for p, q in zip(policy.parameters(), before)]))
+        stats.append(train.update(policy, torch.optim.SGD(policy.parameters(), lr=1.0), batch, adv, None, c))
+        deltas.append(torch.cat([(p - q).flatten() for p, q in zip(policy.parameters(), before)]))  # Δθ = −∇loss
     assert deltas[0].abs().max() > 0
     torch.testing.assert_close(deltas[0], deltas[1], atol=1e-6, rtol=1e-4)
+    # the logged statistics are means over the batch's tokens, however the rows are split
+    assert stats[0]["entropy"] == pytest.approx(stats[1]["entropy"], rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- end to end, per preset
