@@ -58,7 +58,7 @@ def ks_up_to(n: int) -> list[int]:
 
 def rollout_and_score(policy, tokenizer, examples: list[dict], n: int, max_new_tokens: int,
                       temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-                      max_rows: int = 4096) -> tuple[rollout.Rollout, torch.Tensor]:
+                      max_rows: int | None = None) -> tuple[rollout.Rollout, torch.Tensor]:
     """Generate n completions per example and score them → (rollout, rewards [P, N]).
 
     A truncated completion (no stop token within max_new_tokens) scores 0: it never gave an answer.
@@ -76,14 +76,14 @@ def rollout_and_score(policy, tokenizer, examples: list[dict], n: int, max_new_t
 
 def correct_counts(policy, tokenizer, examples: list[dict], n: int = EVAL_SAMPLES, max_new_tokens: int = 16,
                    temperature: float = EVAL_TEMPERATURE, top_p: float = EVAL_TOP_P, seed: int = 0,
-                   max_rows: int = 4096, progress: str = "", chunk: int = 0) -> list[int]:
+                   max_rows: int | None = None, progress: str = "", chunk: int = 0) -> list[int]:
     """c for each example: how many of its n samples are right (reward ≥ 1; partial credit is not a pass).
 
-    Problems are sampled `chunk` at a time (default max_rows // n; a chunk starting at example i uses
+    Problems are sampled `chunk` at a time (default 4096 // n; a chunk starting at example i uses
     seed + i), so memory is bounded whatever the number of problems. A non-empty `progress` shows a
     progress bar with that label.
     """
-    chunk = chunk or max(1, max_rows // n)
+    chunk = chunk or max(1, 4096 // n)
     counts = []
     with tqdm(total=len(examples), desc=progress, unit="problem", disable=not progress, dynamic_ncols=True) as bar:
         for start in range(0, len(examples), chunk):
@@ -293,7 +293,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--top-p", type=float, default=EVAL_TOP_P, help="nucleus sampling threshold")
     parser.add_argument("--max-new-tokens", type=int, default=16,
                         help="completion length limit (raise it for real models)")
-    parser.add_argument("--max-rows", type=int, default=4096, help="rows sampled at once; lower it if memory runs out")
+    parser.add_argument("--max-rows", type=int, default=None,
+                        help="rows decoded at once (default: up to 1024, as many as fit); lower it if memory runs out")
     parser.add_argument("--out", default="runs/eval", help="directory for boundary.md, boundary.json, boundary.png")
     parser.add_argument("--seed", type=int, default=0, help="sampler seed (every model gets the same)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, or auto")
@@ -312,7 +313,7 @@ def main(argv: list[str]) -> None:
     checks = [(args.n >= 1 and args.problems >= 1, "--n and --problems must be at least 1"),
               (args.level in (1, 2, 3), "--level must be 1, 2 or 3"),
               (args.temperature >= 0 and 0 < args.top_p <= 1, "--temperature must be ≥ 0 and --top-p in (0, 1]"),
-              (args.max_new_tokens >= 1 and args.max_rows >= 1, "--max-new-tokens and --max-rows must be ≥ 1")]
+              (args.max_new_tokens >= 1 and (args.max_rows or 1) >= 1, "--max-new-tokens and --max-rows must be ≥ 1")]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)

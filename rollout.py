@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 
 MAX_ROWS = 1024  # rows decoded together by default, at most: more gains little, and logits [rows, V] grow
-KV_CACHE_BYTES = 4 * 2**30  # ... and fewer where their KV cache would take more than this (CPU) or than
-# half the free memory (GPU)
+KV_CACHE_BYTES = 4 * 2**30  # ... and never more than a KV cache of this size holds (CPU), or of a quarter of
+# the GPU's memory: its total, not what is free now, so that the chunking, and with it the samples a seed
+# gives, does not depend on what else is allocated (a resumed run samples as the uninterrupted one would)
 KV_BUCKET = 256  # on CUDA, decode attends over the completion cache rounded up to this many columns
 PREFILL_TOKENS = 16384  # padded prompt tokens per prefill forward, at most: bounds its activations
 
@@ -92,9 +93,9 @@ def generate(
 ) -> Rollout:
     """Sample n completions for each prompt (a list of token-id lists); see the module docstring.
 
-    Rows are decoded max_rows at a time (default: MAX_ROWS, or fewer if their KV cache would exceed
-    KV_CACHE_BYTES on CPU, half the free memory on GPU), so memory is bounded whatever P·N is. The same
-    arguments and seed give the same rollout."""
+    Rows are decoded max_rows at a time (default MAX_ROWS), and never more than a KV cache of
+    KV_CACHE_BYTES on CPU, a quarter of the GPU's memory on GPU, holds: memory is bounded whatever P·N
+    and max_rows are. The same arguments and seed give the same rollout on the same kind of device."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, and every prompt needs at least one token.")
     if n < 1 or max_new_tokens < 1 or (max_rows is not None and max_rows < 1):
@@ -109,9 +110,9 @@ def generate(
     device = weights.device
     generator = torch.Generator(device=device).manual_seed(seed)
     stop_ids = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
-    if max_rows is None:
-        budget = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else KV_CACHE_BYTES
-        max_rows = max(1, min(MAX_ROWS, budget // (weights.kv_bytes_per_token * (prompt_len + max_new_tokens))))
+    budget = torch.cuda.get_device_properties(device).total_memory // 4 if device.type == "cuda" else KV_CACHE_BYTES
+    rows_that_fit = max(1, budget // (weights.kv_bytes_per_token * (prompt_len + max_new_tokens)))
+    max_rows = min(max_rows or MAX_ROWS, rows_that_fit)
 
     prompt_lens = torch.tensor([len(p) for p in prompts], device=device)  # [P]
     prompt_mask = torch.arange(prompt_len, device=device) >= prompt_len - prompt_lens[:, None]  # [P, L]
@@ -214,6 +215,9 @@ class Weights:
             raise ValueError(f"rollout.generate supports Llama and Qwen2 models, not {config.model_type!r}.")
         if getattr(config, "use_sliding_window", False):
             raise ValueError("rollout.generate does not implement sliding-window attention.")
+        if (getattr(config, "rope_scaling", None) or {}).get("rope_type") == "dynamic":
+            raise ValueError("rollout.generate does not implement dynamic NTK RoPE (its frequencies follow the "
+                             "length of each forward, so sampler and trainer would disagree).")
         if config.hidden_act != "silu":
             raise ValueError(f"rollout.generate expects a SiLU MLP, not {config.hidden_act!r}.")
         self.num_heads = config.num_attention_heads

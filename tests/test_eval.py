@@ -149,7 +149,7 @@ def test_read_metrics_errors_are_one_sentence(tmp_path):
 # ----------------------------------------------------------------------------- sampling
 
 def test_correct_counts_counts_full_rewards_in_chunks(monkeypatch):
-    """Plumbing: chunks of max_rows // n problems, seed + first index each, partial credit is not a pass."""
+    """Plumbing: chunks of `chunk` problems, seed + first index each, partial credit is not a pass."""
     calls = []
 
     def fake_rollout_and_score(policy, tokenizer, examples, n, max_new_tokens, temperature, top_p, seed, max_rows):
@@ -157,9 +157,12 @@ def test_correct_counts_counts_full_rewards_in_chunks(monkeypatch):
         return None, torch.tensor([[1.0, 0.5, 1.0, 0.0]] * len(examples))  # 2 passes per problem
 
     monkeypatch.setattr(evaluation, "rollout_and_score", fake_rollout_and_score)
-    counts = evaluation.correct_counts(None, None, [{}] * 7, n=4, seed=100, max_rows=12)
+    counts = evaluation.correct_counts(None, None, [{}] * 7, n=4, seed=100, chunk=3)
     assert counts == [2] * 7
     assert calls == [(3, 100), (3, 103), (1, 106)]
+    calls.clear()
+    evaluation.correct_counts(None, None, [{}] * 300, n=16, seed=0)  # by default 4096 // n problems at a time
+    assert [size for size, _ in calls] == [256, 44]
 
 
 @pytest.fixture(scope="module")

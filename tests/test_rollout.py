@@ -132,6 +132,33 @@ def test_llama3_rope_scaling(tmp_path_factory):
     assert rollout.generate(model, PROMPTS, 1, 8, temperature=0).tokens.tolist() == expected.tolist()
 
 
+def test_dynamic_rope_is_refused(tmp_path_factory):
+    """Dynamic NTK RoPE changes its frequencies with each forward's length: the sampler says it can't follow."""
+    rope = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}
+    config = LlamaConfig(vocab_size=48, num_attention_heads=4, num_key_value_heads=2, rope_parameters=rope, **SMALL)
+    with pytest.raises(ValueError, match="dynamic NTK RoPE"):
+        rollout.generate(build(tmp_path_factory, config), PROMPTS, 1, 4)
+
+
+def test_an_explicit_max_rows_is_capped_by_the_kv_cache_budget(model, monkeypatch):
+    """eval.py asks for up to 4096 rows at once; the KV-cache budget still bounds what is decoded together."""
+    rows = []
+    real_cache = rollout.KVCache
+
+    def recording_cache(weights, prompts, prompt_len, num_rows, max_new_tokens):
+        rows.append(num_rows)
+        return real_cache(weights, prompts, prompt_len, num_rows, max_new_tokens)
+
+    longest, new_tokens = max(len(p) for p in PROMPTS), 6
+    per_row = rollout.Weights(model, longest + new_tokens).kv_bytes_per_token * (longest + new_tokens)
+    monkeypatch.setattr(rollout, "KVCache", recording_cache)
+    monkeypatch.setattr(rollout, "KV_CACHE_BYTES", 5 * per_row)  # 5 rows fit: one prompt's 3 samples at a time
+    capped = rollout.generate(model, PROMPTS, 3, new_tokens, temperature=0, max_rows=4096)
+    assert rows == [3]
+    monkeypatch.undo()
+    assert torch.equal(capped.tokens, rollout.generate(model, PROMPTS, 3, new_tokens, temperature=0).tokens)
+
+
 def test_greedy_rows_equal_across_samples_and_chunks(model, monkeypatch):
     """n rows of one prompt are identical under greedy decoding, however the rows are chunked."""
     reference = rollout.generate(model, PROMPTS, 1, 10, temperature=0)
