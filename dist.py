@@ -1,7 +1,7 @@
 """Many GPUs, one or many nodes: PyTorch's own torchrun + FSDP2, and the few collectives RL adds to them.
 
-    torchrun --nproc-per-node 8 train.py ...                                  # one node
-    torchrun --nnodes 2 --node-rank R --master-addr HOST --master-port 29500 --nproc-per-node 8 train.py ...
+    torchrun --nproc-per-node 8 train.py -- ...                               # one node
+    torchrun --nnodes 2 --node-rank R --master-addr HOST --master-port 29500 --nproc-per-node 8 train.py -- ...
 
 How a step is split (W ranks):
   sampling     each rank samples prompts_per_step / W whole groups with the full policy weights (gathered

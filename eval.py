@@ -8,8 +8,9 @@ pass@k is the unbiased estimator of Chen et al. (Codex, 2021): with n samples of
 the chance that at least one of k samples drawn without replacement from the n is right.
 
 ProRL (arXiv 2505.24864) claims that prolonged RL *expands the reasoning boundary*: the trained model
-beats its base at pass@k for every k up to 256, and by most on the tasks where the base is weak. Sampling
-only narrows the distribution if pass@1 rises while pass@256 falls. The boundary report puts the
+beats its base at pass@k up to k=256, most on the tasks where the base is weak (where the base is already
+strong, the paper also reports a narrowed boundary). RL has only narrowed the distribution if pass@1 rises
+while pass@256 falls. The boundary report puts the
 pass@k curves of the base and of the trained models side by side (table, JSON, plot) so anyone can check
 that claim on their own checkpoints.
 """

@@ -40,7 +40,7 @@ class Config:
     tasks: str = option("sort,reverse,countdown", "task mix SOURCE[:WEIGHT],...: built-in add/sort/reverse/"
                         "countdown, a domain (math, code, logic, mcq, ifeval), rg:NAME (reasoning-gym), or a JSONL path")
     level: int = option(1, "difficulty of the built-in tasks (1-3)")
-    run: str = option("", "run name; metrics go to runs/<run>/ (default: tiny-s<seed>)")
+    run: str = option("", "run name; metrics go to runs/<run>/ (empty: <preset>-s<seed>, -2, -3 ... if taken)")
     seed: int = option(0, "seed of the base model build, the prompt stream and the sampler")
     steps: int = option(80, "RL steps")
     prompts_per_step: int = option(64, "groups (prompts) per step after dynamic sampling")

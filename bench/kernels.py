@@ -13,6 +13,7 @@ Without a GPU it runs the reference only, on fewer tokens, and says so: it never
 not measure.
 """
 
+import argparse
 import statistics
 import sys
 import time
@@ -323,4 +324,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     main()

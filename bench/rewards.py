@@ -12,6 +12,7 @@ one sandbox per batch (it starts by importing reasoning-gym, about a second).
 Prints the machine's core count and load: on a shared machine other work slows every figure alike.
 """
 
+import argparse
 import os
 import sys
 import time
@@ -85,4 +86,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     main()

@@ -12,6 +12,7 @@ speed does not depend on their values. The two samplers are timed alternately an
 runs is kept, so a busy machine slows both alike.
 """
 
+import argparse
 import os
 import sys
 import time
@@ -177,4 +178,5 @@ def decode_roofline(model, prompts: list[list[int]], max_new_tokens: int, name: 
         print(f"  achieved bandwidth  {achieved / 1e12:10.2f} TB/s (peak of {name!r} unknown)")
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     main()

@@ -14,6 +14,7 @@ GPU memory. Weights are random (no download): speed does not depend on their val
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -60,6 +61,7 @@ def main() -> None:
     device = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"{time.strftime('%Y-%m-%d')}  {device}, torch {torch.__version__}: one prorl-v2 step, random Qwen2 "
           f"'{args.shape}', {prompts} prompts x N={n}, {new_tokens} new tokens, {micro_rows} rows per micro-batch")
+    shutil.rmtree(os.path.join("runs", run, "train"), ignore_errors=True)  # a rerun replaces the last one
     train.main(["--preset", "prorl-v2", "--model", model_dir, "--run", f"{run}/train", "--tasks", "countdown",
                 "--steps", "1", "--prompts-per-step", str(prompts), "--n", str(n), "--max-new-tokens", str(new_tokens),
                 "--micro-batch-rows", str(micro_rows), "--dynamic-sampling", "false", "--eval-every", "0",
@@ -73,4 +75,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as error:  # bad input, as train.py reports it: one line
+        sys.exit(f"error: {error}")
