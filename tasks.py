@@ -1,6 +1,6 @@
 """Prompt sources: the built-in procedural tasks, JSONL files, mixing, and a fixed held-out split.
 
-An example is a plain dict (see ../shared/DESIGN.md): {"task": ..., "prompt": ..., plus what the
+An example is a plain dict: {"task": ..., "prompt": ..., plus what the
 verifier in rewards.py needs}. Built-in examples also carry "solution", one correct completion, used
 only by the supervised warm-start of the tiny base model (model.py), never by RL.
 
