@@ -17,6 +17,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import eval as evaluation
 import model as model_lib
+import rewards
+import tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -209,6 +211,21 @@ def test_cli_same_model_twice_gives_identical_counts(uniform_model_dir, tmp_path
     assert all(0 <= c <= 8 for c in saved["correct"]["base"])
     assert "(+0.000)" in (out / "boundary.md").read_text() and (out / "boundary.png").is_file()
     assert "trained: 100%" in capsys.readouterr().err  # the progress bar
+
+
+def test_cli_samples_each_model_given(uniform_model_dir, tiny_model_dir, tmp_path, monkeypatch):
+    """Two different models: each one's counts are those of sampling that model directly, same settings."""
+    # Neither model sorts; call a completion right when its length is even, so counts follow the samples.
+    monkeypatch.setitem(rewards.VERIFIERS, "sort", lambda example, completion: float(len(completion) % 2 == 0))
+    out = tmp_path / "report"
+    evaluation.main(["--model", uniform_model_dir, "--model", tiny_model_dir, "--tasks", "sort", "--problems", "4",
+                     "--n", "8", "--max-new-tokens", "12", "--out", str(out)])
+    saved = json.loads((out / "boundary.json").read_text())
+    examples = tasks.heldout("sort", 4)
+    for name, path in (("base", uniform_model_dir), ("trained", tiny_model_dir)):
+        policy, tokenizer = model_lib.load(path)
+        assert saved["correct"][name] == evaluation.correct_counts(policy.eval(), tokenizer, examples, 8, 12)
+    assert saved["correct"]["base"] != saved["correct"]["trained"]
 
 
 def test_cli_user_errors(uniform_model_dir, tmp_path):

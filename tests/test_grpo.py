@@ -149,13 +149,17 @@ def test_at_ratio_one_the_loss_is_minus_the_mean_advantage():
     assert stats["clipfrac"].item() == 0.0 and stats["ratio_mean"].item() == 1.0
 
 
-def test_per_token_advantages_are_accepted():
-    logp = torch.randn(2, 3)
-    mask = torch.ones(2, 3, dtype=torch.bool)
-    adv = torch.tensor([1.0, -1.0])
-    by_row = grpo.policy_loss(logp, logp, adv, mask)[0]
-    by_token = grpo.policy_loss(logp, logp, adv[:, None].expand(2, 3), mask)[0]
-    assert by_row.item() == by_token.item()
+def test_per_token_advantages_are_used_token_by_token():
+    # One row, ratio e^0.1 = 1.105 on every token (inside the clip range), advantages that differ along T:
+    # pg = −A·ρ per token, token-mean over the 3 tokens = −ρ·(1 − 2 + 3)/3 = −2ρ/3.
+    old_logp = torch.zeros(1, 3)
+    logp = torch.full((1, 3), 0.1)
+    adv = torch.tensor([[1.0, -2.0, 3.0]])
+    loss = grpo.policy_loss(logp, old_logp, adv, torch.ones(1, 3, dtype=torch.bool))[0]
+    assert loss.item() == pytest.approx(-2 * math.exp(0.1) / 3)
+    # [B] advantages are the same as that value on every token of the row
+    by_row = grpo.policy_loss(logp, old_logp, torch.tensor([2.0]), torch.ones(1, 3, dtype=torch.bool))[0]
+    assert by_row.item() == pytest.approx(-2 * math.exp(0.1))
 
 
 # ----------------------------------------------------------------------------- aggregation

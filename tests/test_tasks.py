@@ -70,6 +70,14 @@ def test_heldout_split_is_fixed_disjoint_and_large():
     assert {example["task"] for example in drawn} == {"add", "sort", "countdown"}
 
 
+def test_a_tenth_of_each_problem_space_is_held_out():
+    rng = random.Random(0)
+    for family in ("sort", "countdown"):
+        prompts = {tasks.generate(family, rng, 1)["prompt"] for _ in range(20000)}
+        share = sum(tasks.is_heldout({"prompt": p}) for p in prompts) / len(prompts)
+        assert len(prompts) > 5000 and 0.09 < share < 0.11, (family, len(prompts), share)
+
+
 def test_mix_weights():
     assert tasks.parse_mix("add:1,countdown:3") == {"add": 0.25, "countdown": 0.75}
     stream = tasks.TaskMix("add:1,countdown:3", seed=0)

@@ -365,6 +365,102 @@ def test_scheduled_reset_makes_the_next_steps_kl_exactly_zero(tmp_path, monkeypa
     assert [m["resets"] for m in metrics] == [0, 1, 1]
 
 
+def capture_shaped_rewards(monkeypatch) -> list[dict]:
+    """Record, at each step of train.main, the sampled batch, its scores, the reference's log-probs and the
+    rewards handed to the advantage estimator."""
+    steps = []
+    real_sample, real_logprobs, real_advantages = grpo.sample_groups, train.batch_logprobs, grpo.group_advantages
+
+    def sample(*args, **kwargs):
+        batch, scores, stats = real_sample(*args, **kwargs)
+        steps.append({"batch": batch, "scores": scores})
+        return batch, scores, stats
+
+    def logprobs(model, batch, c):
+        out = real_logprobs(model, batch, c)
+        if steps:
+            steps[-1].setdefault("ref_logp", out)  # the first call of a step is the reference's
+        return out
+
+    def advantages(shaped, estimator):
+        if steps:  # (validate() calls it too, before any step, to check the estimator's name)
+            steps[-1]["shaped"] = shaped.clone()
+        return real_advantages(shaped, estimator)
+
+    monkeypatch.setattr(grpo, "sample_groups", sample)
+    monkeypatch.setattr(train, "batch_logprobs", logprobs)
+    monkeypatch.setattr(grpo, "group_advantages", advantages)
+    return steps
+
+
+def test_the_loop_shapes_rewards_with_the_length_penalty_of_its_step(tmp_path, monkeypatch, tiny_model_dir):
+    steps = capture_shaped_rewards(monkeypatch)
+    run_train(tmp_path, monkeypatch, tiny_model_dir,
+              ["--steps", "2", "--prompts-per-step", "4", "--n", "4", "--eval-every", "0", "--dynamic-sampling", "false",
+               "--length-eta-max", "0.3", "--length-eta-min", "0.1", "--length-period", "2", "--kl-coef", "0"])
+    # η(step 1) = η_max = 0.3; η(step 2) = 0.1 + ½·0.2·(1 + cos(π/2)) = 0.2; shaped = score − η·len/max_new_tokens
+    for step, eta in zip(steps, (0.3, 0.2), strict=True):
+        lengths = step["batch"].mask.sum(dim=1).float().view_as(step["scores"])
+        torch.testing.assert_close(step["shaped"], step["scores"] - eta * lengths / 8)
+
+
+def test_kl_in_reward_subtracts_beta_times_the_summed_kl_of_each_response(tmp_path, monkeypatch, tiny_model_dir):
+    steps = capture_shaped_rewards(monkeypatch)
+    run_train(tmp_path, monkeypatch, tiny_model_dir,
+              ["--steps", "2", "--prompts-per-step", "4", "--n", "4", "--eval-every", "0", "--dynamic-sampling", "false",
+               "--length-eta-max", "0.05", "--kl-in-reward", "true", "--kl-coef", "0.5", "--kl-kind", "k3",
+               "--minibatches", "1", "--lr", "5e-2"])
+    step = steps[1]  # after one update π ≠ π_ref, so the KL is not 0
+    log_ratio = step["ref_logp"] - step["batch"].logprobs[:, 1:]  # the sampler's log-probs stand for π
+    k3 = (torch.exp(log_ratio) - log_ratio - 1) * step["batch"].mask[:, 1:]
+    lengths = step["batch"].mask.sum(dim=1).float()
+    eta = rewards.length_penalty_coef(1, 0.0, 0.05, 100)
+    expected = step["scores"].flatten() - eta * lengths / 8 - 0.5 * k3.sum(dim=1)
+    assert k3.sum() > 1e-4
+    torch.testing.assert_close(step["shaped"].flatten(), expected)
+
+
+def test_a_kl_spike_resets_the_reference(tmp_path, monkeypatch, tiny_model_dir):
+    _, metrics, _ = run_train(tmp_path, monkeypatch, tiny_model_dir,
+                              ["--steps", "3", "--prompts-per-step", "4", "--n", "4", "--eval-every", "0",
+                               "--dynamic-sampling", "false", "--length-eta-max", "0.1", "--minibatches", "1",
+                               "--lr", "5e-2", "--reset-kl", "1e-9"])
+    assert metrics[0]["kl"] == 0.0 and metrics[0].get("reset") is None  # π = π_ref at step 1
+    assert metrics[1]["kl"] > 1e-9 and metrics[1]["reset"] == "kl"
+    assert metrics[2]["kl"] == 0.0  # measured right after the reset, before step 3's update
+
+
+def test_kl_clamp_bounds_the_per_token_kl_term(tiny_model, rollout_batch):
+    policy, tokenizer = tiny_model
+    batch, adv = rollout_batch
+    reference = model_lib.build_tiny_model(tokenizer, seed=1).eval()  # far from the policy: a large KL
+    c = train.Config(minibatches=1, kl_coef=0.1, kl_kind="k3")
+    ref_logp = train.batch_logprobs(reference, batch, c)
+    unclamped = train.update(policy, torch.optim.SGD(policy.parameters(), lr=0.0), batch, adv, ref_logp, c)["kl"]
+    clamped = train.update(policy, torch.optim.SGD(policy.parameters(), lr=0.0), batch, adv, ref_logp,
+                           train.Config(minibatches=1, kl_coef=0.1, kl_kind="k3", kl_clamp=0.05))["kl"]
+    assert unclamped > 0.05 >= clamped > 0
+
+
+def test_overlong_filter_gives_truncated_responses_no_gradient(tiny_model_dir, rollout_batch):
+    batch, _ = rollout_batch
+    batch = rollout.select_rows(batch, slice(None))
+    batch.truncated = torch.arange(len(batch.truncated)) % 2 == 0  # say half the responses hit the limit
+    adv = batch.truncated.float() * 2 - 1  # +1 on truncated responses, −1 on the others
+    steps = []
+    for overlong_filter, only_truncated in ((True, True), (False, True), (True, False)):
+        policy = model_lib.load(tiny_model_dir)[0]
+        before = [p.clone() for p in policy.parameters()]
+        rows = batch.truncated if only_truncated else torch.ones_like(batch.truncated)
+        c = train.Config(minibatches=1, kl_coef=0.0, grad_clip=1e9, overlong_filter=overlong_filter)
+        train.update(policy, torch.optim.SGD(policy.parameters(), lr=1.0), rollout.select_rows(batch, rows), adv[rows],
+                     None, c)
+        steps.append(torch.cat([(p - q).flatten() for p, q in zip(policy.parameters(), before)]))
+    assert steps[0].abs().max() == 0  # a batch of truncated responses only: nothing to learn from
+    assert steps[1].abs().max() > 0  # without the filter they are rewarded like the rest
+    assert steps[2].abs().max() > 0  # the complete responses still train
+
+
 def test_stalled_validation_resets_right_after_the_evaluation_that_shows_it(tmp_path, monkeypatch, tiny_model_dir):
     # The random model scores 0 on every validation: step 1 sets the best (0), step 2 does not beat it, which
     # with patience 1 is a stall, so π_ref is reset at the end of step 2, not one step later.
