@@ -282,8 +282,12 @@ def plot_training(run_dir: str | Path) -> Path:
 
 # ----------------------------------------------------------------------------- command line
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help keeps the docstring's layout and shows each option's default."""
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model", action="append", default=[],
                         help="local Hugging Face model directory; repeat it: the first is the base")
     parser.add_argument("--tasks", default="sort,reverse,countdown", help="built-in names or JSONL paths, as train.py")
@@ -326,7 +330,8 @@ def main(argv: list[str]) -> None:
     for family in tasks.parse_mix(args.tasks):
         family_examples = tasks.heldout(family, args.problems, args.level)
         if not family_examples:
-            raise ValueError(f"--tasks {family}: no held-out problems in it (see tasks.is_heldout)")
+            raise ValueError(f"--tasks {family}: none of its problems falls in the held-out split (a fixed 10%, "
+                             "chosen by a hash of each prompt): add problems (of 50, ~5 are)")
         examples += family_examples
     names = ["base"] + (["trained"] if len(args.model) == 2 else [f"trained{i}" for i in range(1, len(args.model))])
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device

@@ -102,6 +102,7 @@ def ensure_tiny_base(path: str, seed: int = 0, log=print) -> str:
     if recipe_file.is_file() and json.loads(recipe_file.read_text()) == recipe:
         return path
     start = time.time()
+    log(f"building the tiny base model in {path}: {WARMSTART['steps']} supervised warm-start steps (about a minute)")
     tokenizer = build_tokenizer()
     model = build_tiny_model(tokenizer, seed)
     warm_start(model, tokenizer, seed=seed, **WARMSTART)

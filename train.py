@@ -165,7 +165,8 @@ def validate(c: Config) -> None:
     kl.kl_estimate(torch.zeros(1), torch.zeros(1), c.kl_kind)
     mix = tasks.TaskMix(c.tasks, c.level)  # unknown task names and unreadable files fail here, before any work
     if not any(tasks.heldout(family, 1, c.level) for family in mix.weights):
-        raise ValueError(f"--tasks {c.tasks}: no held-out problems to evaluate on (see tasks.is_heldout)")
+        raise ValueError(f"--tasks {c.tasks}: none of its problems falls in the held-out split (a fixed 10%, chosen "
+                         "by a hash of each prompt), so there is nothing to evaluate on: add problems (of 50, ~5 are)")
     model_lib.check_device(c.device)
     if c.model and not (Path(c.model) / "config.json").is_file():
         raise ValueError(f"--model {c.model}: no such model directory (expected a config.json inside)")
@@ -265,13 +266,17 @@ def main(argv: list[str]) -> None:
     def boundary_counts(name: str) -> list[int]:
         with dist.full_weights(policy):
             return evaluation.correct_counts(policy.eval(), tokenizer, boundary_set, c.boundary_n, c.max_new_tokens,
-                                             seed=12345, progress=f"{name} pass@k") if boundary_set else []
+                                             seed=12345, progress=f"{name} pass@k" if dist.is_main() else "") \
+                if boundary_set else []
 
     saved = (checkpoint.load(run_dir, policy, reference, optimizer, tracker, stream) if c.resume  # base: before step 1
              else {"step": 0, "base": held_out_pass1(test_set), "base_counts": boundary_counts("base")})
     if saved["step"] >= c.steps:
         raise ValueError(f"{run_dir} is at step {saved['step']} already: give --steps beyond it to train on")
+    if c.resume and dist.is_main():
+        print(f"resuming at step {saved['step']}, on to step {c.steps}", flush=True)
     base, base_counts, metrics_file = saved["base"], saved["base_counts"], checkpoint.open_metrics(run_dir, saved["step"])
+    said_idle = False
     progress = tqdm(range(saved["step"] + 1, c.steps + 1), desc="RL", dynamic_ncols=True, file=sys.stdout,
                     disable=not dist.is_main())
     for step in progress:
@@ -298,6 +303,10 @@ def main(argv: list[str]) -> None:
             adv = grpo.group_advantages(shaped, c.advantage).flatten()  # [P·N]: one advantage per response
             metrics.update(update(policy.train(), optimizer, local, adv[rows], ref_logp, c), length_eta=eta,
                            update_s=time.time() - update_start)
+        elif dist.is_main() and not said_idle:  # said once: metrics.jsonl's kept_frac shows every such step
+            said_idle = True
+            tqdm.write(f"step {step}: every group's answers scored alike (all right or all wrong), so there was "
+                       "nothing to learn; if this goes on, the tasks are out of the model's reach (or too easy)")
         if c.eval_every and step % c.eval_every == 0:
             # the mean over ranks, so that all take the same reset decision (timeouts may differ between them)
             metrics["val_pass1"] = dist.reduce_metrics({"v": held_out_pass1(val_set)["average"]})["v"]
@@ -327,6 +336,8 @@ def main(argv: list[str]) -> None:
     evaluation.plot_training(run_dir)
     print(evaluation.write_result(run_dir, base, trained, f"{c.eval_problems} problems per task, "
                                   f"{c.eval_samples} samples each, T={c.eval_temperature}"))
+    print(f"wrote {run_dir}/: result.md, metrics.jsonl, training.png, " + ("boundary.md, boundary.png (pass@k at "
+          "T=0.6, top-p 0.95), " if boundary_set else "") + "checkpoint.pt, final/ (the trained model)")
 
 
 if __name__ == "__main__":

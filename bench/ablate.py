@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import eval as evaluation
 import train
 
 
@@ -68,7 +69,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=evaluation.HelpFormatter,
                                      allow_abbrev=False)  # an abbreviation must not swallow a flag meant for train.py
     parser.add_argument("--steps", type=int, default=60, help="RL steps of every run")
     parser.add_argument("--samples-per-step", type=int, default=1024, help="prompts × N, the same for every run")

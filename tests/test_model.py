@@ -34,7 +34,8 @@ def test_saved_base_loads_like_a_checkpoint_and_is_reused(tmp_path, monkeypatch)
     built = []
     path = model_lib.ensure_tiny_base(str(tmp_path / "base"), seed=0, log=built.append)
     model_lib.ensure_tiny_base(str(tmp_path / "base"), seed=0, log=built.append)
-    assert len(built) == 1  # the second call found the same recipe and reused it
+    assert len(built) == 2 and built[0].startswith("building")  # "building ...", then "built ..."
+    assert built[1].startswith("built")  # and the second call found the same recipe and reused it
     policy, tokenizer = model_lib.load(path)
     assert policy.config.model_type == "llama"
     assert policy.num_parameters() < 2_000_000
