@@ -137,7 +137,7 @@ def boundary_table(report: dict[str, dict[str, dict[int, float]]]) -> str:
         for name, model_report in report.items():
             cells = [f"{model_report[family][k]:.3f}" for k in ks]
             if name != base_name:
-                cells = [f"{cell} ({model_report[family][k] - base[k]:+.3f})" for cell, k in zip(cells, ks)]
+                cells = [f"{cell} ({signed(model_report[family][k] - base[k])})" for cell, k in zip(cells, ks)]
             lines.append(f"| {family} | {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -194,11 +194,16 @@ def write_boundary(out_dir: str | Path, counts: dict[str, list[int]], examples: 
     return table
 
 
+def signed(gain: float) -> str:
+    """+0.123 / -0.045, and +0.000 rather than -0.000 for a loss that rounds to nothing."""
+    return f"{round(gain, 3) + 0.0:+.3f}"
+
+
 def write_result(run_dir: str | Path, base: dict[str, float], trained: dict[str, float], settings: str) -> str:
     """result.md and result.json: held-out pass@1 of the base and the trained model, per family and on
     average, side by side. Returns the table with a heading, as train.py prints it."""
     lines = ["| task | base pass@1 | trained pass@1 | gain |", "|---|---|---|---|"]
-    lines += [f"| {f} | {base[f]:.3f} | {trained[f]:.3f} | {trained[f] - base[f]:+.3f} |" for f in base]
+    lines += [f"| {f} | {base[f]:.3f} | {trained[f]:.3f} | {signed(trained[f] - base[f])} |" for f in base]
     (Path(run_dir) / "result.md").write_text("\n".join(lines) + "\n")
     (Path(run_dir) / "result.json").write_text(json.dumps({"base": base, "trained": trained}))
     return f"held-out pass@1 ({settings}):\n" + "\n".join(lines)

@@ -242,3 +242,7 @@ def test_cli_user_errors(uniform_model_dir, tmp_path):
     assert result.returncode == 1
     expected = f"error: --model {missing}: no such model directory (expected a config.json inside)"
     assert result.stderr.strip().splitlines() == [expected]
+
+
+def test_gains_are_signed_and_never_minus_zero():
+    assert [evaluation.signed(g) for g in (0.1234, -0.05, -0.0002, 0.0)] == ["+0.123", "-0.050", "+0.000", "+0.000"]
