@@ -207,12 +207,21 @@ def score_logic_batch(examples: list[dict], completions: list[str]) -> list[floa
             return score_logic_unsandboxed(rewards, todo)
         scored = 0
         for (i, *_), line in zip(todo, lines[1:]):
-            index, _, score = line.partition(" ")
-            if index != str(scored):
+            score = score_line(line, scored)
+            if score is None:  # not a line the scorer wrote: what follows is not trusted either
                 break
-            rewards[i], scored = min(1.0, max(0.0, float(score))), scored + 1
+            rewards[i], scored = min(1.0, max(0.0, score)), scored + 1
         todo = todo[scored + 1:]  # all scored, or: the run died on todo[scored], which scores 0
     return rewards
+
+
+def score_line(line: str, index: int) -> float | None:
+    """The score of an "INDEX SCORE" line for answer `index`, or None."""
+    number, _, score = line.partition(" ")
+    try:
+        return float(score) if number == str(index) else None
+    except ValueError:
+        return None
 
 
 # Runs in the sandbox: the job on stdin (base64 of a pickled list of (answer, dataset, entry)), "INDEX SCORE"

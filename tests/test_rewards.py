@@ -183,6 +183,11 @@ def test_logic_answers_that_scorers_eval_cannot_end_the_run_or_stall_it(monkeypa
     assert time.monotonic() - start < 4 * rewards.LOGIC_STARTUP  # one timeout, one restart: well inside
 
 
+def test_only_well_formed_score_lines_are_read():
+    assert rewards.score_line("0 1.0", 0) == 1.0 and rewards.score_line("3 0.25", 3) == 0.25
+    assert [rewards.score_line(line, 0) for line in ("1 1.0", "0 abc", "0 1.0.0", "0", "", "ready")] == [None] * 6
+
+
 def test_logic_answers_that_scorers_eval_cannot_touch_the_host(tmp_path, monkeypatch):
     if not sandbox.protections()["private_filesystem"]:
         pytest.skip("the sandbox cannot hide this machine's files here (no mount namespace)")
