@@ -63,6 +63,14 @@ def teacher_forced_logits(model, out: rollout.Rollout) -> torch.Tensor:
                      position_ids=rollout.position_ids(out.attention_mask)).logits.float()
 
 
+def hf_greedy(model, max_new_tokens: int, stop_ids: tuple = ()) -> torch.Tensor:
+    """model.generate(do_sample=False) on PROMPTS, left-padded with 0: the reference the sampler must match."""
+    ids, mask = left_pad(PROMPTS)
+    with torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                              eos_token_id=list(stop_ids) or None, pad_token_id=0)
+
+
 def chi_square(observed: torch.Tensor, expected: torch.Tensor) -> tuple[float, int]:
     """Pearson's statistic and degrees of freedom, pooling cells expected fewer than 5 times."""
     small = expected < 5
@@ -89,14 +97,11 @@ def test_position_ids_by_hand():
 @pytest.mark.parametrize("stop", [False, True])
 def test_greedy_equals_hf_generate(model, stop):
     """Token for token what model.generate(do_sample=False) returns, on left-padded prompts of 4 lengths."""
-    ids, mask = left_pad(PROMPTS)
     stop_ids = ()
     if stop:  # stop on a token that the greedy completions do emit, part-way through some rows
         free = rollout.generate(model, PROMPTS, 1, 12, temperature=0)
         stop_ids = (int(free.tokens[0, free.prompt_len + 3]), int(free.tokens[2, free.prompt_len + 6]))
-    with torch.no_grad():
-        expected = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=12,
-                                  eos_token_id=list(stop_ids) or None, pad_token_id=0)
+    expected = hf_greedy(model, 12, stop_ids)
     out = rollout.generate(model, PROMPTS, 1, 12, temperature=0, stop_ids=stop_ids)
     assert out.tokens.tolist() == expected.tolist()
     if stop:
@@ -112,11 +117,7 @@ def test_llama_with_every_bias(tmp_path_factory):
         for name, param in model.named_parameters():
             if name.endswith("bias"):
                 param.normal_(0, 0.5)  # HF initialises biases to 0, which would test nothing
-    ids, mask = left_pad(PROMPTS)
-    with torch.no_grad():
-        expected = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=8,
-                                  eos_token_id=None, pad_token_id=0)
-    assert rollout.generate(model, PROMPTS, 1, 8, temperature=0).tokens.tolist() == expected.tolist()
+    assert rollout.generate(model, PROMPTS, 1, 8, temperature=0).tokens.tolist() == hf_greedy(model, 8).tolist()
 
 
 def test_llama3_rope_scaling(tmp_path_factory):
@@ -125,11 +126,7 @@ def test_llama3_rope_scaling(tmp_path_factory):
             "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
     config = LlamaConfig(vocab_size=48, num_attention_heads=4, num_key_value_heads=2, rope_parameters=rope, **SMALL)
     model = build(tmp_path_factory, config)
-    ids, mask = left_pad(PROMPTS)
-    with torch.no_grad():
-        expected = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=8,
-                                  eos_token_id=None, pad_token_id=0)
-    assert rollout.generate(model, PROMPTS, 1, 8, temperature=0).tokens.tolist() == expected.tolist()
+    assert rollout.generate(model, PROMPTS, 1, 8, temperature=0).tokens.tolist() == hf_greedy(model, 8).tolist()
 
 
 def test_dynamic_rope_is_refused(tmp_path_factory):
