@@ -24,38 +24,31 @@ import sandbox
 import tasks
 
 
-def code_batch() -> tuple[list[dict], list[str]]:
+def scored_batch(domain: str, completions_of) -> tuple[list[dict], list[str]]:
+    """Every example of a domain's sample file, paired with each of completions_of(example)."""
     examples, completions = [], []
-    for example in tasks.load_source("code"):
-        wrong = "```python\nprint('no')\n```"
-        crash = "```python\nraise SystemExit(input())\n```"
-        for completion in [example["solution"]] * 6 + [wrong, crash]:
+    for example in tasks.load_source(domain):
+        for completion in completions_of(example):
             examples.append(example)
             completions.append(completion)
     return examples, completions
 
 
-def math_batch() -> tuple[list[dict], list[str]]:
-    examples, completions = [], []
-    for example in tasks.load_source("math"):
-        answer = example["answer"]
-        forms = [f"The answer is $\\boxed{{{answer}}}$.", f"Therefore the answer is ${answer}$.",
-                 f"Lots of reasoning first. {'So on and so forth. ' * 40}Final answer: \\boxed{{{answer}}}",
-                 "\\boxed{12345}", "I am not sure."]
-        for completion in forms * 4:
-            examples.append(example)
-            completions.append(completion)
-    return examples, completions
+def code_completions(example: dict) -> list[str]:
+    wrong = "```python\nprint('no')\n```"
+    crash = "```python\nraise SystemExit(input())\n```"
+    return [example["solution"]] * 6 + [wrong, crash]
 
 
-def logic_batch() -> tuple[list[dict], list[str]]:
-    examples, completions = [], []
-    for example in tasks.load_source("logic"):
-        forms = [f"<answer>{example['entry']['answer']}</answer>", "<answer>wrong</answer>", "no tag"]
-        for completion in forms * 8:
-            examples.append(example)
-            completions.append(completion)
-    return examples, completions
+def math_completions(example: dict) -> list[str]:
+    answer = example["answer"]
+    return [f"The answer is $\\boxed{{{answer}}}$.", f"Therefore the answer is ${answer}$.",
+            f"Lots of reasoning first. {'So on and so forth. ' * 40}Final answer: \\boxed{{{answer}}}",
+            "\\boxed{12345}", "I am not sure."] * 4
+
+
+def logic_completions(example: dict) -> list[str]:
+    return [f"<answer>{example['entry']['answer']}</answer>", "<answer>wrong</answer>", "no tag"] * 8
 
 
 def throughput(examples: list[dict], completions: list[str], workers: int) -> tuple[float, list[float]]:
@@ -68,18 +61,18 @@ def main() -> None:
     cores = os.cpu_count()
     print(f"machine: {cores} cores, load average {os.getloadavg()[0]:.1f}; sandbox protections: "
           f"{', '.join(name for name, on in sandbox.protections().items() if on)}")
-    examples, completions = code_batch()
+    examples, completions = scored_batch("code", code_completions)
     rewards.score_batch(examples[:cores], completions[:cores])  # warm up: the sandbox's mode is worked out once
     per_second, scores = throughput(examples, completions, workers=cores)
     one_worker, _ = throughput(examples, completions, workers=1)
     print(f"code: {per_second:6.1f} completions/s with {cores} workers, {one_worker:6.1f} with 1 "
           f"({len(completions)} completions x 10 tests; mean reward {sum(scores) / len(scores):.2f})")
-    examples, completions = math_batch()
+    examples, completions = scored_batch("math", math_completions)
     rewards.score_batch(examples[:5], completions[:5])  # warm up: imports math-verify and sympy
     per_second, scores = throughput(examples, completions, workers=cores)
     print(f"math: {per_second:6.1f} completions/s ({len(completions)} completions; mean reward "
           f"{sum(scores) / len(scores):.2f})")
-    examples, completions = logic_batch()
+    examples, completions = scored_batch("logic", logic_completions)
     per_second, scores = throughput(examples, completions, workers=cores)
     print(f"logic: {per_second:5.1f} completions/s ({len(completions)} completions in one batch; mean reward "
           f"{sum(scores) / len(scores):.2f})")
