@@ -93,6 +93,19 @@ def load_rank_state(state: dict, stream) -> None:
     stream.drawn = state["stream_drawn"]
 
 
+def is_run(run_dir: str | Path) -> bool:
+    """Whether a run has started in run_dir (its config.json is the first thing a run writes)."""
+    return (Path(run_dir) / "config.json").exists()
+
+
+def new_run_dir(name: str) -> Path:
+    """runs/<name>, or runs/<name>-2, -3, ... if earlier runs hold it: a new run never overwrites an old one."""
+    path, suffix = Path("runs") / name, 2
+    while is_run(path):
+        path, suffix = Path("runs") / f"{name}-{suffix}", suffix + 1
+    return path
+
+
 def save_config(run_dir: str | Path, config: dict) -> None:
     """<run_dir>/config.json: the run's settings, which --resume reads back."""
     if dist.is_main():

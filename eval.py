@@ -329,14 +329,12 @@ def main(argv: list[str]) -> None:
             raise ValueError(message)
     model_lib.check_device(args.device)
     for path in args.model:  # all of them before the first hour of sampling, not after
-        if not (Path(path) / "config.json").is_file():
-            raise ValueError(f"--model {path}: no such model directory (expected a config.json inside)")
+        model_lib.check_model_dir(path)
     examples = []
     for family in tasks.parse_mix(args.tasks):
         family_examples = tasks.heldout(family, args.problems, args.level)
         if not family_examples:
-            raise ValueError(f"--tasks {family}: none of its problems falls in the held-out split (a fixed 10%, "
-                             "chosen by a hash of each prompt): add problems (of 50, ~5 are)")
+            raise tasks.no_heldout_error(family)
         examples += family_examples
     names = ["base"] + (["trained"] if len(args.model) == 2 else [f"trained{i}" for i in range(1, len(args.model))])
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device

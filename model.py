@@ -39,8 +39,7 @@ WARMSTART = {"task_mix": "sort:2,reverse:1,countdown:3", "level": 1, "steps": 50
 
 def load(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """(model, tokenizer) from a local Hugging Face directory; a one-line error if it is not one."""
-    if not (Path(path) / "config.json").is_file():
-        raise ValueError(f"--model {path}: no such model directory (expected a config.json inside)")
+    check_model_dir(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
@@ -49,6 +48,12 @@ def load(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
     if tokenizer.pad_token_id is None:  # many real checkpoints ship without one; any id works, pads are masked
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def check_model_dir(path: str) -> None:
+    """A one-line error unless `path` looks like a Hugging Face model directory (has a config.json)."""
+    if not (Path(path) / "config.json").is_file():
+        raise ValueError(f"--model {path}: no such model directory (expected a config.json inside)")
 
 
 def check_device(device: str) -> None:

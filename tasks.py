@@ -178,6 +178,13 @@ class TaskMix:
                 return example
 
 
+def no_heldout_error(source: str) -> ValueError:
+    """What to tell a user whose tasks have nothing to evaluate on."""
+    return ValueError(f"--tasks {source}: none of its problems falls in the held-out split (a fixed "
+                      f"{HELDOUT_PERCENT}%, chosen by a hash of each prompt), so there is nothing to evaluate on: "
+                      "add problems (of 50, ~5 are)")
+
+
 def heldout(name: str, count: int, level: int = 1) -> list[dict]:
     """The first `count` distinct held-out problems of a source (the same on every run)."""
     if not is_procedural(name):

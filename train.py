@@ -154,7 +154,7 @@ def validate(c: Config) -> None:
                "every number must be finite (no nan or inf)"),
               (c.grad_clip > 0 and c.reset_kl >= 0 and c.eval_temperature >= 0,
                "--grad-clip must be > 0, --reset-kl and --eval-temperature ≥ 0"),
-              (not c.run or c.resume or not (Path("runs") / c.run / "config.json").exists(),
+              (not c.run or c.resume or not checkpoint.is_run(Path("runs") / c.run),
                f"runs/{c.run} already holds a run: --resume runs/{c.run} continues it, another --run starts anew"),
               (c.kl_coef > 0 or not c.kl_in_reward, "--kl-in-reward needs --kl-coef > 0")]
     for ok, message in checks:
@@ -165,11 +165,10 @@ def validate(c: Config) -> None:
     kl.kl_estimate(torch.zeros(1), torch.zeros(1), c.kl_kind)
     mix = tasks.TaskMix(c.tasks, c.level)  # unknown task names and unreadable files fail here, before any work
     if not any(tasks.heldout(family, 1, c.level) for family in mix.weights):
-        raise ValueError(f"--tasks {c.tasks}: none of its problems falls in the held-out split (a fixed 10%, chosen "
-                         "by a hash of each prompt), so there is nothing to evaluate on: add problems (of 50, ~5 are)")
+        raise tasks.no_heldout_error(c.tasks)
     model_lib.check_device(c.device)
-    if c.model and not (Path(c.model) / "config.json").is_file():
-        raise ValueError(f"--model {c.model}: no such model directory (expected a config.json inside)")
+    if c.model:
+        model_lib.check_model_dir(c.model)
 
 
 def sequence_logprobs(policy, batch: rollout.Rollout, temperature: float, entropy: bool = False):
@@ -226,20 +225,12 @@ def update(policy, optimizer, batch: rollout.Rollout, adv: torch.Tensor, ref_log
     return dist.reduce_metrics({**{name: value / updates for name, value in totals.items()}, "skipped_updates": skipped})
 
 
-def new_run_dir(c: Config) -> Path:
-    """runs/<--run>, or by default runs/<preset>-s<seed>, suffixed -2, -3, ... past earlier runs of that name."""
-    name = c.run or f"{c.preset}-s{c.seed}"
-    path, suffix = Path("runs") / name, 2
-    while (path / "config.json").exists():
-        path, suffix = Path("runs") / f"{name}-{suffix}", suffix + 1
-    return path
-
-
 def main(argv: list[str]) -> None:
     c = parse_config(argv)
     device = dist.setup(("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" else c.device)
     torch.manual_seed(c.seed)
-    run_dir = Path(c.resume) if c.resume else dist.gather_objects(new_run_dir(c))[0]  # rank 0's choice
+    name = c.run or f"{c.preset}-s{c.seed}"  # taken: -2, -3, ... (an explicit --run that is taken fails validate)
+    run_dir = Path(c.resume) if c.resume else dist.gather_objects(checkpoint.new_run_dir(name))[0]  # rank 0's choice
     checkpoint.save_config(run_dir, dataclasses.asdict(c))
     if dist.is_main():
         print(f"run directory: {run_dir}", flush=True)
