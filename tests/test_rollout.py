@@ -170,10 +170,12 @@ def test_greedy_rows_equal_across_samples_and_chunks(model, monkeypatch):
     assert torch.equal(out.tokens, reference.tokens.repeat_interleave(3, 0))
 
 
-@pytest.mark.parametrize("temperature, top_p, top_k", [(1.0, 1.0, 0), (0.7, 0.9, 0), (1.3, 1.0, 5), (0.0, 1.0, 0)])
-def test_logprobs_equal_teacher_forced(model, temperature, top_p, top_k):
-    """Returned log-probs are log softmax(logits / T) of the trainer's forward at the sampled tokens (1e-4)."""
-    out = rollout.generate(model, PROMPTS, 3, 10, temperature=temperature, top_p=top_p, top_k=top_k,
+@pytest.mark.parametrize("temperature, top_p, top_k, n",
+                         [(1.0, 1.0, 0, 3), (0.7, 0.9, 0, 3), (1.3, 1.0, 5, 3), (0.0, 1.0, 0, 3), (1.0, 1.0, 0, 1)])
+def test_logprobs_equal_teacher_forced(model, temperature, top_p, top_k, n):
+    """Returned log-probs are log softmax(logits / T) of the trainer's forward at the sampled tokens (1e-4),
+    with prompts shared by n=3 rows and with one row per prompt (whose cache holds prompt and completion)."""
+    out = rollout.generate(model, PROMPTS, n, 10, temperature=temperature, top_p=top_p, top_k=top_k,
                            stop_ids=(7, 11), seed=1)
     logits = teacher_forced_logits(model, out)[:, :-1]  # position t predicts token t + 1
     logp = torch.log_softmax(logits / (temperature or 1.0), -1).gather(-1, out.tokens[:, 1:, None])[..., 0]
@@ -252,16 +254,18 @@ def test_every_prompt_prefilled_once(model, monkeypatch):
 
 
 @torch.no_grad()  # as inside generate: the forward writes activations in place
-def test_bucketed_attention_masks_unwritten_columns(model):
+@pytest.mark.parametrize("samples", [3, 1])  # a shared prefix; one row per prompt (one cache for both)
+def test_bucketed_attention_masks_unwritten_columns(model, samples):
     """Reading past the written completion columns (what CUDA graphs do, up to a bucket edge) changes
     nothing, whatever stale values those columns hold."""
-    prompts, samples, steps = len(PROMPTS), 3, 5
+    prompts, steps = len(PROMPTS), 5
     weights = rollout.Weights(model, 64)
     ids, mask = left_pad(PROMPTS)
     results = []
     for kv_len in (None, 12):  # the exact length, and the cache read up to column 12
         cache = rollout.KVCache(weights, prompts, ids.shape[1], prompts * samples, 16)
         cache.k.normal_(), cache.v.normal_()  # stale keys/values from an earlier chunk
+        assert cache.shared == (samples > 1)
         logits = rollout.prefill(weights, cache, ids, mask.bool()).repeat_interleave(samples, 0)
         for step in range(steps):
             token = logits.argmax(-1)
@@ -272,7 +276,8 @@ def test_bucketed_attention_masks_unwritten_columns(model):
     assert torch.allclose(results[0], results[1], atol=1e-5)
 
 
-def test_cuda_graph_decode_plumbing(model, monkeypatch):
+@pytest.mark.parametrize("n, max_rows", [(3, 5), (1, 3)])  # chunks of 1 prompt x 3; of 3 prompts, then 1
+def test_cuda_graph_decode_plumbing(model, monkeypatch, n, max_rows):
     """CudaGraphDecode's static inputs, per-shape graphs and bucketed attention, with graph capture replaced
     by eager replays of the captured step (no GPU here): greedy tokens equal the eager sampler's."""
 
@@ -286,9 +291,9 @@ def test_cuda_graph_decode_plumbing(model, monkeypatch):
     monkeypatch.setattr(rollout.CudaGraphDecode, "capture", lambda self, key, step: EagerGraph(self, key, step))
     monkeypatch.setattr(rollout, "make_decoder", rollout.CudaGraphDecode)
     monkeypatch.setattr(rollout, "KV_BUCKET", 4)  # 10 steps read 4, 8, then all 10 completion columns
-    graphed = rollout.generate(model, PROMPTS, 3, 10, temperature=0, max_rows=5)  # chunks of 1 prompt x 3
+    graphed = rollout.generate(model, PROMPTS, n, 10, temperature=0, max_rows=max_rows)
     monkeypatch.undo()
-    eager = rollout.generate(model, PROMPTS, 3, 10, temperature=0, max_rows=5)
+    eager = rollout.generate(model, PROMPTS, n, 10, temperature=0, max_rows=max_rows)
     assert torch.equal(graphed.tokens, eager.tokens)
     assert torch.allclose(graphed.logprobs, eager.logprobs, atol=1e-5)
 
