@@ -281,15 +281,12 @@ def input_major(weight: torch.Tensor) -> torch.Tensor:
 class KVCache:
     """The static cache of one chunk: p prompts' keys/values, shared by their rows, and each row's own.
 
-    prefix_k [layers, p, kv_heads, D, L], prefix_v [layers, p, kv_heads, L, D]: the prompts (zero at pads),
-    written by `prefill`; prefix_bias [p·kv_heads, 1, L]: 0 on real prompt tokens, -inf on pads;
-    k [layers, rows, kv_heads, D, max_new_tokens], v [layers, rows, kv_heads, max_new_tokens, D]: each row's
-    completion so far, written by `decode_step`.
+    prefix_k, prefix_v [layers, p, kv_heads, L, D]: the prompts (zero at pads), written by `prefill`;
+    prefix_bias [p·kv_heads, 1, L]: 0 on real prompt tokens, -inf on pads;
+    k, v [layers, rows, kv_heads, max_new_tokens, D]: each row's completion so far, written by `decode_step`.
     With one row per prompt (rows == p) there is nothing to share: prefix and completion are then two views
-    of one tensor per row, context_k [layers, rows, kv_heads, D, L + max_new_tokens] (and context_v), so that
-    a decode step scores the whole context with one product instead of two (`shared` is False).
-    Keys are stored transposed so that scores = q @ k is a plain matrix product (on CPU, ~1.7x faster for
-    these tiny batched products than q @ kᵀ with k row-major).
+    of one tensor per row, context_k [layers, rows, kv_heads, L + max_new_tokens, D] (and context_v), so
+    that a decode step scores the whole context with one product instead of two (`shared` is False).
     Zero-initialised: masked columns get softmax weight 0, and 0 · garbage would be NaN if garbage were
     NaN or inf (torch.empty can hold either)."""
 
@@ -299,14 +296,14 @@ class KVCache:
         self.shared = rows > prompts
         self.prefix_bias = torch.zeros(prompts * num_kv, 1, prompt_len, **options)
         if self.shared:
-            self.prefix_k = torch.zeros(layers, prompts, num_kv, head_dim, prompt_len, **options)
+            self.prefix_k = torch.zeros(layers, prompts, num_kv, prompt_len, head_dim, **options)
             self.prefix_v = torch.zeros(layers, prompts, num_kv, prompt_len, head_dim, **options)
-            self.k = torch.zeros(layers, rows, num_kv, head_dim, max_new_tokens, **options)
+            self.k = torch.zeros(layers, rows, num_kv, max_new_tokens, head_dim, **options)
             self.v = torch.zeros(layers, rows, num_kv, max_new_tokens, head_dim, **options)
         else:
-            self.context_k = torch.zeros(layers, rows, num_kv, head_dim, prompt_len + max_new_tokens, **options)
+            self.context_k = torch.zeros(layers, rows, num_kv, prompt_len + max_new_tokens, head_dim, **options)
             self.context_v = torch.zeros(layers, rows, num_kv, prompt_len + max_new_tokens, head_dim, **options)
-            self.prefix_k, self.k = self.context_k.split([prompt_len, max_new_tokens], dim=4)
+            self.prefix_k, self.k = self.context_k.split([prompt_len, max_new_tokens], dim=3)
             self.prefix_v, self.v = self.context_v.split([prompt_len, max_new_tokens], dim=3)
         self.prompt_len, self.max_new_tokens = prompt_len, max_new_tokens
 
@@ -377,7 +374,7 @@ def prefill(
 
     def attend(layer_index, q, k, v):
         q, k, v = unpack(q), unpack(k), unpack(v)  # [p, H | Hkv | Hkv, L, D]
-        cache.prefix_k[layer_index, prompts] = k.transpose(2, 3)  # zero keys/values at pads: masked,
+        cache.prefix_k[layer_index, prompts] = k  # zero keys/values at pads: masked,
         cache.prefix_v[layer_index, prompts] = v  # and never NaN
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, enable_gqa=weights.num_heads != weights.num_kv_heads
@@ -413,33 +410,35 @@ def decode_step(token: torch.Tensor, position: torch.Tensor, slot: int, prompts:
         columns = prompt_len + kv_len
 
         def attend(layer_index, q, k, v):
-            context_k = cache.context_k[layer_index, :rows]  # [R, Hkv, D, L + max_new]
-            context_v = cache.context_v[layer_index, :rows]  # [R, Hkv, L + max_new, D]
-            context_k.index_copy_(3, slot + prompt_len, k[:, :, :, None])
+            context_k = cache.context_k[layer_index, :rows]  # [R, Hkv, L + max_new, D]
+            context_v = cache.context_v[layer_index, :rows]
+            context_k.index_copy_(2, slot + prompt_len, k[:, :, None])
             context_v.index_copy_(2, slot + prompt_len, v[:, :, None])
-            scores = torch.baddbmm(bias, q.reshape(rows * num_kv, group, head_dim),
-                                   context_k[..., :columns].flatten(0, 1), alpha=scale)  # [R·Hkv, g, L + kv_len]
+            context_k = context_k[:, :, :columns].flatten(0, 1)  # [R·Hkv, L + kv_len, D]
+            context_v = context_v[:, :, :columns].flatten(0, 1)
+            q_by_row = q.reshape(rows * num_kv, group, head_dim)
+            scores = torch.baddbmm(bias, q_by_row, context_k.transpose(1, 2), alpha=scale)  # [R·Hkv, g, L + kv_len]
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-            return (probs @ context_v[:, :, :columns].flatten(0, 1)).view(rows, -1)  # [R, H·D]
+            return (probs @ context_v).view(rows, -1)  # [R, H·D]
 
     else:
         def attend(layer_index, q, k, v):
-            own_k = cache.k[layer_index, :rows]  # [R, Hkv, D, max_new]
-            own_v = cache.v[layer_index, :rows]  # [R, Hkv, max_new, D]
-            own_k.index_copy_(3, slot, k[:, :, :, None])
+            own_k = cache.k[layer_index, :rows]  # [R, Hkv, max_new, D]
+            own_v = cache.v[layer_index, :rows]
+            own_k.index_copy_(2, slot, k[:, :, None])
             own_v.index_copy_(2, slot, v[:, :, None])
-            own_k = own_k[:, :, :, :kv_len].flatten(0, 1)  # [R·Hkv, D, kv_len]
-            own_v = own_v[:, :, :kv_len].flatten(0, 1)  # [R·Hkv, kv_len, D]
-            prefix_k = cache.prefix_k[layer_index, :prompts].flatten(0, 1)  # [p·Hkv, D, L]
-            prefix_v = cache.prefix_v[layer_index, :prompts].flatten(0, 1)  # [p·Hkv, L, D]
+            own_k = own_k[:, :, :kv_len].flatten(0, 1)  # [R·Hkv, kv_len, D]
+            own_v = own_v[:, :, :kv_len].flatten(0, 1)
+            prefix_k = cache.prefix_k[layer_index, :prompts].flatten(0, 1)  # [p·Hkv, L, D]
+            prefix_v = cache.prefix_v[layer_index, :prompts].flatten(0, 1)
             # Against the shared prompt, the `samples` rows of a prompt and the `group` heads of a kv head are
             # one batch of samples·group queries: one matrix product reads the prompt's keys once.
             q_by_prompt = q.view(prompts, samples, num_kv, group, head_dim).transpose(1, 2)
             q_by_prompt = q_by_prompt.reshape(prompts * num_kv, samples * group, head_dim)
-            prefix_scores = torch.baddbmm(prefix_bias, q_by_prompt, prefix_k, alpha=scale)
+            prefix_scores = torch.baddbmm(prefix_bias, q_by_prompt, prefix_k.transpose(1, 2), alpha=scale)
             prefix_scores = prefix_scores.view(prompts, num_kv, samples, group, prompt_len).transpose(1, 2)
             q_by_row = q.reshape(rows * num_kv, group, head_dim)
-            own_scores = torch.baddbmm(own_bias, q_by_row, own_k, alpha=scale)  # [R·Hkv, g, kv_len]
+            own_scores = torch.baddbmm(own_bias, q_by_row, own_k.transpose(1, 2), alpha=scale)  # [R·Hkv, g, kv_len]
             # One softmax over the prompt's keys and the row's own, in float32 as HF does.
             scores = torch.cat([prefix_scores.reshape(rows * num_kv, group, prompt_len), own_scores], dim=-1)
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # [R·Hkv, g, L + kv_len]
