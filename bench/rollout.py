@@ -4,11 +4,11 @@
 
 Prints, for the same model, batch and lengths: tokens/s of our sampler and of `model.generate` with
 sampling, their ratio, and the time to the first sampled token (prefill) for N=1 vs N=64 rows sharing a
-prompt. Batch 64 is run twice: 64 distinct prompts, and 4 prompts x 16 samples (what train.py asks for:
-N samples per prompt; `model.generate` gets num_return_sequences=16); then train.py's tiny preset,
-64 prompts x 16. On CUDA it also prints the decode
-step time and the fraction of the HBM-bandwidth roofline it reaches. Weights are random (no download):
-speed does not depend on their values. The two samplers are timed alternately and the best of several
+prompt. Batch 64 is run twice: 64 distinct prompts (then split into the first token and each decode step,
+ours vs theirs), and 4 prompts x 16 samples (what train.py asks for: N samples per prompt;
+`model.generate` gets num_return_sequences=16); then train.py's tiny preset, 64 prompts x 16. On CUDA it
+also prints the decode step time and the fraction of the HBM-bandwidth roofline it reaches. Weights are
+random (no download): speed does not depend on their values. The two samplers are timed alternately and the best of several
 runs is kept, so a busy machine slows both alike.
 """
 
@@ -101,6 +101,23 @@ def compare(model, prompts: list[list[int]], n: int, max_new_tokens: int, repeat
     print(f"    ratio             {theirs / ours:10.2f}x")
 
 
+def time_split(model, prompts: list[list[int]], max_new_tokens: int, repeats: int) -> None:
+    """Where the time goes, both samplers: the first token (prefill + one sample), then each decode step
+    ((whole generation - first token) / (max_new_tokens - 1))."""
+    first_ours, first_theirs, all_ours, all_theirs = best_times([
+        lambda: rollout.generate(model, prompts, 1, 1, temperature=1.0, seed=0),
+        lambda: hf_generate(model, prompts, 1, 1),
+        lambda: rollout.generate(model, prompts, 1, max_new_tokens, temperature=1.0, seed=0),
+        lambda: hf_generate(model, prompts, 1, max_new_tokens),
+    ], repeats, model.device)
+    step_ours = (all_ours - first_ours) / (max_new_tokens - 1)
+    step_theirs = (all_theirs - first_theirs) / (max_new_tokens - 1)
+    print(f"    first token       {first_ours * 1e3:7.2f} ms vs {first_theirs * 1e3:7.2f} ms  "
+          f"({first_theirs / first_ours:.2f}x)")
+    print(f"    each decode step  {step_ours * 1e3:7.2f} ms vs {step_theirs * 1e3:7.2f} ms  "
+          f"({step_theirs / step_ours:.2f}x)")
+
+
 def prefill_sharing(model, prompt: list[int], repeats: int) -> None:
     """Time to the first sampled token of 1 row and of 64 rows sharing one prompt."""
     one, many = best_times([
@@ -122,6 +139,7 @@ def main() -> None:
     print(f"CPU: tiny Llama ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, fp32)")
     prompts = random_prompts(64, 15, 30, model.config.vocab_size)
     compare(model, prompts, 1, 24, repeats=5)
+    time_split(model, prompts, 24, repeats=5)
     compare(model, prompts[:4], 16, 24, repeats=5)
     compare(model, prompts, 16, 24, repeats=3)  # train.py's tiny preset: 64 prompts x 16 samples
     prefill_sharing(model, prompts[0], repeats=10)
