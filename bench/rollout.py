@@ -8,8 +8,8 @@ prompt. Batch 64 is run twice: 64 distinct prompts (then split into the first to
 ours vs theirs), and 4 prompts x 16 samples (what train.py asks for: N samples per prompt;
 `model.generate` gets num_return_sequences=16); then train.py's tiny preset, 64 prompts x 16. On CUDA it
 also prints the decode step time and the fraction of the HBM-bandwidth roofline it reaches. Weights are
-random (no download): speed does not depend on their values. The two samplers are timed alternately and the best of several
-runs is kept, so a busy machine slows both alike.
+random (no download): speed does not depend on their values. The two samplers are timed alternately and
+the best of several runs is kept, so a busy machine slows both alike.
 """
 
 import argparse
