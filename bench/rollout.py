@@ -186,8 +186,8 @@ def decode_roofline(model, prompts: list[list[int]], max_new_tokens: int, name: 
     kv_bytes = batch * (prompt_len + slot + 1) * weights.kv_bytes_per_token
     print(f"  decode step at {prompt_len + slot + 1} tokens of context, batch {batch}: {step_s * 1e3:.2f} ms "
           f"({batch / step_s:.0f} tokens/s)")
-    print(f"  bytes it must read  {(weight_bytes + kv_bytes) / 1e9:10.2f} GB (weights {weight_bytes / 1e9:.2f}, "
-          f"KV cache {kv_bytes / 1e9:.2f})")
+    print(f"  bytes it must read  {(weight_bytes + kv_bytes) / 1e9:10.3g} GB (weights {weight_bytes / 1e9:.3g}, "
+          f"KV cache {kv_bytes / 1e9:.3g})")
     peak = next((bw for key, bw in PEAK_BANDWIDTH.items() if all(word in name for word in key.split())), None)
     achieved = (weight_bytes + kv_bytes) / step_s
     if peak:

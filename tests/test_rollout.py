@@ -6,6 +6,7 @@ AutoModelForCausalLM, as the trainer loads a real checkpoint.
 """
 
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -356,3 +357,27 @@ def test_bad_arguments_raise_one_clear_error(model):
         rollout.generate(model, [[1, 2], []], 2, 4)
     with pytest.raises(ValueError, match="top_p"):
         rollout.generate(model, PROMPTS, 2, 4, top_p=0.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# bench/rollout.py's GPU-only part, smoke: it runs on CPU too, so it cannot rot unseen between GPU sessions.
+
+
+def test_decode_roofline_of_the_benchmark_runs_and_reports_its_bytes():
+    """The roofline report reads every weight once plus each row's KV cache up to the halfway step:
+    for the tiny Llama, batch 8, 10-token prompts, 16 new tokens, that is 8 x 19 tokens of KV."""
+    code = (
+        "import runpy; bench = runpy.run_path('bench/rollout.py', run_name='bench');"
+        "model = bench['tiny_llama']();"
+        "bench['decode_roofline'](model, bench['random_prompts'](8, 10, 10, 64), 16, 'H100 SXM')"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("  decode step at 19 tokens of context, batch 8:")
+    layers, kv_heads, head_dim, params = 3, 4, 32, 128 * 64 + 3 * (4 * 128 * 128 + 3 * 128 * 384 + 2 * 128) + 128
+    weight_bytes, kv_bytes = 4 * params, 8 * 19 * 2 * layers * kv_heads * head_dim * 4
+    assert lines[1].split()[-1] == f"{kv_bytes / 1e9:.3g})" and f"(weights {weight_bytes / 1e9:.3g}," in lines[1]
+    assert lines[2].startswith("  roofline fraction") and "of 3.35 TB/s" in lines[2]
