@@ -166,6 +166,23 @@ def all_true(flag: bool) -> bool:
     return bool(value.item())
 
 
+def any_true(flag: bool) -> bool:
+    """The same decision on every rank: True where it is True on any of them."""
+    return not all_true(not flag)
+
+
+def token_means(sums: dict[str, float], tokens: float) -> dict[str, float]:
+    """Token-weighted means over all ranks: Σ_ranks sums[name] / Σ_ranks tokens (each rank passes the
+    same names)."""
+    names = sorted(sums)
+    if world_size() > 1:
+        values = torch.tensor([sums[k] for k in names] + [tokens], dtype=torch.float64, device=collective_device())
+        torch_dist.all_reduce(values)
+        *total_sums, tokens = values.tolist()
+        sums = dict(zip(names, total_sums, strict=True))
+    return {k: sums[k] / max(tokens, 1.0) for k in names}
+
+
 def reduce_metrics(metrics: dict) -> dict:
     """Floats averaged over ranks, integers (counts, rounds) their maximum; other values as they are."""
     if world_size() == 1:

@@ -27,7 +27,7 @@ def group_advantages(rewards: torch.Tensor, estimator: str = "grpo") -> torch.Te
     if estimator == "grpo":
         return centred / (rewards.std(dim=1, keepdim=True, unbiased=False) + EPS)
     if estimator == "reinforce_pp":
-        return (centred - centred.mean()) / (centred.std(unbiased=False) + EPS)
+        return ((centred - centred.mean()) / (centred.std(unbiased=False) + EPS)).masked_fill(constant, 0.0)
     if estimator == "rloo":
         group_size = rewards.shape[1]
         return centred * group_size / max(group_size - 1, 1)
@@ -55,6 +55,9 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, m
     """
     if adv.dim() == 1:
         adv = adv.unsqueeze(1)  # [B, 1]: the response's advantage on each of its tokens
+    # Outside the mask (prompt, pads) the ratio is set to exactly 1 before exp: those tokens get no
+    # gradient anyway, but exp of a huge log-ratio there would turn that zero gradient into 0·inf = NaN.
+    logp, old_logp = torch.where(mask.bool(), logp, 0.0), torch.where(mask.bool(), old_logp, 0.0)
     ratio = torch.exp(logp - old_logp)
     pg_loss1 = -adv * ratio
     pg_loss2 = -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)

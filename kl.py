@@ -25,7 +25,13 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") ->
     raise ValueError(f"unknown KL estimator '{kind}' (k1, k2, k3)")
 
 
-def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3", clamp: float | None = None) -> torch.Tensor:
-    """The per-token KL term of the loss; `clamp` bounds it (as verl does) so one wild token can't dominate."""
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3", clamp: float | None = None,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The per-token KL term of the loss; `clamp` bounds it (as verl does) so one wild token can't dominate.
+
+    Outside `mask` (prompt, pads) it is exactly 0 and passes no gradient: both log-probs are set to 0 first,
+    so that exp of a huge log-ratio there cannot turn the zero gradient into 0·inf = NaN."""
+    if mask is not None:
+        logp, ref_logp = torch.where(mask.bool(), logp, 0.0), torch.where(mask.bool(), ref_logp, 0.0)
     kl = kl_estimate(logp, ref_logp, kind)
     return kl.clamp(min=-clamp, max=clamp) if clamp else kl

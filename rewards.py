@@ -432,7 +432,8 @@ def length_penalty_coef(step: int, eta_min: float, eta_max: float, period: int, 
 
     Each cycle is `period` steps with the penalty on, then `off_steps` steps with it off (η = 0).
     Inside the on-phase, at t steps into it:  η(t) = η_min + ½(η_max − η_min)(1 + cos(π t / period)),
-    so it starts at η_max and decays to η_min.
+    so it starts at η_max and decays towards η_min, which it would reach at t = period, the first step
+    after the on-phase (the formula as written; its last on-step is η_min + ½(η_max − η_min)(1 − cos(π / period))).
     """
     if eta_max == 0 and eta_min == 0:
         return 0.0

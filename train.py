@@ -70,7 +70,7 @@ class Config:
     reset_kl: float = option(0.0, "reset when a step's mean KL exceeds this (0: off)")
     reset_optimizer: bool = option(True, "re-initialise the optimizer state at a reset (ProRL v1; v2: off)")
     length_eta_max: float = option(0.0, "ProRL v2 cosine length penalty: η at the start of each cycle")
-    length_eta_min: float = option(0.0, "η at the end of each on-phase")
+    length_eta_min: float = option(0.0, "η the on-phase decays towards, cosine over --length-period steps")
     length_period: int = option(100, "steps of each on-phase of the length penalty")
     length_off_steps: int = option(0, "steps with the length penalty off after each on-phase")
     eval_every: int = option(20, "validation every this many steps (drives stall resets)")
@@ -198,31 +198,36 @@ def update(policy, optimizer, batch: rollout.Rollout, adv: torch.Tensor, ref_log
     # ratio is exactly 1 on the first mini-batch; a single update per batch needs no extra pass.
     on_policy = c.minibatches == 1 and c.epochs == 1
     old_logp = None if on_policy else batch_logprobs(policy, batch, c)
-    totals, updates, skipped = {}, 0, 0
+    totals, tokens, skipped = {}, 0.0, 0  # stats summed over tokens, and the tokens they cover
     for _ in range(c.epochs):
-        for minibatch in rows[torch.randperm(len(rows))].chunk(c.minibatches):
+        # tensor_split, not chunk: exactly `minibatches` near-equal pieces (chunk can cut fewer, or leave a
+        # last piece of one row); every rank holds as many rows (dist.my_share), so all of them cut alike.
+        for minibatch in rows[torch.randperm(len(rows))].tensor_split(c.minibatches):
+            if not dist.any_true(bool(mask[minibatch].any())):  # no token to learn from, on any rank: AdamW
+                continue  # would still move the weights on its momentum, so there is no step at all
             share, finite = dist.loss_share(mask[minibatch], c.loss_agg), True  # this rank's part of the global mean
             for micro in minibatch.split(c.micro_batch_rows):
                 logp, entropy = sequence_logprobs(policy, rollout.select_rows(batch, micro), c.temperature, entropy=True)
                 micro_old = logp.detach() if on_policy else old_logp[micro]
                 loss, stats = grpo.policy_loss(logp, micro_old, adv[micro], mask[micro], c.clip_low, c.clip_high, c.loss_agg)
                 if ref_logp is not None:
-                    kl_per_token = kl.kl_penalty(logp, ref_logp[micro], c.kl_kind, c.kl_clamp or None)
+                    kl_per_token = kl.kl_penalty(logp, ref_logp[micro], c.kl_kind, c.kl_clamp or None, mask[micro])
                     loss = loss + kl_coef * grpo.aggregate(kl_per_token, mask[micro], c.loss_agg)
                     stats["kl"] = grpo.masked_mean(kl_per_token.detach(), mask[micro])
                 stats["entropy"] = grpo.masked_mean(entropy, mask[micro])
                 finite = finite and bool(torch.isfinite(loss))
                 (loss * grpo.aggregate_weight(mask[micro], mask[minibatch], c.loss_agg) * share).backward()
-                tokens = float(mask[micro].sum()) / max(float(mask[minibatch].sum()), 1.0)  # stats are token means
+                micro_tokens = float(mask[micro].sum())  # stats are token means over the micro-batch
                 for name, value in stats.items():
-                    totals[name] = totals.get(name, 0.0) + float(value) * tokens
+                    totals[name] = totals.get(name, 0.0) + float(value) * micro_tokens
+                tokens += micro_tokens
             grad_norm = dist.clip_grad_norm_(policy.parameters(), c.grad_clip)
             ok = dist.all_true(finite and bool(torch.isfinite(grad_norm)))  # NaN/inf on any rank: skip, not poison
             if ok:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            updates, skipped = updates + 1, skipped + (not ok)
-    return dist.reduce_metrics({**{name: value / updates for name, value in totals.items()}, "skipped_updates": skipped})
+            skipped += not ok
+    return {**dist.token_means(totals, tokens), **dist.reduce_metrics({"skipped_updates": skipped})}
 
 
 def main(argv: list[str]) -> None:

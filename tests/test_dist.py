@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -33,9 +34,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_updates(model_dir: str) -> dict[str, torch.Tensor]:
+def run_updates(model_dir: str) -> tuple[dict[str, torch.Tensor], dict]:
     """Three RL updates (two epochs each, micro-batches of 3 rows, KL to a reference) on fixed batches;
-    returns the whole policy weights. Single-process outside a process group, sharded inside one."""
+    returns the whole policy weights and the last update's logged statistics. Single-process outside a
+    process group, sharded inside one."""
     policy = dist.shard(model_lib.load(model_dir)[0])
     reference = dist.shard(model_lib.load(model_dir)[0].eval().requires_grad_(False))
     tokenizer = model_lib.build_tokenizer()
@@ -50,9 +52,9 @@ def run_updates(model_dir: str) -> dict[str, torch.Tensor]:
         adv = grpo.group_advantages(scores).flatten()
         local, rows = dist.my_share(batch)
         ref_logp = train.batch_logprobs(reference, local, c)
-        train.update(policy.train(), optimizer, local, adv[rows], ref_logp, c)
+        stats = train.update(policy.train(), optimizer, local, adv[rows], ref_logp, c)
     with dist.full_weights(policy):  # the whole weights as this rank holds them for sampling
-        return {name: p.detach().clone() for name, p in policy.named_parameters()}
+        return {name: p.detach().clone() for name, p in policy.named_parameters()}, stats
 
 
 def update_worker(rank: int, world: int, port: int, model_dir: str, out_dir: str) -> None:
@@ -60,15 +62,14 @@ def update_worker(rank: int, world: int, port: int, model_dir: str, out_dir: str
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.setup("cpu")
-    weights = run_updates(model_dir)
-    torch.save(weights, Path(out_dir) / f"rank{rank}.pt")
+    torch.save(run_updates(model_dir), Path(out_dir) / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
 def test_two_ranks_end_with_identical_weights_equal_to_one_process(tmp_path, tiny_model_dir):
     mp.spawn(update_worker, args=(2, free_port(), tiny_model_dir, str(tmp_path)), nprocs=2)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    single = run_updates(tiny_model_dir)
+    (ranks, rank_stats) = zip(*[torch.load(tmp_path / f"rank{r}.pt") for r in range(2)], strict=True)
+    single, stats = run_updates(tiny_model_dir)
     start = dict(model_lib.load(tiny_model_dir)[0].named_parameters())
     assert set(ranks[0]) == set(single)
     for name in single:
@@ -76,6 +77,11 @@ def test_two_ranks_end_with_identical_weights_equal_to_one_process(tmp_path, tin
         torch.testing.assert_close(ranks[0][name], single[name], rtol=1e-4, atol=1e-5, msg=name)
     moved = max((single[name] - start[name].detach()).abs().max().item() for name in single)
     assert moved > 1e-2  # far above the tolerance: the comparison is not between two unchanged models
+    # The logged statistics are the global token means, as one process logs them (the ranks hold 8 rows
+    # each, one a padding row, with different token counts: a plain mean of the ranks' means is off).
+    assert rank_stats[0] == rank_stats[1] and set(rank_stats[0]) == set(stats)
+    for name in ("kl", "entropy", "clipfrac", "ratio_mean", "approx_kl"):
+        assert rank_stats[0][name] == pytest.approx(stats[name], rel=1e-4, abs=1e-7), name
 
 
 def test_train_py_under_torchrun_on_two_cpu_ranks(tmp_path, tiny_model_dir):

@@ -63,6 +63,11 @@ def test_an_all_equal_group_has_zero_advantage(estimator):
     adv = grpo.group_advantages(rewards, estimator)
     torch.testing.assert_close(adv[:3], torch.zeros(3, 4), atol=1e-6, rtol=0)
     assert adv[3].abs().min() > 0.5
+    # every other group all right, among random ones whose centred batch mean is a rounding error off 0:
+    # still exactly 0 (REINFORCE++ subtracts that batch mean from every response)
+    mixed = torch.rand(64, 16, generator=torch.Generator().manual_seed(0))
+    mixed[::2] = 1.0
+    assert torch.equal(grpo.group_advantages(mixed, estimator)[::2], torch.zeros(32, 16))
     # a batch made only of such groups: zero, not NaN
     assert torch.equal(grpo.group_advantages(torch.ones(2, 4), estimator), torch.zeros(2, 4))
     # 16 equal shaped rewards whose float32 mean is one rounding step off the value (std exactly 0): still 0
@@ -195,6 +200,23 @@ def test_masked_tokens_get_zero_gradient_from_the_policy_loss_and_the_kl(agg):
     loss.backward()
     assert torch.all(logp.grad[~mask] == 0)
     assert torch.any(logp.grad[mask] != 0)
+
+
+@pytest.mark.parametrize("agg", AGGREGATIONS)
+def test_a_huge_log_ratio_outside_the_mask_cannot_make_the_gradient_nan(agg):
+    """At prompt and pad positions the log-probs are whatever the forward gave (the sampler wrote 0 there):
+    exp(100) or exp(−(−200)) overflows, and 0 · inf in the backward of exp would be NaN."""
+    logp = torch.tensor([[-1.0, -0.5, -300.0], [-0.7, -2.0, -1.0]], requires_grad=True)
+    old_logp = torch.tensor([[-1.2, -100.0, 0.0], [-0.6, -2.1, 100.0]])
+    ref_logp = torch.tensor([[-1.1, 200.0, 0.0], [-0.9, -1.5, -400.0]])
+    mask = torch.tensor([[True, False, False], [True, True, False]])
+    loss, stats = grpo.policy_loss(logp, old_logp, torch.tensor([1.0, -1.0]), mask, agg=agg)
+    loss = loss + 0.1 * grpo.aggregate(kl.kl_penalty(logp, ref_logp, "k3", mask=mask), mask, agg)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logp.grad).all()
+    assert torch.all(logp.grad[~mask] == 0) and torch.all(logp.grad[mask] != 0)
+    assert all(torch.isfinite(v) for v in stats.values())
+    assert torch.equal(kl.kl_penalty(logp, ref_logp, "k3", mask=mask)[~mask], torch.zeros(3))
 
 
 @pytest.mark.parametrize("agg", AGGREGATIONS)

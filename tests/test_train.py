@@ -256,6 +256,68 @@ def test_minibatches_and_epochs_take_one_optimizer_step_each(tiny_model, rollout
     assert "kl" not in stats  # β = 0: no reference, no KL
 
 
+def test_minibatches_are_near_equal_and_a_batch_with_no_tokens_takes_no_step(tiny_model, rollout_batch):
+    """16 rows in 6 mini-batches: 6 optimizer steps of 3, 3, 3, 3, 2 and 2 rows (chunk cut 5 of 3 and one
+    of 1); and a mini-batch whose tokens are all masked out takes no step (AdamW's momentum would move the
+    weights anyway)."""
+    policy, _ = tiny_model
+    batch, adv = rollout_batch
+    rows, sizes = [0], []  # rows forwarded since the last optimizer step; rows of each step
+    real_logprobs = train.sequence_logprobs
+
+    def counting_logprobs(policy, micro, temperature, entropy=False):
+        rows[0] += len(micro.tokens) if entropy else 0  # entropy=True: the update's forwards, not old log-probs
+        return real_logprobs(policy, micro, temperature, entropy)
+
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    real_step = optimizer.step
+
+    def counting_step(*args, **kwargs):
+        sizes.append(rows[0])
+        rows[0] = 0
+        return real_step(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "sequence_logprobs", counting_logprobs)
+        patch.setattr(optimizer, "step", counting_step)
+        train.update(policy, optimizer, batch, adv, None, train.Config(minibatches=6, epochs=1, kl_coef=0.0))
+    assert sizes == [3, 3, 3, 3, 2, 2]
+    assert optimizer.state[next(policy.parameters())]["step"].item() == 6
+    # every response truncated, and --overlong-filter: no token has a gradient, so nothing moves
+    truncated = rollout.Rollout(batch.tokens, batch.attention_mask, batch.mask, batch.logprobs,
+                                torch.ones_like(batch.truncated), batch.prompt_len)
+    before = [p.clone() for p in policy.parameters()]
+    stats = train.update(policy, optimizer, truncated, adv, None,
+                         train.Config(minibatches=2, epochs=1, kl_coef=0.0, overlong_filter=True))
+    assert all(torch.equal(p, q) for p, q in zip(before, policy.parameters()))
+    assert optimizer.state[next(policy.parameters())]["step"].item() == 6
+    assert stats == {"skipped_updates": 0}
+
+
+def test_logged_stats_are_token_weighted_over_the_whole_update(tiny_model, rollout_batch):
+    """The logged entropy is the mean over every token the update saw, whatever the mini-batches'
+    sizes: with one epoch and no KL, it equals the token mean of the entropies of the policy's forwards."""
+    policy, _ = tiny_model
+    batch, adv = rollout_batch
+    entropies = []
+    real = train.sequence_logprobs
+
+    def recording(policy, micro, temperature, entropy=False):
+        if not entropy:  # the pass that computes the old log-probs
+            return real(policy, micro, temperature)
+        logp, ent = real(policy, micro, temperature, entropy=True)
+        entropies.append(ent[micro.mask[:, 1:]].detach())
+        return logp, ent
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "sequence_logprobs", recording)
+        stats = train.update(policy, torch.optim.SGD(policy.parameters(), lr=0.0), batch, adv, None,
+                             train.Config(minibatches=3, epochs=1, kl_coef=0.0, micro_batch_rows=2))
+    seen = torch.cat(entropies)  # mini-batches of 6, 5 and 5 rows, of different token counts
+    assert len(seen) == int(batch.mask[:, 1:].sum())
+    assert stats["entropy"] == pytest.approx(seen.mean().item(), rel=1e-5)
+
+
 def test_old_logprobs_are_recomputed_not_taken_from_the_sampler(tiny_model, tiny_model_dir, rollout_batch):
     # Two identical policies updated on the same batch, one whose sampler log-probs are garbage: the
     # update must not read them, so both end with the same weights.
