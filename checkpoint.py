@@ -12,7 +12,10 @@ at worst a stale checkpoint.pt.tmp, which nothing reads and the next save overwr
 
 import json
 import os
+import pickle
 import random
+import signal
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -40,18 +43,29 @@ def save(run_dir: str | Path, step: int, policy: torch.nn.Module, reference: tor
         "ranks": dist.gather_objects(rank_state(stream)),  # [world_size]: each rank's RNGs and prompt stream
         **extra,
     }
+    failure = None
     if dist.is_main():
-        write_atomically(Path(run_dir) / FILE, lambda file: torch.save(state, file))
+        try:
+            write_atomically(Path(run_dir) / FILE, lambda file: torch.save(state, file))
+        except (OSError, RuntimeError) as error:  # a full disk: torch.save raises RuntimeError("... unexpected pos")
+            failure = error
     dist.barrier()  # no rank runs ahead of a checkpoint that is not yet written
+    if failure is not None:  # raised after the barrier, so the other ranks are not left waiting in it
+        raise OSError(f"{Path(run_dir) / FILE} not written ({str(failure).strip().splitlines()[0][:200]}); "
+                      "the previous checkpoint is intact")
 
 
 def write_atomically(path: Path, write) -> None:
     """write(binary file) to path.tmp, then rename it onto path: a crash leaves the old file or the new one."""
     temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as file:
-        write(file)
-        file.flush()
-        os.fsync(file.fileno())  # the bytes are on disk before the rename makes them the file
+    try:
+        with open(temporary, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())  # the bytes are on disk before the rename makes them the file
+    except Exception:  # a failed write (a full disk, say) frees its space; a killed process leaves the file
+        temporary.unlink(missing_ok=True)
+        raise
     os.replace(temporary, path)
     directory = os.open(path.parent, os.O_RDONLY)
     try:
@@ -63,7 +77,11 @@ def write_atomically(path: Path, write) -> None:
 def load(run_dir: str | Path, policy: torch.nn.Module, reference: torch.nn.Module | None,
          optimizer: torch.optim.Optimizer, tracker, stream) -> dict:
     """Restore a checkpoint written by `save` into already-built objects; returns the saved dict (step, extras)."""
-    state = torch.load(Path(run_dir) / FILE, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(Path(run_dir) / FILE, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise ValueError(f"--resume {run_dir}: cannot read its {FILE} ({str(error).strip().splitlines()[0][:200]})") \
+            from None
     if state["world_size"] != dist.world_size():
         raise ValueError(f"--resume {run_dir}: the checkpoint was written by {state['world_size']} ranks; "
                          f"resume with the same --nproc-per-node × --nnodes")
@@ -98,6 +116,11 @@ def is_run(run_dir: str | Path) -> bool:
     return (Path(run_dir) / "config.json").exists()
 
 
+def has_checkpoint(run_dir: str | Path) -> bool:
+    """Whether the run in run_dir has saved a checkpoint (one stopped before its first save has not)."""
+    return (Path(run_dir) / FILE).is_file()
+
+
 def new_run_dir(name: str) -> Path:
     """runs/<name>, or runs/<name>-2, -3, ... if earlier runs hold it: a new run never overwrites an old one."""
     path, suffix = Path("runs") / name, 2
@@ -114,19 +137,25 @@ def save_config(run_dir: str | Path, config: dict) -> None:
 
 
 def saved_config(run_dir: str | Path) -> dict:
-    """The settings of the run in run_dir (its config.json), checked to have a checkpoint to resume from."""
+    """The settings of the run in run_dir (its config.json). A run stopped before its first checkpoint is
+    resumed from its start (train.py says so)."""
     path = Path(run_dir)
-    if not (path / "config.json").is_file() or not (path / FILE).is_file():
-        raise ValueError(f"--resume {run_dir}: not a run directory with a config.json and a {FILE}")
-    return {**json.loads((path / "config.json").read_text()), "resume": str(run_dir)}
+    if not (path / "config.json").is_file():
+        raise ValueError(f"--resume {run_dir}: not a run directory (no config.json)")
+    try:
+        return {**json.loads((path / "config.json").read_text()), "resume": str(run_dir)}
+    except (ValueError, TypeError):
+        raise ValueError(f"--resume {run_dir}: its config.json is not a JSON object of settings") from None
 
 
 def parse_line(line: str) -> dict | None:
-    """A metrics.jsonl line, or None for a blank or torn one (the run was killed while writing it)."""
+    """A metrics.jsonl line, or None for a blank or torn one (the run was killed while writing it), or any
+    line that is not a step's record."""
     try:
-        return json.loads(line)
+        record = json.loads(line)
     except ValueError:
         return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
 
 
 def open_metrics(run_dir: str | Path, resume_step: int):
@@ -140,3 +169,21 @@ def open_metrics(run_dir: str | Path, resume_step: int):
     kept = [line for line in lines if (record := parse_line(line)) and record["step"] <= resume_step]
     write_atomically(path, lambda file: file.write("".join(line + "\n" for line in kept).encode()))
     return path.open("a")
+
+
+@contextmanager
+def stop_requests():
+    """Catches SIGTERM (a preemption, a kill) and the first Ctrl-C while a run trains: `requested()` turns
+    True, and train.py finishes the step, saves a checkpoint and stops. A second signal acts as usual."""
+    caught = []
+
+    def catch(signum, frame):
+        caught.append(signum)
+        signal.signal(signum, previous[signum])  # the next one of the same kind is not caught
+
+    previous = {signum: signal.signal(signum, catch) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield lambda: bool(caught)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

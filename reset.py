@@ -40,11 +40,15 @@ class ResetTracker:
         self.steps_since_reset, self.evals_without_gain = 0, 0
         self.count += 1
 
+    STATE = ("steps_since_reset", "best_validation", "evals_without_gain", "count")  # the thresholds are config
+
     def state_dict(self) -> dict:
-        return dict(vars(self))
+        return {name: getattr(self, name) for name in self.STATE}
 
     def load_state_dict(self, state: dict) -> None:
-        vars(self).update(state)
+        """Restore the counters; the thresholds stay those this tracker was built with (a resumed run's flags)."""
+        for name in self.STATE:
+            setattr(self, name, state[name])
 
 
 @torch.no_grad()

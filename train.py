@@ -106,6 +106,11 @@ PRESETS = {
 }
 
 
+# What a resumed run may not change: the checkpoint, its base evaluation and its prompt stream depend on them.
+FIXED_IN_A_RUN = ("preset", "model", "seed", "tasks", "level", "max_new_tokens", "val_problems", "eval_problems",
+                  "eval_samples", "eval_temperature", "boundary_problems", "boundary_n")
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # "error: <message>" on one line (see __main__), not a usage dump
         raise ValueError(message)
@@ -119,7 +124,16 @@ def parse_config(argv: list[str]) -> Config:
                             help=f"{f.metadata['help']} (default: {f.default})")
     args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     if args.get("resume"):  # the run's own settings, then the flags given now (e.g. more --steps)
-        args = {**checkpoint.saved_config(args["resume"]), **args}
+        saved = checkpoint.saved_config(args["resume"])
+        for name in FIXED_IN_A_RUN:
+            if name in args and args[name] != saved.get(name, args[name]):
+                raise ValueError(f"--resume {args['resume']}: --{name.replace('_', '-')} cannot change within a "
+                                 f"run (it is {saved[name]!r}): its model, base evaluation, held-out sets and prompt "
+                                 "stream were made with it; start a new run to change it")
+        if "kl_coef" in args and (args["kl_coef"] > 0) != (saved.get("kl_coef", 0) > 0):
+            raise ValueError(f"--resume {args['resume']}: --kl-coef cannot switch between 0 and > 0 within a run "
+                             "(it decides whether the run has a reference model)")
+        args = {**saved, **args}
     preset = args.get("preset", "tiny")
     if preset not in PRESETS:
         raise ValueError(f"unknown preset '{preset}' (choose from {', '.join(PRESETS)})")
@@ -265,63 +279,82 @@ def main(argv: list[str]) -> None:
                                              seed=12345, progress=f"{name} pass@k" if dist.is_main() else "") \
                 if boundary_set else []
 
-    saved = (checkpoint.load(run_dir, policy, reference, optimizer, tracker, stream) if c.resume  # base: before step 1
+    resuming = bool(c.resume) and checkpoint.has_checkpoint(run_dir)
+    if c.resume and not resuming and dist.is_main():
+        print(f"{run_dir} stopped before its first checkpoint: starting it over from step 0", flush=True)
+    saved = (checkpoint.load(run_dir, policy, reference, optimizer, tracker, stream) if resuming  # base: before step 1
              else {"step": 0, "base": held_out_pass1(test_set), "base_counts": boundary_counts("base")})
     if saved["step"] >= c.steps:
         raise ValueError(f"{run_dir} is at step {saved['step']} already: give --steps beyond it to train on")
-    if c.resume and dist.is_main():
+    for group in optimizer.param_groups:  # a loaded optimizer state holds the lr it was saved with: --lr now wins
+        group["lr"] = lr
+    if resuming and dist.is_main():
         print(f"resuming at step {saved['step']}, on to step {c.steps}", flush=True)
     base, base_counts, metrics_file = saved["base"], saved["base_counts"], checkpoint.open_metrics(run_dir, saved["step"])
     said_idle = False
     progress = tqdm(range(saved["step"] + 1, c.steps + 1), desc="RL", dynamic_ncols=True, file=sys.stdout,
                     disable=not dist.is_main())
-    for step in progress:
-        start = time.time()
-        with dist.full_weights(policy):  # each rank samples its share of whole groups, with its own seed
-            batch, scores, metrics = grpo.sample_groups(
-                policy.eval(), tokenizer, stream, c.prompts_per_step // dist.world_size(), c.n, c.max_new_tokens,
-                c.temperature, c.top_p, rounds=c.max_sampling_rounds if c.dynamic_sampling else 1,
-                dynamic_sampling=c.dynamic_sampling, seed=c.seed * 100_003 + step * 10 + dist.rank() * 1_000_003)  # + round < 10
-        batch, scores = dist.gather_groups(batch, scores, tokenizer.pad_token_id)  # the whole batch on every rank
-        metrics = {"step": step, **dist.reduce_metrics(metrics), "gen_s": time.time() - start}  # means over ranks
-        if len(scores):
-            eta = rewards.length_penalty_coef(step - 1, c.length_eta_min, c.length_eta_max, c.length_period,
-                                              c.length_off_steps)
-            lengths = batch.mask.sum(dim=1).view_as(scores)
-            shaped = rewards.apply_length_penalty(scores, lengths, c.max_new_tokens, eta)  # [P, N]
-            local, rows = dist.my_share(batch)  # the rows this rank's forward/backward passes cover
-            ref_start = time.time()
-            ref_logp = batch_logprobs(reference, local, c) if reference is not None else None
-            metrics["ref_s"], update_start = time.time() - ref_start, time.time()
-            if c.kl_in_reward:  # r − β · Σ_t KL_t, with the sampler's log-probs as π (no extra forward)
-                token_kl = kl.kl_estimate(batch.logprobs[:, 1:], dist.gather_rows(ref_logp, len(batch.tokens)), c.kl_kind)
-                shaped = shaped - c.kl_coef * (token_kl * batch.mask[:, 1:]).sum(dim=1).view_as(shaped)
-            adv = grpo.group_advantages(shaped, c.advantage).flatten()  # [P·N]: one advantage per response
-            metrics.update(update(policy.train(), optimizer, local, adv[rows], ref_logp, c), length_eta=eta,
-                           update_s=time.time() - update_start)
-        elif dist.is_main() and not said_idle:  # said once: metrics.jsonl's kept_frac shows every such step
-            said_idle = True
-            tqdm.write(f"step {step}: every group's answers scored alike (all right or all wrong), so there was "
-                       "nothing to learn; if this goes on, the tasks are out of the model's reach (or too easy)")
-        if c.eval_every and step % c.eval_every == 0:
-            # the mean over ranks, so that all take the same reset decision (timeouts may differ between them)
-            metrics["val_pass1"] = dist.reduce_metrics({"v": held_out_pass1(val_set)["average"]})["v"]
-            tracker.observe_validation(metrics["val_pass1"])
-        reason = tracker.should_reset(metrics.get("kl", 0.0))
-        if reason and reference is not None:
-            reset.reset_reference(policy, reference, optimizer if c.reset_optimizer else None)
-            tracker.did_reset()
-            metrics["reset"] = reason
-        metrics.update(resets=tracker.count, step_s=time.time() - start,
-                       tokens_per_s=float(batch.mask.sum()) / (time.time() - start))
-        if device.startswith("cuda"):  # the most this rank's GPU has held so far, in GB
-            metrics["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
-        metrics_file.write(json.dumps(metrics) + "\n")
-        metrics_file.flush()
-        if step == c.steps or (c.save_every and step % c.save_every == 0):
-            checkpoint.save(run_dir, step, policy, reference, optimizer, tracker, stream, base=base, base_counts=base_counts)
-        progress.set_postfix(reward=f"{metrics['reward']:.3f}", kept=f"{metrics['kept_frac']:.2f}",
-                             kl=f"{metrics.get('kl', 0):.4f}", ent=f"{metrics.get('entropy', 0):.2f}")
+    with checkpoint.stop_requests() as stop_requested:
+        for step in progress:
+            start = time.time()
+            with dist.full_weights(policy):  # each rank samples its share of whole groups, with its own seed
+                batch, scores, metrics = grpo.sample_groups(
+                    policy.eval(), tokenizer, stream, c.prompts_per_step // dist.world_size(), c.n, c.max_new_tokens,
+                    c.temperature, c.top_p, rounds=c.max_sampling_rounds if c.dynamic_sampling else 1,
+                    dynamic_sampling=c.dynamic_sampling, seed=c.seed * 100_003 + step * 10 + dist.rank() * 1_000_003)  # + round < 10
+            batch, scores = dist.gather_groups(batch, scores, tokenizer.pad_token_id)  # the whole batch on every rank
+            metrics = {"step": step, **dist.reduce_metrics(metrics), "gen_s": time.time() - start}  # means over ranks
+            if len(scores):
+                eta = rewards.length_penalty_coef(step - 1, c.length_eta_min, c.length_eta_max, c.length_period,
+                                                  c.length_off_steps)
+                lengths = batch.mask.sum(dim=1).view_as(scores)
+                shaped = rewards.apply_length_penalty(scores, lengths, c.max_new_tokens, eta)  # [P, N]
+                local, rows = dist.my_share(batch)  # the rows this rank's forward/backward passes cover
+                ref_start = time.time()
+                ref_logp = batch_logprobs(reference, local, c) if reference is not None else None
+                metrics["ref_s"], update_start = time.time() - ref_start, time.time()
+                if c.kl_in_reward:  # r − β · Σ_t KL_t, with the sampler's log-probs as π (no extra forward)
+                    token_kl = kl.kl_estimate(batch.logprobs[:, 1:], dist.gather_rows(ref_logp, len(batch.tokens)), c.kl_kind)
+                    shaped = shaped - c.kl_coef * (token_kl * batch.mask[:, 1:]).sum(dim=1).view_as(shaped)
+                adv = grpo.group_advantages(shaped, c.advantage).flatten()  # [P·N]: one advantage per response
+                metrics.update(update(policy.train(), optimizer, local, adv[rows], ref_logp, c), length_eta=eta,
+                               update_s=time.time() - update_start)
+            elif dist.is_main() and not said_idle:  # said once: metrics.jsonl's kept_frac shows every such step
+                said_idle = True
+                tqdm.write(f"step {step}: every group's answers scored alike (all right or all wrong), so there was "
+                           "nothing to learn; if this goes on, the tasks are out of the model's reach (or too easy)")
+            if c.eval_every and step % c.eval_every == 0:
+                # the mean over ranks, so that all take the same reset decision (timeouts may differ between them)
+                metrics["val_pass1"] = dist.reduce_metrics({"v": held_out_pass1(val_set)["average"]})["v"]
+                tracker.observe_validation(metrics["val_pass1"])
+            reason = tracker.should_reset(metrics.get("kl", 0.0))
+            if reason and reference is not None:
+                reset.reset_reference(policy, reference, optimizer if c.reset_optimizer else None)
+                tracker.did_reset()
+                metrics["reset"] = reason
+            metrics.update(resets=tracker.count, step_s=time.time() - start,
+                           tokens_per_s=float(batch.mask.sum()) / (time.time() - start))
+            if device.startswith("cuda"):  # the most this rank's GPU has held so far, in GB
+                metrics["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            metrics_file.write(json.dumps(metrics) + "\n")
+            metrics_file.flush()
+            # SIGTERM or Ctrl-C on any rank: all of them save and stop (at the last step they just finish)
+            stop = dist.any_true(stop_requested()) and step < c.steps
+            if step == c.steps or (c.save_every and step % c.save_every == 0) or stop:
+                try:
+                    checkpoint.save(run_dir, step, policy, reference, optimizer, tracker, stream, base=base,
+                                    base_counts=base_counts)
+                except OSError as error:  # a full disk, say: a long run goes on, and the next save tries again
+                    if step == c.steps or stop:
+                        raise ValueError(f"step {step}: {error}") from None
+                    tqdm.write(f"warning: step {step}: {error}; training goes on")
+            progress.set_postfix(reward=f"{metrics['reward']:.3f}", kept=f"{metrics['kept_frac']:.2f}",
+                                 kl=f"{metrics.get('kl', 0):.4f}", ent=f"{metrics.get('entropy', 0):.2f}")
+            if stop:
+                progress.close()
+                if dist.is_main():
+                    print(f"stopped by a signal after step {step}, checkpoint saved: --resume {run_dir} continues")
+                return
     dist.save_pretrained(policy, tokenizer, run_dir / "final")
     trained, trained_counts = held_out_pass1(test_set), boundary_counts("trained")
     if not dist.is_main():

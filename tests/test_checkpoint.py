@@ -7,6 +7,8 @@ groups differ only by length), two PPO mini-batches (the shuffle reads torch's g
 """
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -92,12 +94,97 @@ def test_killed_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, tin
     assert not (run_dir / "checkpoint.pt.tmp").exists()  # the next save wrote over it and renamed it
 
 
-def test_resume_needs_a_run_directory_with_a_checkpoint(tmp_path):
-    with pytest.raises(ValueError, match="not a run directory with a config.json and a checkpoint.pt"):
+def test_resume_needs_a_run_directory(tmp_path):
+    with pytest.raises(ValueError, match="not a run directory"):
         train.parse_config(["--resume", str(tmp_path)])
-    (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(ValueError, match="checkpoint.pt"):
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a JSON object of settings"):
         train.parse_config(["--resume", str(tmp_path)])
+
+
+def test_a_run_stopped_before_its_first_checkpoint_resumes_from_its_start(tmp_path, tiny_model_dir, straight,
+                                                                          monkeypatch, capsys):
+    real_sample = train.grpo.sample_groups
+
+    def killed_at_step_3(*args, **kwargs):
+        if kwargs["seed"] // 10 % 10_000 == 3:  # seed = seed·100003 + step·10 + rank·1000003
+            raise Killed
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(train.grpo, "sample_groups", killed_at_step_3)
+    with pytest.raises(Killed):
+        train_run(tmp_path, tiny_model_dir, ["--run", "early", "--steps", "4", "--save-every", "0"])
+    monkeypatch.setattr(train.grpo, "sample_groups", real_sample)
+    run_dir = tmp_path / "runs" / "early"
+    assert not checkpoint.has_checkpoint(run_dir) and len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+    with pytest.raises(ValueError, match="already holds a run: --resume runs/early continues it"):
+        train_run(tmp_path, tiny_model_dir, ["--run", "early"])
+    train_run(tmp_path, tiny_model_dir, ["--resume", str(run_dir)])
+    assert "stopped before its first checkpoint: starting it over from step 0" in capsys.readouterr().out
+    assert_same_run(result(run_dir), straight)
+
+
+def test_sigterm_saves_the_step_and_stops_and_resume_is_the_straight_run(tmp_path, tiny_model_dir, straight,
+                                                                         monkeypatch, capsys):
+    real_sample = train.grpo.sample_groups
+
+    def preempted_during_step_2(*args, **kwargs):
+        if kwargs["seed"] // 10 % 10_000 == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler notes it; the step goes on
+        return real_sample(*args, **kwargs)
+
+    handler = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(train.grpo, "sample_groups", preempted_during_step_2)
+    train_run(tmp_path, tiny_model_dir, ["--run", "p", "--steps", "4", "--save-every", "0"])
+    monkeypatch.setattr(train.grpo, "sample_groups", real_sample)
+    assert signal.getsignal(signal.SIGTERM) == handler  # restored when the run ends
+    run_dir = tmp_path / "runs" / "p"
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert not (run_dir / "final").exists()  # it stopped there: no final model, no report
+    said = capsys.readouterr().out
+    assert said.endswith("stopped by a signal after step 2, checkpoint saved: --resume runs/p continues\n")
+    train_run(tmp_path, tiny_model_dir, ["--resume", str(run_dir)])
+    assert_same_run(result(run_dir), straight)
+
+
+def test_a_failed_save_warns_and_training_goes_on_but_the_last_one_must_succeed(tmp_path, tiny_model_dir,
+                                                                               monkeypatch, capsys):
+    real_save = torch.save
+
+    def disk_full_at_step_2_and_4(state, file):
+        if state["step"] in (2, 4):
+            file.write(b"some bytes")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 128 vs 64")
+        real_save(state, file)
+
+    monkeypatch.setattr(torch, "save", disk_full_at_step_2_and_4)
+    with pytest.raises(ValueError, match=r"^step 4: .*checkpoint.pt not written \(\[enforce fail.*the previous checkpoint is intact$"):
+        train_run(tmp_path, tiny_model_dir, ["--run", "full", "--steps", "4", "--save-every", "1"])
+    assert "warning: step 2: " in capsys.readouterr().out
+    run_dir = tmp_path / "runs" / "full"
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["step"] == 3  # step 3 was saved after all
+    assert not (run_dir / "checkpoint.pt.tmp").exists()  # the half-written file was removed
+
+
+def test_resumed_runs_take_new_lr_and_reset_flags_and_refuse_changes_that_break_the_run(tmp_path, tiny_model_dir,
+                                                                                       monkeypatch):
+    train_run(tmp_path, tiny_model_dir, ["--run", "f", "--steps", "2"])
+    run_dir = str(tmp_path / "runs" / "f")
+    for flag, value in [("--tasks", "add"), ("--preset", "prorl"), ("--model", "elsewhere"), ("--seed", "1"),
+                        ("--eval-problems", "3"), ("--max-new-tokens", "8"), ("--kl-coef", "0")]:
+        with pytest.raises(ValueError, match=f"--resume {run_dir}: {flag} cannot "):
+            train.parse_config(["--resume", run_dir, flag, value])
+    assert train.parse_config(["--resume", run_dir, "--kl-coef", "0.05", "--tasks", "sort,reverse,countdown"]).kl_coef == 0.05
+    lrs = []
+
+    def record(run_dir, step, policy, reference, optimizer, *args, **kwargs):
+        lrs.append(optimizer.param_groups[0]["lr"])
+
+    monkeypatch.setattr(checkpoint, "save", record)
+    train_run(tmp_path, tiny_model_dir, ["--resume", run_dir, "--steps", "4", "--lr", "5e-3", "--reset-every", "0"])
+    assert lrs == [5e-3]
+    metrics = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [m.get("reset") for m in metrics] == [None] * 4  # the saved tracker's reset_every=3 is not used
 
 
 def test_open_metrics_keeps_the_lines_up_to_the_checkpoint(tmp_path):
@@ -108,6 +195,10 @@ def test_open_metrics_keeps_the_lines_up_to_the_checkpoint(tmp_path):
                                                                      '{"step": 3, "again": true}']
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"st')  # killed mid-line
     with checkpoint.open_metrics(tmp_path, 2):
+        pass
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines() == ['{"step": 1}', '{"step": 2}']
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n[1]\n"text"\n{"no step": 1}\n{"step": 2}\n')
+    with checkpoint.open_metrics(tmp_path, 2):  # lines that are not a step's record are dropped, not fatal
         pass
     assert (tmp_path / "metrics.jsonl").read_text().splitlines() == ['{"step": 1}', '{"step": 2}']
     with checkpoint.open_metrics(tmp_path, 0):  # a fresh run starts an empty file

@@ -55,10 +55,15 @@ def test_state_dict_round_trip():
     for value in (0.1, 0.05, 0.04):
         tracker.observe_validation(value)
         tracker.should_reset(kl=0.0)
-    restored = reset.ResetTracker()
+    restored = reset.ResetTracker(every=5, patience=2, kl_threshold=0.3)
     restored.load_state_dict(tracker.state_dict())
     assert vars(restored) == vars(tracker)
     assert restored.should_reset(kl=0.0) == tracker.should_reset(kl=0.0) == "stalled"
+    # the thresholds are the new tracker's (a resumed run's flags), the counters the saved ones
+    relaxed = reset.ResetTracker(every=0, patience=0, kl_threshold=0.0)
+    relaxed.load_state_dict(tracker.state_dict())
+    assert (relaxed.patience, relaxed.evals_without_gain, relaxed.count) == (0, tracker.evals_without_gain, 0)
+    assert relaxed.should_reset(kl=1.0) is None
 
 
 # ----------------------------------------------------------------------------- what
