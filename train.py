@@ -226,7 +226,8 @@ def update(policy, optimizer, batch: rollout.Rollout, adv: torch.Tensor, ref_log
                 loss, stats = grpo.policy_loss(logp, micro_old, adv[micro], mask[micro], c.clip_low, c.clip_high, c.loss_agg)
                 if ref_logp is not None:
                     kl_per_token = kl.kl_penalty(logp, ref_logp[micro], c.kl_kind, c.kl_clamp or None, mask[micro])
-                    loss = loss + kl_coef * grpo.aggregate(kl_per_token, mask[micro], c.loss_agg)
+                    if kl_coef:  # with --kl-in-reward the KL is logged only (0 · an overflowed KL would be NaN)
+                        loss = loss + kl_coef * grpo.aggregate(kl_per_token, mask[micro], c.loss_agg)
                     stats["kl"] = grpo.masked_mean(kl_per_token.detach(), mask[micro])
                 stats["entropy"] = grpo.masked_mean(entropy, mask[micro])
                 finite = finite and bool(torch.isfinite(loss))
