@@ -26,6 +26,8 @@ import dist
 FILE = "checkpoint.pt"
 # Whole (unsharded) tensors on the CPU: the file is the same whatever the number of ranks that wrote it.
 FULL = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
+FROM_RANK0 = dcp.StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)  # loading: rank 0 sends each tensor
+WHOLE_TENSORS = ("policy", "reference", "optimizer")  # what only rank 0 reads from the file
 
 
 def save(run_dir: str | Path, step: int, policy: torch.nn.Module, reference: torch.nn.Module | None,
@@ -76,23 +78,38 @@ def write_atomically(path: Path, write) -> None:
 
 def load(run_dir: str | Path, policy: torch.nn.Module, reference: torch.nn.Module | None,
          optimizer: torch.optim.Optimizer, tracker, stream) -> dict:
-    """Restore a checkpoint written by `save` into already-built objects; returns the saved dict (step, extras)."""
-    try:
-        state = torch.load(Path(run_dir) / FILE, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
-        raise ValueError(f"--resume {run_dir}: cannot read its {FILE} ({str(error).strip().splitlines()[0][:200]})") \
-            from None
-    if state["world_size"] != dist.world_size():
-        raise ValueError(f"--resume {run_dir}: the checkpoint was written by {state['world_size']} ranks; "
+    """Restore a checkpoint written by `save` into already-built objects; returns the saved step and extras.
+
+    Only rank 0 reads the file: it holds whole tensors (policy, reference, Adam's moments), and a copy per
+    rank would not fit in a node's memory. The other ranks receive their shards from rank 0 (broadcast),
+    and everything else (step, tracker, each rank's RNGs) as one small object."""
+    state, error = None, None
+    if dist.is_main():
+        try:
+            state = torch.load(Path(run_dir) / FILE, map_location="cpu", weights_only=False)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as failure:
+            error = f"--resume {run_dir}: cannot read its {FILE} ({str(failure).strip().splitlines()[0][:200]})"
+        else:
+            if state["world_size"] != dist.world_size():
+                error = (f"--resume {run_dir}: the checkpoint was written by {state['world_size']} ranks; "
                          f"resume with the same --nproc-per-node × --nnodes")
-    dcp.set_model_state_dict(policy, state["policy"], options=FULL)
+    small = None  # built on rank 0, which has read the file
+    if dist.is_main():
+        small = {"error": error} if error else {**{k: v for k, v in state.items() if k not in WHOLE_TENSORS},
+                                                "has_optimizer": state["optimizer"] is not None}
+    small = dist.broadcast_object(small)
+    if small.get("error"):
+        raise ValueError(small["error"])
+    whole = state or {key: {} for key in WHOLE_TENSORS}  # ranks other than 0 hold nothing: rank 0 sends it
+    options = FULL if dist.world_size() == 1 else FROM_RANK0
+    dcp.set_model_state_dict(policy, whole["policy"], options=options)
     if reference is not None:
-        dcp.set_model_state_dict(reference, state["reference"], options=FULL)
-    if state["optimizer"] is not None:
-        dcp.set_optimizer_state_dict(policy, optimizer, state["optimizer"], options=FULL)
-    tracker.load_state_dict(state["tracker"])
-    load_rank_state(state["ranks"][dist.rank()], stream)
-    return state
+        dcp.set_model_state_dict(reference, whole["reference"], options=options)
+    if small["has_optimizer"]:
+        dcp.set_optimizer_state_dict(policy, optimizer, whole["optimizer"], options=options)
+    tracker.load_state_dict(small["tracker"])
+    load_rank_state(small["ranks"][dist.rank()], stream)
+    return small
 
 
 def rank_state(stream) -> dict:

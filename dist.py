@@ -101,6 +101,15 @@ def gather_objects(value) -> list:
     return values
 
 
+def broadcast_object(value):
+    """Rank 0's value (any picklable object) on every rank."""
+    if world_size() == 1:
+        return value
+    box = [value]
+    torch_dist.broadcast_object_list(box, src=0, device=collective_device())
+    return box[0]
+
+
 def gather_groups(batch: rollout.Rollout, scores: torch.Tensor, pad_id: int) -> tuple[rollout.Rollout, torch.Tensor]:
     """Every rank's kept groups, concatenated in rank order, on every rank: (rollout [G·N rows], scores [G, N])."""
     if world_size() == 1:

@@ -18,10 +18,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import checkpoint
 import dist
 import grpo
 import model as model_lib
+import reset
 import rollout
+import tasks
 import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,6 +69,46 @@ def update_worker(rank: int, world: int, port: int, model_dir: str, out_dir: str
     torch.distributed.destroy_process_group()
 
 
+def load_worker(rank: int, world: int, port: int, model_dir: str, out_dir: str) -> None:
+    """Save a sharded policy, reference and Adam state, then load them into fresh shards, counting the
+    reads of checkpoint.pt: rank 0 reads it, the others are sent their shards."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.setup("cpu")
+
+    def build():
+        policy, reference = (dist.shard(model_lib.load(model_dir)[0]) for _ in range(2))
+        return policy, reference, torch.optim.AdamW(policy.parameters(), lr=1e-2)
+
+    policy, reference, optimizer = build()
+    sum(p.sum() for p in policy.parameters()).backward()
+    optimizer.step()  # Adam state to save
+    tracker, stream = reset.ResetTracker(), tasks.TaskMix("sort", seed=rank)
+    checkpoint.save(out_dir, 7, policy, reference, optimizer, tracker, stream, base={"sort": 0.5})
+    reads, real_load = [], torch.load
+    torch.load = lambda file, *args, **kwargs: (reads.append(file) if str(file).endswith(checkpoint.FILE) else None) \
+        or real_load(file, *args, **kwargs)  # (broadcast_object_list unpickles with torch.load too)
+    fresh_policy, fresh_reference, fresh_optimizer = build()
+    saved = checkpoint.load(out_dir, fresh_policy, fresh_reference, fresh_optimizer, reset.ResetTracker(), stream)
+    torch.load = real_load
+    with dist.full_weights(policy), dist.full_weights(fresh_policy):
+        same = all(torch.equal(p, q) for p, q in zip(policy.parameters(), fresh_policy.parameters(), strict=True))
+    moments = [(s["exp_avg"].full_tensor(), fresh_optimizer.state[q]["exp_avg"].full_tensor())
+               for (p, s), q in zip(optimizer.state.items(), fresh_optimizer.state, strict=True)]
+    torch.save({"reads": len(reads), "same_weights": same, "step": saved["step"], "base": saved["base"],
+                "same_moments": all(torch.equal(a, b) for a, b in moments)}, Path(out_dir) / f"load{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_only_rank_0_reads_the_checkpoint_the_others_receive_their_shards(tmp_path, tiny_model_dir):
+    mp.spawn(load_worker, args=(2, free_port(), tiny_model_dir, str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"load{r}.pt") for r in range(2)]
+    assert [r["reads"] for r in ranks] == [1, 0]
+    assert all(r["same_weights"] and r["same_moments"] and r["step"] == 7 and r["base"] == {"sort": 0.5}
+               for r in ranks)
+
+
 def test_two_ranks_end_with_identical_weights_equal_to_one_process(tmp_path, tiny_model_dir):
     mp.spawn(update_worker, args=(2, free_port(), tiny_model_dir, str(tmp_path)), nprocs=2)
     (ranks, rank_stats) = zip(*[torch.load(tmp_path / f"rank{r}.pt") for r in range(2)], strict=True)
@@ -84,17 +127,22 @@ def test_two_ranks_end_with_identical_weights_equal_to_one_process(tmp_path, tin
         assert rank_stats[0][name] == pytest.approx(stats[name], rel=1e-4, abs=1e-7), name
 
 
-def test_train_py_under_torchrun_on_two_cpu_ranks(tmp_path, tiny_model_dir):
+def torchrun_train(cwd: Path, model_dir: str, argv: list[str]) -> subprocess.CompletedProcess:
+    """train.py on two CPU ranks (gloo), with the small settings of these tests."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                str(free_port()), str(REPO / "train.py"), "--",  # "--": torchrun's parser would claim --n and --run
-               "--model", tiny_model_dir, "--run", "d", "--steps", "2",
-               "--prompts-per-step", "4", "--n", "4", "--max-new-tokens", "6", "--dynamic-sampling", "false",
-               "--advantage", "reinforce_pp", "--kl-in-reward", "true", "--length-eta-max", "0.05",
-               "--reset-every", "1", "--eval-every", "1", "--eval-problems", "2", "--val-problems", "2",
-               "--eval-samples", "1", "--boundary-problems", "1", "--boundary-n", "2"]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
+               "--model", model_dir, "--prompts-per-step", "4", "--n", "4", "--max-new-tokens", "6",
+               "--dynamic-sampling", "false", "--advantage", "reinforce_pp", "--kl-in-reward", "true",
+               "--length-eta-max", "0.05", "--eval-every", "1", "--eval-problems", "2", "--val-problems", "2",
+               "--eval-samples", "1", "--boundary-problems", "1", "--boundary-n", "2", *argv]
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300, check=False,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_train_py_under_torchrun_on_two_cpu_ranks(tmp_path, tiny_model_dir):
+    result = torchrun_train(tmp_path, tiny_model_dir, ["--run", "d", "--steps", "2", "--reset-every", "1"])
     run_dir = tmp_path / "runs" / "d"
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]  # one line per step: rank 1 wrote nothing
@@ -105,3 +153,20 @@ def test_train_py_under_torchrun_on_two_cpu_ranks(tmp_path, tiny_model_dir):
     assert saved["ranks"][0]["stream_drawn"] == saved["ranks"][1]["stream_drawn"] == 2 * 4 // 2
     trained = model_lib.load(str(run_dir / "final"))[0].state_dict()
     assert all(torch.equal(trained[name], saved["policy"][name]) for name in saved["policy"])
+
+
+def test_a_run_on_two_ranks_stopped_and_resumed_is_the_straight_run(tmp_path, tiny_model_dir):
+    """3 steps straight, and 2 steps then --resume to 3 (a reset every 2 steps, Adam state, both ranks'
+    RNGs and prompt streams): the same metrics and the same final weights, bit for bit."""
+    timing = {"gen_s", "ref_s", "update_s", "step_s", "tokens_per_s"}
+    runs = {}
+    for name, steps in (("straight", ["--steps", "3"]), ("resumed", ["--steps", "2"])):
+        torchrun_train(tmp_path, tiny_model_dir, ["--run", name, "--reset-every", "2", "--minibatches", "2", *steps])
+    torchrun_train(tmp_path, tiny_model_dir, ["--resume", "runs/resumed", "--steps", "3"])
+    for name in ("straight", "resumed"):
+        lines = (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()
+        runs[name] = ([{k: v for k, v in json.loads(line).items() if k not in timing} for line in lines],
+                      model_lib.load(str(tmp_path / "runs" / name / "final"))[0].state_dict())
+    assert [m["step"] for m in runs["resumed"][0]] == [1, 2, 3] and runs["resumed"][0] == runs["straight"][0]
+    assert [m.get("reset") for m in runs["straight"][0]] == [None, "schedule", None]
+    assert all(torch.equal(runs["resumed"][1][k], runs["straight"][1][k]) for k in runs["straight"][1])
