@@ -226,7 +226,8 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise ValueError(f"--plot {run_dir}: no metrics.jsonl there (is it a run directory of train.py?)")
-    lines = path.read_text().splitlines()
+    lines = path.read_text().split("\n")
+    lines = lines[:-1] if lines and not lines[-1] else lines  # the newline that ends the last line
     records = []
     for number, line in enumerate(lines, start=1):
         try:
@@ -304,7 +305,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=16,
                         help="completion length limit (raise it for real models)")
     parser.add_argument("--max-rows", type=int, default=None,
-                        help="rows decoded at once (default: up to 1024, as many as fit); lower it if memory runs out")
+                        help="rows decoded at once (default: up to 1024, as many as fit, as in train.py); lower it if "
+                             "memory runs out. Another value draws other samples from the same seed")
     parser.add_argument("--out", default="runs/eval", help="directory for boundary.md, boundary.json, boundary.png")
     parser.add_argument("--seed", type=int, default=0, help="sampler seed (every model gets the same)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, or auto")

@@ -47,6 +47,9 @@ def load(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
         raise ValueError(f"--model {path}: cannot load it: {str(error).strip().splitlines()[0]}") from None
     if tokenizer.pad_token_id is None:  # many real checkpoints ship without one; any id works, pads are masked
         tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token_id is None or not stop_ids(model, tokenizer):
+        raise ValueError(f"--model {path}: its tokenizer and configs name no end-of-sequence token (eos_token, "
+                         "eos_token_id), so completions could never stop: set one")
     return model, tokenizer
 
 
@@ -74,10 +77,12 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
 
 
 def stop_ids(model, tokenizer) -> tuple[int, ...]:
-    """Every id that ends a completion: the tokenizer's EOS and the model config's EOS id(s)."""
+    """Every id that ends a completion: the tokenizer's EOS, and the EOS id(s) of the model's config and of its
+    generation_config.json (where chat models such as Llama-3-Instruct list their end-of-turn token)."""
     ids = {tokenizer.eos_token_id}
-    config_eos = model.config.eos_token_id
-    ids.update(config_eos if isinstance(config_eos, list) else [config_eos])
+    for config in (model.config, getattr(model, "generation_config", None)):
+        eos = getattr(config, "eos_token_id", None)
+        ids.update(eos if isinstance(eos, list) else [eos])
     return tuple(sorted(i for i in ids if i is not None))
 
 

@@ -31,6 +31,7 @@ A line that breaks the schema is an error naming the file and the line.
 """
 
 import json
+import math
 import random
 import warnings
 import zlib
@@ -130,12 +131,14 @@ def parse_mix(spec: str) -> dict[str, float]:
         prefix = REASONING_GYM if part.startswith(REASONING_GYM) else ""  # rg:NAME has a colon of its own
         name, _, weight = part[len(prefix):].partition(":")
         name = prefix + name
+        if name in weights:
+            raise ValueError(f"task '{name}' is named twice in '{spec}': give it once, with its weight")
         try:
             weights[name] = float(weight) if weight else 1.0
         except ValueError:
             raise ValueError(f"task weight in '{part}' is not a number") from None
-        if weights[name] <= 0:
-            raise ValueError(f"task weight in '{part}' must be positive")
+        if not 0 < weights[name] < math.inf:
+            raise ValueError(f"task weight in '{part}' must be a positive, finite number")
     if not weights:
         raise ValueError("no tasks given")
     total = sum(weights.values())
@@ -188,7 +191,11 @@ def no_heldout_error(source: str) -> ValueError:
 def heldout(name: str, count: int, level: int = 1) -> list[dict]:
     """The first `count` distinct held-out problems of a source (the same on every run)."""
     if not is_procedural(name):
-        return [ex for ex in load_source(name) if is_heldout(ex)][:count]
+        first = {}  # by prompt: a problem repeated in the file counts once
+        for example in load_source(name):
+            if is_heldout(example):
+                first.setdefault(example["prompt"], example)
+        return list(first.values())[:count]
     rng, seen, out = random.Random(1234), set(), []
     for _ in range(1000 * count):
         example = generate(name, rng, level)
@@ -216,7 +223,8 @@ def load_jsonl(path: str | Path) -> list[dict]:
         text = Path(path).read_text(encoding="utf-8")
     except (UnicodeDecodeError, OSError) as error:
         raise ValueError(f"{path}: cannot read it as UTF-8 text ({error.__class__.__name__})") from None
-    for number, line in enumerate(text.splitlines(), start=1):
+    # "\n" only: splitlines() would also cut at U+2028, U+2029 or \x85, which JSON strings may hold raw
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -237,6 +245,10 @@ def check_example(example: dict) -> None:
     """Raise ValueError, in one sentence, unless `example` has what its task's verifier needs."""
     if not isinstance(example, dict) or not isinstance(example.get("prompt"), str) or "task" not in example:
         raise ValueError("an example needs at least 'task' and 'prompt' fields")
+    try:
+        example["prompt"].encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the prompt holds a lone surrogate (\\ud800-\\udfff), which is not text") from None
     if not all(isinstance(example.get(field, ""), str) for field in ("task", "dataset")):
         raise ValueError("'task' and 'dataset' must be strings")
     task = example["task"]
@@ -250,6 +262,11 @@ def check_example(example: dict) -> None:
         raise ValueError(f"a '{task}' example needs the field(s) {', '.join(missing)}")
     if task == "math" and not isinstance(example["answer"], str):
         raise ValueError("a math answer must be a string, e.g. \"\\\\frac{1}{2}\" or \"0.5\"")
+    if task in ("add", "sort", "reverse") and not isinstance(example["answer"], str):
+        raise ValueError(f"an '{task}' answer must be a string (the completion is compared with it as text)")
+    if task == "countdown" and not (isinstance(example["numbers"], list) and example["numbers"]
+                                    and all(type(x) is int for x in example["numbers"] + [example["target"]])):
+        raise ValueError("a countdown example needs 'numbers', a non-empty list of integers, and an integer 'target'")
     if task == "mcq" and not (isinstance(example["answer"], str) and len(example["answer"]) == 1
                               and "A" <= example["answer"] <= "J"):
         raise ValueError(f"an mcq answer must be one letter from A to J, not {example['answer']!r}")
@@ -261,11 +278,13 @@ def check_example(example: dict) -> None:
             if not (isinstance(test, dict) and isinstance(test.get("output"), str)
                     and (isinstance(test.get("input"), str)) != (isinstance(test.get("call"), str))):
                 raise ValueError(f"a code test needs 'output' and either 'input' or 'call', all strings: {test!r}")
+        if not isinstance(example.get("entry_point", ""), str):
+            raise ValueError("'entry_point' must be the name of a function, a string")
         limit = example.get("time_limit", 1)
         if not (isinstance(limit, (int, float)) and not isinstance(limit, bool) and 0 < limit <= 60):
             raise ValueError(f"'time_limit' must be a number of seconds in (0, 60], not {limit!r}")
     if task == "logic":
-        if not (isinstance(example["entry"], dict) and "question" in example["entry"]):
+        if not (isinstance(example["entry"], dict) and {"question", "answer", "metadata"} <= set(example["entry"])):
             raise ValueError("'entry' must be a reasoning-gym entry, with its 'question', 'answer' and 'metadata'")
         check_reasoning_gym_name(example["dataset"])
     if task == "ifeval":

@@ -84,3 +84,22 @@ def test_load_reports_a_directory_without_weights_in_one_line(tmp_path):
     with pytest.raises(ValueError, match=f"--model {tmp_path}: cannot load it") as error:
         model_lib.load(str(tmp_path))
     assert "\n" not in str(error.value)
+
+
+def test_stop_ids_include_the_generation_configs_end_of_turn_and_a_model_without_eos_is_refused(tmp_path):
+    """Chat checkpoints (Llama-3-Instruct) name their end-of-turn token only in generation_config.json."""
+    tokenizer = model_lib.build_tokenizer()
+    model = model_lib.build_tiny_model(tokenizer, seed=0)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, 7]
+    model.save_pretrained(tmp_path / "chat")
+    tokenizer.save_pretrained(tmp_path / "chat")
+    policy, loaded = model_lib.load(str(tmp_path / "chat"))
+    assert model_lib.stop_ids(policy, loaded) == (tokenizer.eos_token_id, 7)
+    model.generation_config.eos_token_id = None
+    model.config.eos_token_id = None
+    model.save_pretrained(tmp_path / "no-eos")
+    tokenizer.eos_token = None
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(tmp_path / "no-eos")
+    with pytest.raises(ValueError, match="no-eos: its tokenizer and configs name no end-of-sequence token"):
+        model_lib.load(str(tmp_path / "no-eos"))

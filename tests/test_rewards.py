@@ -343,13 +343,18 @@ def test_every_shipped_example_is_solved_by_its_solution_and_not_by_nothing(doma
     ('{"task": "mcq", "prompt": "?", "answer": "E)"}', "one letter from A to J"),
     ('{"task": "code", "prompt": "?", "tests": []}', "non-empty list"),
     ('{"task": "code", "prompt": "?", "tests": [{"input": "1", "call": "f(1)", "output": "1"}]}', "either 'input' or 'call'"),
-    ('{"task": "logic", "prompt": "?", "dataset": "no_such_set", "entry": {"question": "?"}}', "unknown reasoning-gym dataset"),
+    ('{"task": "logic", "prompt": "?", "dataset": "no_such_set", "entry": {"question": "?", "answer": "1", "metadata": {}}}', "unknown reasoning-gym dataset"),
     ('{"task": "ifeval", "prompt": "?", "constraints": [{"kind": "shout"}]}', "unknown constraint kind 'shout'"),
     ('{"task": "poetry", "prompt": "?"}', "unknown task 'poetry'"),
     ('["task", "prompt"]', "needs at least 'task' and 'prompt'"),
     ('{"task": ["math"], "prompt": "?"}', "'task' and 'dataset' must be strings"),
     ('{"task": "reverse", "prompt": "1 2<"}', "a 'reverse' example needs the field(s) answer"),
     ('{"task": "code", "prompt": "?", "tests": [{"input": "", "output": "1"}], "time_limit": "abc"}', "'time_limit'"),
+    ('{"task": "code", "prompt": "?", "tests": [{"call": "f()", "output": "1"}], "entry_point": 5}', "'entry_point'"),
+    ('{"task": "add", "prompt": "40+45=", "answer": 85}', "an 'add' answer must be a string"),
+    ('{"task": "countdown", "prompt": "?", "numbers": "12", "target": "3"}', "a non-empty list of integers"),
+    ('{"task": "logic", "prompt": "?", "dataset": "basic_arithmetic", "entry": {"question": "?"}}', "'metadata'"),
+    ('{"task": "math", "prompt": "\\ud800?", "answer": "1"}', "lone surrogate"),
 ])
 def test_a_bad_line_is_an_error_naming_file_and_line(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"
@@ -402,3 +407,17 @@ def test_a_file_whose_problems_are_all_held_out_is_trained_on_with_a_warning(tmp
     with pytest.warns(UserWarning, match="all 1 problems fall in the held-out split"):
         stream = tasks.TaskMix(str(path))
     assert stream.sample()["prompt"] == held
+
+
+def test_jsonl_strings_may_hold_unicode_line_separators_and_repeated_heldout_prompts_count_once(tmp_path):
+    """U+2028, U+2029 and \\x85 are legal raw inside JSON strings (json.dumps(ensure_ascii=False) writes them):
+    only "\\n" ends a line. A held-out problem repeated in the file is one problem, not several."""
+    examples = [{"task": "math", "prompt": f"What is {i}+{i}?\u2028Line two\u2029\x85", "answer": str(2 * i)}
+                for i in range(60)]
+    held = next(ex for ex in examples if tasks.is_heldout(ex))
+    path = tmp_path / "seps.jsonl"
+    path.write_text("".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in examples + [held, held]),
+                    encoding="utf-8")
+    assert tasks.load_jsonl(path) == examples + [held, held]
+    prompts = [ex["prompt"] for ex in tasks.heldout(str(path), 100)]
+    assert held["prompt"] in prompts and len(prompts) == len(set(prompts))
