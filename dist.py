@@ -14,13 +14,15 @@ How a step is split (W ranks):
 Outside torchrun every function here is a no-op and the run is the plain single-process one.
 """
 
+import json
 import os
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.distributed as torch_dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 import rollout
@@ -68,14 +70,17 @@ def main_first(make):
     return result if is_main() else make()
 
 
-def shard(model: torch.nn.Module) -> torch.nn.Module:
-    """FSDP2: each decoder layer, then the rest (embeddings, final norm, head), sharded across all ranks."""
+def shard(model: torch.nn.Module, compute: torch.dtype = torch.float32) -> torch.nn.Module:
+    """FSDP2: each decoder layer, then the rest (embeddings, final norm, head), sharded across all ranks.
+    The shards keep the model's dtype (fp32); whole weights are gathered in `compute` (bf16 on CUDA), and
+    gradients are reduced in fp32."""
     if world_size() == 1:
         return model
     mesh = init_device_mesh(next(model.parameters()).device.type, (world_size(),))
+    mixed = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
     for layer in model.model.layers:  # one all-gather per layer in forward: only one layer is ever whole
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, mesh=mesh, mp_policy=mixed)
+    fully_shard(model, mesh=mesh, mp_policy=mixed)
     return model
 
 
@@ -214,15 +219,22 @@ def collective_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
 
 
-def save_pretrained(model: torch.nn.Module, tokenizer, path) -> None:
-    """The whole model in Hugging Face format (a plain `--model` directory), written by rank 0."""
+def save_pretrained(model: torch.nn.Module, tokenizer, path, dtype: torch.dtype | None = None) -> None:
+    """The whole model in Hugging Face format (a plain `--model` directory), written by rank 0, its floating
+    tensors in `dtype` (default: as they are)."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
     )
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dtype is not None:
+        state = {name: t.to(dtype) if t.is_floating_point() else t for name, t in state.items()}
     if is_main():
         model.save_pretrained(path, state_dict=state)
+        if dtype is not None:  # config.json names the dtype of the model's parameters (fp32): say what was saved
+            config = Path(path) / "config.json"
+            config.write_text(json.dumps({**json.loads(config.read_text()), "dtype": str(dtype).split(".")[-1]},
+                                         indent=2) + "\n")
         tokenizer.save_pretrained(path)
     barrier()

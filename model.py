@@ -45,12 +45,26 @@ def load(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     except (OSError, ValueError, KeyError, TypeError) as error:  # no weights, a broken config.json, ...
         raise ValueError(f"--model {path}: cannot load it: {str(error).strip().splitlines()[0]}") from None
-    if tokenizer.pad_token_id is None:  # many real checkpoints ship without one; any id works, pads are masked
-        tokenizer.pad_token = tokenizer.eos_token
-    if tokenizer.pad_token_id is None or not stop_ids(model, tokenizer):
+    stops = stop_ids(model, tokenizer)
+    if not stops:
         raise ValueError(f"--model {path}: its tokenizer and configs name no end-of-sequence token (eos_token, "
                          "eos_token_id), so completions could never stop: set one")
+    if tokenizer.pad_token_id is None:  # many real checkpoints ship without one; any id works, pads are masked
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.convert_ids_to_tokens(stops[0])
     return model, tokenizer
+
+
+def compute_dtype(device: str) -> torch.dtype:
+    """What the trainer's forward passes and the sampler compute in: bf16 on CUDA, fp32 elsewhere. The
+    policy's own weights stay fp32 everywhere (see train.py)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def saved_dtype(path: str) -> torch.dtype:
+    """The dtype a model directory's weights were saved in (its config.json's dtype / torch_dtype), fp32 if unsaid."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, name) if isinstance(getattr(torch, str(name), None), torch.dtype) else torch.float32
 
 
 def check_model_dir(path: str) -> None:

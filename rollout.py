@@ -22,8 +22,8 @@ renormalised over the top-p / top-k kept set: that is the distribution the train
 forward recomputes (same temperature, positions from `position_ids`), so the importance ratio
 exp(logp - old_logp) starts at 1. With temperature=0 (greedy) they are those of softmax(logits).
 
-The sampler runs in the model's own dtype (load it in bf16 on CUDA); logits are cast to float32
-before sampling. It never calls `model.forward` or `model.generate`: it reads the HF module's weights
+The sampler runs in the model's own dtype, except that fp32 weights (the trainer's master copy) are
+sampled in bf16 on CUDA (SAMPLE_DTYPE); logits are cast to float32 before sampling. It never calls `model.forward` or `model.generate`: it reads the HF module's weights
 and runs its own forward, which is what makes it fast (no per-call overhead, one static KV cache,
 decode replayed from CUDA graphs on GPU).
 """
@@ -38,6 +38,7 @@ MAX_ROWS = 1024  # rows decoded together by default, at most: more gains little,
 KV_CACHE_BYTES = 4 * 2**30  # ... and never more than a KV cache of this size holds (CPU), or of a quarter of
 # the GPU's memory: its total, not what is free now, so that the chunking, and with it the samples a seed
 # gives, does not depend on what else is allocated (a resumed run samples as the uninterrupted one would)
+SAMPLE_DTYPE = {"cuda": torch.bfloat16}  # by device type: what fp32 weights are sampled in (elsewhere: fp32)
 KV_BUCKET = 256  # on CUDA, decode attends over the completion cache rounded up to this many columns
 PREFILL_TOKENS = 16384  # padded prompt tokens per prefill forward, at most: bounds its activations
 
@@ -202,38 +203,48 @@ def decode_rows(
 # The forward pass, written out for Llama / Qwen2 (Qwen2 = Llama + biases on q, k, v).
 
 
+def check_supported(config) -> None:
+    """A one-line ValueError unless the sampler implements this model's forward pass (Llama / Qwen2)."""
+    if config.model_type not in ("llama", "qwen2"):
+        raise ValueError(f"rollout.generate supports Llama and Qwen2 models, not {config.model_type!r}.")
+    if getattr(config, "use_sliding_window", False):
+        raise ValueError("rollout.generate does not implement sliding-window attention.")
+    if (getattr(config, "rope_scaling", None) or {}).get("rope_type") == "dynamic":
+        raise ValueError("rollout.generate does not implement dynamic NTK RoPE (its frequencies follow the "
+                         "length of each forward, so sampler and trainer would disagree).")
+    if config.hidden_act != "silu":
+        raise ValueError(f"rollout.generate expects a SiLU MLP, not {config.hidden_act!r}.")
+
+
 class Weights:
     """A Hugging Face Llama / Qwen2 causal LM's tensors, arranged for the sampler.
 
     Projection matrices are used input-major, [in, out], so each projection is `x @ w`: on CPU as
     contiguous copies (MKL's x @ w is ~20% faster than x @ wᵀ at these sizes; the copies are made once
     per `generate`, since the trainer changes the weights between calls), on GPU as views of the model's
-    own tensors (cuBLAS reads either layout, and copies would double the model's memory). RoPE's cos/sin
+    own tensors (cuBLAS reads either layout, and copies would double the model's memory), or bf16 copies of
+    fp32 ones (half their size, once per call). RoPE's cos/sin
     come from the model's own rotary module (rope_theta, rope scaling) for positions 0..max_len-1."""
 
     def __init__(self, model: torch.nn.Module, max_len: int):
         config = model.config
-        if config.model_type not in ("llama", "qwen2"):
-            raise ValueError(f"rollout.generate supports Llama and Qwen2 models, not {config.model_type!r}.")
-        if getattr(config, "use_sliding_window", False):
-            raise ValueError("rollout.generate does not implement sliding-window attention.")
-        if (getattr(config, "rope_scaling", None) or {}).get("rope_type") == "dynamic":
-            raise ValueError("rollout.generate does not implement dynamic NTK RoPE (its frequencies follow the "
-                             "length of each forward, so sampler and trainer would disagree).")
-        if config.hidden_act != "silu":
-            raise ValueError(f"rollout.generate expects a SiLU MLP, not {config.hidden_act!r}.")
+        check_supported(config)
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.norm_eps = config.rms_norm_eps
-        self.embed = model.model.embed_tokens.weight  # [V, d]
-        self.final_norm = model.model.norm.weight  # [d]
-        self.lm_head = input_major(model.lm_head.weight)  # [d, V]
-        self.dtype, self.device = self.embed.dtype, self.embed.device
+        weight = model.model.embed_tokens.weight
+        self.device = weight.device
+        # fp32 weights (the trainer's master copy) are sampled in SAMPLE_DTYPE where one is set (bf16 on CUDA):
+        # the cast is a copy, made once per `generate`; bf16/fp16 weights are used as they are.
+        self.dtype = SAMPLE_DTYPE.get(self.device.type, weight.dtype) if weight.dtype == torch.float32 else weight.dtype
+        self.embed = weight.to(self.dtype)  # [V, d]
+        self.final_norm = model.model.norm.weight.to(self.dtype)  # [d]
+        self.lm_head = input_major(model.lm_head.weight, self.dtype)  # [d, V]
         self.kv_bytes_per_token = (  # a key and a value per layer and kv head
             2 * config.num_hidden_layers * self.num_kv_heads * self.head_dim * self.embed.element_size()
         )
-        self.layers = [LayerWeights.of(layer) for layer in model.model.layers]
+        self.layers = [LayerWeights.of(layer, self.dtype) for layer in model.model.layers]
         positions = torch.arange(max_len, device=self.device)[None]  # [1, max_len]
         cos, sin = model.model.rotary_emb(self.embed[:1], positions)  # [1, max_len, D] each
         half = self.head_dim // 2
@@ -255,15 +266,15 @@ class LayerWeights:
     biases: dict[str, torch.Tensor]  # by projection name: Qwen2's q/k/v; Llama's with attention_bias / mlp_bias
 
     @staticmethod
-    def of(layer: torch.nn.Module) -> "LayerWeights":
+    def of(layer: torch.nn.Module, dtype: torch.dtype) -> "LayerWeights":
         attn, mlp = layer.self_attn, layer.mlp
         linears = {"q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj, "o": attn.o_proj,
                    "gate": mlp.gate_proj, "up": mlp.up_proj, "down": mlp.down_proj}
         return LayerWeights(
-            attn_norm=layer.input_layernorm.weight,
-            mlp_norm=layer.post_attention_layernorm.weight,
-            biases={name: linear.bias for name, linear in linears.items() if linear.bias is not None},
-            **{name: input_major(linear.weight) for name, linear in linears.items()},
+            attn_norm=layer.input_layernorm.weight.to(dtype),
+            mlp_norm=layer.post_attention_layernorm.weight.to(dtype),
+            biases={name: linear.bias.to(dtype) for name, linear in linears.items() if linear.bias is not None},
+            **{name: input_major(linear.weight, dtype) for name, linear in linears.items()},
         )
 
     def project(self, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -273,9 +284,10 @@ class LayerWeights:
         return x @ weight if bias is None else torch.addmm(bias, x, weight)
 
 
-def input_major(weight: torch.Tensor) -> torch.Tensor:
-    """nn.Linear's [out, in] weight as [in, out]: a contiguous copy on CPU, a view elsewhere (see Weights)."""
-    return weight.t().contiguous() if weight.device.type == "cpu" else weight.t()
+def input_major(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """nn.Linear's [out, in] weight as [in, out] in `dtype`: a contiguous copy on CPU, a view elsewhere unless
+    the dtype changes (see Weights)."""
+    return weight.t().contiguous().to(dtype) if weight.device.type == "cpu" else weight.t().to(dtype)
 
 
 class KVCache:

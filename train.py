@@ -187,8 +187,10 @@ def validate(c: Config) -> None:
 
 def sequence_logprobs(policy, batch: rollout.Rollout, temperature: float, entropy: bool = False):
     """Teacher-forced log-probs [B, T−1] of tokens[:, 1:] (and their entropies), aligned with mask[:, 1:]."""
-    logits = policy(input_ids=batch.tokens, attention_mask=batch.attention_mask.long(),
-                    position_ids=rollout.position_ids(batch.attention_mask)).logits
+    compute = model_lib.compute_dtype(batch.tokens.device)
+    with torch.autocast(batch.tokens.device.type, dtype=compute, enabled=compute != torch.float32):
+        logits = policy(input_ids=batch.tokens, attention_mask=batch.attention_mask.long(),
+                        position_ids=rollout.position_ids(batch.attention_mask)).logits
     return kernels.token_logprobs(logits[:, :-1], batch.tokens[:, 1:], temperature, entropy)
 
 
@@ -251,14 +253,20 @@ def main(argv: list[str]) -> None:
     torch.manual_seed(c.seed)
     name = c.run or f"{c.preset}-s{c.seed}"  # taken: -2, -3, ... (an explicit --run that is taken fails validate)
     run_dir = Path(c.resume) if c.resume else dist.gather_objects(checkpoint.new_run_dir(name))[0]  # rank 0's choice
+    model_dir = c.model or dist.main_first(lambda: model_lib.ensure_tiny_base(f"runs/base/tiny-s{c.seed}", seed=c.seed))
+    # Mixed precision: weights (and so AdamW's state) are fp32 on every device, or updates of lr ≈ 1e-6 would
+    # round away (a bf16 weight near 0.02 moves in steps of 1e-4); on CUDA forwards compute in bf16 (autocast in
+    # sequence_logprobs, or FSDP2's param_dtype) and the sampler samples bf16 copies (rollout.SAMPLE_DTYPE).
+    compute = model_lib.compute_dtype(device)
+    policy, tokenizer = model_lib.load(model_dir, device, torch.float32)
+    rollout.check_supported(policy.config)
+    # The run exists from here on (its name is taken): a model that cannot be loaded or sampled leaves nothing.
     checkpoint.save_config(run_dir, dataclasses.asdict(c))
     if dist.is_main():
         print(f"run directory: {run_dir}", flush=True)
-    model_dir = c.model or dist.main_first(lambda: model_lib.ensure_tiny_base(f"runs/base/tiny-s{c.seed}", seed=c.seed))
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    policy, tokenizer = model_lib.load(model_dir, device, dtype)
-    policy = dist.shard(policy)  # FSDP2 under torchrun; the optimizer is built on the shards
-    reference = dist.shard(model_lib.load(model_dir, device, dtype)[0].eval().requires_grad_(False)) if c.kl_coef else None
+    policy = dist.shard(policy, compute)  # FSDP2 under torchrun; the optimizer is built on the shards
+    reference = (dist.shard(model_lib.load(model_dir, device, torch.float32)[0].eval().requires_grad_(False), compute)
+                 if c.kl_coef else None)  # fp32 too: before any update, its log-probs are the policy's exactly
     lr = c.lr * math.sqrt(c.prompts_per_step * c.n / c.lr_scale_from_batch) if c.lr_scale_from_batch else c.lr
     optimizer = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=0.0)
     stream = tasks.TaskMix(c.tasks, level=c.level, seed=c.seed + 1_000_003 * dist.rank())  # a stream per rank
@@ -356,7 +364,7 @@ def main(argv: list[str]) -> None:
                 if dist.is_main():
                     print(f"stopped by a signal after step {step}, checkpoint saved: --resume {run_dir} continues")
                 return
-    dist.save_pretrained(policy, tokenizer, run_dir / "final")
+    dist.save_pretrained(policy, tokenizer, run_dir / "final", model_lib.saved_dtype(model_dir))  # as it came
     trained, trained_counts = held_out_pass1(test_set), boundary_counts("trained")
     if not dist.is_main():
         return

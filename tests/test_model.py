@@ -103,3 +103,16 @@ def test_stop_ids_include_the_generation_configs_end_of_turn_and_a_model_without
     tokenizer.save_pretrained(tmp_path / "no-eos")
     with pytest.raises(ValueError, match="no-eos: its tokenizer and configs name no end-of-sequence token"):
         model_lib.load(str(tmp_path / "no-eos"))
+
+
+def test_a_tokenizer_without_pad_or_eos_pads_with_the_configs_eos(tmp_path):
+    tokenizer = model_lib.build_tokenizer()
+    model = model_lib.build_tiny_model(tokenizer, seed=0)
+    eos = tokenizer.eos_token_id
+    model.config.eos_token_id = eos
+    model.save_pretrained(tmp_path)
+    tokenizer.eos_token, tokenizer.pad_token = None, None
+    tokenizer.save_pretrained(tmp_path)
+    policy, loaded = model_lib.load(str(tmp_path))
+    assert loaded.eos_token_id is None and loaded.pad_token_id == eos
+    assert model_lib.stop_ids(policy, loaded) == (eos,)

@@ -5,6 +5,7 @@ Models are tiny random Llama / Qwen2 networks, built in a temp dir and loaded ba
 AutoModelForCausalLM, as the trainer loads a real checkpoint.
 """
 
+import copy
 import math
 import subprocess
 import sys
@@ -197,6 +198,20 @@ def test_bf16_model_runs_in_bf16(tmp_path_factory):
     mask = out.mask[:, 1:]
     assert out.logprobs.dtype == torch.float32
     assert torch.allclose(out.logprobs[:, 1:][mask], logp[mask], atol=2e-2)
+
+
+def test_fp32_weights_are_sampled_in_the_devices_sample_dtype(model, monkeypatch):
+    """On CUDA the trainer keeps fp32 master weights and samples in bf16: the sampler casts once per call,
+    and samples exactly what the same model loaded in bf16 samples (checked here with CPU set to bf16)."""
+    bf16_model = copy.deepcopy(model).to(torch.bfloat16)
+    expected = rollout.generate(bf16_model, PROMPTS, 2, 8, seed=3)
+    monkeypatch.setitem(rollout.SAMPLE_DTYPE, "cpu", torch.bfloat16)
+    out = rollout.generate(model, PROMPTS, 2, 8, seed=3)
+    assert next(model.parameters()).dtype == torch.float32  # the model itself is untouched
+    assert torch.equal(out.tokens, expected.tokens)
+    # log-probs within bf16 noise: model.to(bf16) also rounds RoPE's frequencies, the sampler's cast does not
+    assert torch.allclose(out.logprobs, expected.logprobs, atol=1e-2)
+    assert rollout.Weights(model, 16).dtype == torch.bfloat16 and rollout.Weights(bf16_model, 16).layers[0].q.dtype == torch.bfloat16
 
 
 def test_stop_tokens_mask_and_truncation(model):

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoint
+import dist
 import grpo
 import model as model_lib
 import rewards
@@ -98,6 +100,19 @@ def test_a_new_run_never_overwrites_an_earlier_one(tmp_path, monkeypatch, capsys
         capsys, fast + ["--run", "tiny-s0"])
     assert "is at step 1 already: give --steps beyond it" in str(
         pytest.raises(ValueError, train.main, ["--resume", "runs/tiny-s0"]).value)
+
+
+def test_a_model_the_sampler_cannot_run_is_one_line_and_leaves_the_run_name_free(tmp_path, monkeypatch):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = model_lib.build_tokenizer()
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=1, n_head=2)).save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="supports Llama and Qwen2 models, not 'gpt2'"):
+        train.main(["--model", str(tmp_path / "gpt2"), "--run", "x"])
+    assert not checkpoint.is_run(tmp_path / "runs" / "x")
+    train.parse_config(["--run", "x"])  # the name is still free
 
 
 def test_flags_override_the_preset():
@@ -351,6 +366,42 @@ def test_micro_batches_change_memory_not_the_update(tiny_model_dir, rollout_batc
     torch.testing.assert_close(deltas[0], deltas[1], atol=1e-6, rtol=1e-4)
     # the logged statistics are means over the batch's tokens, however the rows are split
     assert stats[0]["entropy"] == pytest.approx(stats[1]["entropy"], rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- mixed precision (bf16 on CUDA)
+
+def test_bf16_compute_keeps_fp32_weights_that_move_at_the_presets_lr_and_saves_as_the_checkpoint_came(
+        tmp_path, monkeypatch, tiny_model_dir):
+    """With bf16 compute (CUDA's; forced here on CPU) the forwards run in bf16 and the sampler samples bf16
+    copies, but the weights AdamW updates are fp32: at ProRL's lr of 2e-6 nearly every weight moves (a bf16
+    weight near 0.02 moves in steps of 1e-4, so in bf16 almost none would). final/ is saved in the dtype the
+    checkpoint came in (bf16 here), not in the fp32 of training."""
+    bf16_dir = tmp_path / "bf16"
+    policy, tokenizer = model_lib.load(tiny_model_dir)
+    dist.save_pretrained(policy, tokenizer, bf16_dir, torch.bfloat16)
+    monkeypatch.setattr(model_lib, "compute_dtype", lambda device: torch.bfloat16)
+    monkeypatch.setitem(rollout.SAMPLE_DTYPE, "cpu", torch.bfloat16)
+    logits_dtypes, moved = [], []
+    real_update = train.update
+
+    def recording_update(policy, optimizer, *args):
+        policy.lm_head.register_forward_hook(lambda module, inputs, output: logits_dtypes.append(output.dtype))
+        before = [p.detach().clone() for p in policy.parameters()]
+        stats = real_update(policy, optimizer, *args)
+        assert all(p.dtype == torch.float32 for p in policy.parameters())
+        moved.append(torch.cat([(p != q).flatten() for p, q in zip(policy.parameters(), before)]).float().mean())
+        return stats
+
+    monkeypatch.setattr(train, "update", recording_update)
+    monkeypatch.chdir(tmp_path)
+    train.main(["--model", str(bf16_dir), "--run", "mixed", "--steps", "1", "--lr", "2e-6", "--n", "4",
+                "--prompts-per-step", "4", "--max-new-tokens", "6", "--dynamic-sampling", "false",
+                "--length-eta-max", "0.05", "--eval-problems", "2", "--val-problems", "2", "--eval-samples", "1",
+                "--boundary-problems", "0", "--minibatches", "1"])
+    assert set(logits_dtypes) == {torch.bfloat16} and moved[0] > 0.9
+    final = tmp_path / "runs" / "mixed" / "final"
+    assert json.loads((final / "config.json").read_text())["dtype"] == "bfloat16"
+    assert model_lib.saved_dtype(str(final)) == torch.bfloat16
 
 
 # ----------------------------------------------------------------------------- end to end, per preset
