@@ -272,7 +272,8 @@ def main(argv: list[str]) -> None:
     stream = tasks.TaskMix(c.tasks, level=c.level, seed=c.seed + 1_000_003 * dist.rank())  # a stream per rank
     families = list(stream.weights)
     val_set = [ex for f in families for ex in tasks.heldout(f, c.val_problems, c.level)]
-    test_set = [ex for f in families for ex in tasks.heldout(f, c.eval_problems, c.level)]
+    test_by_source = {f: tasks.heldout(f, c.eval_problems, c.level) for f in families}  # a file may hold fewer
+    test_set = [ex for examples in test_by_source.values() for ex in examples]
     boundary_set = [ex for f in families for ex in tasks.heldout(f, c.boundary_problems, c.level)]
     tracker = reset.ResetTracker(c.reset_every, c.reset_patience, c.reset_kl)
 
@@ -372,7 +373,8 @@ def main(argv: list[str]) -> None:
         evaluation.write_boundary(run_dir, {"base": base_counts, "trained": trained_counts}, boundary_set,
                                   c.boundary_n, settings={"base": model_dir, "trained": str(run_dir / "final")})
     evaluation.plot_training(run_dir)
-    print(evaluation.write_result(run_dir, base, trained, f"{c.eval_problems} problems per task, "
+    sizes = ", ".join(f"{source} {len(examples)}" for source, examples in test_by_source.items())
+    print(evaluation.write_result(run_dir, base, trained, f"held-out problems: {sizes}; "
                                   f"{c.eval_samples} samples each, T={c.eval_temperature}"))
     print(f"wrote {run_dir}/: result.md, metrics.jsonl, training.png, " + ("boundary.md, boundary.png (pass@k at "
           "T=0.6, top-p 0.95), " if boundary_set else "") + "checkpoint.pt, final/ (the trained model)")
