@@ -12,7 +12,6 @@ at worst a stale checkpoint.pt.tmp, which nothing reads and the next save overwr
 
 import json
 import os
-import pickle
 import random
 import signal
 from contextlib import contextmanager
@@ -52,9 +51,11 @@ def save(run_dir: str | Path, step: int, policy: torch.nn.Module, reference: tor
         except (OSError, RuntimeError) as error:  # a full disk: torch.save raises RuntimeError("... unexpected pos")
             failure = error
     dist.barrier()  # no rank runs ahead of a checkpoint that is not yet written
-    if failure is not None:  # raised after the barrier, so the other ranks are not left waiting in it
-        raise OSError(f"{Path(run_dir) / FILE} not written ({str(failure).strip().splitlines()[0][:200]}); "
-                      "the previous checkpoint is intact")
+    message = None if failure is None else (f"{Path(run_dir) / FILE} not written "
+                                            f"({str(failure).strip().splitlines()[0][:200]}); any earlier one is intact")
+    message = dist.broadcast_object(message)  # every rank raises, so all of them go on (or stop) alike
+    if message is not None:
+        raise OSError(message)
 
 
 def write_atomically(path: Path, write) -> None:
@@ -85,10 +86,13 @@ def load(run_dir: str | Path, policy: torch.nn.Module, reference: torch.nn.Modul
     and everything else (step, tracker, each rank's RNGs) as one small object."""
     state, error = None, None
     if dist.is_main():
-        try:
+        try:  # any failure is sent to the other ranks, which would otherwise wait for rank 0 forever
             state = torch.load(Path(run_dir) / FILE, map_location="cpu", weights_only=False)
-        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as failure:
-            error = f"--resume {run_dir}: cannot read its {FILE} ({str(failure).strip().splitlines()[0][:200]})"
+            if not (isinstance(state, dict) and {"world_size", "optimizer", *WHOLE_TENSORS} <= set(state)):
+                raise ValueError("not a checkpoint of train.py")
+        except Exception as failure:  # noqa: BLE001 (a truncated file, a foreign pickle, a missing module...)
+            reason = str(failure).strip().splitlines()[0][:200] if str(failure).strip() else "not a checkpoint"
+            error = f"--resume {run_dir}: cannot read its {FILE} ({reason})"
         else:
             if state["world_size"] != dist.world_size():
                 error = (f"--resume {run_dir}: the checkpoint was written by {state['world_size']} ranks; "
@@ -191,14 +195,21 @@ def open_metrics(run_dir: str | Path, resume_step: int):
 @contextmanager
 def stop_requests():
     """Catches SIGTERM (a preemption, a kill) and the first Ctrl-C while a run trains: `requested()` turns
-    True, and train.py finishes the step, saves a checkpoint and stops. A second signal acts as usual."""
+    True, and train.py finishes the step, saves a checkpoint and stops. Every SIGTERM is caught (a launcher
+    and a scheduler may both send one); a second Ctrl-C stops at once. Signals this process was set to ignore
+    stay ignored. Under torchrun, which kills its workers 30 s after passing a signal on, signal the workers
+    themselves when a step takes longer."""
     caught = []
 
     def catch(signum, frame):
         caught.append(signum)
-        signal.signal(signum, previous[signum])  # the next one of the same kind is not caught
+        if signum == signal.SIGINT:
+            signal.signal(signum, previous[signum])  # the next Ctrl-C acts as usual
 
-    previous = {signum: signal.signal(signum, catch) for signum in (signal.SIGTERM, signal.SIGINT)}
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    previous = {signum: handler for signum, handler in previous.items() if handler not in (signal.SIG_IGN, None)}
+    for signum in previous:
+        signal.signal(signum, catch)
     try:
         yield lambda: bool(caught)
     finally:

@@ -228,13 +228,16 @@ def save_pretrained(model: torch.nn.Module, tokenizer, path, dtype: torch.dtype 
     )
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if dtype is not None:
-        state = {name: t.to(dtype) if t.is_floating_point() else t for name, t in state.items()}
+    if dtype is not None:  # one cast per storage: tied weights (embedding = lm_head) stay one tensor
+        cast = {}
+        state = {name: cast.setdefault(t.data_ptr(), t.to(dtype)) if t.is_floating_point() else t
+                 for name, t in state.items()}
     if is_main():
         model.save_pretrained(path, state_dict=state)
         if dtype is not None:  # config.json names the dtype of the model's parameters (fp32): say what was saved
             config = Path(path) / "config.json"
-            config.write_text(json.dumps({**json.loads(config.read_text()), "dtype": str(dtype).split(".")[-1]},
-                                         indent=2) + "\n")
+            settings, name = json.loads(config.read_text()), str(dtype).split(".")[-1]
+            settings.update({key: name for key in ("dtype", "torch_dtype") if key in settings} or {"dtype": name})
+            config.write_text(json.dumps(settings, indent=2) + "\n")
         tokenizer.save_pretrained(path)
     barrier()

@@ -202,11 +202,11 @@ def signed(gain: float) -> str:
 def write_result(run_dir: str | Path, base: dict[str, float], trained: dict[str, float], settings: str) -> str:
     """result.md and result.json: held-out pass@1 of the base and the trained model, per family and on
     average, side by side. Returns the table with a heading, as train.py prints it."""
-    lines = ["| task | base pass@1 | trained pass@1 | gain |", "|---|---|---|---|"]
+    lines = [f"held-out pass@1 ({settings}):", "| task | base pass@1 | trained pass@1 | gain |", "|---|---|---|---|"]
     lines += [f"| {f} | {base[f]:.3f} | {trained[f]:.3f} | {signed(trained[f] - base[f])} |" for f in base]
     (Path(run_dir) / "result.md").write_text("\n".join(lines) + "\n")
     (Path(run_dir) / "result.json").write_text(json.dumps({"base": base, "trained": trained}))
-    return f"held-out pass@1 ({settings}):\n" + "\n".join(lines)
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- training curves

@@ -55,8 +55,8 @@ def load(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
 
 
 def compute_dtype(device: str) -> torch.dtype:
-    """What the trainer's forward passes and the sampler compute in: bf16 on CUDA, fp32 elsewhere. The
-    policy's own weights stay fp32 everywhere (see train.py)."""
+    """What the trainer's forward passes compute in (autocast): bf16 on CUDA, fp32 elsewhere. The policy's
+    own weights stay fp32 everywhere (see train.py); the sampler's dtype is rollout.SAMPLE_DTYPE's."""
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 

@@ -91,19 +91,22 @@ PRESETS = {
     # ProRL (arXiv 2505.24864): GRPO, clip 0.2/0.4, n=16, T=1.2, KL + resets that also reset Adam.
     "prorl": {"advantage": "grpo", "clip_low": 0.2, "clip_high": 0.4, "n": 16, "temperature": 1.2, "lr": 2e-6,
               "prompts_per_step": 256, "minibatches": 4, "kl_coef": 1e-4, "kl_kind": "k3", "reset_patience": 3,
-              "reset_optimizer": True, "max_new_tokens": 8192},
+              "reset_optimizer": True, "max_new_tokens": 8192, "micro_batch_rows": 1},
     # ProRL v2: REINFORCE++-baseline, clip 0.2/0.28, k2 KL β=1e-4, resets every 300 steps keeping Adam,
     # scheduled cosine length penalty.
     "prorl-v2": {"advantage": "reinforce_pp", "clip_low": 0.2, "clip_high": 0.28, "n": 16, "temperature": 1.2, "lr": 2e-6,
                  "prompts_per_step": 256, "minibatches": 4, "kl_coef": 1e-4, "kl_kind": "k2", "reset_every": 300,
                  "reset_optimizer": False, "length_eta_max": 0.1, "length_eta_min": 0.0, "length_period": 200,
-                 "length_off_steps": 100, "max_new_tokens": 8192},
+                 "length_off_steps": 100, "max_new_tokens": 8192, "micro_batch_rows": 1},
     # BroRL (arXiv 2510.01180): N=512 rollouts for 128 prompts, lr scaled by sqrt(B_new / B_old)
     # against ProRL's 256 prompts × 16.
     "brorl": {"advantage": "reinforce_pp", "clip_low": 0.2, "clip_high": 0.28, "n": 512, "prompts_per_step": 128,
               "temperature": 1.2, "lr": 2e-6, "lr_scale_from_batch": 256 * 16, "minibatches": 4, "kl_coef": 1e-4,
-              "kl_kind": "k2", "reset_every": 300, "reset_optimizer": False, "max_new_tokens": 8192},
+              "kl_kind": "k2", "reset_every": 300, "reset_optimizer": False, "max_new_tokens": 8192,
+              "micro_batch_rows": 1},
 }
+# micro_batch_rows 1 in the paper presets: one 8k-token row of a 1.5B model holds ~2.5 GB of bf16 logits and
+# roughly 26-29 GB of activations (no activation checkpointing); 256 rows would need terabytes.
 
 
 # What a resumed run may not change: the checkpoint, its base evaluation and its prompt stream depend on them.
@@ -247,6 +250,13 @@ def update(policy, optimizer, batch: rollout.Rollout, adv: torch.Tensor, ref_log
     return {**dist.token_means(totals, tokens), **dist.reduce_metrics({"skipped_updates": skipped})}
 
 
+def clock() -> float:
+    """time.time() once the GPU has finished what was queued, so that each phase's time is its own."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.time()
+
+
 def main(argv: list[str]) -> None:
     c = parse_config(argv)
     device = dist.setup(("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" else c.device)
@@ -306,29 +316,29 @@ def main(argv: list[str]) -> None:
                     disable=not dist.is_main())
     with checkpoint.stop_requests() as stop_requested:
         for step in progress:
-            start = time.time()
+            start = clock()
             with dist.full_weights(policy):  # each rank samples its share of whole groups, with its own seed
                 batch, scores, metrics = grpo.sample_groups(
                     policy.eval(), tokenizer, stream, c.prompts_per_step // dist.world_size(), c.n, c.max_new_tokens,
                     c.temperature, c.top_p, rounds=c.max_sampling_rounds if c.dynamic_sampling else 1,
                     dynamic_sampling=c.dynamic_sampling, seed=c.seed * 100_003 + step * 10 + dist.rank() * 1_000_003)  # + round < 10
             batch, scores = dist.gather_groups(batch, scores, tokenizer.pad_token_id)  # the whole batch on every rank
-            metrics = {"step": step, **dist.reduce_metrics(metrics), "gen_s": time.time() - start}  # means over ranks
+            metrics = {"step": step, **dist.reduce_metrics(metrics), "gen_s": clock() - start}  # means over ranks
             if len(scores):
                 eta = rewards.length_penalty_coef(step - 1, c.length_eta_min, c.length_eta_max, c.length_period,
                                                   c.length_off_steps)
                 lengths = batch.mask.sum(dim=1).view_as(scores)
                 shaped = rewards.apply_length_penalty(scores, lengths, c.max_new_tokens, eta)  # [P, N]
                 local, rows = dist.my_share(batch)  # the rows this rank's forward/backward passes cover
-                ref_start = time.time()
+                ref_start = clock()
                 ref_logp = batch_logprobs(reference, local, c) if reference is not None else None
-                metrics["ref_s"], update_start = time.time() - ref_start, time.time()
+                metrics["ref_s"], update_start = clock() - ref_start, clock()
                 if c.kl_in_reward:  # r − β · Σ_t KL_t, with the sampler's log-probs as π (no extra forward)
                     token_kl = kl.kl_estimate(batch.logprobs[:, 1:], dist.gather_rows(ref_logp, len(batch.tokens)), c.kl_kind)
                     shaped = shaped - c.kl_coef * (token_kl * batch.mask[:, 1:]).sum(dim=1).view_as(shaped)
                 adv = grpo.group_advantages(shaped, c.advantage).flatten()  # [P·N]: one advantage per response
                 metrics.update(update(policy.train(), optimizer, local, adv[rows], ref_logp, c), length_eta=eta,
-                               update_s=time.time() - update_start)
+                               update_s=clock() - update_start)
             elif dist.is_main() and not said_idle:  # said once: metrics.jsonl's kept_frac shows every such step
                 said_idle = True
                 tqdm.write(f"step {step}: every group's answers scored alike (all right or all wrong), so there was "
@@ -342,8 +352,8 @@ def main(argv: list[str]) -> None:
                 reset.reset_reference(policy, reference, optimizer if c.reset_optimizer else None)
                 tracker.did_reset()
                 metrics["reset"] = reason
-            metrics.update(resets=tracker.count, step_s=time.time() - start,
-                           tokens_per_s=float(batch.mask.sum()) / (time.time() - start))
+            metrics.update(resets=tracker.count, step_s=clock() - start,
+                           tokens_per_s=float(batch.mask.sum()) / (clock() - start))
             if device.startswith("cuda"):  # the most this rank's GPU has held so far, in GB
                 metrics["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
             metrics_file.write(json.dumps(metrics) + "\n")

@@ -158,7 +158,7 @@ def test_a_failed_save_warns_and_training_goes_on_but_the_last_one_must_succeed(
         real_save(state, file)
 
     monkeypatch.setattr(torch, "save", disk_full_at_step_2_and_4)
-    with pytest.raises(ValueError, match=r"^step 4: .*checkpoint.pt not written \(\[enforce fail.*the previous checkpoint is intact$"):
+    with pytest.raises(ValueError, match=r"^step 4: .*checkpoint.pt not written \(\[enforce fail.*any earlier one is intact$"):
         train_run(tmp_path, tiny_model_dir, ["--run", "full", "--steps", "4", "--save-every", "1"])
     assert "warning: step 2: " in capsys.readouterr().out
     run_dir = tmp_path / "runs" / "full"
@@ -232,3 +232,16 @@ def test_a_nan_loss_skips_that_update_is_logged_and_training_goes_on(tmp_path, t
     assert all(torch.equal(p, q) for p, q in zip(weights_after[1], weights_after[2]))  # step 2 changed nothing
     assert not all(torch.equal(p, q) for p, q in zip(weights_after[2], weights_after[3]))  # step 3 trained
     assert all(torch.isfinite(p).all() for p in weights_after[3])
+
+
+def test_stop_requests_catch_every_sigterm_and_leave_ignored_signals_ignored():
+    previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)  # e.g. a background job
+    try:
+        with checkpoint.stop_requests() as requested:
+            assert not requested() and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGTERM)  # the launcher's copy ...
+            os.kill(os.getpid(), signal.SIGTERM)  # ... and the scheduler's: the process lives on
+            assert requested()
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous_int)

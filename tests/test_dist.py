@@ -101,6 +101,44 @@ def load_worker(rank: int, world: int, port: int, model_dir: str, out_dir: str) 
     torch.distributed.destroy_process_group()
 
 
+def failure_worker(rank: int, world: int, port: int, model_dir: str, out_dir: str) -> None:
+    """A save that fails on rank 0 (a full disk), then a checkpoint.pt that is not one: every rank gets the error."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.setup("cpu")
+    policy = dist.shard(model_lib.load(model_dir)[0])
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+    tracker, stream, errors = reset.ResetTracker(), tasks.TaskMix("sort", seed=rank), []
+
+    def disk_full(path, write):  # rank 0 writes; torch.save itself is left alone (collectives pickle with it)
+        raise RuntimeError("unexpected pos 64 vs 0")
+
+    real_write, checkpoint.write_atomically = checkpoint.write_atomically, disk_full
+    try:
+        checkpoint.save(out_dir, 1, policy, None, optimizer, tracker, stream)
+    except OSError as error:
+        errors.append(str(error))
+    checkpoint.write_atomically = real_write
+    if rank == 0:
+        torch.save(["not", "a", "checkpoint"], Path(out_dir) / checkpoint.FILE)
+    dist.barrier()
+    try:
+        checkpoint.load(out_dir, policy, None, optimizer, tracker, stream)
+    except ValueError as error:
+        errors.append(str(error))
+    (Path(out_dir) / f"errors{rank}.json").write_text(json.dumps(errors))
+    torch.distributed.destroy_process_group()
+
+
+def test_a_failed_save_or_an_unreadable_checkpoint_is_an_error_on_every_rank(tmp_path, tiny_model_dir):
+    mp.spawn(failure_worker, args=(2, free_port(), tiny_model_dir, str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        save_error, load_error = json.loads((tmp_path / f"errors{rank}.json").read_text())
+        assert "checkpoint.pt not written (unexpected pos 64 vs 0)" in save_error
+        assert "cannot read its checkpoint.pt (not a checkpoint of train.py)" in load_error
+
+
 def test_only_rank_0_reads_the_checkpoint_the_others_receive_their_shards(tmp_path, tiny_model_dir):
     mp.spawn(load_worker, args=(2, free_port(), tiny_model_dir, str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"load{r}.pt") for r in range(2)]

@@ -60,9 +60,11 @@ def test_state_dict_round_trip():
     assert vars(restored) == vars(tracker)
     assert restored.should_reset(kl=0.0) == tracker.should_reset(kl=0.0) == "stalled"
     # the thresholds are the new tracker's (a resumed run's flags), the counters the saved ones
+    tracker.did_reset()
+    tracker.observe_validation(0.01)
     relaxed = reset.ResetTracker(every=0, patience=0, kl_threshold=0.0)
     relaxed.load_state_dict(tracker.state_dict())
-    assert (relaxed.patience, relaxed.evals_without_gain, relaxed.count) == (0, tracker.evals_without_gain, 0)
+    assert (relaxed.patience, relaxed.evals_without_gain, relaxed.count) == (0, 1, 1)
     assert relaxed.should_reset(kl=1.0) is None
 
 

@@ -401,6 +401,10 @@ def test_bf16_compute_keeps_fp32_weights_that_move_at_the_presets_lr_and_saves_a
     assert set(logits_dtypes) == {torch.bfloat16} and moved[0] > 0.9
     final = tmp_path / "runs" / "mixed" / "final"
     assert json.loads((final / "config.json").read_text())["dtype"] == "bfloat16"
+    from safetensors.torch import load_file
+    saved = load_file(final / "model.safetensors")
+    assert "lm_head.weight" not in saved  # tied to the embedding: still stored once after the cast
+    assert {t.dtype for t in saved.values()} == {torch.bfloat16}
     assert model_lib.saved_dtype(str(final)) == torch.bfloat16
 
 
