@@ -67,6 +67,14 @@ def saved_dtype(path: str) -> torch.dtype:
     return getattr(torch, name) if isinstance(getattr(torch, str(name), None), torch.dtype) else torch.float32
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in backward instead of keeping them (non-reentrant)."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:  # 4.x
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def check_model_dir(path: str) -> None:
     """A one-line error unless `path` looks like a Hugging Face model directory (has a config.json)."""
     if not (Path(path) / "config.json").is_file():

@@ -349,6 +349,40 @@ def test_old_logprobs_are_recomputed_not_taken_from_the_sampler(tiny_model, tiny
     assert all(torch.equal(p, q) for p, q in zip(*results))
 
 
+def test_activation_checkpointing_changes_memory_not_the_update(tiny_model_dir, rollout_batch):
+    """--activation-checkpointing recomputes each layer in backward: the same SGD step, and each decoder layer
+    really runs twice (its forward, then again in backward) instead of once (its MLP is counted: a recompute
+    stops once it has what backward needs, so the layer's own forward hook never fires a second time)."""
+    batch, adv = rollout_batch
+    deltas = []
+    for checkpointing in (False, True):
+        policy = model_lib.load(tiny_model_dir)[0]
+        if checkpointing:  # as train.main does for --activation-checkpointing
+            model_lib.enable_activation_checkpointing(policy)
+        runs = []
+        policy.model.layers[0].mlp.register_forward_pre_hook(lambda *args, runs=runs: runs.append(1))
+        before = [p.clone() for p in policy.parameters()]
+        c = train.Config(kl_coef=0.0, grad_clip=1e9, minibatches=1, activation_checkpointing=checkpointing)
+        train.update(policy.train(), torch.optim.SGD(policy.parameters(), lr=1.0), batch, adv, None, c)
+        deltas.append(torch.cat([(p - q).flatten() for p, q in zip(policy.parameters(), before)]))
+        assert len(runs) == (2 if checkpointing else 1)  # one micro-batch, on-policy: one forward
+    assert deltas[0].abs().max() > 0
+    torch.testing.assert_close(deltas[0], deltas[1], atol=1e-6, rtol=1e-4)
+
+
+def test_the_activation_checkpointing_flag_checkpoints_the_policy(tmp_path, monkeypatch, tiny_model_dir):
+    class Enabled(Exception):
+        pass
+
+    def enabled(model):
+        raise Enabled(model.config.model_type)
+
+    monkeypatch.setattr(model_lib, "enable_activation_checkpointing", enabled)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(Enabled, match="llama"):
+        train.main(["--model", tiny_model_dir, "--activation-checkpointing", "true"])
+
+
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
 def test_micro_batches_change_memory_not_the_update(tiny_model_dir, rollout_batch, agg):
     batch, adv = rollout_batch
