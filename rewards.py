@@ -387,13 +387,14 @@ IFEVAL_PARAM_NAMES = {int: "an integer", list: "a list of strings", str: "a stri
 # ----------------------------------------------------------------------------- built-in tasks
 
 def score_exact(example: dict, completion: str) -> float:
-    """add, sort, reverse: the completion (stripped) is exactly the answer."""
-    return float(completion.strip() == example["answer"])
+    """add, sort, reverse: the completion (stripped, after any </think>) is exactly the answer."""
+    return float(after_thinking(completion).strip() == example["answer"])
 
 
 def score_countdown(example: dict, completion: str) -> float:
-    """The completion is an expression that uses each given number exactly once and equals the target."""
-    expression = completion.strip()
+    """The completion (after any </think>) is an expression that uses each given number exactly once and
+    equals the target."""
+    expression = after_thinking(completion).strip()
     used = sorted(int(node.value) for node in ast.walk(ast.parse(expression, mode="eval"))
                   if isinstance(node, ast.Constant))
     if used != sorted(example["numbers"]):

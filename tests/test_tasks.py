@@ -30,6 +30,11 @@ def test_add_sort_and_reverse_by_hand():
     reverse = {"task": "reverse", "prompt": "52 7 31<", "answer": "31 7 52"}
     assert rewards.score(reverse, "31 7 52") == 1.0
     assert rewards.score(reverse, "7 31 52") == 0.0  # sorted is not reversed
+    # a reasoning model's thoughts come first: only what follows the last </think> is the answer
+    assert rewards.score(add, "<think>47+38: 7+8=15, carry 1</think>85") == 1.0
+    assert rewards.score(add, "<think>85</think>86") == 0.0
+    countdown = {"task": "countdown", "prompt": "?", "numbers": [3, 4], "target": 12}
+    assert rewards.score(countdown, "<think>3*4 or 4*3</think> 4*3") == 1.0
 
 
 def test_countdown_accepts_every_valid_expression_and_nothing_else():
