@@ -51,11 +51,17 @@ def save(run_dir: str | Path, step: int, policy: torch.nn.Module, reference: tor
         except (OSError, RuntimeError) as error:  # a full disk: torch.save raises RuntimeError("... unexpected pos")
             failure = error
     dist.barrier()  # no rank runs ahead of a checkpoint that is not yet written
-    message = None if failure is None else (f"{Path(run_dir) / FILE} not written "
-                                            f"({str(failure).strip().splitlines()[0][:200]}); any earlier one is intact")
+    message = None if failure is None else (f"{Path(run_dir) / FILE} not written ({first_line(failure)}); "
+                                            "any earlier one is intact")
     message = dist.broadcast_object(message)  # every rank raises, so all of them go on (or stop) alike
     if message is not None:
         raise OSError(message)
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message cut to one line (of at most 200 characters), for a one-line error."""
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else ""
 
 
 def write_atomically(path: Path, write) -> None:
@@ -91,8 +97,7 @@ def load(run_dir: str | Path, policy: torch.nn.Module, reference: torch.nn.Modul
             if not (isinstance(state, dict) and {"world_size", "optimizer", *WHOLE_TENSORS} <= set(state)):
                 raise ValueError("not a checkpoint of train.py")
         except Exception as failure:  # noqa: BLE001 (a truncated file, a foreign pickle, a missing module...)
-            reason = str(failure).strip().splitlines()[0][:200] if str(failure).strip() else "not a checkpoint"
-            error = f"--resume {run_dir}: cannot read its {FILE} ({reason})"
+            error = f"--resume {run_dir}: cannot read its {FILE} ({first_line(failure) or 'not a checkpoint'})"
         else:
             if state["world_size"] != dist.world_size():
                 error = (f"--resume {run_dir}: the checkpoint was written by {state['world_size']} ranks; "
@@ -157,16 +162,31 @@ def save_config(run_dir: str | Path, config: dict) -> None:
         write_atomically(Path(run_dir) / "config.json", lambda file: file.write(json.dumps(config, indent=1).encode()))
 
 
-def saved_config(run_dir: str | Path) -> dict:
-    """The settings of the run in run_dir (its config.json). A run stopped before its first checkpoint is
-    resumed from its start (train.py says so)."""
+# What a resumed run may not change: its checkpoint, base evaluation and prompt stream depend on them.
+FIXED_IN_A_RUN = ("preset", "model", "seed", "tasks", "level", "max_new_tokens", "val_problems", "eval_problems",
+                  "eval_samples", "eval_temperature", "boundary_problems", "boundary_n")
+
+
+def resumed_settings(run_dir: str | Path, given: dict) -> dict:
+    """The settings of the run in run_dir (its config.json), overridden by the flags `given` now; a one-line
+    error for a flag in FIXED_IN_A_RUN that differs, or a kl_coef switching between 0 and > 0. A run stopped
+    before its first checkpoint is resumed from its start (train.py says so)."""
     path = Path(run_dir)
     if not (path / "config.json").is_file():
         raise ValueError(f"--resume {run_dir}: not a run directory (no config.json)")
     try:
-        return {**json.loads((path / "config.json").read_text()), "resume": str(run_dir)}
+        saved = {**json.loads((path / "config.json").read_text()), "resume": str(run_dir)}
     except (ValueError, TypeError):
         raise ValueError(f"--resume {run_dir}: its config.json is not a JSON object of settings") from None
+    for name in FIXED_IN_A_RUN:
+        if name in given and given[name] != saved.get(name, given[name]):
+            raise ValueError(f"--resume {run_dir}: --{name.replace('_', '-')} cannot change within a run (it is "
+                             f"{saved[name]!r}): its model, base evaluation, held-out sets and prompt stream were "
+                             "made with it; start a new run to change it")
+    if "kl_coef" in given and (given["kl_coef"] > 0) != (saved.get("kl_coef", 0) > 0):
+        raise ValueError(f"--resume {run_dir}: --kl-coef cannot switch between 0 and > 0 within a run "
+                         "(it decides whether the run has a reference model)")
+    return {**saved, **given}
 
 
 def parse_line(line: str) -> dict | None:

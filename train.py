@@ -111,11 +111,6 @@ PRESETS = {
 # roughly 26-29 GB of activations (no activation checkpointing); 256 rows would need terabytes.
 
 
-# What a resumed run may not change: the checkpoint, its base evaluation and its prompt stream depend on them.
-FIXED_IN_A_RUN = ("preset", "model", "seed", "tasks", "level", "max_new_tokens", "val_problems", "eval_problems",
-                  "eval_samples", "eval_temperature", "boundary_problems", "boundary_n")
-
-
 class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # "error: <message>" on one line (see __main__), not a usage dump
         raise ValueError(message)
@@ -129,16 +124,7 @@ def parse_config(argv: list[str]) -> Config:
                             help=f"{f.metadata['help']} (default: {f.default})")
     args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     if args.get("resume"):  # the run's own settings, then the flags given now (e.g. more --steps)
-        saved = checkpoint.saved_config(args["resume"])
-        for name in FIXED_IN_A_RUN:
-            if name in args and args[name] != saved.get(name, args[name]):
-                raise ValueError(f"--resume {args['resume']}: --{name.replace('_', '-')} cannot change within a "
-                                 f"run (it is {saved[name]!r}): its model, base evaluation, held-out sets and prompt "
-                                 "stream were made with it; start a new run to change it")
-        if "kl_coef" in args and (args["kl_coef"] > 0) != (saved.get("kl_coef", 0) > 0):
-            raise ValueError(f"--resume {args['resume']}: --kl-coef cannot switch between 0 and > 0 within a run "
-                             "(it decides whether the run has a reference model)")
-        args = {**saved, **args}
+        args = checkpoint.resumed_settings(args["resume"], args)
     preset = args.get("preset", "tiny")
     if preset not in PRESETS:
         raise ValueError(f"unknown preset '{preset}' (choose from {', '.join(PRESETS)})")
