@@ -1,0 +1,39 @@
+"""Smoke tests of the benchmarks that train: bench/ablate.py and bench/step.py run end to end on the tiny model."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- bench/ablate.py, smoke
+
+def test_ablation_script_runs_each_variant_in_its_own_dir_and_tabulates_them(tmp_path, monkeypatch, tiny_model_dir):
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    monkeypatch.chdir(tmp_path)
+    import ablate
+
+    ablate.main(["--quick", "--only", "no-kl,n4,n32", "--model", tiny_model_dir, "--max-new-tokens", "8"])
+    configs = {name: json.loads((tmp_path / "runs" / f"ablate-{name}" / "config.json").read_text())
+               for name in ("no-kl", "n4", "n32")}
+    assert configs["no-kl"]["kl_coef"] == 0.0
+    # the same rollout budget, spent on more prompts or more samples per prompt
+    assert [(configs[k]["prompts_per_step"], configs[k]["n"]) for k in ("n4", "n32")] == [(16, 4), (2, 32)]
+    rows = (tmp_path / "runs" / "ablate.md").read_text().splitlines()
+    assert len(rows) == 2 + 3 and rows[2].startswith("| no-kl |") and "| 16 × 4 |" in rows[3]
+
+
+# ----------------------------------------------------------------------------- bench/step.py, smoke
+
+def test_step_benchmark_runs_one_prorl_v2_step_and_prints_its_time_split(tmp_path):
+    for _ in range(2):  # a rerun replaces the first run's directory
+        done = subprocess.run([sys.executable, str(REPO / "bench" / "step.py"), "--sizes", "2", "2", "4", "4"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+        assert done.returncode == 0, done.stderr[-2000:]
+    split = dict(zip(*[iter(done.stdout.strip().splitlines()[-1].split()[:8])] * 2, strict=True))
+    assert set(split) == {"gen_s", "ref_s", "update_s", "step_s"}
+    assert sum(float(split[k]) for k in ("gen_s", "ref_s", "update_s")) <= float(split["step_s"]) + 0.02
+    config = json.loads((tmp_path / "runs" / "bench-step" / "small" / "train" / "config.json").read_text())
+    assert (config["advantage"], config["kl_kind"], config["n"], config["max_new_tokens"]) == ("reinforce_pp", "k2", 2, 4)
