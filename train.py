@@ -322,7 +322,8 @@ def main(argv: list[str]) -> None:
                 local, rows = dist.my_share(batch)  # the rows this rank's forward/backward passes cover
                 ref_start = clock()
                 ref_logp = batch_logprobs(reference, local, c) if reference is not None else None
-                metrics["ref_s"], update_start = clock() - ref_start, clock()
+                update_start = clock()
+                metrics["ref_s"] = update_start - ref_start
                 if c.kl_in_reward:  # r − β · Σ_t KL_t, with the sampler's log-probs as π (no extra forward)
                     token_kl = kl.kl_estimate(batch.logprobs[:, 1:], dist.gather_rows(ref_logp, len(batch.tokens)), c.kl_kind)
                     shaped = shaped - c.kl_coef * (token_kl * batch.mask[:, 1:]).sum(dim=1).view_as(shaped)
@@ -342,8 +343,8 @@ def main(argv: list[str]) -> None:
                 reset.reset_reference(policy, reference, optimizer if c.reset_optimizer else None)
                 tracker.did_reset()
                 metrics["reset"] = reason
-            metrics.update(resets=tracker.count, step_s=clock() - start,
-                           tokens_per_s=float(batch.mask.sum()) / (clock() - start))
+            step_s = clock() - start
+            metrics.update(resets=tracker.count, step_s=step_s, tokens_per_s=float(batch.mask.sum()) / step_s)
             if device.startswith("cuda"):  # the most this rank's GPU has held so far, in GB
                 metrics["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
             metrics_file.write(json.dumps(metrics) + "\n")
