@@ -23,6 +23,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+import rollout
 import tasks
 
 transformers.logging.disable_progress_bar()  # the loading/saving bars of a 1M-parameter model are noise
@@ -55,9 +56,10 @@ def load(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
 
 
 def compute_dtype(device: str) -> torch.dtype:
-    """What the trainer's forward passes compute in (autocast): bf16 on CUDA, fp32 elsewhere. The policy's
-    own weights stay fp32 everywhere (see train.py); the sampler's dtype is rollout.SAMPLE_DTYPE's."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    """What the trainer's forward passes compute in (autocast): the sampler's dtype for fp32 weights on this
+    kind of device (rollout.SAMPLE_DTYPE: bf16 on CUDA), fp32 elsewhere. The policy's own weights stay fp32
+    everywhere (see train.py)."""
+    return rollout.SAMPLE_DTYPE.get(torch.device(device).type, torch.float32)
 
 
 def saved_dtype(path: str) -> torch.dtype:

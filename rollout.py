@@ -23,9 +23,9 @@ forward recomputes (same temperature, positions from `position_ids`), so the imp
 exp(logp - old_logp) starts at 1. With temperature=0 (greedy) they are those of softmax(logits).
 
 The sampler runs in the model's own dtype, except that fp32 weights (the trainer's master copy) are
-sampled in bf16 on CUDA (SAMPLE_DTYPE); logits are cast to float32 before sampling. It never calls `model.forward` or `model.generate`: it reads the HF module's weights
-and runs its own forward, which is what makes it fast (no per-call overhead, one static KV cache,
-decode replayed from CUDA graphs on GPU).
+sampled in bf16 on CUDA (SAMPLE_DTYPE); logits are cast to float32 before sampling. It never calls
+`model.forward` or `model.generate`: it reads the HF module's weights and runs its own forward, which is
+what makes it fast (no per-call overhead, one static KV cache, decode replayed from CUDA graphs on GPU).
 """
 
 from dataclasses import dataclass
@@ -38,7 +38,9 @@ MAX_ROWS = 1024  # rows decoded together by default, at most: more gains little,
 KV_CACHE_BYTES = 4 * 2**30  # ... and never more than a KV cache of this size holds (CPU), or of a quarter of
 # the GPU's memory: its total, not what is free now, so that the chunking, and with it the samples a seed
 # gives, does not depend on what else is allocated (a resumed run samples as the uninterrupted one would)
-SAMPLE_DTYPE = {"cuda": torch.bfloat16}  # by device type: what fp32 weights are sampled in (elsewhere: fp32)
+# By device type: what fp32 weights are sampled in, and what the trainer's forwards compute in (model.compute_dtype);
+# fp32 elsewhere.
+SAMPLE_DTYPE = {"cuda": torch.bfloat16}
 KV_BUCKET = 256  # on CUDA, decode attends over the completion cache rounded up to this many columns
 PREFILL_TOKENS = 16384  # padded prompt tokens per prefill forward, at most: bounds its activations
 

@@ -225,7 +225,6 @@ def test_bf16_compute_keeps_fp32_weights_that_move_at_the_presets_lr_and_saves_a
     bf16_dir = tmp_path / "bf16"
     policy, tokenizer = model_lib.load(tiny_model_dir)
     dist.save_pretrained(policy, tokenizer, bf16_dir, torch.bfloat16)
-    monkeypatch.setattr(model_lib, "compute_dtype", lambda device: torch.bfloat16)
     monkeypatch.setitem(rollout.SAMPLE_DTYPE, "cpu", torch.bfloat16)
     logits_dtypes, moved = [], []
     real_update = train.update
