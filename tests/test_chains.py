@@ -1,6 +1,7 @@
 """The chains family (chains.py): operations, prompts and written steps, the held-out chains, the verifier,
 the warm-start coverage, and its registration in tasks, rewards and the tokenizer."""
 
+import json
 import random
 
 import pytest
@@ -116,3 +117,15 @@ def test_tokenizer_keeps_old_ids_and_spells_every_chain():
     ids = models.encode_prompt(models.build_tokenizer(), example["prompt"])
     assert vocab["<unk>"] not in ids
     assert len(ids) + len(example["solution"]) + 1 <= models.TINY_CONFIG["max_position_embeddings"]
+
+
+def test_a_chains_base_is_one_call_with_its_recipe_recorded(tmp_path):
+    """ensure_tiny_base's keywords override WARMSTART's entries and enter the recipe that decides reuse."""
+    path = models.ensure_tiny_base(str(tmp_path / "chains"), log=lambda line: None, task_mix="chains",
+                                   chain_coverage=1.5, steps=2, batch_size=8)
+    recipe = json.loads((tmp_path / "chains" / "recipe.json").read_text())["warmstart"]
+    assert recipe == {**models.WARMSTART, "task_mix": "chains", "chain_coverage": 1.5, "steps": 2, "batch_size": 8}
+    policy, tokenizer = models.load(path)
+    assert policy.config.vocab_size == len(tokenizer) == len(models.build_tokenizer())
+    with pytest.raises(ValueError, match="unknown warm-start setting"):
+        models.ensure_tiny_base(str(tmp_path / "x"), chain_depth=2)
