@@ -10,7 +10,7 @@ plus the built-in toy tasks):
   logic    the dataset's own score, continuous            reasoning-gym's scorer on the last <answer>...</answer>,
                                                           run in sandbox.py (some scorers eval() the answer)
   mcq      1 if the chosen letter is "answer"             "answer is (C)", "Answer: C", \boxed{C}, or just "C"
-  ifeval   fraction of "constraints" satisfied            IFEVAL_CHECKS below, after IFEval (Zhou et al., 2023)
+  ifeval   fraction of "constraints" satisfied            ifeval.py: IFEval's checks (Zhou et al., 2023)
 
 Reasoning before a closing </think> is never read as the answer, nor (for math, logic, mcq) anything
 inside a fenced code block: code is not an answer.
@@ -19,8 +19,6 @@ inside a fenced code block: code is not an answer.
 import ast
 import base64
 import functools
-import inspect
-import json
 import math
 import os
 import pickle
@@ -30,6 +28,7 @@ import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
+import ifeval
 import sandbox
 
 MATH_TIME_LIMIT = 5  # seconds math-verify may spend parsing or comparing one answer (\boxed{9^{9^{9^9}}} ...)
@@ -301,87 +300,12 @@ def score_mcq(example: dict, completion: str) -> float:
 
 # ----------------------------------------------------------------------------- instruction following (IFEval)
 
-def _words(text: str) -> list[str]:
-    return re.findall(r"\w+", text)  # IFEval counts words with nltk's RegexpTokenizer(r"\w+")
-
-
-def _sentences(text: str) -> list[str]:
-    return [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]  # IFEval uses nltk punkt; close enough here
-
-
-def _is_json(text: str) -> bool:
-    for fence in ("```json", "```Json", "```JSON", "```"):  # IFEval strips the fences too, exactly so
-        text = text.strip().removeprefix(fence)
-    text = text.removesuffix("```").strip()
-    try:
-        json.loads(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _count_word(text: str, word: str) -> int:
-    return len(re.findall(rf"\b{re.escape(word)}\b", text, re.IGNORECASE))
-
-
-# kind -> check(response, **params); the IFEval instruction id each follows is beside it.
-IFEVAL_CHECKS = {
-    "max_words": lambda r, n: len(_words(r)) <= n,                           # length_constraints:number_words
-    "min_words": lambda r, n: len(_words(r)) >= n,                           #   (at most / at least)
-    "max_sentences": lambda r, n: len(_sentences(r)) <= n,                   # length_constraints:number_sentences
-    "min_sentences": lambda r, n: len(_sentences(r)) >= n,
-    "paragraphs": lambda r, n: len([p for p in re.split(r"\s*\*\*\*\s*", r.strip()) if p]) == n,
-                                                                             # length_constraints:number_paragraphs
-    "include_keywords": lambda r, keywords: all(_count_word(r, k) for k in keywords),  # keywords:existence
-    "forbidden_words": lambda r, words: not any(_count_word(r, w) for w in words),   # keywords:forbidden_words
-    "keyword_frequency": lambda r, keyword, n: _count_word(r, keyword) >= n,          # keywords:frequency
-    "json_format": lambda r: _is_json(r),                                    # detectable_format:json_format
-    "lowercase": lambda r: r == r.lower(),                                   # change_case:english_lowercase
-    "uppercase": lambda r: r == r.upper(),                                   # change_case:english_capital
-    "no_comma": lambda r: "," not in r,                                      # punctuation:no_comma
-    "ends_with": lambda r, phrase: r.strip().endswith(phrase),               # startend:end_checker
-    "quotation": lambda r: len(r.strip()) > 1 and r.strip()[0] == r.strip()[-1] == '"',  # startend:quotation
-    "title": lambda r: re.search(r"<<[^\n<>]+>>", r) is not None,             # detectable_format:title
-    "bullet_points": lambda r, n: len(re.findall(r"^[ \t]*[*-]\s", r, re.MULTILINE)) == n,
-                                                                             # detectable_format:number_bullet_lists
-    "highlighted_sections": lambda r, n: len(re.findall(r"\*[^\n*]+\*", r)) >= n,
-                                                                   # detectable_format:number_highlighted_sections
-    "placeholders": lambda r, n: len(re.findall(r"\[[^\[\]]+\]", r)) >= n,  # detectable_content:number_placeholders
-    "postscript": lambda r, marker="P.S.": re.search(rf"^[ \t]*{re.escape(marker)}", r, re.MULTILINE) is not None,
-                                                                             # detectable_content:postscript
-}
-
-
 def score_ifeval(example: dict, completion: str) -> float:
-    """Fraction of example["constraints"] ({"kind": ..., params}) the response satisfies; empty scores 0."""
-    response = after_thinking(completion)
-    if not response.strip():
-        return 0.0  # an empty response follows no instruction (it would pass "no_comma", "max_words", ...)
-    constraints = example["constraints"]
-    satisfied = [IFEVAL_CHECKS[c["kind"]](response, **{k: v for k, v in c.items() if k != "kind"}) for c in constraints]
-    return sum(map(bool, satisfied)) / len(constraints)
+    """ifeval.py's fraction of constraints satisfied, read from the response after any </think>."""
+    return ifeval.score(example, after_thinking(completion))
 
 
-def check_constraint(constraint: dict) -> None:
-    """Raise ValueError unless `constraint` names a known kind with the parameters that kind takes."""
-    kind = constraint.get("kind") if isinstance(constraint, dict) else None
-    if kind not in IFEVAL_CHECKS:
-        raise ValueError(f"unknown constraint kind {kind!r}; known: {', '.join(IFEVAL_CHECKS)}")
-    params = {k: v for k, v in constraint.items() if k != "kind"}
-    try:
-        inspect.signature(IFEVAL_CHECKS[kind]).bind("", **params)
-    except TypeError as error:
-        raise ValueError(f"constraint {kind!r}: {error}") from None
-    for name, value in params.items():  # a "50" or a bare "cat" would silently score every response 0
-        expected = IFEVAL_PARAM_TYPES[name]
-        ok = (isinstance(value, list) and all(isinstance(v, str) for v in value) if expected is list
-              else isinstance(value, expected) and not isinstance(value, bool))
-        if not ok:
-            raise ValueError(f"constraint {kind!r}: {name} must be {IFEVAL_PARAM_NAMES[expected]}, got {value!r}")
-
-
-IFEVAL_PARAM_TYPES = {"n": int, "keywords": list, "words": list, "keyword": str, "phrase": str, "marker": str}
-IFEVAL_PARAM_NAMES = {int: "an integer", list: "a list of strings", str: "a string"}
+check_constraint = ifeval.check_constraint  # the schema check of a constraint, where the checks are
 
 
 # ----------------------------------------------------------------------------- built-in tasks
