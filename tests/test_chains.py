@@ -32,7 +32,8 @@ def test_a_chain_writes_one_step_per_operation():
 
 
 def test_verifier_needs_every_step_and_nothing_else():
-    example = {"task": "chains", "prompt": "31415:rev inc asc=", "digits": [3, 1, 4, 1, 5], "ops": ["rev", "inc", "asc"]}
+    example = {"task": "chains", "prompt": "31415:rev inc asc=", "digits": [3, 1, 4, 1, 5],
+               "ops": ["rev", "inc", "asc"]}
     assert rewards.score(example, "51413 62524 22456") == 1.0  # rewards.score reaches the chains verifier
     assert rewards.score(example, "22456") == 0.0  # the answer alone: the steps are required
     assert rewards.score(example, "51413 62524 22457") == 0.0  # a wrong answer

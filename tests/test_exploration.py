@@ -14,7 +14,8 @@ def test_passk_advantage_on_hand_worked_groups():
                          A₋ = (1/2 − C(2,1)/C(3,1)) / (1/2) = (1/2 − 2/3)·2 = −1/3.
     2 right (N_neg = 2): R̄ = 1 − 1/6 = 5/6, σ = √5/6; A₊ = (1/6)/(√5/6) = 1/√5,
                          A₋ = (1/6 − C(1,1)/C(3,1)) / (√5/6) = −1/√5.
-    3 right (N_neg = 1 < k): every pair holds a right sample, R̄ = 1, σ = 0 → all 0; likewise all right, all wrong."""
+    3 right (N_neg = 1 < k): every pair holds a right sample, R̄ = 1, σ = 0 → all 0; so do all right and all
+    wrong."""
     rewards = torch.tensor([[0.0, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1], [1, 1, 1, 1], [0, 0, 0, 0]])
     adv = grpo.group_advantages(rewards, "passk", k=2)
     s5 = 1 / math.sqrt(5)
