@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint.state_dict as dcp
+from tqdm import tqdm
 
 import dist
 
@@ -235,3 +236,57 @@ def stop_requests():
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def resume_or_start(run_dir: Path, resume: str, steps: int, lr: float, start_fresh, policy, reference, optimizer,
+                    tracker, stream) -> dict:
+    """Where the run starts: its checkpoint when resuming one that has saved (every RNG and the prompt stream
+    restored), else start_fresh() (step 0). The lr given now wins over the one in a loaded optimizer state."""
+    resuming = bool(resume) and has_checkpoint(run_dir)
+    if resume and not resuming and dist.is_main():
+        print(f"{run_dir} stopped before its first checkpoint: starting it over from step 0", flush=True)
+    saved = load(run_dir, policy, reference, optimizer, tracker, stream) if resuming else start_fresh()
+    if saved["step"] >= steps:
+        raise ValueError(f"{run_dir} is at step {saved['step']} already: give --steps beyond it to train on")
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if resuming and dist.is_main():
+        print(f"resuming at step {saved['step']}, on to step {steps}", flush=True)
+    return saved
+
+
+def save_when_due(run_dir: Path, step: int, steps: int, save_every: int, stop: bool, *state, **extra) -> None:
+    """save() every `save_every` steps, at the last step and when stopping. A failed periodic save (a full
+    disk, say) warns and a long run goes on, and the next save tries again; the last one must succeed."""
+    if not (step == steps or stop or (save_every and step % save_every == 0)):
+        return
+    try:
+        save(run_dir, step, *state, **extra)
+    except OSError as error:
+        if step == steps or stop:
+            raise ValueError(f"step {step}: {error}") from None
+        tqdm.write(f"warning: step {step}: {error}; training goes on")
+
+
+def experiment_logger(kind: str, run_dir: Path, config: dict):
+    """log(metrics): each step's numbers sent to TensorBoard or to Weights & Biases (offline unless WANDB_MODE
+    says otherwise), beside metrics.jsonl, which is always written. kind "": nothing more. Rank 0 only."""
+    if not kind or not dist.is_main():
+        return lambda metrics: None
+
+    def numbers(metrics: dict) -> dict:  # what a chart can show: the numeric metrics (a reset's reason is text)
+        return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step"}
+
+    if kind == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter  # settings.validate checked it is installed
+        writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+        def log(metrics: dict) -> None:
+            for name, value in numbers(metrics).items():
+                writer.add_scalar(name, value, metrics["step"])
+            writer.flush()
+        return log
+    import wandb
+    run = wandb.init(project="prorl", name=Path(run_dir).name, dir=str(run_dir), config=config,
+                     mode=os.environ.get("WANDB_MODE", "offline"), resume="allow", id=Path(run_dir).name)
+    return lambda metrics: run.log(numbers(metrics), step=metrics["step"])

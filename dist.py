@@ -120,14 +120,10 @@ def gather_groups(batch: rollout.Rollout, scores: torch.Tensor, pad_id: int) -> 
     if world_size() == 1:
         return batch, scores
     device = batch.tokens.device
-    on_cpu = rollout.select_rows(batch, slice(None))
-    for name in ("tokens", "attention_mask", "mask", "logprobs", "truncated"):
-        setattr(on_cpu, name, getattr(batch, name).cpu())  # a pickled CUDA tensor would land on the sender's GPU
-    parts = gather_objects((on_cpu, scores.cpu()))
+    # through the CPU: a pickled CUDA tensor would land on the sender's GPU
+    parts = gather_objects((rollout.to_device(batch, "cpu"), scores.cpu()))
     batch = rollout.concat_rows([b for b, _ in parts], pad_id)
-    for name in ("tokens", "attention_mask", "mask", "logprobs", "truncated"):
-        setattr(batch, name, getattr(batch, name).to(device))
-    return batch, torch.cat([s for _, s in parts]).to(device)
+    return rollout.to_device(batch, device), torch.cat([s for _, s in parts]).to(device)
 
 
 def my_share(batch: rollout.Rollout) -> tuple[rollout.Rollout, torch.Tensor]:
@@ -153,16 +149,15 @@ def gather_rows(local: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat(shares)[:rows]
 
 
-def loss_share(mask: torch.Tensor, agg: str) -> float:
-    """W · (this rank's count) / (all ranks' count) of what the loss averages over (tokens, or responses with
-    tokens), for a mini-batch. Times grpo.aggregate_weight, it turns a rank's local aggregate into its part
-    of the global one; the factor W undoes FSDP2's averaging of gradients over ranks."""
+def loss_denominator(count: torch.Tensor) -> float:
+    """What a rank divides its share of the loss by (grpo.loss_weights): the mini-batch's count of tokens (or
+    responses) over all ranks, divided by W because FSDP2 averages the W ranks' gradients. The sum of all
+    ranks' backward passes is then the gradient of the single-process loss."""
     if world_size() == 1:
-        return 1.0
-    count = mask.sum() if agg == "token-mean" else (mask.sum(dim=1) > 0).sum()
-    counts = count.float().reshape(1)
-    torch_dist.all_reduce(counts)
-    return world_size() * count.item() / max(counts.item(), 1)
+        return float(count)
+    total = count.float().reshape(1).to(collective_device())
+    torch_dist.all_reduce(total)
+    return total.item() / world_size()
 
 
 def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:

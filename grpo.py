@@ -1,16 +1,19 @@
-"""Advantages, dynamic sampling, and the clipped policy-gradient loss.
+"""The RL math of one step: advantages, dynamic sampling, the clipped loss + KL, and what each token weighs.
 
 Shapes: P prompts, N samples per prompt (a "group"), B = P·N rows, T token positions.
+Sampling the groups lives in sampling.py; this file holds only math, and imports nothing of ours but kl.
 """
+
+import math
 
 import torch
 
-import rollout
+import kl
 
 EPS = 1e-6
 
 
-def group_advantages(rewards: torch.Tensor, estimator: str = "grpo") -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, estimator: str = "grpo", k: int = 1) -> torch.Tensor:
     """Advantages [P, N] from rewards [P, N]; every token of a response gets its response's advantage.
 
     grpo          (DeepSeekMath / ProRL):  A = (r − mean_group) / (std_group + ε)
@@ -18,6 +21,8 @@ def group_advantages(rewards: torch.Tensor, estimator: str = "grpo") -> torch.Te
                   — the group mean is the baseline; normalising by the whole batch, not the group,
                   does not blow up the advantage of a group that is nearly all right or all wrong.
     rloo          (REINFORCE leave-one-out):  A_i = r_i − mean_{j≠i} r_j = N/(N−1) · (r_i − mean_group)
+    passk         (Pass@k training, arXiv 2508.10751): the analytic advantage of pass@k as the reward, for
+                  0/1 rewards and k ≤ N (passk_advantages below); k = 1 is grpo
     A group whose rewards are all equal gets exactly 0 (its float32 mean may miss the value by a rounding
     step, and for grpo that ±6e-8 divided by a std of 0 would be a sizeable advantage of one sign).
     """
@@ -31,7 +36,56 @@ def group_advantages(rewards: torch.Tensor, estimator: str = "grpo") -> torch.Te
     if estimator == "rloo":
         group_size = rewards.shape[1]
         return centred * group_size / max(group_size - 1, 1)
-    raise ValueError(f"unknown advantage estimator '{estimator}' (grpo, reinforce_pp, rloo)")
+    if estimator == "passk":
+        return passk_advantages(rewards, k)
+    raise ValueError(f"unknown advantage estimator '{estimator}' (grpo, reinforce_pp, rloo, passk)")
+
+
+def passk_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """Pass@k training's analytic advantage (Chen et al., arXiv 2508.10751, "analytical derivation"; their
+    code: github.com/RUCAIBox/Passk_Training, code/passk_adv.py). rewards [P, N] of 0/1 → advantages [P, N].
+
+    The reward of a k-subset of the group is 1 if any of its samples is right. With N_neg wrong samples of N:
+        R̄ = 1 − C(N_neg, k) / C(N, k)                          mean reward over all k-subsets
+        σ = √(R̄ (1 − R̄))
+        A₊ = (1 − R̄) / σ                                         each right sample
+        A₋ = (1 − R̄ − C(N_neg − 1, k − 1) / C(N − 1, k − 1)) / σ  each wrong sample
+    A wrong sample is blamed only as far as the other k − 1 of its subsets are all wrong too, so a group with
+    a rare right answer pushes its wrong samples down less than GRPO would: the policy keeps exploring.
+    k = 1 is GRPO's advantage; for any k the group's advantages sum to 0; σ = 0 (all right, all wrong, or
+    N_neg < k so every subset passes) gives 0.
+    """
+    if not ((rewards == 0) | (rewards == 1)).all():
+        raise ValueError("--advantage passk needs rewards of exactly 0 or 1 (no length penalty, no unlikeliness)")
+    group_size = rewards.shape[1]
+    if not 1 <= k <= group_size:
+        raise ValueError(f"--passk-k must be between 1 and the group size {group_size}, not {k}")
+    adv = torch.zeros_like(rewards)  # [P, N]
+    for row, wrong in enumerate((rewards == 0).sum(dim=1).tolist()):
+        mean = 1 - math.comb(wrong, k) / math.comb(group_size, k)  # math.comb(a, b) = 0 when b > a
+        std = math.sqrt(mean * (1 - mean))
+        if std == 0:
+            continue
+        adv_right = (1 - mean) / (std + EPS)
+        adv_wrong = (1 - mean - math.comb(wrong - 1, k - 1) / math.comb(group_size - 1, k - 1)) / (std + EPS)
+        adv[row] = torch.where(rewards[row] == 1, adv_right, adv_wrong)
+    return adv
+
+
+def unlikeliness_rewards(rewards: torch.Tensor, seq_logp: torch.Tensor, beta: float = 0.25) -> torch.Tensor:
+    """The unlikeliness reward (He, Fried & Welleck, arXiv 2506.02355; their release
+    github.com/AndreHe02/rewarding-unlikely-release, RayLeanTrainer._compute_advantages). [P, N] → [P, N].
+
+    GRPO's rank bias: it raises right samples that are already likely and neglects rare right ones. So rank a
+    group's N samples by likelihood under the policy that sampled them, rank 0 the least likely, and scale
+        r_i ← r_i · (1 − β_rank · rank_i / N)
+    the least likely keeps its whole reward, the most likely loses β(N − 1)/N of it; wrong samples (r = 0)
+    stay 0. seq_logp: each completion's mean token log-prob (what the release ranks by); ties rank in order.
+    The paper uses β_rank = 0.25 with G = 32 samples per problem; apply before group_advantages.
+    """
+    group_size = rewards.shape[1]
+    rank = seq_logp.argsort(dim=1, stable=True).argsort(dim=1, stable=True)  # [P, N]: 0 = least likely
+    return rewards.float() * (1 - beta * rank.float() / group_size)
 
 
 def dynamic_sampling_mask(rewards: torch.Tensor) -> torch.Tensor:
@@ -43,97 +97,95 @@ def dynamic_sampling_mask(rewards: torch.Tensor) -> torch.Tensor:
     return (rewards != rewards[:, :1]).any(dim=1)
 
 
-def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
-                clip_low: float = 0.2, clip_high: float = 0.28, agg: str = "token-mean"):
-    """Clipped surrogate with decoupled bounds (DAPO "clip-higher", ProRL); returns (loss, stats).
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+
+
+def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
+                      clip_low: float = 0.2, clip_high: float = 0.28):
+    """PPO's clipped surrogate with decoupled bounds (DAPO "clip-higher", ProRL) → (pg_loss, ratio, clipped).
 
     logp, old_logp, mask: [B, T]; adv: [B] or [B, T].   Per token, ratio = exp(logp − old_logp):
         pg_loss1 = −A · ratio
         pg_loss2 = −A · clip(ratio, 1 − clip_low, 1 + clip_high)
         pg_loss  = max(pg_loss1, pg_loss2)      (= −min(ratio·A, clip(ratio)·A))
-    A larger upper bound lets unlikely tokens with A > 0 grow further, which keeps entropy up.
+    A larger upper bound lets unlikely tokens with A > 0 grow further, which keeps entropy up. `clipped`
+    marks the tokens where the clipped branch is the max: they pass no gradient.
     """
     if adv.dim() == 1:
         adv = adv.unsqueeze(1)  # [B, 1]: the response's advantage on each of its tokens
     # Outside the mask (prompt, pads) the ratio is set to exactly 1 before exp: those tokens get no
     # gradient anyway, but exp of a huge log-ratio there would turn that zero gradient into 0·inf = NaN.
-    logp, old_logp = torch.where(mask.bool(), logp, 0.0), torch.where(mask.bool(), old_logp, 0.0)
+    logp, old_logp = torch.where(mask.bool(), logp, 0.0), torch.where(mask.bool(), old_logp.to(logp.dtype), 0.0)
     ratio = torch.exp(logp - old_logp)
     pg_loss1 = -adv * ratio
     pg_loss2 = -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
-    pg_loss = torch.maximum(pg_loss1, pg_loss2)  # [B, T]
-    loss = aggregate(pg_loss, mask, agg)
-    with torch.no_grad():
-        stats = {
-            "clipfrac": masked_mean((pg_loss2 > pg_loss1).float(), mask),
-            "approx_kl": masked_mean(0.5 * (logp - old_logp) ** 2, mask),
-            "ratio_mean": masked_mean(ratio, mask),
-        }
-    return loss, stats
+    return torch.maximum(pg_loss1, pg_loss2), ratio, pg_loss2 > pg_loss1  # [B, T] each
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
+                clip_low: float = 0.2, clip_high: float = 0.28, agg: str = "token-mean"):
+    """The clipped surrogate reduced by `agg` → (loss, stats), for one batch on its own."""
+    pg_loss, ratio, clipped = clipped_surrogate(logp, old_logp, adv, mask, clip_low, clip_high)
+    return aggregate(pg_loss, mask, agg), surrogate_stats(logp, old_logp, ratio, clipped, mask)
+
+
+def token_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, adv: torch.Tensor,
+               mask: torch.Tensor, clip_low: float = 0.2, clip_high: float = 0.28, kl_coef: float = 0.0,
+               kl_kind: str = "k3", kl_clamp: float | None = None):
+    """The training loss per token, pg_loss + β·KL(π‖π_ref) (ProRL), [B, T], and its statistics.
+
+    The KL is computed (and logged) whenever ref_logp is given; it enters the loss only when β > 0, since
+    0 · an overflowed KL would be NaN (with --kl-in-reward the KL is in the reward instead).
+    """
+    pg_loss, ratio, clipped = clipped_surrogate(logp, old_logp, adv, mask, clip_low, clip_high)
+    stats = surrogate_stats(logp, old_logp, ratio, clipped, mask)
+    if ref_logp is None:
+        return pg_loss, stats
+    kl_per_token = kl.kl_penalty(logp, ref_logp, kl_kind, kl_clamp, mask)
+    stats["kl"] = masked_mean(kl_per_token.detach(), mask)
+    return (pg_loss + kl_coef * kl_per_token if kl_coef else pg_loss), stats
+
+
+@torch.no_grad()
+def surrogate_stats(logp, old_logp, ratio, clipped, mask) -> dict[str, torch.Tensor]:
+    """CleanRL's diagnostics of the clipped surrogate, as means over the masked tokens."""
+    log_ratio = torch.where(mask.bool(), logp - old_logp.to(logp.dtype), 0.0)
+    return {"clipfrac": masked_mean(clipped.float(), mask), "approx_kl": masked_mean(0.5 * log_ratio**2, mask),
+            "ratio_mean": masked_mean(ratio, mask)}
+
+
+# ----------------------------------------------------------------------------- what each token weighs
+# A mini-batch's loss is Σ_t w_t · loss_t. Its rows are split over ranks and, on each rank, over micro-batches
+# (gradient accumulation); the weights make the sum of all those backward passes the gradient of the loss
+# aggregated over the whole mini-batch, as if it had run in one piece. The one home of that idea:
+#   token-mean           w_t = 1 / (tokens in the mini-batch): every token weighs the same, so long responses
+#                        are not down-weighted (DAPO, ProRL v2)
+#   seq-mean-token-mean  w_t = 1 / (tokens of t's response) / (responses): mean per response, then over
+#                        responses (original GRPO)
+#   seq-mean-token-sum   w_t = 1 / (responses): sum per response, then mean over responses (Dr. GRPO-like)
+
+def loss_count(mask: torch.Tensor, agg: str) -> torch.Tensor:
+    """What `agg` averages over, counted in mask [B, T]: tokens, or responses that have a token."""
+    if agg not in AGGREGATIONS:
+        raise ValueError(f"unknown loss aggregation '{agg}' ({', '.join(AGGREGATIONS)})")
+    return mask.sum() if agg == "token-mean" else (mask.sum(dim=1) > 0).sum()
+
+
+def loss_weights(mask: torch.Tensor, agg: str, count: float) -> torch.Tensor:
+    """w [B, T] of these rows, where `count` is loss_count of the whole mini-batch (over every rank; see
+    dist.loss_denominator). Zero outside the mask."""
+    weights = mask.float()
+    if agg == "seq-mean-token-mean":
+        weights = weights / weights.sum(dim=1, keepdim=True).clamp(min=1)
+    return weights / max(float(count), 1.0)
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, agg: str = "token-mean") -> torch.Tensor:
-    """Reduce a per-token loss [B, T] to a scalar.
-
-    token-mean           Σ loss / Σ tokens over the whole batch: every token weighs the same, so long
-                         responses are not down-weighted (DAPO, ProRL v2)
-    seq-mean-token-mean  mean over each response's tokens, then over responses (original GRPO)
-    seq-mean-token-sum   sum over each response's tokens, then mean over responses (Dr. GRPO-like)
-    """
-    mask = mask.float()
-    per_token = torch.where(mask > 0, per_token, 0.0)  # not per_token · mask: a NaN at a pad would stay NaN
-    if agg == "token-mean":
-        return per_token.sum() / mask.sum().clamp(min=1)
-    per_seq_sum = per_token.sum(dim=1)  # [B]
-    has_tokens = mask.sum(dim=1) > 0
-    if agg == "seq-mean-token-mean":
-        per_seq = per_seq_sum / mask.sum(dim=1).clamp(min=1)
-    elif agg == "seq-mean-token-sum":
-        per_seq = per_seq_sum
-    else:
-        raise ValueError(f"unknown loss aggregation '{agg}' (token-mean, seq-mean-token-mean, seq-mean-token-sum)")
-    return per_seq[has_tokens].sum() / has_tokens.sum().clamp(min=1)
-
-
-def aggregate_weight(mask: torch.Tensor, total_mask: torch.Tensor, agg: str) -> float:
-    """Share of a micro-batch in its mini-batch's aggregate, so that summing
-    weight · aggregate(micro-batch) over micro-batches equals aggregate(whole mini-batch)."""
-    if agg == "token-mean":
-        return mask.sum().item() / max(total_mask.sum().item(), 1)
-    return (mask.sum(dim=1) > 0).sum().item() / max((total_mask.sum(dim=1) > 0).sum().item(), 1)
+    """Σ w·loss over one batch on its own: the scalar `agg` makes of a per-token loss [B, T]."""
+    per_token = torch.where(mask.bool(), per_token, 0.0)  # not per_token · mask: a NaN at a pad would stay NaN
+    return (per_token * loss_weights(mask, agg, loss_count(mask, agg))).sum()
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     mask = mask.float()
     return torch.where(mask > 0, values, 0.0).sum() / mask.sum().clamp(min=1)
-
-
-def sample_groups(policy, tokenizer, stream, groups: int, n: int, max_new_tokens: int, temperature: float,
-                  top_p: float, rounds: int = 1, dynamic_sampling: bool = True, seed: int = 0):
-    """Dynamic sampling with refill (DAPO; ProRL): sample `groups` fresh prompts × n completions, keep the
-    informative groups, and sample again until `groups` groups are kept or `rounds` rounds are spent.
-
-    Filtering looks at the verifier's scores (correctness), not at shaped rewards. Returns the kept rows
-    (a Rollout of G·N rows, G ≤ groups), their scores [G, N], and the statistics of *all* sampled groups
-    (reward and pass rate before filtering, and the kept fraction).
-    """
-    import eval as evaluation  # here, not at the top: kernels.reference imports this module, and eval's
-    # import of transformers probes for a package named `kernels` (ours) while that is still importing
-    kept_batches, kept_scores, all_scores, lengths = [], [], [], []
-    for round_ in range(rounds):
-        examples = [stream.sample() for _ in range(groups)]
-        batch, scores = evaluation.rollout_and_score(policy, tokenizer, examples, n, max_new_tokens, temperature,
-                                                     top_p, seed=seed + round_)
-        keep = dynamic_sampling_mask(scores) if dynamic_sampling else torch.ones_like(scores[:, 0], dtype=torch.bool)
-        kept_batches.append(rollout.select_rows(batch, keep.repeat_interleave(n)))
-        kept_scores.append(scores[keep])
-        all_scores.append(scores)
-        lengths.append(batch.mask.sum(dim=1).float())
-        if sum(len(s) for s in kept_scores) >= groups:
-            break
-    scores, all_scores = torch.cat(kept_scores)[:groups], torch.cat(all_scores)  # [G, N], [groups·rounds, N]
-    batch = rollout.select_rows(rollout.concat_rows(kept_batches, tokenizer.pad_token_id), slice(0, len(scores) * n))
-    stats = {"reward": all_scores.mean().item(), "pass_rate": (all_scores >= 1).float().mean().item(),
-             "kept_frac": sum(len(s) for s in kept_scores) / len(all_scores),
-             "response_len": torch.cat(lengths).mean().item(), "sampling_rounds": round_ + 1}
-    return batch, scores, stats

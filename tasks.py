@@ -2,7 +2,7 @@
 
 An example is a plain dict: {"task": ..., "prompt": ..., plus what the
 verifier in rewards.py needs}. Built-in examples also carry "solution", one correct completion, used
-only by the supervised warm-start of the tiny base model (model.py), never by RL.
+only by the supervised warm-start of the tiny base model (models.py), never by RL.
 
 Built-in families (each with difficulty levels 1..3):
   add        "47+38="         -> "85"                  one right answer
@@ -10,9 +10,11 @@ Built-in families (each with difficulty levels 1..3):
   reverse    "52 7 31 88<"    -> "88 31 7 52"            one right answer
   countdown  "3 7 9>30:"      -> "3*9+7" (or "9*3+7")  many right answers: the tiny model's pass@8 is far
                                                        above its pass@1, the regime where RL gains most
+  chains     "31415:rev inc="  -> "51413 62524"        a written step per list operation; levels 1..5 are
+                                                       chain depths (chains.py, with its held-out chains)
 
 Sources, as named in `--tasks` (comma-separated SOURCE[:WEIGHT], weights normalised, default 1):
-  add, sort, reverse, countdown        the built-in families above
+  add, sort, reverse, countdown, chains  the built-in families above
   math, code, logic, mcq, ifeval       ProRL's domains: the small sample files data/<domain>.jsonl
   rg:NAME                              any reasoning-gym dataset, generated on the fly (offline), as "logic"
   path/to/file.jsonl                   your own examples
@@ -27,7 +29,7 @@ JSONL schema: one example per line, a JSON object with "task" and "prompt", and 
   logic   "dataset": a reasoning-gym dataset name, "entry": one of its entries (question, answer, metadata)
   mcq     "answer": the right option's letter, A to J
   ifeval  "constraints": [{"kind": "max_words", "n": 50}, ...], kinds as in ifeval.CHECKS
-  add, sort, reverse, countdown: as the built-in generators make them
+  add, sort, reverse, countdown, chains: as the built-in generators make them
 Any example may carry "solution", one completion that scores 1 (every shipped one is tested to).
 A line that breaks the schema is an error naming the file and the line.
 """
@@ -40,6 +42,7 @@ import warnings
 import zlib
 from pathlib import Path
 
+import chains
 import ifeval
 import layouts
 import rewards
@@ -83,7 +86,8 @@ def make_countdown(rng: random.Random, level: int) -> dict:
             "solution": solution}
 
 
-BUILTIN = {"add": make_add, "sort": make_sort, "reverse": make_reverse, "countdown": make_countdown}
+BUILTIN = {"add": make_add, "sort": make_sort, "reverse": make_reverse, "countdown": make_countdown,
+           "chains": chains.make_chains}
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DOMAINS = {domain: DATA_DIR / f"{domain}.jsonl" for domain in ["math", "code", "logic", "mcq", "ifeval"]}
@@ -173,6 +177,9 @@ class TaskMix:
         for name in self.weights:
             if name.startswith(REASONING_GYM):
                 check_reasoning_gym_name(name[len(REASONING_GYM):])  # an unknown name fails now, not mid-run
+        if any(name.startswith(REASONING_GYM) for name in self.weights) or any(
+                ex.get("task") == "logic" for examples in self.files.values() for ex in examples):
+            rewards.check_logic_sandbox()  # its scorers may run answer text: the sandbox must run them, or no run
         self.drawn = 0  # position in the stream, saved by checkpoints
 
     def sample(self) -> dict:
@@ -303,7 +310,7 @@ def check_example(example: dict) -> None:
         raise ValueError(f"unknown task '{task}'; known: {', '.join(rewards.VERIFIERS)}")
     required = {"math": ["answer"], "code": ["tests"], "logic": ["dataset", "entry"], "mcq": ["answer"],
                 "ifeval": ["constraints"], "add": ["answer"], "sort": ["answer"], "reverse": ["answer"],
-                "countdown": ["numbers", "target"]}
+                "countdown": ["numbers", "target"], "chains": ["digits", "ops"]}
     missing = [field for field in required[task] if field not in example]
     if missing:
         raise ValueError(f"a '{task}' example needs the field(s) {', '.join(missing)}")

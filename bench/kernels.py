@@ -19,12 +19,13 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's `kernels`, not this file
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules, not bench/'s
 
 import torch
 
-import kernels
-from kernels.reference import policy_loss_ref, token_logprobs_ref
+import grpo
+import prorl_kernels
+from prorl_kernels.reference import policy_loss_ref, token_logprobs_ref
 
 VOCAB_SIZE = 151936
 SEQ_LEN = 512
@@ -52,7 +53,7 @@ def make_batch(tokens: int, device: str) -> dict:
     logits = (2 * torch.randn(batch, SEQ_LEN + 1, VOCAB_SIZE, device=device, generator=gen)).to(torch.bfloat16)
     labels = torch.randint(0, VOCAB_SIZE, (batch, SEQ_LEN), device=device, generator=gen)
     with torch.no_grad():
-        logp = kernels.token_logprobs(logits[:, :-1], labels, TEMPERATURE)
+        logp = prorl_kernels.token_logprobs(logits[:, :-1], labels, TEMPERATURE)
     noise = torch.randn(2, batch, SEQ_LEN, device=device, generator=gen)
     return {
         "logits": logits.requires_grad_(),
@@ -97,15 +98,20 @@ def eager_logprobs(logits, labels):
 
 
 def ours_logprobs(logits, labels):
-    return kernels.token_logprobs(logits, labels, TEMPERATURE)
+    return prorl_kernels.token_logprobs(logits, labels, TEMPERATURE)
+
+
+def token_mean_weights(mask):  # what train.update passes for a token-mean loss over this batch
+    return grpo.loss_weights(mask, "token-mean", grpo.loss_count(mask, "token-mean"))
 
 
 def eager_loss(logits, labels, old_logp, ref_logp, adv, mask):
-    return policy_loss_ref(logits, labels, old_logp, ref_logp, adv, mask, **LOSS_KWARGS)[0]
+    return policy_loss_ref(logits, labels, old_logp, ref_logp, adv, mask, token_mean_weights(mask), **LOSS_KWARGS)[0]
 
 
 def ours_loss(logits, labels, old_logp, ref_logp, adv, mask):
-    return kernels.fused_policy_loss(logits, labels, old_logp, ref_logp, adv, mask, **LOSS_KWARGS)[0]
+    weights = token_mean_weights(mask)
+    return prorl_kernels.fused_policy_loss(logits, labels, old_logp, ref_logp, adv, mask, weights, **LOSS_KWARGS)[0]
 
 
 def liger_ops() -> dict:

@@ -17,13 +17,14 @@ import os
 import sys
 import time
 
-# Run as a script, sys.path[0] is bench/, whose kernels.py would shadow the `kernels` package that
-# transformers probes for: put the repository root there instead.
+# Run as a script, sys.path[0] is bench/, whose kernels.py would shadow any package named `kernels` (Hugging
+# Face's, which transformers imports): put the repository root there instead.
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config
 
+import llama_forward
 import rollout
 
 # Peak HBM bandwidth, bytes/s (vendor datasheets), by words in torch.cuda.get_device_name().
@@ -173,11 +174,11 @@ def decode_roofline(model, prompts: list[list[int]], max_new_tokens: int, name: 
     """Time one decode step (a CUDA-graph replay) halfway through the generation and compare the bytes it
     must read, every weight once plus each row's KV cache so far, with the GPU's HBM bandwidth."""
     batch, prompt_len = len(prompts), len(prompts[0])
-    weights = rollout.Weights(model, prompt_len + max_new_tokens)
-    cache = rollout.KVCache(weights, batch, prompt_len, batch, max_new_tokens)
-    decode = rollout.make_decoder(weights, cache)
+    weights = llama_forward.Weights(model, prompt_len + max_new_tokens)
+    cache = llama_forward.KVCache(weights, batch, prompt_len, batch, max_new_tokens)
+    decode = llama_forward.make_decoder(weights, cache)
     prompt_ids = torch.tensor(prompts, device=model.device)
-    logits = rollout.prefill(weights, cache, prompt_ids, torch.ones_like(prompt_ids, dtype=torch.bool))
+    logits = llama_forward.prefill(weights, cache, prompt_ids, torch.ones_like(prompt_ids, dtype=torch.bool))
     slot = max_new_tokens // 2  # halfway: the mean context of the run
     token = logits.argmax(-1)
     position = torch.full((batch,), prompt_len + slot, device=model.device)

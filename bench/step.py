@@ -23,7 +23,7 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-import model as model_lib
+import models
 import train
 
 SHAPES = {  # Qwen2 configs; "small" keeps the real vocabulary so the logits are as wide as a real run's
@@ -37,7 +37,7 @@ SIZES = {"small": (4, 4, 32, 8), "1.5b": (64, 16, 1024, 4)}  # 1.5b: ~1k-token r
 
 
 def build(shape: str, directory: str, dtype: torch.dtype) -> None:
-    tokenizer = model_lib.build_tokenizer()
+    tokenizer = models.build_tokenizer()
     config = Qwen2Config(vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=True,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, **SHAPES[shape])

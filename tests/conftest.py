@@ -1,8 +1,8 @@
 """Shared fixtures: the repository on sys.path, and a tiny random model saved the way a real checkpoint is.
 
-The model is `model.build_tiny_model` (a stock `transformers` Llama, ~0.6M parameters) with the built-in
+The model is `models.build_tiny_model` (a stock `transformers` Llama, ~0.6M parameters) with the built-in
 tasks' character tokenizer, *not* warm-started: its answers are random, which is what tests want (fast,
-no download, and it loads through the same `model.load` path as any `--model DIR`).
+no download, and it loads through the same `models.load` path as any `--model DIR`).
 """
 
 import os
@@ -22,15 +22,15 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import model as model_lib
+import models
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     """A directory holding a tiny random Llama and its tokenizer (config.json, safetensors, tokenizer.json)."""
     path = tmp_path_factory.mktemp("tiny-random-model")
-    tokenizer = model_lib.build_tokenizer()
-    model_lib.build_tiny_model(tokenizer, seed=0).save_pretrained(path)
+    tokenizer = models.build_tokenizer()
+    models.build_tiny_model(tokenizer, seed=0).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
 
@@ -38,4 +38,4 @@ def tiny_model_dir(tmp_path_factory) -> str:
 @pytest.fixture
 def tiny_model(tiny_model_dir):
     """(model, tokenizer) freshly loaded from `tiny_model_dir`: each test may train it without touching others."""
-    return model_lib.load(tiny_model_dir)
+    return models.load(tiny_model_dir)

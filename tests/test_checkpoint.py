@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import checkpoint
-import model as model_lib
+import models
+import settings
 import train
 
 ARGS = ["--prompts-per-step", "4", "--n", "4", "--max-new-tokens", "6", "--dynamic-sampling", "false",
@@ -33,7 +34,7 @@ def train_run(cwd: Path, model_dir: str, argv: list[str]) -> None:
 
 def result(run_dir: Path) -> tuple[list[torch.Tensor], list[dict]]:
     """(final policy parameters, metrics.jsonl without its timings)"""
-    params = [p.detach() for p in model_lib.load(str(run_dir / "final"))[0].parameters()]
+    params = [p.detach() for p in models.load(str(run_dir / "final"))[0].parameters()]
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return params, [{k: v for k, v in m.items() if k not in TIMING} for m in metrics]
 
@@ -96,25 +97,25 @@ def test_killed_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, tin
 
 def test_resume_needs_a_run_directory(tmp_path):
     with pytest.raises(ValueError, match="not a run directory"):
-        train.parse_config(["--resume", str(tmp_path)])
+        settings.parse_config(["--resume", str(tmp_path)])
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="not a JSON object of settings"):
-        train.parse_config(["--resume", str(tmp_path)])
+        settings.parse_config(["--resume", str(tmp_path)])
 
 
 def test_a_run_stopped_before_its_first_checkpoint_resumes_from_its_start(tmp_path, tiny_model_dir, straight,
                                                                           monkeypatch, capsys):
-    real_sample = train.grpo.sample_groups
+    real_sample = train.sampling.sample_groups
 
     def killed_at_step_3(*args, **kwargs):
         if kwargs["seed"] // 10 % 10_000 == 3:  # seed = seed·100003 + step·10 + rank·1000003
             raise Killed
         return real_sample(*args, **kwargs)
 
-    monkeypatch.setattr(train.grpo, "sample_groups", killed_at_step_3)
+    monkeypatch.setattr(train.sampling, "sample_groups", killed_at_step_3)
     with pytest.raises(Killed):
         train_run(tmp_path, tiny_model_dir, ["--run", "early", "--steps", "4", "--save-every", "0"])
-    monkeypatch.setattr(train.grpo, "sample_groups", real_sample)
+    monkeypatch.setattr(train.sampling, "sample_groups", real_sample)
     run_dir = tmp_path / "runs" / "early"
     assert not checkpoint.has_checkpoint(run_dir) and len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
     with pytest.raises(ValueError, match="already holds a run: --resume runs/early continues it"):
@@ -126,7 +127,7 @@ def test_a_run_stopped_before_its_first_checkpoint_resumes_from_its_start(tmp_pa
 
 def test_sigterm_saves_the_step_and_stops_and_resume_is_the_straight_run(tmp_path, tiny_model_dir, straight,
                                                                          monkeypatch, capsys):
-    real_sample = train.grpo.sample_groups
+    real_sample = train.sampling.sample_groups
 
     def preempted_during_step_2(*args, **kwargs):
         if kwargs["seed"] // 10 % 10_000 == 2:
@@ -134,9 +135,9 @@ def test_sigterm_saves_the_step_and_stops_and_resume_is_the_straight_run(tmp_pat
         return real_sample(*args, **kwargs)
 
     handler = signal.getsignal(signal.SIGTERM)
-    monkeypatch.setattr(train.grpo, "sample_groups", preempted_during_step_2)
+    monkeypatch.setattr(train.sampling, "sample_groups", preempted_during_step_2)
     train_run(tmp_path, tiny_model_dir, ["--run", "p", "--steps", "4", "--save-every", "0"])
-    monkeypatch.setattr(train.grpo, "sample_groups", real_sample)
+    monkeypatch.setattr(train.sampling, "sample_groups", real_sample)
     assert signal.getsignal(signal.SIGTERM) == handler  # restored when the run ends
     run_dir = tmp_path / "runs" / "p"
     assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["step"] == 2
@@ -173,8 +174,8 @@ def test_resumed_runs_take_new_lr_and_reset_flags_and_refuse_changes_that_break_
     for flag, value in [("--tasks", "add"), ("--preset", "prorl"), ("--model", "elsewhere"), ("--seed", "1"),
                         ("--eval-problems", "3"), ("--max-new-tokens", "8"), ("--kl-coef", "0")]:
         with pytest.raises(ValueError, match=f"--resume {run_dir}: {flag} cannot "):
-            train.parse_config(["--resume", run_dir, flag, value])
-    assert train.parse_config(["--resume", run_dir, "--kl-coef", "0.05", "--tasks", "sort,reverse,countdown"]).kl_coef == 0.05
+            settings.parse_config(["--resume", run_dir, flag, value])
+    assert settings.parse_config(["--resume", run_dir, "--kl-coef", "0.05", "--tasks", "sort,reverse,countdown"]).kl_coef == 0.05
     lrs = []
 
     def record(run_dir, step, policy, reference, optimizer, *args, **kwargs):
@@ -209,8 +210,8 @@ def test_open_metrics_keeps_the_lines_up_to_the_checkpoint(tmp_path):
 # ----------------------------------------------------------------------------- guards: a NaN loss skips one update
 
 def test_a_nan_loss_skips_that_update_is_logged_and_training_goes_on(tmp_path, tiny_model_dir, monkeypatch):
-    # One optimizer step per RL step (one mini-batch, one micro-batch), so policy_loss call k is step k's loss.
-    calls, real_policy_loss = [], train.grpo.policy_loss
+    # One optimizer step per RL step (one mini-batch, one micro-batch), so loss call k is step k's loss.
+    calls, real_policy_loss = [], train.prorl_kernels.fused_policy_loss
 
     def nan_at_step_2(*args, **kwargs):
         loss, stats = real_policy_loss(*args, **kwargs)
@@ -222,7 +223,7 @@ def test_a_nan_loss_skips_that_update_is_logged_and_training_goes_on(tmp_path, t
     def record(run_dir, step, policy, *args, **kwargs):
         weights_after[step] = [p.detach().clone() for p in policy.parameters()]
 
-    monkeypatch.setattr(train.grpo, "policy_loss", nan_at_step_2)
+    monkeypatch.setattr(train.prorl_kernels, "fused_policy_loss", nan_at_step_2)
     monkeypatch.setattr(checkpoint, "save", record)
     train_run(tmp_path, tiny_model_dir, ["--run", "nan", "--steps", "3", "--minibatches", "1", "--save-every", "1",
                                          "--eval-every", "0", "--reset-every", "0"])
@@ -245,3 +246,22 @@ def test_stop_requests_catch_every_sigterm_and_leave_ignored_signals_ignored():
         assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous_int)
+
+
+# ----------------------------------------------------------------------------- the same command, the same run
+
+def test_a_run_that_builds_the_base_equals_one_that_reuses_it(tmp_path, monkeypatch):
+    """`python train.py` right after a clone builds the tiny base in its own process (drawing from torch's RNG);
+    the same command again reuses it from disk. Both must be the same run: RL seeds its generators from the
+    config alone. (Before the fix, KL, entropy and clip fraction differed from step 1 on.)"""
+    monkeypatch.setitem(models.WARMSTART, "steps", 3)  # a quick base: the point is where it comes from
+    monkeypatch.chdir(tmp_path)
+    argv = ARGS + ["--steps", "3", "--eval-every", "0"]
+    train.main(argv + ["--run", "built"])
+    assert (tmp_path / "runs" / "base" / "tiny-s0" / "config.json").is_file()
+    torch.manual_seed(1234)  # whatever the process did before must not matter either
+    torch.rand(100)
+    train.main(argv + ["--run", "reused"])
+    built, reused = result(tmp_path / "runs" / "built"), result(tmp_path / "runs" / "reused")
+    assert reused[1] == built[1] and len(built[1]) == 3
+    assert all(torch.equal(p, q) for p, q in zip(built[0], reused[0]))

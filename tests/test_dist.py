@@ -21,9 +21,10 @@ import torch.multiprocessing as mp
 import checkpoint
 import dist
 import grpo
-import model as model_lib
+import models
 import reset
 import rollout
+import settings
 import tasks
 import train
 
@@ -41,15 +42,15 @@ def run_updates(model_dir: str) -> tuple[dict[str, torch.Tensor], dict]:
     """Three RL updates (two epochs each, micro-batches of 3 rows, KL to a reference) on fixed batches;
     returns the whole policy weights and the last update's logged statistics. Single-process outside a
     process group, sharded inside one."""
-    policy = dist.shard(model_lib.load(model_dir)[0])
-    reference = dist.shard(model_lib.load(model_dir)[0].eval().requires_grad_(False))
-    tokenizer = model_lib.build_tokenizer()
-    prompts = [model_lib.encode_prompt(tokenizer, text) for text in PROMPTS]
+    policy = dist.shard(models.load(model_dir)[0])
+    reference = dist.shard(models.load(model_dir)[0].eval().requires_grad_(False))
+    tokenizer = models.build_tokenizer()
+    prompts = [models.encode_prompt(tokenizer, text) for text in PROMPTS]
     with dist.full_weights(policy):  # every rank generates the same global batches from the same weights
         batches = [rollout.generate(policy, prompts, n=3, max_new_tokens=6, seed=s, pad_id=tokenizer.pad_token_id)
                    for s in range(3)]
     optimizer = torch.optim.SGD(policy.parameters(), lr=1.0)
-    c = train.Config(minibatches=1, epochs=2, micro_batch_rows=3, kl_coef=0.1, grad_clip=1.0)
+    c = settings.Config(minibatches=1, epochs=2, micro_batch_rows=3, kl_coef=0.1, grad_clip=1.0)
     for step, batch in enumerate(batches):
         scores = torch.rand(len(PROMPTS), 3, generator=torch.Generator().manual_seed(step))  # the same on every rank
         adv = grpo.group_advantages(scores).flatten()
@@ -78,7 +79,7 @@ def load_worker(rank: int, world: int, port: int, model_dir: str, out_dir: str) 
     dist.setup("cpu")
 
     def build():
-        policy, reference = (dist.shard(model_lib.load(model_dir)[0]) for _ in range(2))
+        policy, reference = (dist.shard(models.load(model_dir)[0]) for _ in range(2))
         return policy, reference, torch.optim.AdamW(policy.parameters(), lr=1e-2)
 
     policy, reference, optimizer = build()
@@ -107,7 +108,7 @@ def failure_worker(rank: int, world: int, port: int, model_dir: str, out_dir: st
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.setup("cpu")
-    policy = dist.shard(model_lib.load(model_dir)[0])
+    policy = dist.shard(models.load(model_dir)[0])
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
     tracker, stream, errors = reset.ResetTracker(), tasks.TaskMix("sort", seed=rank), []
 
@@ -151,7 +152,7 @@ def test_two_ranks_end_with_identical_weights_equal_to_one_process(tmp_path, tin
     mp.spawn(update_worker, args=(2, free_port(), tiny_model_dir, str(tmp_path)), nprocs=2)
     (ranks, rank_stats) = zip(*[torch.load(tmp_path / f"rank{r}.pt") for r in range(2)], strict=True)
     single, stats = run_updates(tiny_model_dir)
-    start = dict(model_lib.load(tiny_model_dir)[0].named_parameters())
+    start = dict(models.load(tiny_model_dir)[0].named_parameters())
     assert set(ranks[0]) == set(single)
     for name in single:
         assert torch.equal(ranks[0][name], ranks[1][name]), name
@@ -189,7 +190,7 @@ def test_train_py_under_torchrun_on_two_cpu_ranks(tmp_path, tiny_model_dir):
     saved = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     assert saved["step"] == 2 and saved["world_size"] == 2 and len(saved["ranks"]) == 2
     assert saved["ranks"][0]["stream_drawn"] == saved["ranks"][1]["stream_drawn"] == 2 * 4 // 2
-    trained = model_lib.load(str(run_dir / "final"))[0].state_dict()
+    trained = models.load(str(run_dir / "final"))[0].state_dict()
     assert all(torch.equal(trained[name], saved["policy"][name]) for name in saved["policy"])
 
 
@@ -204,7 +205,7 @@ def test_a_run_on_two_ranks_stopped_and_resumed_is_the_straight_run(tmp_path, ti
     for name in ("straight", "resumed"):
         lines = (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()
         runs[name] = ([{k: v for k, v in json.loads(line).items() if k not in timing} for line in lines],
-                      model_lib.load(str(tmp_path / "runs" / name / "final"))[0].state_dict())
+                      models.load(str(tmp_path / "runs" / name / "final"))[0].state_dict())
     assert [m["step"] for m in runs["resumed"][0]] == [1, 2, 3] and runs["resumed"][0] == runs["straight"][0]
     assert [m.get("reset") for m in runs["straight"][0]] == [None, "schedule", None]
     assert all(torch.equal(runs["resumed"][1][k], runs["straight"][1][k]) for k in runs["straight"][1])

@@ -1,4 +1,4 @@
-"""grpo.sample_groups: dynamic sampling (drop groups whose rewards are all equal, refill from fresh prompts),
+"""sampling.sample_groups: dynamic sampling (drop groups whose rewards are all equal, refill from fresh prompts),
 with the sampler and the verifiers of train.py on a tiny random model. Its rewards are scripted where a test
 needs groups that differ: the random model never solves a task."""
 
@@ -6,12 +6,12 @@ needs groups that differ: the random model never solves a task."""
 import pytest
 import torch
 
-import grpo
-import model as model_lib
+import models
 import rewards
 import rollout
+import sampling
+import settings
 import tasks
-import train
 
 # ----------------------------------------------------------------------------- collect: dynamic sampling
 
@@ -19,7 +19,7 @@ import train
 def scripted_rewards(monkeypatch):
     """Make every token a stop token (each completion is one token, none truncated) and score the "add"
     task from a script: the k-th completion scored gets script[k]. Returns the list of prompts scored."""
-    monkeypatch.setattr(model_lib, "stop_ids", lambda model, tokenizer: tuple(range(len(tokenizer))))
+    monkeypatch.setattr(models, "stop_ids", lambda model, tokenizer: tuple(range(len(tokenizer))))
     scored_prompts, script = [], []
 
     def scripted(example, completion):
@@ -30,8 +30,8 @@ def scripted_rewards(monkeypatch):
     return script, scored_prompts
 
 
-def collect(policy, tokenizer, stream: tasks.TaskMix, c: train.Config):
-    return grpo.sample_groups(policy, tokenizer, stream, c.prompts_per_step, c.n, c.max_new_tokens, c.temperature,
+def collect(policy, tokenizer, stream: tasks.TaskMix, c: settings.Config):
+    return sampling.sample_groups(policy, tokenizer, stream, c.prompts_per_step, c.n, c.max_new_tokens, c.temperature,
                               c.top_p, rounds=c.max_sampling_rounds if c.dynamic_sampling else 1,
                               dynamic_sampling=c.dynamic_sampling)
 
@@ -47,7 +47,7 @@ def test_dynamic_sampling_refills_from_fresh_prompts(tiny_model, scripted_reward
     # round 1: group A all right (dropped), group B mixed (kept); round 2: C all wrong (dropped), D mixed (kept)
     script += [1, 1, 1, 1] + [1, 0, 0, 0] + [0, 0, 0, 0] + [0, 1, 1, 1]
     stream = tasks.TaskMix("add", seed=0)
-    c = train.Config(prompts_per_step=2, n=4, max_new_tokens=4, max_sampling_rounds=3)
+    c = settings.Config(prompts_per_step=2, n=4, max_new_tokens=4, max_sampling_rounds=3)
     batch, group_rewards, stats = collect(policy, tokenizer, stream, c)
     assert group_rewards.tolist() == [[1, 0, 0, 0], [0, 1, 1, 1]]
     assert stream.drawn == 4  # two rounds of two prompts; the third round was not needed
@@ -63,7 +63,7 @@ def test_without_dynamic_sampling_every_group_is_kept(tiny_model, scripted_rewar
     policy, tokenizer = tiny_model
     script, _ = scripted_rewards
     script += [1, 1, 1, 1] + [1, 0, 0, 0]
-    c = train.Config(prompts_per_step=2, n=4, max_new_tokens=4, dynamic_sampling=False)
+    c = settings.Config(prompts_per_step=2, n=4, max_new_tokens=4, dynamic_sampling=False)
     batch, group_rewards, stats = collect(policy, tokenizer, tasks.TaskMix("add"), c)
     assert group_rewards.tolist() == [[1, 1, 1, 1], [1, 0, 0, 0]] and stats["kept_frac"] == 1.0
     assert batch.tokens.shape[0] == 8
@@ -74,7 +74,7 @@ def test_when_no_group_is_informative_the_batch_is_empty(tiny_model, scripted_re
     script, _ = scripted_rewards
     script += [0.0] * 24
     stream = tasks.TaskMix("add")
-    c = train.Config(prompts_per_step=2, n=4, max_new_tokens=4, max_sampling_rounds=3)
+    c = settings.Config(prompts_per_step=2, n=4, max_new_tokens=4, max_sampling_rounds=3)
     batch, group_rewards, stats = collect(policy, tokenizer, stream, c)
     assert group_rewards.shape == (0, 4) and batch.tokens.shape[0] == 0
     assert stats["kept_frac"] == 0.0 and stream.drawn == 6  # it tried every round
@@ -83,7 +83,7 @@ def test_when_no_group_is_informative_the_batch_is_empty(tiny_model, scripted_re
 def test_truncated_responses_score_zero_and_the_length_penalty_shapes_the_rest(tiny_model, monkeypatch):
     policy, tokenizer = tiny_model
     monkeypatch.setitem(rewards.VERIFIERS, "add", lambda example, completion: 1.0)  # every answer "right"
-    c = train.Config(prompts_per_step=4, n=8, max_new_tokens=3, dynamic_sampling=False)
+    c = settings.Config(prompts_per_step=4, n=8, max_new_tokens=3, dynamic_sampling=False)
     batch, scores, _ = collect(policy, tokenizer, tasks.TaskMix("add"), c)
     assert 0 < batch.truncated.sum() < len(batch.truncated)  # the random model stops on some rows only
     torch.testing.assert_close(scores.flatten(), (~batch.truncated).float())

@@ -1,4 +1,4 @@
-"""eval.py against independent computations: pass@k by hand and by enumerating every k-subset, the
+"""evaluation.py against independent computations: pass@k by hand and by enumerating every k-subset, the
 boundary report by hand, and the sampling pipeline against a model whose next-token distribution is
 known exactly (uniform), so the chance that a sample is right can be worked out on paper.
 """
@@ -15,8 +15,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import eval as evaluation
-import model as model_lib
+import evaluation
+import models
 import rewards
 import tasks
 
@@ -158,7 +158,7 @@ def test_correct_counts_counts_full_rewards_in_chunks(monkeypatch):
         calls.append((len(examples), seed))
         return None, torch.tensor([[1.0, 0.5, 1.0, 0.0]] * len(examples))  # 2 passes per problem
 
-    monkeypatch.setattr(evaluation, "rollout_and_score", fake_rollout_and_score)
+    monkeypatch.setattr(evaluation.sampling, "rollout_and_score", fake_rollout_and_score)
     counts = evaluation.correct_counts(None, None, [{}] * 7, n=4, seed=100, chunk=3)
     assert counts == [2] * 7
     assert calls == [(3, 100), (3, 103), (1, 106)]
@@ -170,9 +170,9 @@ def test_correct_counts_counts_full_rewards_in_chunks(monkeypatch):
 @pytest.fixture(scope="module")
 def uniform_model_dir(tmp_path_factory) -> str:
     """The built-in tiny architecture with its final norm zeroed: every logit is 0, so each next token
-    is uniform over the 21-token vocabulary whatever the prompt, and rightness has a closed form."""
-    tokenizer = model_lib.build_tokenizer()
-    model = model_lib.build_tiny_model(tokenizer, seed=0)
+    is uniform over the V-token vocabulary whatever the prompt, and rightness has a closed form."""
+    tokenizer = models.build_tokenizer()
+    model = models.build_tiny_model(tokenizer, seed=0)
     torch.nn.init.zeros_(model.model.norm.weight)
     directory = tmp_path_factory.mktemp("uniform")
     model.save_pretrained(directory)
@@ -182,13 +182,15 @@ def uniform_model_dir(tmp_path_factory) -> str:
 
 def test_correct_counts_match_the_closed_form_rate(uniform_model_dir):
     """Asked for the empty answer, a sample is right iff it emits only 'silent' tokens (pad, bos, unk are
-    skipped when decoding, a space is stripped: 4 of 21) and then EOS (1 of 21), within T tokens:
-        P(right) = Σ_{j<T} (4/21)^j · (1/21)."""
-    policy, tokenizer = model_lib.load(uniform_model_dir)
+    skipped when decoding, a space is stripped: 4 of V) and then EOS (1 of V), within T tokens:
+        P(right) = Σ_{j<T} (4/V)^j · (1/V)."""
+    policy, tokenizer = models.load(uniform_model_dir)
     max_new_tokens, n = 3, 64
     examples = [{"task": "add", "prompt": f"{i}+{i}=", "answer": ""} for i in range(32)]
     counts = evaluation.correct_counts(policy, tokenizer, examples, n, max_new_tokens, temperature=1.0, top_p=1.0)
-    p_right = sum((4 / 21) ** j * (1 / 21) for j in range(max_new_tokens))
+    vocab = policy.config.vocab_size
+    assert vocab == len(tokenizer) and {" ", "<pad>", "<bos>", "<unk>", "<eos>"} <= set(tokenizer.get_vocab())
+    p_right = sum((4 / vocab) ** j * (1 / vocab) for j in range(max_new_tokens))
     samples = len(examples) * n
     expected, sigma = samples * p_right, math.sqrt(samples * p_right * (1 - p_right))
     assert abs(sum(counts) - expected) < 4 * sigma, (sum(counts), expected, sigma)
@@ -223,7 +225,7 @@ def test_cli_samples_each_model_given(uniform_model_dir, tiny_model_dir, tmp_pat
     saved = json.loads((out / "boundary.json").read_text())
     examples = tasks.heldout("sort", 4)
     for name, path in (("base", uniform_model_dir), ("trained", tiny_model_dir)):
-        policy, tokenizer = model_lib.load(path)
+        policy, tokenizer = models.load(path)
         assert saved["correct"][name] == evaluation.correct_counts(policy.eval(), tokenizer, examples, 8, 12)
     assert saved["correct"]["base"] != saved["correct"]["trained"]
 
@@ -237,7 +239,7 @@ def test_cli_user_errors(uniform_model_dir, tmp_path):
         evaluation.main(["--plot", str(tmp_path)])
     # From the shell: one line on stderr, no traceback.
     missing = tmp_path / "missing"
-    result = subprocess.run([sys.executable, "eval.py", "--model", str(missing)], cwd=ROOT, capture_output=True,
+    result = subprocess.run([sys.executable, "evaluation.py", "--model", str(missing)], cwd=ROOT, capture_output=True,
                             text=True, timeout=120, check=False)
     assert result.returncode == 1
     expected = f"error: --model {missing}: no such model directory (expected a config.json inside)"

@@ -221,12 +221,19 @@ def test_a_huge_log_ratio_outside_the_mask_cannot_make_the_gradient_nan(agg):
 
 @pytest.mark.parametrize("agg", AGGREGATIONS)
 def test_micro_batch_weights_recover_the_mini_batch_aggregate(agg):
-    # train.update accumulates weight · aggregate(micro-batch); the sum must equal aggregate(mini-batch).
+    # train.update sums Σ w·loss over micro-batches, w from the whole mini-batch's count: the sum must equal
+    # the aggregate of the mini-batch in one piece (computed here from its definition, not from the weights).
     torch.manual_seed(0)
     per_token = torch.randn(7, 5)
     mask = torch.rand(7, 5) > 0.5
     mask[2] = False
-    whole = grpo.aggregate(per_token, mask, agg)
-    accumulated = sum(grpo.aggregate(per_token[rows], mask[rows], agg) * grpo.aggregate_weight(mask[rows], mask, agg)
+    count = grpo.loss_count(mask, agg)
+    accumulated = sum((per_token[rows] * grpo.loss_weights(mask[rows], agg, count)).sum()
                       for rows in torch.arange(7).split(3))
+    per_seq_sum, seq_tokens = (per_token * mask).sum(1), mask.sum(1)
+    whole = {"token-mean": per_seq_sum.sum() / mask.sum(),
+             "seq-mean-token-mean": (per_seq_sum / seq_tokens.clamp(min=1)).sum() / (seq_tokens > 0).sum(),
+             "seq-mean-token-sum": per_seq_sum.sum() / (seq_tokens > 0).sum()}[agg]
     assert accumulated.item() == pytest.approx(whole.item(), abs=1e-6)
+    assert grpo.aggregate(per_token, mask, agg).item() == pytest.approx(whole.item(), abs=1e-6)
+    assert torch.all(grpo.loss_weights(mask, agg, count)[~mask] == 0)

@@ -1,6 +1,6 @@
 """The Triton kernels against their PyTorch references, run by Triton's CPU interpreter (TRITON_INTERPRET=1).
 
-Every test but the CPU-dispatch one runs the Triton code (asserted through `kernels.backend`); the
+Every test but the CPU-dispatch one runs the Triton code (asserted through `prorl_kernels.backend`); the
 references themselves are checked by hand values and by fp64 gradcheck.
 """
 
@@ -14,14 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
-from kernels.reference import (
-    aggregate,
-    aggregation_weights,
-    kl_estimate_ref,
-    policy_loss_ref,
-    token_logprobs_ref,
-)
+import grpo
+import prorl_kernels
+from kl import kl_estimate as kl_estimate_ref
+from prorl_kernels.reference import policy_loss_ref, token_logprobs_ref
 
 REPO = Path(__file__).resolve().parents[1]
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
@@ -45,12 +41,12 @@ def triton_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     if not interpreter_usable():
         pytest.skip("triton.language was imported without TRITON_INTERPRET=1 (run in a fresh process instead)")
-    import kernels.logprobs
-    import kernels.policy_loss
+    import prorl_kernels.logprobs
+    import prorl_kernels.policy_loss
 
-    if type(kernels.logprobs._token_logprobs_fwd_kernel).__name__ != "InterpretedFunction":
-        importlib.reload(kernels.logprobs)  # imported earlier without the interpreter: decorate again
-        importlib.reload(kernels.policy_loss)
+    if type(prorl_kernels.logprobs._token_logprobs_fwd_kernel).__name__ != "InterpretedFunction":
+        importlib.reload(prorl_kernels.logprobs)  # imported earlier without the interpreter: decorate again
+        importlib.reload(prorl_kernels.policy_loss)
 
 
 @pytest.fixture(params=[True, False], ids=["triton", "reference"])
@@ -101,9 +97,9 @@ def test_token_logprobs_matches_reference(vocab_size, rows, dtype):
     labels = torch.randint(0, vocab_size, (rows,), generator=gen)
     grad_out = torch.randn(rows, generator=gen)
     grad_out[0] = 0.0  # a masked token: its row's gradient must come out exactly zero
-    assert kernels.backend(logits) == "triton"
+    assert prorl_kernels.backend(logits) == "triton"
 
-    logp, entropy, grad = logprobs_and_grad(kernels.token_logprobs, logits, labels, 0.7, grad_out)
+    logp, entropy, grad = logprobs_and_grad(prorl_kernels.token_logprobs, logits, labels, 0.7, grad_out)
     logp_ref, entropy_ref, grad_ref = reference_logprobs_and_grad(logits, labels, 0.7, grad_out)
 
     assert type(logp.grad_fn).__name__ == "TokenLogprobsBackward"  # the Triton autograd Function ran
@@ -123,7 +119,7 @@ def test_token_logprobs_temperatures(temperature):
     logits = torch.randn(6, 17, generator=torch.Generator().manual_seed(1))
     labels = torch.arange(6)
     grad_out = torch.ones(6)
-    logp, entropy, grad = logprobs_and_grad(kernels.token_logprobs, logits, labels, temperature, grad_out)
+    logp, entropy, grad = logprobs_and_grad(prorl_kernels.token_logprobs, logits, labels, temperature, grad_out)
     logp_ref, entropy_ref, grad_ref = reference_logprobs_and_grad(logits, labels, temperature, grad_out)
     assert_close_to_fp64(logp, logp_ref)
     assert_close_to_fp64(entropy, entropy_ref)
@@ -154,7 +150,7 @@ def test_token_logprobs_extreme_logits(vocab_size, dtype):
     temperature = 0.9
     grad_out = torch.ones(6)
 
-    logp, entropy, grad = logprobs_and_grad(kernels.token_logprobs, logits, labels, temperature, grad_out)
+    logp, entropy, grad = logprobs_and_grad(prorl_kernels.token_logprobs, logits, labels, temperature, grad_out)
     logp_ref, entropy_ref, grad_ref = reference_logprobs_and_grad(logits, labels, temperature, grad_out)
 
     assert torch.isfinite(logp).all() and torch.isfinite(entropy).all() and torch.isfinite(grad).all()
@@ -180,8 +176,8 @@ def test_token_logprobs_leading_shapes_and_slices():
 
     sliced = full[:, :-1]  # what train.py passes: not contiguous, but each row is
     assert not sliced.is_contiguous()
-    assert kernels.logprobs.as_rows(sliced)[-1] is False  # read in place, no copy
-    logp, entropy, grad = logprobs_and_grad(kernels.token_logprobs, sliced, labels, 1.0, grad_out)
+    assert prorl_kernels.logprobs.as_rows(sliced)[-1] is False  # read in place, no copy
+    logp, entropy, grad = logprobs_and_grad(prorl_kernels.token_logprobs, sliced, labels, 1.0, grad_out)
     logp_ref, entropy_ref, grad_ref = reference_logprobs_and_grad(sliced, labels, 1.0, grad_out)
     assert logp.shape == (2, 5) and entropy.shape == (2, 5) and grad.shape == (2, 5, 50257)
     assert_close_to_fp64(logp, logp_ref)
@@ -191,10 +187,10 @@ def test_token_logprobs_leading_shapes_and_slices():
     # A 1-D row and a row-major-free layout (V not the fastest dim): the latter is copied once and
     # that copy becomes the gradient buffer.
     row = torch.randn(17, generator=gen)
-    torch.testing.assert_close(kernels.token_logprobs(row, torch.tensor(4)), token_logprobs_ref(row, torch.tensor(4)))
+    torch.testing.assert_close(prorl_kernels.token_logprobs(row, torch.tensor(4)), token_logprobs_ref(row, torch.tensor(4)))
     transposed = torch.randn(17, 8, generator=gen).t().requires_grad_()  # [8, 17], stride (1, 8)
-    assert kernels.logprobs.as_rows(transposed)[-1] is True
-    logp = kernels.token_logprobs(transposed, torch.arange(8))
+    assert prorl_kernels.logprobs.as_rows(transposed)[-1] is True
+    logp = prorl_kernels.token_logprobs(transposed, torch.arange(8))
     logp.sum().backward(retain_graph=True)
     grad_ref = torch.autograd.grad(token_logprobs_ref(transposed, torch.arange(8)).sum(), transposed)[0]
     torch.testing.assert_close(transposed.grad, grad_ref)
@@ -205,13 +201,13 @@ def test_token_logprobs_leading_shapes_and_slices():
 @pytest.mark.usefixtures("triton_interpreter")
 def test_token_logprobs_without_entropy_and_empty():
     logits = torch.randn(4, 17, requires_grad=True)
-    logp = kernels.token_logprobs(logits, torch.arange(4))
+    logp = prorl_kernels.token_logprobs(logits, torch.arange(4))
     assert isinstance(logp, torch.Tensor) and logp.shape == (4,)
     torch.testing.assert_close(logp, token_logprobs_ref(logits, torch.arange(4)))
-    empty = kernels.token_logprobs(torch.randn(0, 17), torch.zeros(0, dtype=torch.long))
+    empty = prorl_kernels.token_logprobs(torch.randn(0, 17), torch.zeros(0, dtype=torch.long))
     assert empty.shape == (0,)
     with pytest.raises(ValueError, match="temperature"):
-        kernels.token_logprobs(logits, torch.arange(4), temperature=0.0)
+        prorl_kernels.token_logprobs(logits, torch.arange(4), temperature=0.0)
 
 
 # ----------------------------------------------------------------------------- fused policy loss
@@ -235,25 +231,31 @@ def policy_batch(batch, seq_len, vocab_size, dtype, seed, adv_per_token=False):
     return full, labels, old_logp, ref_logp, adv, mask
 
 
+def weights_of(mask: torch.Tensor, agg: str = "token-mean") -> torch.Tensor:
+    """The loss weights train.update passes for a batch taken in one piece."""
+    return grpo.loss_weights(mask, agg, grpo.loss_count(mask, agg))
+
+
 def loss_and_grad(fn, full, *args, dtype=None, **kwargs):
     """(loss, stats, d loss / d full) with the loss computed on the slice full[:, :-1], in `dtype`."""
     full = full.detach().to(dtype or full.dtype).requires_grad_()
     loss, stats = fn(full[:, :-1], *args, **kwargs)
-    if fn is kernels.fused_policy_loss and kernels.backend(full) == "triton":
+    if fn is prorl_kernels.fused_policy_loss and prorl_kernels.backend(full) == "triton":
         assert type(loss.grad_fn).__name__ == "FusedPolicyLossBackward"  # the fused kernel ran
     loss.backward()
     return loss, stats, full.grad
 
 
-def assert_policy_loss_matches(full, labels, old_logp, ref_logp, adv, mask, **kwargs):
+def assert_policy_loss_matches(full, labels, old_logp, ref_logp, adv, mask, agg="token-mean", **kwargs):
     """The fused kernel against `policy_loss_ref` run in fp64 on the same values."""
-    args = (labels, old_logp, ref_logp, adv, mask)
-    assert kernels.backend(full) == "triton"
-    loss, stats, grad = loss_and_grad(kernels.fused_policy_loss, full, *args, **kwargs)
+    args = (labels, old_logp, ref_logp, adv, mask, weights_of(mask, agg))
+    assert prorl_kernels.backend(full) == "triton"
+    loss, stats, grad = loss_and_grad(prorl_kernels.fused_policy_loss, full, *args, **kwargs)
     loss_ref, stats_ref, grad_ref = loss_and_grad(policy_loss_ref, full, *args, dtype=torch.float64, **kwargs)
     assert loss.dtype == torch.float32 and grad.dtype == full.dtype
     assert_close_to_fp64(loss, loss_ref)
-    assert stats.keys() == stats_ref.keys() >= {"clipfrac", "kl", "entropy", "ratio_mean", "approx_kl"}
+    expected = {"clipfrac", "entropy", "ratio_mean", "approx_kl"} | ({"kl"} if ref_logp is not None else set())
+    assert stats.keys() == stats_ref.keys() == expected
     for name in stats:
         assert not stats[name].requires_grad
         assert_close_to_fp64(stats[name], stats_ref[name])
@@ -280,6 +282,35 @@ def test_policy_loss_matches_reference_large_vocab(vocab_size, batch, seq_len, d
     assert_policy_loss_matches(*data, kl_kind="k3", kl_coef=0.1, temperature=0.8, agg="seq-mean-token-mean")
 
 
+@pytest.mark.usefixtures("triton_interpreter")
+@pytest.mark.parametrize("agg", AGGREGATIONS)
+def test_policy_loss_on_policy_and_without_reference_matches_reference(agg):
+    """train.update's two shortcuts: old_logp None (one update per batch: ρ = 1 with logp's gradient) and
+    ref_logp None (no reference model: no KL, none logged)."""
+    full, labels, _, ref_logp, adv, mask = policy_batch(4, 10, 17, torch.float32, seed=11)
+    assert_policy_loss_matches(full, labels, None, ref_logp, adv, mask, agg, kl_kind="k2", kl_coef=0.1)
+    stats = assert_policy_loss_matches(full, labels, None, None, adv, mask, agg, kl_coef=0.1)
+    assert stats["clipfrac"] == 0 and stats["ratio_mean"] == pytest.approx(1.0)
+    # on-policy is the same loss as passing the log-probs themselves as old_logp
+    with torch.no_grad():
+        logp = token_logprobs_ref(full[:, :-1], labels, 1.0)
+    loss_given, _, grad_given = loss_and_grad(policy_loss_ref, full, labels, logp, None, adv, mask,
+                                              weights_of(mask, agg))
+    loss_none, _, grad_none = loss_and_grad(policy_loss_ref, full, labels, None, None, adv, mask,
+                                            weights_of(mask, agg))
+    torch.testing.assert_close(loss_none, loss_given)
+    torch.testing.assert_close(grad_none, grad_given)
+
+
+def test_a_clamped_kl_runs_the_reference(use_triton):
+    """The kernel has no clamp: --kl-clamp takes the reference path, whatever the backend."""
+    full, labels, old_logp, ref_logp, adv, mask = policy_batch(2, 6, 17, torch.float32, seed=12)
+    args = (full[:, :-1], labels, old_logp, ref_logp, adv, mask, weights_of(mask))
+    clamped, stats = prorl_kernels.fused_policy_loss(*args, kl_kind="k3", kl_coef=1.0, kl_clamp=1e-3)
+    assert stats["kl"] <= 1e-3
+    assert clamped.grad_fn is None or type(clamped.grad_fn).__name__ != "FusedPolicyLossBackward"
+
+
 def test_policy_loss_hand_values(use_triton):
     # Uniform logits over V = 2: logp = −log 2 for any label. Ratios 2, ½, 1 with A = 1, −1, 1:
     #   ρ = 2, A = 1:  pg_loss1 = −2,   pg_loss2 = −1.28 → −1.28 (clipped, no gradient)
@@ -291,9 +322,10 @@ def test_policy_loss_hand_values(use_triton):
     old_logp = logp - torch.log(torch.tensor([[2.0, 0.5, 1.0]]))
     adv = torch.tensor([[1.0, -1.0, 1.0]])
     mask = torch.ones(1, 3, dtype=torch.bool)
-    assert kernels.backend(logits) == ("triton" if use_triton else "reference")
+    assert prorl_kernels.backend(logits) == ("triton" if use_triton else "reference")
 
-    loss, stats = kernels.fused_policy_loss(logits, labels, old_logp, logp, adv, mask, kl_kind="k3", kl_coef=0.5)
+    loss, stats = prorl_kernels.fused_policy_loss(logits, labels, old_logp, logp, adv, mask, weights_of(mask),
+                                                  kl_kind="k3", kl_coef=0.5)
     loss.backward()
     torch.testing.assert_close(loss, torch.tensor((-1.28 + 0.8 - 1) / 3))
     torch.testing.assert_close(stats["clipfrac"], torch.tensor(2 / 3))
@@ -313,9 +345,9 @@ def test_policy_loss_kl_hand_values(kl_kind, expected_kl, use_triton):
     logits = torch.zeros(1, 1, 2, requires_grad=True)
     logp = torch.full((1, 1), -math.log(2))
     ones = torch.ones(1, 1)
-    loss, stats = kernels.fused_policy_loss(
-        logits, torch.zeros(1, 1, dtype=torch.long), logp, logp - 1, 0 * ones, ones.bool(), kl_kind=kl_kind, kl_coef=0.1
-    )
+    loss, stats = prorl_kernels.fused_policy_loss(
+        logits, torch.zeros(1, 1, dtype=torch.long), logp, logp - 1, 0 * ones, ones.bool(), weights_of(ones.bool()),
+        kl_kind=kl_kind, kl_coef=0.1)
     loss.backward()
     torch.testing.assert_close(loss, torch.tensor(0.1 * expected_kl))
     torch.testing.assert_close(stats["kl"], torch.tensor(expected_kl))
@@ -328,19 +360,22 @@ def test_policy_loss_kl_hand_values(kl_kind, expected_kl, use_triton):
 def test_policy_loss_ignores_masked_tokens(use_triton):
     full, labels, old_logp, ref_logp, adv, mask = policy_batch(3, 8, 17, torch.float32, seed=7)
     kwargs = {"kl_kind": "k3", "kl_coef": 0.1, "temperature": 0.8}
-    loss, _, grad = loss_and_grad(kernels.fused_policy_loss, full, labels, old_logp, ref_logp, adv, mask, **kwargs)
+    weights = weights_of(mask)
+    loss, _, grad = loss_and_grad(prorl_kernels.fused_policy_loss, full, labels, old_logp, ref_logp, adv, mask, weights,
+                                  **kwargs)
     # Garbage where mask is False: huge logits and old/ref log-probs that overflow exp() if used.
     padded = full.clone()
     padded[:, :-1][~mask] = 1e4
     old_logp, ref_logp = old_logp.masked_fill(~mask, -1e4), ref_logp.masked_fill(~mask, 1e4)
-    loss2, _, grad2 = loss_and_grad(kernels.fused_policy_loss, padded, labels, old_logp, ref_logp, adv, mask, **kwargs)
+    loss2, _, grad2 = loss_and_grad(prorl_kernels.fused_policy_loss, padded, labels, old_logp, ref_logp, adv, mask,
+                                    weights, **kwargs)
     torch.testing.assert_close(loss2, loss)
     torch.testing.assert_close(grad2, grad)
     assert (grad2[:, :-1][~mask] == 0).all()
     if use_triton:  # the kernel never reads a masked row: even nan logits there leave everything finite
         padded[:, :-1][~mask] = float("nan")
-        args = (labels, old_logp, ref_logp, adv, mask)
-        loss3, _, grad3 = loss_and_grad(kernels.fused_policy_loss, padded, *args, **kwargs)
+        args = (labels, old_logp, ref_logp, adv, mask, weights)
+        loss3, _, grad3 = loss_and_grad(prorl_kernels.fused_policy_loss, padded, *args, **kwargs)
         torch.testing.assert_close(loss3, loss)
         torch.testing.assert_close(grad3, grad)
 
@@ -350,19 +385,19 @@ def test_aggregation_hand_values():
     mask = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0]]).bool()  # the last sequence is empty
     expected = {"token-mean": 10 / 4, "seq-mean-token-mean": (2 + 4) / 2, "seq-mean-token-sum": (6 + 4) / 2}
     for agg, value in expected.items():
-        torch.testing.assert_close(aggregate(per_token, mask, agg), torch.tensor(value))
-        torch.testing.assert_close((aggregation_weights(mask, agg) * per_token).sum(), torch.tensor(value))
+        torch.testing.assert_close(grpo.aggregate(per_token, mask, agg), torch.tensor(value))
+        torch.testing.assert_close((weights_of(mask, agg) * per_token).sum(), torch.tensor(value))
 
 
 def test_policy_loss_rejects_bad_config(use_triton):
     full, labels, old_logp, ref_logp, adv, mask = policy_batch(2, 3, 17, torch.float32, seed=8)
-    args = (full[:, :-1], labels, old_logp, ref_logp, adv, mask)
+    args = (full[:, :-1], labels, old_logp, ref_logp, adv, mask, weights_of(mask))
     with pytest.raises(ValueError, match="kl_kind"):
-        kernels.fused_policy_loss(*args, kl_kind="k4")
-    with pytest.raises(ValueError, match="agg"):
-        kernels.fused_policy_loss(*args, agg="mean")
+        prorl_kernels.fused_policy_loss(*args, kl_kind="k4")
+    with pytest.raises(ValueError, match="aggregation"):
+        weights_of(mask, "mean")
     with pytest.raises(ValueError, match="temperature"):
-        kernels.fused_policy_loss(*args, temperature=0.0)
+        prorl_kernels.fused_policy_loss(*args, temperature=0.0)
 
 
 # ----------------------------------------------------------------------------- references and dispatch
@@ -383,8 +418,8 @@ def test_references_pass_gradcheck_in_fp64():
         for agg in AGGREGATIONS:
 
             def loss(x, kl_kind=kl_kind, agg=agg):
-                return policy_loss_ref(x, labels, old_logp, ref_logp, adv, mask, kl_kind=kl_kind, kl_coef=0.1,
-                                       temperature=0.7, agg=agg)[0]
+                return policy_loss_ref(x, labels, old_logp, ref_logp, adv, mask, weights_of(mask, agg),
+                                       kl_kind=kl_kind, kl_coef=0.1, temperature=0.7)[0]
 
             assert torch.autograd.gradcheck(loss, (logits,))
 
@@ -393,8 +428,8 @@ def test_cpu_without_interpreter_runs_reference(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     logits = torch.randn(5, 17)
     labels = torch.arange(5)
-    assert kernels.backend(logits) == "reference"
-    logp, entropy = kernels.token_logprobs(logits, labels, 0.7, return_entropy=True)
+    assert prorl_kernels.backend(logits) == "reference"
+    logp, entropy = prorl_kernels.token_logprobs(logits, labels, 0.7, return_entropy=True)
     logp_ref, entropy_ref = token_logprobs_ref(logits, labels, 0.7, return_entropy=True)
     assert torch.equal(logp, logp_ref) and torch.equal(entropy, entropy_ref)
     assert logp.grad_fn is None or "TokenLogprobs" not in type(logp.grad_fn).__name__
@@ -404,7 +439,7 @@ COMPILE_FOR_H100 = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kernels import logprobs, policy_loss
+from prorl_kernels import logprobs, policy_loss
 
 layout = {"inner": "i32", "stride_outer": "i64", "stride_inner": "i64"}
 row_io = {"labels_ptr": "*i64", "lse_ptr": "*fp32", "V": "i32", "inv_temperature": "fp32"}
@@ -413,7 +448,7 @@ kernels = [
     (logprobs._token_logprobs_bwd_kernel, {"row_grad_ptr": "*fp32", "grad_ptr": "*bf16"}, {}),
     (policy_loss._policy_loss_fwd_kernel,
      {name + "_ptr": "*fp32" for name in "old_logp ref_logp adv mask logp entropy loss kl clipped dloss_dlogp".split()}
-     | {"ratio_low": "fp32", "ratio_high": "fp32", "kl_coef": "fp32"}, {"KL_KIND": 3, "USE_KL": True}),
+     | {"ratio_low": "fp32", "ratio_high": "fp32", "kl_coef": "fp32"}, {"KL_KIND": 3, "USE_KL": True, "ON_POLICY": False}),
 ]
 for fn, extra, constexprs in kernels:
     constexprs = constexprs | {"BLOCK_V": 8192}

@@ -4,10 +4,11 @@
 import torch
 
 import kl
-import model as model_lib
+import models
 import reset
 import rollout
 import train
+from prorl_kernels.reference import token_logprobs_ref
 
 # ----------------------------------------------------------------------------- when
 
@@ -72,11 +73,11 @@ def test_state_dict_round_trip():
 
 def kl_on_a_rollout(policy, reference, tokenizer, kind: str) -> torch.Tensor:
     """Per-token KL(π ‖ π_ref) on the completion tokens of a small rollout of the policy."""
-    prompts = [model_lib.encode_prompt(tokenizer, text) for text in ("12+34=", "5 3 9 1 7=")]
+    prompts = [models.encode_prompt(tokenizer, text) for text in ("12+34=", "5 3 9 1 7=")]
     batch = rollout.generate(policy, prompts, n=3, max_new_tokens=6, seed=0, pad_id=tokenizer.pad_token_id)
     with torch.no_grad():
-        logp = train.sequence_logprobs(policy, batch, temperature=1.0)
-        ref_logp = train.sequence_logprobs(reference, batch, temperature=1.0)
+        logp = token_logprobs_ref(train.sequence_logits(policy, batch), batch.tokens[:, 1:])
+        ref_logp = token_logprobs_ref(train.sequence_logits(reference, batch), batch.tokens[:, 1:])
     return kl.kl_estimate(logp, ref_logp, kind)[batch.mask[:, 1:]]
 
 
@@ -90,7 +91,7 @@ def adam_steps(policy, optimizer, count: int) -> None:
 
 def test_after_a_reset_the_kl_is_exactly_zero(tiny_model):
     policy, tokenizer = tiny_model
-    reference = model_lib.build_tiny_model(tokenizer, seed=1).eval()  # a different network
+    reference = models.build_tiny_model(tokenizer, seed=1).eval()  # a different network
     for kind in ("k1", "k2", "k3"):
         assert kl_on_a_rollout(policy, reference, tokenizer, kind).abs().max() > 1e-3
     reset.reset_reference(policy, reference)
@@ -101,7 +102,7 @@ def test_after_a_reset_the_kl_is_exactly_zero(tiny_model):
 
 def test_the_reference_is_a_copy_not_an_alias(tiny_model):
     policy, tokenizer = tiny_model
-    reference = model_lib.build_tiny_model(tokenizer, seed=1)
+    reference = models.build_tiny_model(tokenizer, seed=1)
     reset.reset_reference(policy, reference)
     adam_steps(policy, torch.optim.AdamW(policy.parameters(), lr=1e-2), 1)  # the policy moves on
     moved = [not torch.equal(p, r) for p, r in zip(policy.parameters(), reference.parameters())]
@@ -110,7 +111,7 @@ def test_the_reference_is_a_copy_not_an_alias(tiny_model):
 
 def test_reset_with_the_optimizer_clears_adams_moments(tiny_model):
     policy, tokenizer = tiny_model
-    reference = model_lib.build_tiny_model(tokenizer, seed=1)
+    reference = models.build_tiny_model(tokenizer, seed=1)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
     adam_steps(policy, optimizer, 2)
     first = next(policy.parameters())
@@ -118,7 +119,7 @@ def test_reset_with_the_optimizer_clears_adams_moments(tiny_model):
     reset.reset_reference(policy, reference, optimizer)
     assert len(optimizer.state) == 0  # no moments, no step count: Adam's m = v = 0, t = 0
     # ...so the next step is exactly the first step of a brand-new AdamW from the same weights
-    twin = model_lib.build_tiny_model(tokenizer)
+    twin = models.build_tiny_model(tokenizer)
     twin.load_state_dict(policy.state_dict())
     adam_steps(policy, optimizer, 1)
     adam_steps(twin, torch.optim.AdamW(twin.parameters(), lr=1e-3), 1)
@@ -128,7 +129,7 @@ def test_reset_with_the_optimizer_clears_adams_moments(tiny_model):
 
 def test_reset_without_the_optimizer_keeps_adams_moments(tiny_model):
     policy, tokenizer = tiny_model
-    reference = model_lib.build_tiny_model(tokenizer, seed=1)
+    reference = models.build_tiny_model(tokenizer, seed=1)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
     adam_steps(policy, optimizer, 2)
     first = next(policy.parameters())

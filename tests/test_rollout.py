@@ -15,6 +15,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
+import llama_forward
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import rollout
 
@@ -62,7 +64,7 @@ def teacher_forced_logits(model, out: rollout.Rollout) -> torch.Tensor:
     """logits [B, T, V] of the trainer's forward: the same tokens, mask and positions."""
     with torch.no_grad():
         return model(out.tokens, attention_mask=out.attention_mask.long(),
-                     position_ids=rollout.position_ids(out.attention_mask)).logits.float()
+                     position_ids=llama_forward.position_ids(out.attention_mask)).logits.float()
 
 
 def hf_greedy(model, max_new_tokens: int, stop_ids: tuple = ()) -> torch.Tensor:
@@ -93,7 +95,7 @@ def chi_square_bound(dof: int, z: float = 4.0) -> float:
 
 def test_position_ids_by_hand():
     attention_mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
-    assert rollout.position_ids(attention_mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+    assert llama_forward.position_ids(attention_mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
 
 
 @pytest.mark.parametrize("stop", [False, True])
@@ -140,16 +142,16 @@ def test_dynamic_rope_is_refused(tmp_path_factory):
 
 
 def test_an_explicit_max_rows_is_capped_by_the_kv_cache_budget(model, monkeypatch):
-    """eval.py asks for up to 4096 rows at once; the KV-cache budget still bounds what is decoded together."""
+    """evaluation.py asks for up to 4096 rows at once; the KV-cache budget still bounds what is decoded together."""
     rows = []
-    real_cache = rollout.KVCache
+    real_cache = llama_forward.KVCache
 
     def recording_cache(weights, prompts, prompt_len, num_rows, max_new_tokens):
         rows.append(num_rows)
         return real_cache(weights, prompts, prompt_len, num_rows, max_new_tokens)
 
     longest, new_tokens = max(len(p) for p in PROMPTS), 6
-    per_row = rollout.Weights(model, longest + new_tokens).kv_bytes_per_token * (longest + new_tokens)
+    per_row = llama_forward.Weights(model, longest + new_tokens).kv_bytes_per_token * (longest + new_tokens)
     monkeypatch.setattr(rollout, "KVCache", recording_cache)
     monkeypatch.setattr(rollout, "KV_CACHE_BYTES", 5 * per_row)  # 5 rows fit: one prompt's 3 samples at a time
     capped = rollout.generate(model, PROMPTS, 3, new_tokens, temperature=0, max_rows=4096)
@@ -166,7 +168,7 @@ def test_greedy_rows_equal_across_samples_and_chunks(model, monkeypatch):
         assert torch.equal(out.tokens, reference.tokens.repeat_interleave(3, 0))
         assert torch.allclose(out.logprobs, reference.logprobs.repeat_interleave(3, 0), atol=1e-5)
     # The default chunk size follows the KV-cache budget: room for 2 rows here.
-    weights = rollout.Weights(model, 18)
+    weights = llama_forward.Weights(model, 18)
     monkeypatch.setattr(rollout, "KV_CACHE_BYTES", 2 * weights.kv_bytes_per_token * 18)
     out = rollout.generate(model, PROMPTS, 3, 10, temperature=0)
     assert torch.equal(out.tokens, reference.tokens.repeat_interleave(3, 0))
@@ -205,13 +207,13 @@ def test_fp32_weights_are_sampled_in_the_devices_sample_dtype(model, monkeypatch
     and samples exactly what the same model loaded in bf16 samples (checked here with CPU set to bf16)."""
     bf16_model = copy.deepcopy(model).to(torch.bfloat16)
     expected = rollout.generate(bf16_model, PROMPTS, 2, 8, seed=3)
-    monkeypatch.setitem(rollout.SAMPLE_DTYPE, "cpu", torch.bfloat16)
+    monkeypatch.setitem(llama_forward.SAMPLE_DTYPE, "cpu", torch.bfloat16)
     out = rollout.generate(model, PROMPTS, 2, 8, seed=3)
     assert next(model.parameters()).dtype == torch.float32  # the model itself is untouched
     assert torch.equal(out.tokens, expected.tokens)
     # log-probs within bf16 noise: model.to(bf16) also rounds RoPE's frequencies, the sampler's cast does not
     assert torch.allclose(out.logprobs, expected.logprobs, atol=1e-2)
-    assert rollout.Weights(model, 16).dtype == torch.bfloat16 and rollout.Weights(bf16_model, 16).layers[0].q.dtype == torch.bfloat16
+    assert llama_forward.Weights(model, 16).dtype == torch.bfloat16 and llama_forward.Weights(bf16_model, 16).layers[0].q.dtype == torch.bfloat16
 
 
 def test_stop_tokens_mask_and_truncation(model):
@@ -250,7 +252,7 @@ def test_same_seed_same_rollout_other_seed_differs(model):
 def test_every_prompt_prefilled_once(model, monkeypatch):
     """N samples of a prompt share one prefill, even when its rows span several chunks (max_rows < N)."""
     prefilled = []
-    real_prefill = rollout.prefill
+    real_prefill = llama_forward.prefill
 
     def counting_prefill(weights, cache, prompt_ids, prompt_mask, first):
         prefilled.append(prompt_ids.shape[0])
@@ -275,18 +277,18 @@ def test_bucketed_attention_masks_unwritten_columns(model, samples):
     """Reading past the written completion columns (what CUDA graphs do, up to a bucket edge) changes
     nothing, whatever stale values those columns hold."""
     prompts, steps = len(PROMPTS), 5
-    weights = rollout.Weights(model, 64)
+    weights = llama_forward.Weights(model, 64)
     ids, mask = left_pad(PROMPTS)
     results = []
     for kv_len in (None, 12):  # the exact length, and the cache read up to column 12
-        cache = rollout.KVCache(weights, prompts, ids.shape[1], prompts * samples, 16)
+        cache = llama_forward.KVCache(weights, prompts, ids.shape[1], prompts * samples, 16)
         cache.k.normal_(), cache.v.normal_()  # stale keys/values from an earlier chunk
         assert cache.shared == (samples > 1)
-        logits = rollout.prefill(weights, cache, ids, mask.bool()).repeat_interleave(samples, 0)
+        logits = llama_forward.prefill(weights, cache, ids, mask.bool()).repeat_interleave(samples, 0)
         for step in range(steps):
             token = logits.argmax(-1)
             position = mask.sum(-1).repeat_interleave(samples) + step
-            logits = rollout.decode_step(token, position, step, prompts, samples, kv_len,
+            logits = llama_forward.decode_step(token, position, step, prompts, samples, kv_len,
                                          weights=weights, cache=cache)
         results.append(logits)
     assert torch.allclose(results[0], results[1], atol=1e-5)
@@ -304,8 +306,8 @@ def test_cuda_graph_decode_plumbing(model, monkeypatch, n, max_rows):
         def replay(self):
             self.decoder.logits[self.key] = self.step()
 
-    monkeypatch.setattr(rollout.CudaGraphDecode, "capture", lambda self, key, step: EagerGraph(self, key, step))
-    monkeypatch.setattr(rollout, "make_decoder", rollout.CudaGraphDecode)
+    monkeypatch.setattr(llama_forward.CudaGraphDecode, "capture", lambda self, key, step: EagerGraph(self, key, step))
+    monkeypatch.setattr(rollout, "make_decoder", llama_forward.CudaGraphDecode)
     monkeypatch.setattr(rollout, "KV_BUCKET", 4)  # 10 steps read 4, 8, then all 10 completion columns
     graphed = rollout.generate(model, PROMPTS, n, 10, temperature=0, max_rows=max_rows)
     monkeypatch.undo()

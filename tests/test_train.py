@@ -5,10 +5,12 @@ The tiny model answers at random, so it never solves a task: where a test needs 
 rewards it turns on a small length penalty (completions of different lengths then score differently).
 """
 
+import importlib.util
 import json
 import math
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -16,8 +18,10 @@ import torch
 
 import checkpoint
 import grpo
-import model as model_lib
+import models
 import rewards
+import sampling
+import settings
 import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +33,7 @@ def config_error(capsys, argv: list[str]) -> str:
     """parse_config must refuse argv with one sentence: a SystemExit with one line on stderr, or a ValueError
     (which train.py's __main__ prints as "error: <message>"). Returns that line."""
     try:
-        train.parse_config(argv)
+        settings.parse_config(argv)
     except ValueError as error:
         message = str(error)
     except SystemExit as exit_info:
@@ -101,18 +105,18 @@ def test_a_new_run_never_overwrites_an_earlier_one(tmp_path, monkeypatch, capsys
 def test_a_model_the_sampler_cannot_run_is_one_line_and_leaves_the_run_name_free(tmp_path, monkeypatch):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    tokenizer = model_lib.build_tokenizer()
+    tokenizer = models.build_tokenizer()
     GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=1, n_head=2)).save_pretrained(tmp_path / "gpt2")
     tokenizer.save_pretrained(tmp_path / "gpt2")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="supports Llama and Qwen2 models, not 'gpt2'"):
         train.main(["--model", str(tmp_path / "gpt2"), "--run", "x"])
     assert not checkpoint.is_run(tmp_path / "runs" / "x")
-    train.parse_config(["--run", "x"])  # the name is still free
+    settings.parse_config(["--run", "x"])  # the name is still free
 
 
 def test_flags_override_the_preset():
-    c = train.parse_config(["--preset", "prorl", "--n", "8", "--clip-high", "0.3"])
+    c = settings.parse_config(["--preset", "prorl", "--n", "8", "--clip-high", "0.3"])
     assert (c.n, c.clip_high, c.advantage, c.temperature) == (8, 0.3, "grpo", 1.2)
 
 
@@ -194,7 +198,7 @@ def capture_shaped_rewards(monkeypatch) -> list[dict]:
     """Record, at each step of train.main, the sampled batch, its scores, the reference's log-probs and the
     rewards handed to the advantage estimator."""
     steps = []
-    real_sample, real_logprobs, real_advantages = grpo.sample_groups, train.batch_logprobs, grpo.group_advantages
+    real_sample, real_logprobs, real_advantages = sampling.sample_groups, train.batch_logprobs, grpo.group_advantages
 
     def sample(*args, **kwargs):
         batch, scores, stats = real_sample(*args, **kwargs)
@@ -212,7 +216,7 @@ def capture_shaped_rewards(monkeypatch) -> list[dict]:
             steps[-1]["shaped"] = shaped.clone()
         return real_advantages(shaped, estimator)
 
-    monkeypatch.setattr(grpo, "sample_groups", sample)
+    monkeypatch.setattr(sampling, "sample_groups", sample)
     monkeypatch.setattr(train, "batch_logprobs", logprobs)
     monkeypatch.setattr(grpo, "group_advantages", advantages)
     return steps
@@ -263,3 +267,40 @@ def test_stalled_validation_resets_right_after_the_evaluation_that_shows_it(tmp_
                                "--reset-patience", "1"])
     assert [m["val_pass1"] for m in metrics] == [0.0, 0.0]
     assert [m.get("reset") for m in metrics] == [None, "stalled"]
+
+
+# ----------------------------------------------------------------------------- --log tensorboard|wandb
+
+def test_log_to_an_uninstalled_package_is_one_line(capsys, monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
+    assert config_error(capsys, ["--log", "wandb"]) == ("--log wandb needs the wandb package, which is not "
+                                                        "installed: pip install wandb")
+    assert "--log must be tensorboard or wandb" in config_error(capsys, ["--log", "mlflow"])
+
+
+def test_log_tensorboard_gets_every_numeric_metric_of_every_step(tmp_path, monkeypatch, tiny_model_dir):
+    """TensorBoard receives the numbers metrics.jsonl holds, step by step (a stand-in SummaryWriter records them,
+    so the test needs no tensorboard install)."""
+    scalars = []
+
+    class RecordingWriter:
+        def __init__(self, log_dir):
+            assert log_dir.endswith("tensorboard")
+
+        def add_scalar(self, name, value, step):
+            scalars.append((step, name, value))
+
+        def flush(self):
+            pass
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "tensorboard" else real_find_spec(name, *a))
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=RecordingWriter))
+    _, metrics, _ = run_train(tmp_path, monkeypatch, tiny_model_dir, ["--steps", "2", "--prompts-per-step", "4",
+                                                                      "--n", "4", "--log", "tensorboard"])
+    expected = [(m["step"], k, v) for m in metrics for k, v in m.items()
+                if k != "step" and isinstance(v, (int, float))]
+    assert scalars == expected and {step for step, _, _ in scalars} == {1, 2}

@@ -9,16 +9,19 @@ import torch
 
 import dist
 import grpo
-import model as model_lib
+import llama_forward
+import models
 import rollout
+import settings
 import train
+from prorl_kernels.reference import token_logprobs_ref
 
 # ----------------------------------------------------------------------------- update
 
 @pytest.fixture
 def rollout_batch(tiny_model):
     policy, tokenizer = tiny_model
-    prompts = [model_lib.encode_prompt(tokenizer, text) for text in ("12+34=", "5 3 9 1 7=", "3 7 9>30:", "8+8=")]
+    prompts = [models.encode_prompt(tokenizer, text) for text in ("12+34=", "5 3 9 1 7=", "3 7 9>30:", "8+8=")]
     batch = rollout.generate(policy, prompts, n=4, max_new_tokens=6, seed=0, pad_id=tokenizer.pad_token_id)
     adv = grpo.group_advantages(torch.rand(4, 4, generator=torch.Generator().manual_seed(0))).flatten()
     return batch, adv
@@ -26,10 +29,10 @@ def rollout_batch(tiny_model):
 
 def test_update_has_zero_kl_to_an_identical_reference(tiny_model, tiny_model_dir, rollout_batch):
     policy, _ = tiny_model
-    reference = model_lib.load(tiny_model_dir)[0].eval()
+    reference = models.load(tiny_model_dir)[0].eval()
     batch, adv = rollout_batch
     before = [p.clone() for p in policy.parameters()]
-    c = train.Config(minibatches=1, epochs=1, kl_coef=1e-3)
+    c = settings.Config(minibatches=1, epochs=1, kl_coef=1e-3)
     ref_logp = train.batch_logprobs(reference, batch, c)
     stats = train.update(policy, torch.optim.AdamW(policy.parameters(), lr=1e-3), batch, adv, ref_logp, c)
     assert stats["kl"] == 0.0 and stats["entropy"] > 0
@@ -40,22 +43,22 @@ def test_update_has_zero_kl_to_an_identical_reference(tiny_model, tiny_model_dir
 def test_update_steps_down_the_gradient_of_the_loss_written_out_by_hand(tiny_model_dir, agg):
     """One SGD step (lr 1) of update() — micro-batches of 3 rows, k3 KL to another model, T = 1.3 — equals
     minus the gradient of the clipped loss + β·k3 written out here from log_softmax, for the whole batch."""
-    policy, tokenizer = model_lib.load(tiny_model_dir)
-    reference = model_lib.build_tiny_model(tokenizer, seed=1).eval()
-    prompts = [model_lib.encode_prompt(tokenizer, text) for text in ("12+34=", "5 3 9 1 7=", "3 7 9>30:", "8+8=")]
+    policy, tokenizer = models.load(tiny_model_dir)
+    reference = models.build_tiny_model(tokenizer, seed=1).eval()
+    prompts = [models.encode_prompt(tokenizer, text) for text in ("12+34=", "5 3 9 1 7=", "3 7 9>30:", "8+8=")]
     batch = rollout.generate(policy, prompts, n=4, max_new_tokens=6, temperature=1.3, seed=0,
                              pad_id=tokenizer.pad_token_id)
     adv = torch.randn(16, generator=torch.Generator().manual_seed(0))
-    c = train.Config(micro_batch_rows=3, loss_agg=agg, kl_coef=0.1, kl_kind="k3", grad_clip=1e9, minibatches=1,
+    c = settings.Config(micro_batch_rows=3, loss_agg=agg, kl_coef=0.1, kl_kind="k3", grad_clip=1e9, minibatches=1,
                      temperature=1.3)
     ref_logp = train.batch_logprobs(reference, batch, c)
     before = [p.clone() for p in policy.parameters()]
     train.update(policy, torch.optim.SGD(policy.parameters(), lr=1.0), batch, adv, ref_logp, c)
     step = torch.cat([(p - q).flatten() for p, q in zip(policy.parameters(), before)])
 
-    fresh = model_lib.load(tiny_model_dir)[0]
+    fresh = models.load(tiny_model_dir)[0]
     logits = fresh(input_ids=batch.tokens, attention_mask=batch.attention_mask.long(),
-                   position_ids=rollout.position_ids(batch.attention_mask)).logits[:, :-1]
+                   position_ids=llama_forward.position_ids(batch.attention_mask)).logits[:, :-1]
     logp = torch.log_softmax(logits / 1.3, -1).gather(-1, batch.tokens[:, 1:, None])[..., 0]
     ratio = torch.exp(logp - logp.detach())  # on-policy: 1, with the gradient of logp
     log_ratio = ref_logp - logp
@@ -76,7 +79,7 @@ def test_minibatches_and_epochs_take_one_optimizer_step_each(tiny_model, rollout
     policy, _ = tiny_model
     batch, adv = rollout_batch
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
-    stats = train.update(policy, optimizer, batch, adv, None, train.Config(minibatches=2, epochs=3, kl_coef=0.0))
+    stats = train.update(policy, optimizer, batch, adv, None, settings.Config(minibatches=2, epochs=3, kl_coef=0.0))
     assert optimizer.state[next(policy.parameters())]["step"].item() == 6
     # after the first optimizer step the policy is no longer the one that produced old_logp
     assert stats["ratio_mean"] != 1.0 and stats["approx_kl"] > 0
@@ -90,11 +93,11 @@ def test_minibatches_are_near_equal_and_a_batch_with_no_tokens_takes_no_step(tin
     policy, _ = tiny_model
     batch, adv = rollout_batch
     rows, sizes = [0], []  # rows forwarded since the last optimizer step; rows of each step
-    real_logprobs = train.sequence_logprobs
+    real_logits = train.sequence_logits
 
-    def counting_logprobs(policy, micro, temperature, entropy=False):
-        rows[0] += len(micro.tokens) if entropy else 0  # entropy=True: the update's forwards, not old log-probs
-        return real_logprobs(policy, micro, temperature, entropy)
+    def counting_logits(policy, micro):
+        rows[0] += len(micro.tokens) if torch.is_grad_enabled() else 0  # the update's forwards, not old log-probs
+        return real_logits(policy, micro)
 
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
     real_step = optimizer.step
@@ -105,9 +108,9 @@ def test_minibatches_are_near_equal_and_a_batch_with_no_tokens_takes_no_step(tin
         return real_step(*args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train, "sequence_logprobs", counting_logprobs)
+        patch.setattr(train, "sequence_logits", counting_logits)
         patch.setattr(optimizer, "step", counting_step)
-        train.update(policy, optimizer, batch, adv, None, train.Config(minibatches=6, epochs=1, kl_coef=0.0))
+        train.update(policy, optimizer, batch, adv, None, settings.Config(minibatches=6, epochs=1, kl_coef=0.0))
     assert sizes == [3, 3, 3, 3, 2, 2]
     assert optimizer.state[next(policy.parameters())]["step"].item() == 6
     # every response truncated, and --overlong-filter: no token has a gradient, so nothing moves
@@ -115,7 +118,7 @@ def test_minibatches_are_near_equal_and_a_batch_with_no_tokens_takes_no_step(tin
                                 torch.ones_like(batch.truncated), batch.prompt_len)
     before = [p.clone() for p in policy.parameters()]
     stats = train.update(policy, optimizer, truncated, adv, None,
-                         train.Config(minibatches=2, epochs=1, kl_coef=0.0, overlong_filter=True))
+                         settings.Config(minibatches=2, epochs=1, kl_coef=0.0, overlong_filter=True))
     assert all(torch.equal(p, q) for p, q in zip(before, policy.parameters()))
     assert optimizer.state[next(policy.parameters())]["step"].item() == 6
     assert stats == {"skipped_updates": 0}
@@ -127,19 +130,19 @@ def test_logged_stats_are_token_weighted_over_the_whole_update(tiny_model, rollo
     policy, _ = tiny_model
     batch, adv = rollout_batch
     entropies = []
-    real = train.sequence_logprobs
+    real = train.sequence_logits
 
-    def recording(policy, micro, temperature, entropy=False):
-        if not entropy:  # the pass that computes the old log-probs
-            return real(policy, micro, temperature)
-        logp, ent = real(policy, micro, temperature, entropy=True)
-        entropies.append(ent[micro.mask[:, 1:]].detach())
-        return logp, ent
+    def recording(policy, micro):
+        logits = real(policy, micro)
+        if torch.is_grad_enabled():  # the update's forwards, not the pass that computes the old log-probs
+            _, entropy = token_logprobs_ref(logits.detach(), micro.tokens[:, 1:], return_entropy=True)
+            entropies.append(entropy[micro.mask[:, 1:]])
+        return logits
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train, "sequence_logprobs", recording)
+        patch.setattr(train, "sequence_logits", recording)
         stats = train.update(policy, torch.optim.SGD(policy.parameters(), lr=0.0), batch, adv, None,
-                             train.Config(minibatches=3, epochs=1, kl_coef=0.0, micro_batch_rows=2))
+                             settings.Config(minibatches=3, epochs=1, kl_coef=0.0, micro_batch_rows=2))
     seen = torch.cat(entropies)  # mini-batches of 6, 5 and 5 rows, of different token counts
     assert len(seen) == int(batch.mask[:, 1:].sum())
     assert stats["entropy"] == pytest.approx(seen.mean().item(), rel=1e-5)
@@ -151,10 +154,10 @@ def test_old_logprobs_are_recomputed_not_taken_from_the_sampler(tiny_model, tiny
     batch, adv = rollout_batch
     garbage = rollout.select_rows(batch, slice(None))
     garbage.logprobs = torch.full_like(batch.logprobs, -7.0)
-    c = train.Config(minibatches=2, epochs=2, kl_coef=0.0)
+    c = settings.Config(minibatches=2, epochs=2, kl_coef=0.0)
     results = []
     for sampled in (batch, garbage):
-        policy = model_lib.load(tiny_model_dir)[0]
+        policy = models.load(tiny_model_dir)[0]
         torch.manual_seed(0)  # the same mini-batch shuffle
         train.update(policy, torch.optim.AdamW(policy.parameters(), lr=1e-2), sampled, adv, None, c)
         results.append(list(policy.parameters()))
@@ -168,13 +171,13 @@ def test_activation_checkpointing_changes_memory_not_the_update(tiny_model_dir, 
     batch, adv = rollout_batch
     deltas = []
     for checkpointing in (False, True):
-        policy = model_lib.load(tiny_model_dir)[0]
+        policy = models.load(tiny_model_dir)[0]
         if checkpointing:  # as train.main does for --activation-checkpointing
-            model_lib.enable_activation_checkpointing(policy)
+            models.enable_activation_checkpointing(policy)
         runs = []
         policy.model.layers[0].mlp.register_forward_pre_hook(lambda *args, runs=runs: runs.append(1))
         before = [p.clone() for p in policy.parameters()]
-        c = train.Config(kl_coef=0.0, grad_clip=1e9, minibatches=1, activation_checkpointing=checkpointing)
+        c = settings.Config(kl_coef=0.0, grad_clip=1e9, minibatches=1, activation_checkpointing=checkpointing)
         train.update(policy.train(), torch.optim.SGD(policy.parameters(), lr=1.0), batch, adv, None, c)
         deltas.append(torch.cat([(p - q).flatten() for p, q in zip(policy.parameters(), before)]))
         assert len(runs) == (2 if checkpointing else 1)  # one micro-batch, on-policy: one forward
@@ -189,7 +192,7 @@ def test_the_activation_checkpointing_flag_checkpoints_the_policy(tmp_path, monk
     def enabled(model):
         raise Enabled(model.config.model_type)
 
-    monkeypatch.setattr(model_lib, "enable_activation_checkpointing", enabled)
+    monkeypatch.setattr(models, "enable_activation_checkpointing", enabled)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(Enabled, match="llama"):
         train.main(["--model", tiny_model_dir, "--activation-checkpointing", "true"])
@@ -203,9 +206,9 @@ def test_micro_batches_change_memory_not_the_update(tiny_model_dir, rollout_batc
     batch.mask = batch.mask & (torch.arange(batch.mask.shape[1])[None] <= last[:, None])
     deltas, stats = [], []
     for micro_batch_rows in (3, 16):
-        policy = model_lib.load(tiny_model_dir)[0]
+        policy = models.load(tiny_model_dir)[0]
         before = [p.clone() for p in policy.parameters()]
-        c = train.Config(micro_batch_rows=micro_batch_rows, loss_agg=agg, kl_coef=0.0, grad_clip=1e9, minibatches=1)
+        c = settings.Config(micro_batch_rows=micro_batch_rows, loss_agg=agg, kl_coef=0.0, grad_clip=1e9, minibatches=1)
         stats.append(train.update(policy, torch.optim.SGD(policy.parameters(), lr=1.0), batch, adv, None, c))
         deltas.append(torch.cat([(p - q).flatten() for p, q in zip(policy.parameters(), before)]))  # Δθ = −∇loss
     assert deltas[0].abs().max() > 0
@@ -223,9 +226,9 @@ def test_bf16_compute_keeps_fp32_weights_that_move_at_the_presets_lr_and_saves_a
     weight near 0.02 moves in steps of 1e-4, so in bf16 almost none would). final/ is saved in the dtype the
     checkpoint came in (bf16 here), not in the fp32 of training."""
     bf16_dir = tmp_path / "bf16"
-    policy, tokenizer = model_lib.load(tiny_model_dir)
+    policy, tokenizer = models.load(tiny_model_dir)
     dist.save_pretrained(policy, tokenizer, bf16_dir, torch.bfloat16)
-    monkeypatch.setitem(rollout.SAMPLE_DTYPE, "cpu", torch.bfloat16)
+    monkeypatch.setitem(llama_forward.SAMPLE_DTYPE, "cpu", torch.bfloat16)
     logits_dtypes, moved = [], []
     real_update = train.update
 
@@ -250,19 +253,20 @@ def test_bf16_compute_keeps_fp32_weights_that_move_at_the_presets_lr_and_saves_a
     saved = load_file(final / "model.safetensors")
     assert "lm_head.weight" not in saved  # tied to the embedding: still stored once after the cast
     assert {t.dtype for t in saved.values()} == {torch.bfloat16}
-    assert model_lib.saved_dtype(str(final)) == torch.bfloat16
+    assert models.saved_dtype(str(final)) == torch.bfloat16
 
 
 def test_kl_clamp_bounds_the_per_token_kl_term(tiny_model, rollout_batch):
     policy, tokenizer = tiny_model
     batch, adv = rollout_batch
-    reference = model_lib.build_tiny_model(tokenizer, seed=1).eval()  # far from the policy: a large KL
-    c = train.Config(minibatches=1, kl_coef=0.1, kl_kind="k3")
+    reference = models.build_tiny_model(tokenizer, seed=1).eval()  # far from the policy: a large KL
+    c = settings.Config(minibatches=1, kl_coef=0.1, kl_kind="k3")
     ref_logp = train.batch_logprobs(reference, batch, c)
     unclamped = train.update(policy, torch.optim.SGD(policy.parameters(), lr=0.0), batch, adv, ref_logp, c)["kl"]
+    bound = unclamped / 2  # below the mean, so some tokens' KL must be cut
     clamped = train.update(policy, torch.optim.SGD(policy.parameters(), lr=0.0), batch, adv, ref_logp,
-                           train.Config(minibatches=1, kl_coef=0.1, kl_kind="k3", kl_clamp=0.05))["kl"]
-    assert unclamped > 0.05 >= clamped > 0
+                           settings.Config(minibatches=1, kl_coef=0.1, kl_kind="k3", kl_clamp=bound))["kl"]
+    assert unclamped > bound >= clamped > 0
 
 
 def test_overlong_filter_gives_truncated_responses_no_gradient(tiny_model_dir, rollout_batch):
@@ -272,10 +276,10 @@ def test_overlong_filter_gives_truncated_responses_no_gradient(tiny_model_dir, r
     adv = batch.truncated.float() * 2 - 1  # +1 on truncated responses, −1 on the others
     steps = []
     for overlong_filter, only_truncated in ((True, True), (False, True), (True, False)):
-        policy = model_lib.load(tiny_model_dir)[0]
+        policy = models.load(tiny_model_dir)[0]
         before = [p.clone() for p in policy.parameters()]
         rows = batch.truncated if only_truncated else torch.ones_like(batch.truncated)
-        c = train.Config(minibatches=1, kl_coef=0.0, grad_clip=1e9, overlong_filter=overlong_filter)
+        c = settings.Config(minibatches=1, kl_coef=0.0, grad_clip=1e9, overlong_filter=overlong_filter)
         train.update(policy, torch.optim.SGD(policy.parameters(), lr=1.0), rollout.select_rows(batch, rows), adv[rows],
                      None, c)
         steps.append(torch.cat([(p - q).flatten() for p, q in zip(policy.parameters(), before)]))

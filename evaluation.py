@@ -1,7 +1,7 @@
 """Evaluation: sample n completions per problem, score them, and report pass@k per task family.
 
-    python eval.py --model BASE_DIR --model TRAINED_DIR      # the reasoning-boundary report, n=256
-    python eval.py --plot runs/tiny-s0                         # training curves from metrics.jsonl
+    python evaluation.py --model BASE_DIR --model TRAINED_DIR      # the reasoning-boundary report, n=256
+    python evaluation.py --plot runs/tiny-s0                         # training curves from metrics.jsonl
 
 pass@k is the unbiased estimator of Chen et al. (Codex, 2021): with n samples of which c are right,
     pass@k = 1 − C(n−c, k) / C(n, k)
@@ -26,9 +26,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import model as model_lib
-import rewards
-import rollout
+import models
+import sampling
 import tasks
 
 # ProRL's evaluation sampling (Section 4): temperature 0.6, top-p 0.95, n samples per problem.
@@ -57,24 +56,6 @@ def ks_up_to(n: int) -> list[int]:
 
 # ----------------------------------------------------------------------------- sampling
 
-def rollout_and_score(policy, tokenizer, examples: list[dict], n: int, max_new_tokens: int,
-                      temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-                      max_rows: int | None = None) -> tuple[rollout.Rollout, torch.Tensor]:
-    """Generate n completions per example and score them → (rollout, rewards [P, N]).
-
-    A truncated completion (no stop token within max_new_tokens) scores 0: it never gave an answer.
-    """
-    prompts = [model_lib.encode_prompt(tokenizer, ex["prompt"]) for ex in examples]
-    result = rollout.generate(policy, prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
-                              top_p=top_p, stop_ids=model_lib.stop_ids(policy, tokenizer), seed=seed,
-                              pad_id=tokenizer.pad_token_id, max_rows=max_rows)
-    completions = tokenizer.batch_decode(torch.where(result.mask, result.tokens, tokenizer.pad_token_id)
-                                         [:, result.prompt_len:], skip_special_tokens=True)
-    scores = rewards.score_batch([examples[i // n] for i in range(len(completions))], completions)
-    scores = torch.tensor(scores, device=result.truncated.device).masked_fill(result.truncated, 0.0)  # [P·N]
-    return result, scores.view(len(examples), n)
-
-
 def correct_counts(policy, tokenizer, examples: list[dict], n: int = EVAL_SAMPLES, max_new_tokens: int = 16,
                    temperature: float = EVAL_TEMPERATURE, top_p: float = EVAL_TOP_P, seed: int = 0,
                    max_rows: int | None = None, progress: str = "", chunk: int = 0) -> list[int]:
@@ -88,8 +69,9 @@ def correct_counts(policy, tokenizer, examples: list[dict], n: int = EVAL_SAMPLE
     counts = []
     with tqdm(total=len(examples), desc=progress, unit="problem", disable=not progress, dynamic_ncols=True) as bar:
         for start in range(0, len(examples), chunk):
-            _, scores = rollout_and_score(policy, tokenizer, examples[start:start + chunk], n, max_new_tokens,
-                                          temperature, top_p, seed=seed + start, max_rows=max_rows)
+            _, scores = sampling.rollout_and_score(policy, tokenizer, examples[start:start + chunk], n,
+                                                   max_new_tokens, temperature, top_p, seed=seed + start,
+                                                   max_rows=max_rows)
             counts += (scores >= 1.0).sum(dim=1).tolist()
             bar.update(len(scores))
     return counts
@@ -144,7 +126,7 @@ def boundary_table(report: dict[str, dict[str, dict[int, float]]]) -> str:
 
 def plot_boundary(report: dict[str, dict[str, dict[int, float]]], path: Path, title: str = "") -> None:
     """pass@k against k (log scale), one panel per family and one for overall, one line per model."""
-    # Agg renders PNGs headless. Imported here, not at the top, so that `import eval` (train.py) stays fast.
+    # Agg renders PNGs headless. Imported here, not at the top, so that `import evaluation` (train.py) stays fast.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -292,6 +274,16 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """--help keeps the docstring's layout and shows each option's default."""
 
 
+def eval_problems(family: str, count: int, level: int, whole_file: bool = False) -> list[dict]:
+    """A source's first `count` held-out problems; with whole_file, a file's first `count` problems, every one
+    (a benchmark such as AIME is all test set, and its 10% held-out share would be 3 problems)."""
+    problems = (tasks.load_source(family)[:count] if whole_file and not tasks.is_procedural(family)
+                else tasks.heldout(family, count, level))
+    if not problems:
+        raise tasks.no_heldout_error(family)
+    return problems
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model", action="append", default=[],
@@ -299,6 +291,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--tasks", default="sort,reverse,countdown", help="built-in names or JSONL paths, as train.py")
     parser.add_argument("--level", type=int, default=1, help="difficulty of the built-in tasks (1-3)")
     parser.add_argument("--problems", type=int, default=100, help="held-out problems per family")
+    parser.add_argument("--whole-file", action="store_true",
+                        help="evaluate every problem of a file in --tasks (up to --problems), not only its held-out "
+                             "share: for a benchmark file such as aime_2024.parquet")
     parser.add_argument("--n", type=int, default=EVAL_SAMPLES, help="samples per problem (largest k)")
     parser.add_argument("--temperature", type=float, default=EVAL_TEMPERATURE, help="sampling temperature")
     parser.add_argument("--top-p", type=float, default=EVAL_TOP_P, help="nucleus sampling threshold")
@@ -329,21 +324,17 @@ def main(argv: list[str]) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
-    model_lib.check_device(args.device)
+    models.check_device(args.device)
     for path in args.model:  # all of them before the first hour of sampling, not after
-        model_lib.check_model_dir(path)
-    examples = []
-    for family in tasks.parse_mix(args.tasks):
-        family_examples = tasks.heldout(family, args.problems, args.level)
-        if not family_examples:
-            raise tasks.no_heldout_error(family)
-        examples += family_examples
+        models.check_model_dir(path)
+    examples = [ex for family in tasks.parse_mix(args.tasks)
+                for ex in eval_problems(family, args.problems, args.level, args.whole_file)]
     names = ["base"] + (["trained"] if len(args.model) == 2 else [f"trained{i}" for i in range(1, len(args.model))])
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     counts = {}
     for name, path in zip(names, args.model):
-        policy, tokenizer = model_lib.load(path, device, dtype)
+        policy, tokenizer = models.load(path, device, dtype)
         counts[name] = correct_counts(policy.eval(), tokenizer, examples, args.n, args.max_new_tokens,
                                       args.temperature, args.top_p, args.seed, args.max_rows, progress=name)
         del policy

@@ -9,7 +9,7 @@ Per token, from one read of its row of logits (reference: `reference.policy_loss
     loss_t = pg + β·kl
     dloss_t/dlogp = (clipped ? 0 : −A·ρ) + β·dkl/dlogp
                     dk1 = 1,  dk2 = logp − ref,  dk3 = 1 − exp(ref − logp)
-The aggregation is linear, loss = Σ_t w_t·loss_t (`reference.aggregation_weights`), so the backward is
+The aggregation is linear, loss = Σ_t w_t·loss_t (w: `grpo.loss_weights`), so the backward is
     d loss/d logits_v = w_t · dloss_t/dlogp · (1[v = label] − p_v) / T
 one more read of the logits and one write of the gradient (`logprobs.logits_backward`). Masked tokens are
 never read; in the backward, neither is any row whose gradient is zero (clipped, with β = 0).
@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.logprobs import (
+import grpo
+from prorl_kernels.logprobs import (
     as_rows,
     device_guard,
     grad_buffer,
@@ -28,7 +29,7 @@ from kernels.logprobs import (
     row_logsumexp,
     row_offset,
 )
-from kernels.reference import aggregation_weights, check_policy_loss_args, policy_stats
+from prorl_kernels.reference import check_policy_loss_args
 
 KL_KIND_IDS = {"k1": 1, "k2": 2, "k3": 3}
 
@@ -39,7 +40,7 @@ def _policy_loss_fwd_kernel(
     labels_ptr, old_logp_ptr, ref_logp_ptr, adv_ptr, mask_ptr,  # [N] inputs
     logp_ptr, lse_ptr, entropy_ptr, loss_ptr, kl_ptr, clipped_ptr, dloss_dlogp_ptr,  # [N] fp32 outputs
     V, inv_temperature, ratio_low, ratio_high, kl_coef,
-    KL_KIND: tl.constexpr, USE_KL: tl.constexpr, BLOCK_V: tl.constexpr,
+    KL_KIND: tl.constexpr, USE_KL: tl.constexpr, ON_POLICY: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     logp = tl.full([], 0.0, tl.float32)
@@ -55,7 +56,8 @@ def _policy_loss_fwd_kernel(
         label = tl.load(labels_ptr + row).to(tl.int64)
         z_label = tl.load(row_ptr + label).to(tl.float32) * inv_temperature
         logp = tl.minimum(z_label - lse, 0.0)  # see logprobs._token_logprobs_fwd_kernel
-        old_logp = tl.load(old_logp_ptr + row)
+        # on-policy (one update per batch): old_logp is logp itself, so ρ = 1 with the gradient of logp
+        old_logp = logp if ON_POLICY else tl.load(old_logp_ptr + row)
         ref_logp = tl.load(ref_logp_ptr + row)
         adv = tl.load(adv_ptr + row)
 
@@ -94,7 +96,7 @@ class FusedPolicyLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, old_logp, ref_logp, adv, mask, weight, ratio_low, ratio_high,
-                kl_kind, kl_coef, inv_temperature):
+                kl_kind, kl_coef, inv_temperature, on_policy):
         vocab_size = logits.shape[-1]
         rows, inner, stride_outer, stride_inner, copied = as_rows(logits)
         num_rows = labels.numel()
@@ -108,7 +110,8 @@ class FusedPolicyLoss(torch.autograd.Function):
                     labels, old_logp, ref_logp, adv, mask,
                     logp, lse, entropy, loss_t, kl, clipped, dloss_dlogp,
                     vocab_size, inv_temperature, ratio_low, ratio_high, kl_coef,
-                    KL_KIND=KL_KIND_IDS[kl_kind], USE_KL=kl_coef != 0, **launch_config(vocab_size),
+                    KL_KIND=KL_KIND_IDS[kl_kind], USE_KL=kl_coef != 0, ON_POLICY=on_policy,
+                    **launch_config(vocab_size),
                 )
         loss = (weight * loss_t).sum()
         ctx.save_for_backward(rows, labels, lse, weight * dloss_dlogp)
@@ -122,36 +125,43 @@ class FusedPolicyLoss(torch.autograd.Function):
         rows, labels, lse, dloss_dlogp = ctx.saved_tensors
         grad = grad_buffer(rows, ctx.copied)
         logits_backward(rows, ctx.layout, labels, lse, dloss_dlogp * grad_loss, grad, ctx.inv_temperature)
-        return (grad.view(ctx.logits_shape),) + (None,) * 11
+        return (grad.view(ctx.logits_shape),) + (None,) * 12
 
 
 def fused_policy_loss_triton(
     logits: torch.Tensor,
     labels: torch.Tensor,
-    old_logp: torch.Tensor,
-    ref_logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
     adv: torch.Tensor,
     mask: torch.Tensor,
+    weights: torch.Tensor,
     clip_low: float = 0.2,
     clip_high: float = 0.28,
     kl_kind: str = "k3",
     kl_coef: float = 0.0,
     temperature: float = 1.0,
-    agg: str = "token-mean",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Triton `fused_policy_loss`; see `kernels.fused_policy_loss`."""
-    check_policy_loss_args(kl_kind, agg, temperature)
+    """Triton `fused_policy_loss`; see `prorl_kernels.fused_policy_loss`."""
+    check_policy_loss_args(kl_kind, temperature)
     batch, seq_len = mask.shape
     adv = adv.unsqueeze(-1).expand(batch, seq_len) if adv.dim() == 1 else adv  # [B, T]
-    weight = aggregation_weights(mask, agg)  # [B, T], tiny
+    zeros = torch.zeros(batch, seq_len, device=mask.device)
+    on_policy, use_kl = old_logp is None, ref_logp is not None
 
     def flat(x: torch.Tensor) -> torch.Tensor:  # [B, T] → [N] fp32 for the kernel
         return x.reshape(-1).float().contiguous()
 
     loss, logp, entropy, kl, clipped = FusedPolicyLoss.apply(
-        logits, labels.reshape(-1).contiguous(), flat(old_logp), flat(ref_logp), flat(adv), flat(mask),
-        flat(weight), 1 - clip_low, 1 + clip_high, kl_kind, float(kl_coef), 1.0 / temperature,
+        logits, labels.reshape(-1).contiguous(), flat(zeros if on_policy else old_logp),
+        flat(ref_logp if use_kl else zeros), flat(adv), flat(mask), flat(weights), 1 - clip_low, 1 + clip_high,
+        kl_kind, float(kl_coef) if use_kl else 0.0, 1.0 / temperature, on_policy,
     )
-    as_bt = (batch, seq_len)
-    stats = policy_stats(logp.view(as_bt), old_logp, kl.view(as_bt), clipped.view(as_bt), entropy.view(as_bt), mask)
+    logp, kl, clipped, entropy = (x.view(batch, seq_len) for x in (logp, kl, clipped, entropy))
+    old_logp = logp if on_policy else old_logp
+    ratio = torch.exp(torch.where(mask.bool(), logp - old_logp.float(), 0.0))
+    stats = grpo.surrogate_stats(logp, old_logp, ratio, clipped.bool(), mask)
+    stats["entropy"] = grpo.masked_mean(entropy, mask)
+    if use_kl:
+        stats["kl"] = grpo.masked_mean(kl, mask)
     return loss, stats

@@ -213,6 +213,6 @@ class TokenLogprobs(torch.autograd.Function):
 def token_logprobs_triton(
     logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, return_entropy: bool = False
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Triton `token_logprobs`; see `kernels.token_logprobs`."""
+    """Triton `token_logprobs`; see `prorl_kernels.token_logprobs`."""
     logp, entropy = TokenLogprobs.apply(logits, labels, float(temperature), return_entropy)
     return (logp, entropy) if return_entropy else logp

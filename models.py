@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 import transformers
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
+from tokenizers import models as tokenizer_models
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -23,19 +24,21 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-import rollout
+import chains
+import llama_forward
 import tasks
 
 transformers.logging.disable_progress_bar()  # the loading/saving bars of a 1M-parameter model are noise
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
-CHARACTERS = list("0123456789+-*=<>: ")
+# The chains family's operation names come after the other tasks' characters, so every older id is unchanged.
+CHARACTERS = list("0123456789+-*=<>: ") + sorted(set("".join(chains.OPERATIONS)))
 
 # The tiny base: 3 layers of width 128 (~0.6M parameters); tasks and answers fit in 64 positions.
 TINY_CONFIG = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 3, "num_attention_heads": 4,
                "num_key_value_heads": 4, "max_position_embeddings": 64, "tie_word_embeddings": True}
 WARMSTART = {"task_mix": "sort:2,reverse:1,countdown:3", "level": 1, "steps": 500, "batch_size": 128,
-             "lr": 3e-3, "noise": 0.4}
+             "lr": 3e-3, "noise": 0.4, "chain_coverage": 1.0}  # chain_coverage: see chains.shown_compositions
 
 
 def load(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
@@ -57,9 +60,9 @@ def load(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
 
 def compute_dtype(device: str) -> torch.dtype:
     """What the trainer's forward passes compute in (autocast): the sampler's dtype for fp32 weights on this
-    kind of device (rollout.SAMPLE_DTYPE: bf16 on CUDA), fp32 elsewhere. The policy's own weights stay fp32
+    kind of device (llama_forward.SAMPLE_DTYPE: bf16 on CUDA), fp32 elsewhere. The policy's own weights stay fp32
     everywhere (see train.py)."""
-    return rollout.SAMPLE_DTYPE.get(torch.device(device).type, torch.float32)
+    return llama_forward.SAMPLE_DTYPE.get(torch.device(device).type, torch.float32)
 
 
 def saved_dtype(path: str) -> torch.dtype:
@@ -91,13 +94,14 @@ def check_device(device: str) -> None:
         raise ValueError("--device cuda: this machine has no CUDA device (PyTorch sees none)")
 
 
-def encode_prompt(tokenizer, text: str) -> list[int]:
-    """Token ids of a prompt: through the chat template when the tokenizer has one, else BOS + text."""
+def encode_prompt(tokenizer, prompt: str | list[dict]) -> list[int]:
+    """Token ids of a prompt, text or chat messages (an example's "messages": verl's and Nemotron's prompts, system
+    message included): through the chat template when the tokenizer has one, else BOS + the contents joined."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                             tokenize=True, return_dict=False)
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return bos + tokenizer(text, add_special_tokens=False)["input_ids"]
+    return bos + tokenizer("\n\n".join(m["content"] for m in messages), add_special_tokens=False)["input_ids"]
 
 
 def stop_ids(model, tokenizer) -> tuple[int, ...]:
@@ -115,7 +119,7 @@ def stop_ids(model, tokenizer) -> tuple[int, ...]:
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """A character-level tokenizer: every character of the built-in tasks is one token."""
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + CHARACTERS)}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer = Tokenizer(tokenizer_models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<bos>",
@@ -129,17 +133,24 @@ def build_tiny_model(tokenizer, seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-def ensure_tiny_base(path: str, seed: int = 0, log=print) -> str:
-    """Build and warm-start the tiny base at `path` unless an identical one is already there."""
-    recipe = {"seed": seed, "config": TINY_CONFIG, "warmstart": WARMSTART, "characters": "".join(CHARACTERS)}
+def ensure_tiny_base(path: str, seed: int = 0, log=print, **warmstart) -> str:
+    """Build and warm-start the tiny base at `path` unless an identical one is already there.
+
+    Keyword arguments override WARMSTART's entries, e.g. task_mix="chains", chain_coverage=1.5 for a base whose
+    edge of competence is the depth-2 chains it never saw (issue 15)."""
+    unknown = set(warmstart) - set(WARMSTART)
+    if unknown:
+        raise ValueError(f"unknown warm-start setting(s) {', '.join(sorted(unknown))}; known: {', '.join(WARMSTART)}")
+    warmstart = {**WARMSTART, **warmstart}
+    recipe = {"seed": seed, "config": TINY_CONFIG, "warmstart": warmstart, "characters": "".join(CHARACTERS)}
     recipe_file = Path(path) / "recipe.json"
     if recipe_file.is_file() and json.loads(recipe_file.read_text()) == recipe:
         return path
     start = time.time()
-    log(f"building the tiny base model in {path}: {WARMSTART['steps']} supervised warm-start steps (about a minute)")
+    log(f"building the tiny base model in {path}: {warmstart['steps']} supervised warm-start steps (about a minute)")
     tokenizer = build_tokenizer()
     model = build_tiny_model(tokenizer, seed)
-    warm_start(model, tokenizer, seed=seed, **WARMSTART)
+    warm_start(model, tokenizer, seed=seed, **warmstart)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     recipe_file.write_text(json.dumps(recipe))  # written last: a half-built base is never reused
@@ -149,14 +160,17 @@ def ensure_tiny_base(path: str, seed: int = 0, log=print) -> str:
 
 
 def warm_start(model, tokenizer, task_mix: str, level: int, steps: int, batch_size: int, lr: float, seed: int,
-               noise: float = 0.0):
+               noise: float = 0.0, chain_coverage: float = 1.0):
     """Supervised next-token training on (prompt, solution) pairs, loss on the solution tokens only.
 
     Deliberately short, and with a fraction `noise` of the solutions corrupted (one character replaced by
     a random digit), like a pretrained base that has also seen wrong worked answers: the base then puts
     real probability on wrong answers, so its pass@k is far above its pass@1, the regime where RL gains.
+    A chains problem is drawn from the chains that `chain_coverage` shows, whatever the level: the coverage
+    places the edge of the base's competence (chains.shown_compositions).
     """
     mix = tasks.TaskMix(task_mix, level=level, seed=seed + 10_000)  # a stream apart from RL's
+    shown = chains.shown_compositions(chain_coverage)
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
@@ -165,6 +179,7 @@ def warm_start(model, tokenizer, task_mix: str, level: int, steps: int, batch_si
             warmup = min(1.0, (step + 1) / 30)
             group["lr"] = lr * warmup * (0.55 + 0.45 * math.cos(math.pi * step / steps))
         examples = [mix.sample() for _ in range(batch_size)]
+        examples = [shown_chain(rng, shown) if ex["task"] == "chains" else ex for ex in examples]
         examples = [corrupt(ex, rng) if rng.random() < noise else ex for ex in examples]
         input_ids, labels = supervised_batch(tokenizer, examples)
         loss = model(input_ids=input_ids, labels=labels).loss
@@ -172,6 +187,14 @@ def warm_start(model, tokenizer, task_mix: str, level: int, steps: int, batch_si
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     model.eval()
+
+
+def shown_chain(rng: random.Random, shown: list[tuple[str, ...]]) -> dict:
+    """A training problem (not in tasks' held-out split) of one of the shown chains, chosen uniformly."""
+    while True:
+        example = chains.make_chain(rng, rng.choice(shown))
+        if not tasks.is_heldout(example):
+            return example
 
 
 def corrupt(example: dict, rng: random.Random) -> dict:

@@ -4,21 +4,28 @@ At a 152k-entry vocabulary the logits [tokens, V] dominate memory and time. The 
 them once per pass and never make an fp32 copy; `reference.py` states the same math in eager PyTorch.
 
 Dispatch: Triton when the logits are on a GPU, or anywhere when TRITON_INTERPRET=1 (Triton's CPU
-interpreter: how the tests run the kernels without a GPU); the reference otherwise. Triton is imported
-only when chosen, so a CPU machine without it works.
+interpreter: how the tests run the kernels without a GPU); the reference otherwise. A machine without
+Triton runs the references.
 """
 
 import os
 
 import torch
 
-from kernels.reference import policy_loss_ref, token_logprobs_ref
+from prorl_kernels.reference import policy_loss_ref, token_logprobs_ref
+
+try:  # Triton ships with CUDA PyTorch on Linux; elsewhere (macOS, Windows) the references run
+    from prorl_kernels import logprobs, policy_loss
+except ImportError:
+    logprobs = policy_loss = None
 
 __all__ = ["backend", "fused_policy_loss", "token_logprobs"]
 
 
 def backend(logits: torch.Tensor) -> str:
     """Which implementation the functions below run for these logits: "triton" or "reference"."""
+    if logprobs is None:
+        return "reference"
     return "triton" if logits.is_cuda or os.environ.get("TRITON_INTERPRET") == "1" else "reference"
 
 
@@ -34,35 +41,35 @@ def token_logprobs(
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}.")
     if backend(logits) == "triton":
-        from kernels.logprobs import token_logprobs_triton
-
-        return token_logprobs_triton(logits, labels, temperature, return_entropy)
+        return logprobs.token_logprobs_triton(logits, labels, temperature, return_entropy)
     return token_logprobs_ref(logits, labels, temperature, return_entropy)
 
 
 def fused_policy_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
-    old_logp: torch.Tensor,
-    ref_logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
     adv: torch.Tensor,
     mask: torch.Tensor,
+    weights: torch.Tensor,
     clip_low: float = 0.2,
     clip_high: float = 0.28,
     kl_kind: str = "k3",
     kl_coef: float = 0.0,
+    kl_clamp: float | None = None,
     temperature: float = 1.0,
-    agg: str = "token-mean",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped policy-gradient loss + kl_coef·KL straight from the logits → (loss, stats).
+    """Σ_t w_t · (clipped surrogate + β·KL)_t straight from the logits → (loss, stats): train.update's loss.
 
-    logits [B, T, V]; labels, old_logp, ref_logp, mask [B, T]; adv [B] or [B, T]. The math is written
-    out in `reference.policy_loss_ref`; the gradient flows to the logits only. stats: detached scalars
-    "clipfrac", "kl", "entropy", "ratio_mean", "approx_kl" (masked means over the batch's tokens).
+    logits [B, T, V]; labels, mask, weights (grpo.loss_weights) [B, T]; old_logp [B, T] or None (on-policy:
+    ρ = 1 with logp's gradient); ref_logp [B, T] or None (no reference model); adv [B] or [B, T]. The math is
+    `reference.policy_loss_ref`; the gradient flows to the logits only. stats: detached scalars "clipfrac",
+    "approx_kl", "ratio_mean", "entropy" and, with a reference, "kl" (means over the masked tokens).
+    A clamped KL (--kl-clamp) runs the reference: the kernel has no clamp.
     """
-    args = (logits, labels, old_logp, ref_logp, adv, mask, clip_low, clip_high, kl_kind, kl_coef, temperature, agg)
-    if backend(logits) == "triton":
-        from kernels.policy_loss import fused_policy_loss_triton
-
-        return fused_policy_loss_triton(*args)
-    return policy_loss_ref(*args)
+    if backend(logits) == "triton" and not kl_clamp:
+        return policy_loss.fused_policy_loss_triton(logits, labels, old_logp, ref_logp, adv, mask, weights,
+                                                       clip_low, clip_high, kl_kind, kl_coef, temperature)
+    return policy_loss_ref(logits, labels, old_logp, ref_logp, adv, mask, weights, clip_low, clip_high, kl_kind,
+                           kl_coef, kl_clamp, temperature)
