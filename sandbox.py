@@ -44,29 +44,38 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import textwrap
 import warnings
 
 DEFAULT_TIME_LIMIT = 2.0   # seconds of wall-clock time per test; the CPU-time limit is this, rounded up
-MEMORY_MB = 1024           # address space of each process in the sandbox (RLIMIT_AS)
-MAX_PROCESSES = 32         # processes and threads of the throw-away user (RLIMIT_NPROC)
+MEMORY_MB = 512            # address space of each process in the sandbox (RLIMIT_AS)
+MAX_PROCESSES = 8          # processes and threads of the throw-away user (RLIMIT_NPROC)
 MAX_OPEN_FILES = 64        # RLIMIT_NOFILE
-OUTPUT_LIMIT = 2**20       # bytes of stdout kept per test; writing past it fails (RLIMIT_FSIZE)
-SCRATCH_MB = 16            # size of the private /tmp, the program's working directory
+OUTPUT_LIMIT = 2**20       # bytes of stdout kept per test; writing past it, or any file past it, fails (RLIMIT_FSIZE)
+SCRATCH_MB = 16            # size of the private /tmp, the program's working directory ...
+SCRATCH_FILES = 1024       # ... and how many files it may hold (inodes)
+SHARED_MEMORY_MB = 16      # System V shared memory of the run's own IPC namespace, all segments together
+# The most one run's processes can hold together: each process its address space and a capped file (memfd,
+# pipe) per descriptor; then the scratch disk and shared memory, which belong to the run, not to a process.
+RUN_MEMORY_MB = MAX_PROCESSES * (MEMORY_MB + MAX_OPEN_FILES * OUTPUT_LIMIT // 2**20) + SCRATCH_MB + SHARED_MEMORY_MB
 STARTUP_SECONDS = 10.0     # allowance for starting the sandbox on a busy machine, on top of the tests' limits
 UID_BASE = 2**30           # throw-away uids live far above any real user's (1000+) and container ranges (100000+)
 
 
-def run_tests(program: str, tests: list[dict], time_limit: float = DEFAULT_TIME_LIMIT) -> list[dict] | None:
+def run_tests(program: str, tests: list[dict], time_limit: float = DEFAULT_TIME_LIMIT,
+              preload: str | None = None) -> list[dict] | None:
     """Run `program` once per test, each test {"input": stdin text} or {"call": a Python expression}.
 
     stdin tests run the program as __main__ with the input on stdin; call tests run it as a module,
     then print repr(value of the call) on a line of its own, last. Returns one {"status", "output"}
     per test: status "ok", "exit code N", "killed by SIGNAME" or "timeout"; output is stdout, at most
     OUTPUT_LIMIT bytes. None when the sandbox itself failed (its driver killed, or out of time).
+    `preload`, trusted code only, runs once in the driver before the tests (say, a slow import); each test's
+    program starts from a copy of its globals. A preload that raises is a RuntimeError naming the error.
     """
-    return _run(_system(), program, tests, time_limit)
+    return _run(_system(), program, tests, time_limit, preload)
 
 
 @functools.cache
@@ -121,15 +130,20 @@ def _throwaway_uid() -> int:
     return UID_BASE + (os.getpid() % 2**14) * 2**16 + next(_run_numbers) % 2**16
 
 
-def _run(system: dict, program: str, tests: list[dict], time_limit: float) -> list[dict] | None:
+def _run(system: dict, program: str, tests: list[dict], time_limit: float, preload: str | None = None):
     uid = _throwaway_uid() if system["root"] else None
-    job = {"program": program, "tests": tests, "time_limit": time_limit, "uid": uid, "jail": system["jail"],
-           "kill_all": system["jail"] or uid is not None,  # kill(-1) reaches only the sandbox's own processes
-           "memory_mb": MEMORY_MB, "max_processes": MAX_PROCESSES, "max_open_files": MAX_OPEN_FILES,
-           "output_limit": OUTPUT_LIMIT, "scratch_mb": SCRATCH_MB}
+    inputs = [test.get("input", "").encode() for test in tests]
+    job = {"program": program, "preload": preload, "time_limit": time_limit, "uid": uid, "jail": system["jail"],
+           "tests": [{"call": t["call"]} if "call" in t else {"input_length": len(i)} for t, i in zip(tests, inputs)],
+           "binds": _python_dirs(), "memory_mb": MEMORY_MB, "max_processes": MAX_PROCESSES,
+           "max_open_files": MAX_OPEN_FILES, "output_limit": OUTPUT_LIMIT, "scratch_mb": SCRATCH_MB,
+           "scratch_files": SCRATCH_FILES, "shared_memory_mb": SHARED_MEMORY_MB}
     with tempfile.TemporaryFile() as job_file, tempfile.TemporaryFile() as result_file, \
             tempfile.TemporaryDirectory() as host_workdir:
-        job_file.write(marshal.dumps(job, 4))  # format 4: read alike by every Python 3.4+ the sandbox may use
+        # The inputs follow the job, unread by the driver until it copies each one straight into its own test's
+        # stdin: a test's process, a fork of the driver, finds no other test's input in its memory.
+        header = marshal.dumps(job, 4)  # format 4: read alike by every Python 3.4+ the sandbox may use
+        job_file.write(b"%d\n" % len(header) + header + b"".join(inputs))
         job_file.seek(0)
         workdir = "/tmp" if system["jail"] else host_workdir  # in the jail, /tmp is its private tmpfs
         if uid is not None and not system["jail"]:
@@ -138,15 +152,30 @@ def _run(system: dict, program: str, tests: list[dict], time_limit: float) -> li
         process = subprocess.Popen(system["command"], stdin=job_file, stdout=result_file, stderr=subprocess.DEVNULL,
                                    cwd=host_workdir, env=env, start_new_session=True)
         try:
-            process.wait(timeout=STARTUP_SECONDS + len(tests) * (time_limit + 1))
+            process.wait(timeout=STARTUP_SECONDS * (1 + (preload is not None)) + len(tests) * (time_limit + 1))
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)  # in the jail, the kernel then kills all the rest
             process.wait()
         if process.returncode != 0 and uid is not None and not system["jail"]:
             _kill_user(uid)  # no PID namespace to take leftovers down with the driver: find them by uid
         result_file.seek(0)
-        raw = result_file.read((OUTPUT_LIMIT + 64) * len(tests))
+        raw = result_file.read((OUTPUT_LIMIT + 64) * len(tests) + 4096)
+    if process.returncode == PRELOAD_FAILED and raw.startswith(b"preload "):
+        raise RuntimeError(f"the sandbox's preload failed: {raw[len(b'preload '):].decode(errors='replace')}")
     return _parse_results(raw, len(tests)) if process.returncode == 0 else None
+
+
+PRELOAD_FAILED = 3  # the driver's exit status when the preload raised; its stdout then says what
+
+
+def _python_dirs() -> list[str]:
+    """This interpreter's installs and site-packages outside /usr: bound read-only into the jail. (The driver's
+    `python -S` does not read a venv's pyvenv.cfg, so its sys.prefix would miss the venv: name them here.)"""
+    paths = sysconfig.get_paths()
+    dirs = {os.path.abspath(p) for p in [sys.prefix, sys.base_prefix, sys.exec_prefix, paths["purelib"],
+                                          paths["platlib"]] if os.path.isdir(p)}
+    outside = sorted(d for d in dirs if not (d + "/").startswith("/usr/"))
+    return [d for d in outside if not any(d.startswith(other + "/") for other in outside)]  # one bind per tree
 
 
 def _parse_results(raw: bytes, count: int) -> list[dict] | None:
@@ -276,7 +305,9 @@ def _sandbox_main() -> None:
     import sys
 
     sigkill = 9
-    job = marshal.loads(sys.stdin.buffer.read())
+    header_line = os.pread(0, 32, 0).split(b"\n", 1)[0]
+    job = marshal.loads(os.pread(0, int(header_line), len(header_line) + 1))  # the inputs stay in the file
+    input_offset = len(header_line) + 1 + int(header_line)
     libc = ctypes.CDLL(None, use_errno=True)
 
     def check(result: int, what: str) -> None:
@@ -290,21 +321,31 @@ def _sandbox_main() -> None:
 
     # 1. Limits for every process started from here on (root sets them; they hold after the uid change).
     for limit, value in [(resource.RLIMIT_AS, job["memory_mb"] * 2**20), (resource.RLIMIT_NPROC, job["max_processes"]),
-                         (resource.RLIMIT_NOFILE, job["max_open_files"]), (resource.RLIMIT_CORE, 0)]:
+                         (resource.RLIMIT_NOFILE, job["max_open_files"]), (resource.RLIMIT_CORE, 0),
+                         (resource.RLIMIT_MSGQUEUE, 0)]:
         resource.setrlimit(limit, (value, value))
 
-    # 2. The jail: a new root on a tmpfs (in our own mount namespace, so the host sees none of it) holding
-    #    read-only /usr and the interpreter's own install, a private /tmp, two devices and our own /proc.
+    # 2. A session keyring of our own: the program can neither read nor fill the one the trainer was started in.
+    #    Where keyctl is refused (a container's seccomp filter), the program is refused it alike.
+    keyctl = {"x86_64": 250, "aarch64": 219, "riscv64": 219}[os.uname().machine]
+    if libc.syscall(keyctl, 1, None) < 0 and ctypes.get_errno() not in (1, 38):  # KEYCTL_JOIN_SESSION_KEYRING
+        check(-1, "keyctl(KEYCTL_JOIN_SESSION_KEYRING)")
+
+    # 3. The jail: a new root on a tmpfs (in our own mount namespace, so the host sees none of it) holding
+    #    read-only /usr and the interpreter's installs, a private /tmp, two devices and our own /proc.
     if job["jail"]:
         ms_rdonly, ms_nosuid, ms_nodev, ms_noexec, ms_remount, ms_bind, ms_rec = 1, 2, 4, 8, 32, 4096, 16384
         root = "/tmp"  # any existing directory will do as the mount point; the tmpfs hides the host's /tmp here
+        # Held open before the tmpfs goes up: a venv under /tmp is still reachable through its descriptor.
+        sources = {path: os.open(path, os.O_PATH) for path in ["/usr"] + job["binds"]}
 
         def bind(path: str, flags: int) -> None:
-            mount(path, root + path, None, ms_bind | ms_rec)
+            source = f"/proc/self/fd/{sources[path]}" if path in sources else path
+            mount(source, root + path, None, ms_bind | ms_rec)
             mount(None, root + path, None, ms_remount | ms_bind | flags)  # bind mounts take flags on remount
 
-        mount("tmpfs", root, "tmpfs", ms_nosuid, f"size={job['scratch_mb']}m,mode=755")
-        for path in ["/usr"] + [p for p in {sys.base_prefix, sys.prefix} if not p.startswith("/usr/")]:
+        mount("tmpfs", root, "tmpfs", ms_nosuid, f"size={job['scratch_mb']}m,nr_inodes={job['scratch_files']},mode=755")
+        for path in sources:
             os.makedirs(root + path, exist_ok=True)
             bind(path, ms_rdonly | ms_nosuid | ms_nodev)
         for path in ["/bin", "/lib", "/lib64", "/sbin"]:
@@ -319,24 +360,49 @@ def _sandbox_main() -> None:
             bind(device, ms_nosuid | ms_noexec)
         os.mkdir(root + "/proc")
         mount("proc", root + "/proc", "proc", ms_nosuid | ms_nodev | ms_noexec)  # this PID namespace's processes
-        os.mkdir(root + "/tmp")
+        # System V IPC of our own IPC namespace (its limits live there): little shared memory, removed once no
+        # process holds it, no message queues; all of it goes when the namespace's last process does.
+        shared_bytes = job["shared_memory_mb"] * 2**20
+        for name, value in [("shmmax", shared_bytes), ("shmall", shared_bytes // os.sysconf("SC_PAGE_SIZE")),
+                            ("shmmni", 16), ("shm_rmid_forced", 1), ("msgmni", 0), ("sem", "32 256 32 8")]:
+            with open(f"{root}/proc/sys/kernel/{name}", "w") as setting:
+                setting.write(str(value))
+        os.makedirs(root + "/tmp", exist_ok=True)
         os.chmod(root + "/tmp", 0o1777)
         os.chroot(root)
         os.chdir("/tmp")
+        for fd in sources.values():
+            os.close(fd)
 
-    # 3. Become nobody in particular: a throw-away uid, no groups, no capabilities, and no way back up
-    #    (no_new_privs: setuid binaries and file capabilities grant nothing).
-    if job["uid"] is not None:
-        os.setgroups([])
-        os.setresgid(job["uid"], job["uid"], job["uid"])
-        os.setresuid(job["uid"], job["uid"], job["uid"])
-    no_capabilities = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable x two 32-bit words: all zero
-    check(libc.capset((ctypes.c_uint32 * 2)(0x20080522, 0), no_capabilities), "capset")  # _LINUX_CAPABILITY_VERSION_3
+    # 4. The driver keeps only what policing needs: as root, the rights to become the program's uid and to kill
+    #    it (the program, another uid, can then neither signal nor re-limit the driver); else nothing.
+    #    Not dumpable: /proc/1/fd (the job file, other tests' inputs) is closed to the program either way.
+    keep = (1 << 5 | 1 << 6 | 1 << 7) if job["uid"] is not None else 0  # CAP_KILL, CAP_SETGID, CAP_SETUID
+    capabilities = (ctypes.c_uint32 * 6)(keep, keep, 0, 0, 0, 0)  # effective, permitted, inheritable x 2 words
+    check(libc.capset((ctypes.c_uint32 * 2)(0x20080522, 0), capabilities), "capset")  # _LINUX_CAPABILITY_VERSION_3
     check(libc.prctl(38, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+    check(libc.prctl(4, 0, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
     devnull = os.open("/dev/null", os.O_WRONLY)
+
+    def become_program_user() -> None:
+        """A throw-away uid, no groups, no capabilities (they go with uid 0), and no way back up."""
+        if job["uid"] is not None:
+            os.setgroups([])
+            os.setresgid(job["uid"], job["uid"], job["uid"])
+            os.setresuid(job["uid"], job["uid"], job["uid"])
+
+    preloaded = {}
+    if job["preload"] is not None:
+        try:
+            exec(compile(job["preload"], "preload.py", "exec"), preloaded)  # noqa: S102  (trusted code)
+        except BaseException as error:  # noqa: BLE001
+            sys.stdout.buffer.write(f"preload {type(error).__name__}: {error}".encode())
+            sys.stdout.buffer.flush()
+            os._exit(3)
 
     def run_program(test: dict, stdin_file, stdout_file) -> int:
         """In the forked child: limits, redirections, then the program. Returns the exit status."""
+        become_program_user()
         os.setsid()  # a session and group of its own: no terminal, and a timeout kills the whole group at once
         cpu_seconds = max(1, math.ceil(job["time_limit"]))
         resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))  # SIGXCPU, then SIGKILL
@@ -348,7 +414,7 @@ def _sandbox_main() -> None:
         sys.stdin = open(0, encoding="utf-8", closefd=False)  # noqa: SIM115
         sys.stdout = open(1, "w", encoding="utf-8", closefd=False)  # noqa: SIM115
         sys.stderr = open(2, "w", encoding="utf-8", closefd=False)  # noqa: SIM115
-        namespace = {"__name__": "solution" if "call" in test else "__main__"}
+        namespace = dict(preloaded, __name__="solution" if "call" in test else "__main__")
         try:
             exec(compile(job["program"], "solution.py", "exec"), namespace)  # noqa: S102  (what the sandbox is for)
             if "call" in test:
@@ -365,15 +431,41 @@ def _sandbox_main() -> None:
             status = status or 1
         return status
 
-    def run_test(test: dict) -> bytes:
+    def kill_leftovers() -> None:
+        """Whatever a test left behind (say, a daemon that left its group) goes. kill(-1) reaches every process
+        the caller may signal: in the jail, the driver (PID 1) reaches just the jail; outside, a helper of the
+        program's uid reaches just that uid."""
+        if job["jail"]:
+            try:
+                os.kill(-1, sigkill)
+            except ProcessLookupError:
+                pass
+        elif job["uid"] is not None:
+            helper = os.fork()
+            if helper == 0:
+                try:
+                    become_program_user()
+                    os.kill(-1, sigkill)
+                finally:
+                    os._exit(0)
+        while True:  # reap them (as PID 1 we inherit the orphans), and the helper
+            try:
+                os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
+
+    def run_test(test: dict, input_offset: int) -> bytes:
         stdin_file = os.fdopen(os.memfd_create("stdin"), "w+b")  # in-memory files: nothing on any disk
         stdout_file = os.fdopen(os.memfd_create("stdout"), "w+b")
-        stdin_file.write(test.get("input", "").encode())
+        copied = 0
+        while copied < test.get("input_length", 0):  # file to file in the kernel: never in this process's memory
+            copied += os.sendfile(stdin_file.fileno(), 0, input_offset + copied, test["input_length"] - copied)
         stdin_file.seek(0)
         pid = os.fork()
         if pid == 0:  # the child never returns into this loop, whatever the program does
             status = 1
             try:
+                os.close(0)  # the job file: other tests' inputs
                 status = run_program(test, stdin_file, stdout_file)
             finally:
                 os._exit(status & 0xFF)
@@ -381,21 +473,13 @@ def _sandbox_main() -> None:
         finished = bool(select.select([pidfd], [], [], job["time_limit"])[0])
         os.close(pidfd)
         if not finished:
-            try:
-                os.killpg(pid, sigkill)
-            except ProcessLookupError:
-                pass
-        _, wait_status = os.waitpid(pid, 0)
-        if job["kill_all"]:  # whatever the test left behind (say, a daemon that left its group) goes too
-            try:
-                os.kill(-1, sigkill)
-            except ProcessLookupError:
-                pass
-            while True:  # as PID 1 we inherit the orphans: reap them
+            for kill, target in [(os.killpg, pid), (os.kill, pid)]:  # the group, or the child not yet its leader
                 try:
-                    os.waitpid(-1, 0)
-                except ChildProcessError:
-                    break
+                    kill(target, sigkill)
+                except ProcessLookupError:
+                    pass
+        _, wait_status = os.waitpid(pid, 0)
+        kill_leftovers()
         stdout_file.seek(0)
         output = stdout_file.read(job["output_limit"])
         stdin_file.close()
@@ -409,8 +493,9 @@ def _sandbox_main() -> None:
         return f"{kind} {number} {len(output)}\n".encode() + output
 
     for test in job["tests"]:
-        sys.stdout.buffer.write(run_test(test))
-    sys.stdout.buffer.flush()
+        sys.stdout.buffer.write(run_test(test, input_offset))
+        sys.stdout.buffer.flush()
+        input_offset += test.get("input_length", 0)
 
 
 _DRIVER_SOURCE = textwrap.dedent(inspect.getsource(_sandbox_main)) + "\n_sandbox_main()\n"

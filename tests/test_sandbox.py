@@ -301,3 +301,110 @@ def test_status_names_come_from_signal_numbers():
     assert sandbox._parse_results(raw, 5) is None          # a result missing
     assert sandbox._parse_results(raw + b"x", 4) is None   # bytes left over
     assert sandbox._parse_results(b"exit 0 9\nhi", 1) is None  # output shorter than announced
+
+
+# ----------------------------------------------------------------------------- what one run may hold, and keep
+
+def test_a_runs_processes_together_hold_no_more_than_its_memory_budget():
+    require("process_limit", "own_pid_namespace")
+    # Every process the program can start reserves address space until refused, all holding at once; untouched
+    # reservations cost the machine nothing, yet count against the limits exactly as used memory would.
+    program = """
+import mmap, os, time
+reported, writer = os.pipe()
+children = 0
+for _ in range(40):
+    try:
+        if os.fork() == 0:
+            held, total = [], 0
+            while True:
+                try:
+                    held.append(mmap.mmap(-1, 32 * 2**20))
+                    total += 32
+                except (OSError, MemoryError):
+                    break
+            os.write(writer, b"%d\\n" % total)
+            time.sleep(60)
+        children += 1
+    except OSError:
+        break
+lines = os.fdopen(reported)
+print(sum(int(lines.readline()) for _ in range(children)))
+"""
+    [result] = sandbox.run_tests(program, [{"input": ""}], time_limit=20)
+    held_mb = int(result["output"])
+    print(f"one run's processes held {held_mb} MB at once; budget {sandbox.RUN_MEMORY_MB} MB")
+    assert sandbox.MEMORY_MB <= held_mb <= sandbox.RUN_MEMORY_MB
+    assert sandbox.MAX_PROCESSES * sandbox.MEMORY_MB <= sandbox.RUN_MEMORY_MB  # the process-held part of it
+    assert sandbox.RUN_MEMORY_MB <= 8192  # one run per core must fit a small machine; 32 GB per run did not
+    assert not leftovers()
+
+
+def test_system_v_shared_memory_is_bounded_and_gone_after_the_run():
+    require("own_pid_namespace")
+    key = 0x50520000 + os.getpid() % 2**16  # a key of our own, to look for on the host afterwards
+    program = f"""
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmget.restype = ctypes.c_int
+huge = libc.shmget(0, ctypes.c_size_t(2**30), 0o1600)       # IPC_PRIVATE | IPC_CREAT, 1 GB: above shmmax
+mine = libc.shmget({key}, ctypes.c_size_t(2**20), 0o1600)   # a small one, left behind on purpose
+total = 1 if mine >= 0 else 0
+while libc.shmget(0, ctypes.c_size_t(2**20), 0o1600) >= 0 and total < 4096:
+    total += 1
+print(huge, mine >= 0, total)
+"""
+    [result] = sandbox.run_tests(program, [{"input": ""}])
+    huge, made, total_mb = result["output"].split()
+    assert huge == "-1" and made == "True"  # refused, yet the program could use System V memory at all
+    assert int(total_mb) <= sandbox.SHARED_MEMORY_MB
+    with open("/proc/sysvipc/shm") as segments:
+        assert not [line for line in segments if line.split()[0] == str(key)]  # gone with the run's namespace
+
+
+def test_a_key_added_by_the_program_is_not_in_the_hosts_session_keyring():
+    numbers = {"x86_64": (248, 250), "aarch64": (217, 219)}.get(os.uname().machine)
+    if numbers is None:
+        pytest.skip(f"no keyctl syscall numbers known for {os.uname().machine}")
+    add_key, keyctl = numbers
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(keyctl, 0, -3, 1) < 0:  # KEYCTL_GET_KEYRING_ID of our session keyring, made if missing
+        pytest.skip(f"keyrings are refused on this machine (errno {ctypes.get_errno()}), to the sandbox alike")
+    marker = f"prorl-sandbox-key-{os.getpid()}"
+    program = (f"import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+               f"print(libc.syscall({add_key}, b'user', {marker.encode()!r}, b'secret', 6, -3) > 0)")  # -3: @s
+    [result] = sandbox.run_tests(program, [{"input": ""}])
+    assert result["output"] == "True\n"  # the program did add a key, to the keyring it was given
+    found = libc.syscall(keyctl, 10, -3, b"user", marker.encode(), 0)  # KEYCTL_SEARCH our session keyring
+    assert found < 0 and ctypes.get_errno() == 126  # ENOKEY
+
+
+def test_the_driver_cannot_be_signalled_or_re_limited_by_the_program():
+    require("own_user", "cannot_signal_host")
+    # PID 1 is the driver in the jail; without one, the parent is. Cut its descriptors to 3, then stop or kill it.
+    program = """
+import os, resource, signal
+for pid in {1, os.getppid()}:
+    for attempt in [lambda: resource.prlimit(pid, resource.RLIMIT_NOFILE, (3, 3)),
+                    lambda: resource.prlimit(pid, resource.RLIMIT_AS, (2**20, 2**20)),
+                    lambda: os.kill(pid, signal.SIGSTOP), lambda: os.kill(pid, signal.SIGKILL)]:
+        try:
+            attempt()
+            print("done")
+        except OSError:
+            print("refused")
+"""
+    results = sandbox.run_tests(program, [{"input": ""}, {"input": ""}])
+    assert results is not None  # the driver ran the second test: it was not stopped, killed or re-limited
+    for result in results:
+        attempts = result["output"].split()
+        assert result["status"] == "ok" and len(attempts) in (4, 8) and set(attempts) == {"refused"}, result
+
+
+def test_the_private_tmp_has_an_inode_limit():
+    program = ("import os\ncount = 0\ntry:\n    while count < 20 * 1024:\n"
+               "        os.mknod(f'/tmp/f{count}')\n        count += 1\nexcept OSError:\n    pass\nprint(count)")
+    require("private_filesystem")
+    [result] = sandbox.run_tests(program, [{"input": ""}], time_limit=10)
+    assert 0 < int(result["output"]) <= sandbox.SCRATCH_FILES
