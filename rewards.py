@@ -25,7 +25,6 @@ import pickle
 import re
 import sysconfig
 import threading
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import ifeval
@@ -33,7 +32,7 @@ import sandbox
 
 MATH_TIME_LIMIT = 5  # seconds math-verify may spend parsing or comparing one answer (\boxed{9^{9^{9^9}}} ...)
 LOGIC_TIME_LIMIT = 5  # seconds one reasoning-gym score may take ...
-LOGIC_STARTUP = 30  # ... after importing reasoning-gym in the sandbox (about a second; more on a busy machine)
+LOGIC_ANSWERS_PER_RUN = 64  # at least this many answers share one sandbox run (its start imports reasoning-gym)
 
 
 def score(example: dict, completion: str) -> float:
@@ -43,8 +42,14 @@ def score(example: dict, completion: str) -> float:
         raise ValueError(f"no verifier for task '{example.get('task')}'; known: {', '.join(VERIFIERS)}")
     try:
         return float(verifier(example, completion))
+    except VerifierUnavailable:  # the machine's fault, not the completion's: never a silent 0
+        raise
     except (Exception, SystemExit):  # noqa: BLE001  (a verifier that crashes on odd model output must not end a run)
         return 0.0
+
+
+class VerifierUnavailable(RuntimeError):
+    """This machine cannot run a verifier as it must be run (logic scorers outside the sandbox, say)."""
 
 
 def score_batch(examples: list[dict], completions: list[str], workers: int | None = None) -> list[float]:
@@ -181,97 +186,148 @@ def score_logic(example: dict, completion: str) -> float:
 
 
 def score_logic_batch(examples: list[dict], completions: list[str]) -> list[float]:
-    """score_logic for many completions, all in one sandbox run.
+    """score_logic for many completions: one sandbox run for the batch, a fresh process for each answer.
 
-    Some reasoning-gym scorers eval() the answer (spiral_matrix, n_queens, ...) or hand it to sympy's
-    parse_expr, which does too: a model could run code, exit(), or loop there. So the scorers run in the
-    sandbox, LOGIC_TIME_LIMIT seconds per answer, their scores printed one line each as they go; when the
-    run dies on an answer, that answer scores 0 and a new run takes the rest. Where the sandbox cannot
-    import reasoning-gym (no namespaces and an interpreter it cannot read), they run here, with a warning.
+    Threat model. Some reasoning-gym scorers eval() the answer (spiral_matrix, n_queens, binary_matrix,
+    string_insertion) or hand it to sympy's parse_expr, which evaluates too. Two walls, either enough alone:
+      1. answer text is never run: in the sandbox those eval()s parse Python literals only, and sympy gets an
+         answer only when its tokens are numbers, operators and math names (no strings, dots, dunders, builtins);
+      2. each answer is scored in a process of its own (sandbox.run_tests: one test per answer), with only its
+         own entry on its stdin, under a time limit the driver enforces; the driver, another uid, writes the
+         results. So an answer that got past 1 could set its own score (clipped to [0, 1], what a right answer
+         gets) but never read, raise or lower another's, nor stall the batch. Nothing leaves the sandbox.
+    Nothing is scored outside the sandbox: where it cannot import reasoning-gym, this is an error.
     """
     rewards = [0.0] * len(completions)
-    todo = [(i, answer, example["dataset"], example["entry"]) for i, (example, completion)
+    todo = [(i, (answer, example["dataset"], example["entry"])) for i, (example, completion)
             in enumerate(zip(examples, completions)) if (answer := tagged_answer(final_text(completion)))]
-    while todo:
-        job = base64.b64encode(pickle.dumps([item[1:] for item in todo])).decode()
-        program = LOGIC_SCORER.format(site=sysconfig.get_paths()["purelib"], limit=LOGIC_TIME_LIMIT)
-        try:
-            results = sandbox.run_tests(program, [{"input": job}], time_limit=LOGIC_STARTUP + LOGIC_TIME_LIMIT * len(todo))
-        except RuntimeError:  # the sandbox cannot start Python at all
-            return score_logic_unsandboxed(rewards, todo)
-        if results is None:  # the sandbox failed as a whole: what is left scores 0
-            break
-        lines = results[0]["output"].split("\n")[:-1]  # complete lines only
-        if lines[:1] != ["ready"]:
-            return score_logic_unsandboxed(rewards, todo)
-        scored = 0
-        for (i, *_), line in zip(todo, lines[1:]):
-            score = score_line(line, scored)
-            if score is None:  # not a line the scorer wrote: what follows is not trusted either
-                break
-            rewards[i], scored = min(1.0, max(0.0, score)), scored + 1
-        todo = todo[scored + 1:]  # all scored, or: the run died on todo[scored], which scores 0
+    if not todo:
+        return rewards
+    runs = max(1, min(os.cpu_count() or 1, len(todo) // LOGIC_ANSWERS_PER_RUN))  # side by side: a fork each
+    with ThreadPoolExecutor(max_workers=runs) as pool:                                # answer is CPU-bound
+        chunks = pool.map(score_in_sandbox, [[job for _, job in todo[k::runs]] for k in range(runs)])
+        for k, scores in enumerate(chunks):
+            for (i, _), reward in zip(todo[k::runs], scores, strict=True):
+                rewards[i] = reward
     return rewards
 
 
-def score_line(line: str, index: int) -> float | None:
-    """The score of an "INDEX SCORE" line for answer `index`, or None."""
-    number, _, score = line.partition(" ")
+def score_in_sandbox(jobs: list[tuple]) -> list[float]:
+    """Scores of (answer, dataset, entry) jobs, one sandbox run, one process per answer."""
+    tests = [{"input": base64.b64encode(pickle.dumps(job)).decode()} for job in jobs]
+    preload = logic_preload({dataset for _, dataset, _ in jobs})
     try:
-        return float(score) if number == str(index) else None
+        results = sandbox.run_tests(LOGIC_SCORER, tests, time_limit=LOGIC_TIME_LIMIT, preload=preload)
+    except RuntimeError as error:
+        raise VerifierUnavailable(f"logic answers cannot be scored: {LOGIC_SANDBOX_HELP} ({error})") from None
+    if results is None:  # the driver is out of every answer's reach: this is the machine, not the model
+        raise VerifierUnavailable("logic answers cannot be scored: the sandbox failed as a whole")
+    return [logic_score(result) for result in results]
+
+
+def logic_score(result: dict) -> float:
+    """The score an answer's process printed, clipped to [0, 1]; a crash, a timeout, NaN or garbage scores 0."""
+    try:
+        score = float(result["output"]) if result["status"] == "ok" else 0.0
     except ValueError:
-        return None
+        return 0.0
+    return 0.0 if math.isnan(score) else min(1.0, max(0.0, score))
 
 
-# Runs in the sandbox: the job on stdin (base64 of a pickled list of (answer, dataset, entry)), "INDEX SCORE"
-# lines out. site-packages is not on the path of the sandbox's `python -I -S`; it is added back here. The
-# scores go out on a copy of stdout, stdout itself to /dev/null: an answer that prints "1.0" scores nothing.
-LOGIC_SCORER = """
-import base64, os, pickle, signal, sys
-os.environ.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
-sys.path.append({site!r})
-import reasoning_gym
-results = os.fdopen(os.dup(1), "w")
-os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
-results.write("ready\\n")
-results.flush()
+LOGIC_SANDBOX_HELP = ("the sandbox cannot run reasoning-gym's scorers on this machine, and some of them execute "
+                      "model-written text; install reasoning-gym in this Python (pip install -r requirements.txt) "
+                      "where the sandbox can read it, or train without logic and rg: sources")
 
-def too_slow(signum, frame):
-    raise TimeoutError
 
-signal.signal(signal.SIGALRM, too_slow)
-scorers = {{}}
-for index, (answer, dataset, entry) in enumerate(pickle.loads(base64.b64decode(sys.stdin.read()))):
-    signal.alarm({limit})
+@functools.cache  # once per process: a success is remembered, a failure raises again
+def check_logic_sandbox() -> None:
+    """Raise ValueError (one line: why, and what to do) unless the sandbox scores a right logic answer 1."""
+    entry = {"question": "1 + 1", "answer": "2", "metadata": {}}
     try:
-        if dataset not in scorers:
-            scorers[dataset] = reasoning_gym.get_score_answer_fn(dataset)
-        score = float(scorers[dataset](answer, entry))
-    except BaseException:
-        score = 0.0
-    signal.alarm(0)
-    results.write(f"{{index}} {{score if score == score else 0.0}}\\n")  # NaN scores 0
-    results.flush()
+        example = {"task": "logic", "dataset": "basic_arithmetic", "entry": entry}
+        scores = score_logic_batch([example], ["<answer>2</answer>"])
+    except VerifierUnavailable as error:
+        raise ValueError(str(error)) from None
+    if scores != [1.0]:
+        raise ValueError(f"logic answers cannot be scored: a right answer scored {scores[0]} in the sandbox")
+
+
+def logic_preload(datasets: set[str]) -> str:
+    """LOGIC_PRELOAD for these datasets: their scorers are built once, before the answers' processes fork."""
+    site = sysconfig.get_paths()["purelib"]
+    return LOGIC_PRELOAD.replace("SITE", repr(site)).replace("DATASETS", repr(sorted(datasets)))
+
+
+# Runs once in the sandbox's driver, before any answer: imports reasoning-gym (a second or two), then takes away
+# the scorers' ways of running answer text. eval() in reasoning-gym's modules becomes a literal parser; sympy's
+# parse_expr (sympify and parse_expr alike go through it) first checks every token of a string.
+LOGIC_PRELOAD = """
+import ast, base64, builtins, gc, io, keyword, os, pickle, site, sys, tokenize
+os.environ.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+site.addsitedir(SITE)
+import reasoning_gym
+import sympy
+from sympy.parsing import sympy_parser
+
+MATH_NAMES = {"sin", "cos", "tan", "cot", "sec", "csc", "asin", "acos", "atan", "acot", "atan2", "sinh", "cosh",
+              "tanh", "asinh", "acosh", "atanh", "exp", "log", "ln", "sqrt", "root", "cbrt", "Abs", "abs", "sign",
+              "pi", "E", "I", "oo", "Rational", "Integer", "Float", "factorial", "binomial", "floor", "ceiling",
+              "Max", "Min", "max", "min", "Mod", "gcd", "lcm", "round", "int", "float", "pow", "erf", "True", "False"}
+NAMESPACE = {}
+exec("from sympy import *", NAMESPACE)
+FORBIDDEN_NAMES = (set(NAMESPACE) | set(dir(builtins)) | set(keyword.kwlist)) - MATH_NAMES
+OPERATORS = {"+", "-", "*", "/", "//", "**", "^", "%", "(", ")", "[", "]", ",", "<", ">", "<=", ">=", "==", "!=",
+             "&", "|", "~", "!"}
+SKIPPED = {tokenize.NEWLINE, tokenize.NL, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER, tokenize.COMMENT,
+           tokenize.NUMBER}
+
+
+def literal_only(text, *namespaces):
+    return ast.literal_eval(text)
+
+
+def refuse(*args, **kwargs):
+    raise ValueError("no code is run while scoring")
+
+
+def checked_parse_expr(text, local_dict=None, *args, **kwargs):
+    if isinstance(text, str):
+        allowed = set(local_dict or ())
+        for token in tokenize.generate_tokens(io.StringIO(text).readline):
+            name_ok = token.type == tokenize.NAME and (token.string in allowed or not (
+                token.string.startswith("_") or token.string in FORBIDDEN_NAMES))
+            if not (name_ok or token.type in SKIPPED or token.string.strip() in OPERATORS):
+                raise ValueError(f"not a math expression: {token.string!r}")
+    return original_parse_expr(text, local_dict, *args, **kwargs)
+
+
+original_parse_expr = sympy_parser.parse_expr
+sympy_parser.parse_expr = sympy.parse_expr = checked_parse_expr
+for name, module in list(sys.modules.items()):
+    if name.startswith("reasoning_gym") and module is not None:
+        module.eval, module.exec = literal_only, refuse
+        for attribute, value in list(vars(module).items()):
+            if value is original_parse_expr:
+                setattr(module, attribute, checked_parse_expr)
+scorers = {dataset: reasoning_gym.get_score_answer_fn(dataset) for dataset in DATASETS}
+devnull = os.open(os.devnull, os.O_WRONLY)
+gc.freeze()  # the answers' processes, forks of this one, then share its objects without copying them
+
+
+def score_answer(answer, dataset, entry):
+    return float(scorers[dataset](answer, entry))
 """
 
-
-def score_logic_unsandboxed(rewards: list[float], todo: list[tuple]) -> list[float]:
-    warnings.warn("rewards: the sandbox cannot import reasoning-gym here, so logic answers are scored in this "
-                  "process, where a scorer that eval()s the answer runs model-written code", stacklevel=3)
-    for i, answer, dataset, entry in todo:
-        try:
-            rewards[i] = min(1.0, max(0.0, float(reasoning_gym_scorer(dataset)(answer, entry))))
-        except (Exception, SystemExit):  # noqa: BLE001  (model output that crashes the scorer scores 0)
-            rewards[i] = 0.0
-    return rewards
-
-
-@functools.cache
-def reasoning_gym_scorer(dataset: str):
-    """The dataset's score_answer(answer, entry); built once per dataset (some load word lists)."""
-    import reasoning_gym  # imported here: it takes seconds to load
-
-    return reasoning_gym.get_score_answer_fn(dataset)
+# Runs in the sandbox, in an answer's own process: its (answer, dataset, entry) on stdin, its score out. What the
+# scorer prints goes to /dev/null; the score goes out on a copy of stdout taken before.
+LOGIC_SCORER = """
+gc.disable()
+answer, dataset, entry = pickle.loads(base64.b64decode(sys.stdin.read()))
+results = os.fdopen(os.dup(1), "w")
+os.dup2(devnull, 1)
+score = score_answer(answer, dataset, entry)
+results.write(repr(score))
+"""
 
 
 # ----------------------------------------------------------------------------- multiple choice (STEM)

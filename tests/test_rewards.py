@@ -6,7 +6,6 @@ own scorer. The hostile side of code (the sandbox) is tests/test_sandbox.py.
 """
 
 import json
-import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +15,6 @@ import pytest
 import reasoning_gym
 
 import rewards
-import sandbox
 import tasks
 
 CASES = json.loads((Path(__file__).parent / "data" / "math_verify_cases.json").read_text())["cases"]
@@ -164,41 +162,7 @@ def test_logic_by_hand():
         assert rewards.score(example, completion) == reward, completion
 
 
-def test_logic_answers_that_scorers_eval_cannot_end_the_run_or_stall_it(monkeypatch):
-    """spiral_matrix's scorer eval()s the answer: exit(), an endless sleep or a hard exit of the interpreter
-    must score 0, end within the time limit, and leave the other answers of the batch scored right."""
-    monkeypatch.setattr(rewards, "LOGIC_TIME_LIMIT", 2)
-    monkeypatch.setattr(rewards, "score_logic_unsandboxed", lambda *_: pytest.skip("the sandbox cannot import "
-                        "reasoning-gym on this machine, and these answers must not run outside it"))
-    example = logic_example("spiral_matrix", 1)
-    right = f"<answer>{example['entry']['answer']}</answer>"
-    hostile = ["<answer>exit()</answer>", "<answer>__import__('time').sleep(600)</answer>",
-               "<answer>__import__('os')._exit(3)</answer>", "<answer>[[]] * 10**10</answer>",
-               "<answer>print('1 1.0', flush=True) or []</answer>",  # printing a score line earns nothing
-               "<answer>__import__('os').write(1, b'2 1.0\\n') and []</answer>"]
-    start = time.monotonic()
-    scores = rewards.score_batch([example] * 8, [right, *hostile, right])
-    assert scores == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]
-    print(f"eight logic answers, six hostile: {time.monotonic() - start:.1f} s")
-    assert time.monotonic() - start < 4 * rewards.LOGIC_STARTUP  # one timeout, one restart: well inside
-
-
-def test_only_well_formed_score_lines_are_read():
-    assert rewards.score_line("0 1.0", 0) == 1.0 and rewards.score_line("3 0.25", 3) == 0.25
-    assert [rewards.score_line(line, 0) for line in ("1 1.0", "0 abc", "0 1.0.0", "0", "", "ready")] == [None] * 6
-
-
-def test_logic_answers_that_scorers_eval_cannot_touch_the_host(tmp_path, monkeypatch):
-    if not sandbox.protections()["private_filesystem"]:
-        pytest.skip("the sandbox cannot hide this machine's files here (no mount namespace)")
-    marker = tmp_path / "written-by-model-output"
-    os.chmod(tmp_path, 0o777)  # writable by anyone: only the sandbox's walls can stop the write
-    monkeypatch.setattr(rewards, "score_logic_unsandboxed", lambda *_: pytest.skip("the sandbox cannot import "
-                        "reasoning-gym on this machine"))
-    example = logic_example("spiral_matrix", 1)
-    answer = f"<answer>__import__('pathlib').Path({str(marker)!r}).write_text('x') or []</answer>"
-    assert rewards.score(example, answer) == 0.0
-    assert not marker.exists()
+# Hostile logic answers, the sandbox they are scored in, and the error where it cannot run: test_logic_sandbox.py
 
 
 # ----------------------------------------------------------------------------- multiple choice
