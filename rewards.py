@@ -27,7 +27,6 @@ import sysconfig
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-import chains
 import ifeval
 import sandbox
 
@@ -199,24 +198,27 @@ def score_logic_batch(examples: list[dict], completions: list[str]) -> list[floa
          gets) but never read, raise or lower another's, nor stall the batch. Nothing leaves the sandbox.
     Nothing is scored outside the sandbox: where it cannot import reasoning-gym, this is an error.
     """
-    rewards = [0.0] * len(completions)
-    todo = [(i, (answer, example["dataset"], example["entry"])) for i, (example, completion)
-            in enumerate(zip(examples, completions)) if (answer := tagged_answer(final_text(completion)))]
-    if not todo:
-        return rewards
-    runs = max(1, min(os.cpu_count() or 1, len(todo) // LOGIC_ANSWERS_PER_RUN))  # side by side: a fork each
+    answers = {}  # one job per distinct (answer, problem): a group's samples often agree, and score alike
+    for i, (example, completion) in enumerate(zip(examples, completions)):
+        if answer := tagged_answer(final_text(completion)):
+            job = pickle.dumps((answer, example["dataset"], example["entry"]))
+            answers.setdefault(job, []).append(i)
+    jobs = list(answers)
+    runs = max(1, min(os.cpu_count() or 1, len(jobs) // LOGIC_ANSWERS_PER_RUN))  # side by side: a fork each
     with ThreadPoolExecutor(max_workers=runs) as pool:                                # answer is CPU-bound
-        chunks = pool.map(score_in_sandbox, [[job for _, job in todo[k::runs]] for k in range(runs)])
-        for k, scores in enumerate(chunks):
-            for (i, _), reward in zip(todo[k::runs], scores, strict=True):
+        chunks = list(pool.map(score_in_sandbox, [jobs[k::runs] for k in range(runs)])) if jobs else []
+    rewards = [0.0] * len(completions)
+    for k, scores in enumerate(chunks):
+        for job, reward in zip(jobs[k::runs], scores, strict=True):
+            for i in answers[job]:
                 rewards[i] = reward
     return rewards
 
 
-def score_in_sandbox(jobs: list[tuple]) -> list[float]:
-    """Scores of (answer, dataset, entry) jobs, one sandbox run, one process per answer."""
-    tests = [{"input": base64.b64encode(pickle.dumps(job)).decode()} for job in jobs]
-    preload = logic_preload({dataset for _, dataset, _ in jobs})
+def score_in_sandbox(jobs: list[bytes]) -> list[float]:
+    """Scores of pickled (answer, dataset, entry) jobs: one sandbox run, one process per answer."""
+    tests = [{"input": base64.b64encode(job).decode()} for job in jobs]
+    preload = logic_preload({pickle.loads(job)[1] for job in jobs})
     try:
         results = sandbox.run_tests(LOGIC_SCORER, tests, time_limit=LOGIC_TIME_LIMIT, preload=preload)
     except RuntimeError as error:
@@ -404,8 +406,7 @@ def evaluate_arithmetic(expression: str) -> int:
 
 
 VERIFIERS = {"math": score_math, "code": score_code, "logic": score_logic, "mcq": score_mcq, "ifeval": score_ifeval,
-             "add": score_exact, "sort": score_exact, "reverse": score_exact, "countdown": score_countdown,
-             "chains": chains.score_chains}
+             "add": score_exact, "sort": score_exact, "reverse": score_exact, "countdown": score_countdown}
 
 
 # ----------------------------------------------------------------------------- length penalty

@@ -7,8 +7,10 @@ solution 6 times, a program that fails every test, one that crashes at once. Eac
 own sandbox; rewards.score_batch runs one per core side by side, and once with a single worker for
 comparison. (A program that times out costs its time limit per test on top, in waiting, not CPU.) Math: data/math.jsonl's 24 problems, 20
 completions each (boxed, plain, equivalent and wrong answers), scored by math-verify in the calling thread.
-Logic: data/logic.jsonl's problems, 24 completions each (right, wrong, no tag), scored by reasoning-gym in
-one sandbox per batch (it starts by importing reasoning-gym, about a second).
+Logic: data/logic.jsonl's problems, 24 completions each (right, wrong, no tag), scored by reasoning-gym in the
+sandbox: one run per 64 distinct answers (up to one per core; each starts by importing reasoning-gym, a second
+or two), then a fresh process per distinct answer. Again with 24 distinct answers per problem (1 right, 23 wrong),
+where nothing is scored once for many.
 Prints the machine's core count and load: on a shared machine other work slows every figure alike.
 """
 
@@ -51,6 +53,10 @@ def logic_completions(example: dict) -> list[str]:
     return [f"<answer>{example['entry']['answer']}</answer>", "<answer>wrong</answer>", "no tag"] * 8
 
 
+def distinct_logic_completions(example: dict) -> list[str]:
+    return [f"<answer>{example['entry']['answer']}</answer>"] + [f"<answer>wrong {k}</answer>" for k in range(23)]
+
+
 def throughput(examples: list[dict], completions: list[str], workers: int) -> tuple[float, list[float]]:
     start = time.perf_counter()
     scores = rewards.score_batch(examples, completions, workers=workers)
@@ -75,6 +81,10 @@ def main() -> None:
     examples, completions = scored_batch("logic", logic_completions)
     per_second, scores = throughput(examples, completions, workers=cores)
     print(f"logic: {per_second:5.1f} completions/s ({len(completions)} completions in one batch; mean reward "
+          f"{sum(scores) / len(scores):.2f})")
+    examples, completions = scored_batch("logic", distinct_logic_completions)
+    per_second, scores = throughput(examples, completions, workers=cores)
+    print(f"logic: {per_second:5.1f} completions/s ({len(completions)} distinct answers in one batch; mean reward "
           f"{sum(scores) / len(scores):.2f})")
 
 

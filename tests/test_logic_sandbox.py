@@ -168,3 +168,17 @@ def test_the_sandbox_sees_this_pythons_packages():
     [result] = sandbox.run_tests("import reasoning_gym\nprint('imported')", [{"input": ""}], time_limit=30,
                                  preload=f"import site\nsite.addsitedir({rewards.sysconfig.get_paths()['purelib']!r})")
     assert result == {"status": "ok", "output": "imported\n"}
+
+
+def test_identical_answers_to_one_problem_are_scored_once(monkeypatch):
+    spiral, other = logic_example("spiral_matrix", 1), logic_example("spiral_matrix", 2)
+    right = f"<answer>{spiral['entry']['answer']}</answer>"
+    sent = []
+    run_tests = sandbox.run_tests
+    monkeypatch.setattr(sandbox, "run_tests", lambda program, tests, **kw: sent.append(len(tests)) or run_tests(
+        program, tests, **kw))
+    # the same text for another problem is another job; untagged answers need no sandbox at all
+    scores = rewards.score_batch([spiral] * 4 + [other, spiral], [right, right, f"<answer>\n{right[8:]}", right,
+                                                                    right, "no tag"])
+    assert scores == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+    assert sent == [2]
