@@ -257,8 +257,9 @@ def check_logic_sandbox() -> None:
 
 def logic_preload(datasets: set[str]) -> str:
     """LOGIC_PRELOAD for these datasets: their scorers are built once, before the answers' processes fork."""
-    site = sysconfig.get_paths()["purelib"]
-    return LOGIC_PRELOAD.replace("SITE", repr(site)).replace("DATASETS", repr(sorted(datasets)))
+    sites = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})  # lib64 on some systems
+    # the paths last: a directory named <DATASETS> must not be replaced in turn
+    return LOGIC_PRELOAD.replace("<DATASETS>", repr(sorted(datasets))).replace("<SITES>", repr(sites))
 
 
 # Runs once in the sandbox's driver, before any answer: imports reasoning-gym (a second or two), then takes away
@@ -267,7 +268,8 @@ def logic_preload(datasets: set[str]) -> str:
 LOGIC_PRELOAD = """
 import ast, base64, builtins, gc, io, keyword, os, pickle, site, sys, tokenize
 os.environ.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
-site.addsitedir(SITE)
+for directory in <SITES>:
+    site.addsitedir(directory)
 import reasoning_gym
 import sympy
 from sympy.parsing import sympy_parser
@@ -312,7 +314,8 @@ for name, module in list(sys.modules.items()):
         for attribute, value in list(vars(module).items()):
             if value is original_parse_expr:
                 setattr(module, attribute, checked_parse_expr)
-scorers = {dataset: reasoning_gym.get_score_answer_fn(dataset) for dataset in DATASETS}
+scorers = {dataset: reasoning_gym.get_score_answer_fn(dataset) for dataset in <DATASETS>  # unknown: scores 0
+           if dataset in reasoning_gym.factory.DATASETS}
 devnull = os.open(os.devnull, os.O_WRONLY)
 gc.freeze()  # the answers' processes, forks of this one, then share its objects without copying them
 

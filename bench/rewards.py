@@ -5,8 +5,9 @@
 Code: the 12 problems of data/code.jsonl (10 tests each), 8 completions per problem: their reference
 solution 6 times, a program that fails every test, one that crashes at once. Each completion gets its
 own sandbox; rewards.score_batch runs one per core side by side, and once with a single worker for
-comparison. (A program that times out costs its time limit per test on top, in waiting, not CPU.) Math: data/math.jsonl's 24 problems, 20
-completions each (boxed, plain, equivalent and wrong answers), scored by math-verify in the calling thread.
+comparison. (A program that times out costs its time limit per test on top, in waiting, not CPU.)
+Math: data/math.jsonl's 24 problems, 20 completions each (boxed, plain, equivalent and wrong answers), scored
+by math-verify in the calling thread.
 Logic: data/logic.jsonl's problems, 24 completions each (right, wrong, no tag), scored by reasoning-gym in the
 sandbox: one run per 64 distinct answers (up to one per core; each starts by importing reasoning-gym, a second
 or two), then a fresh process per distinct answer. Again with 24 distinct answers per problem (1 right, 23 wrong),

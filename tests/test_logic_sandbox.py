@@ -139,6 +139,8 @@ def test_literal_answers_keep_their_scores_and_sympy_gets_math_only():
     scores = rewards.score_batch([poly] * 4, [f"<answer>{answer}</answer>", f"<answer>({answer})*1 + 0</answer>",
                                               "<answer>x.__class__</answer>", "<answer>exec(bytes((49,)))</answer>"])
     assert scores == [1.0, 1.0, 0.0, 0.0]
+    unknown = {**poly, "dataset": "no_such_dataset"}  # scores 0, and the batch beside it is scored as ever
+    assert rewards.score_batch([unknown, poly], [f"<answer>{answer}</answer>"] * 2) == [0.0, 1.0]
 
 
 def test_without_reasoning_gym_in_the_sandbox_scoring_is_an_error_and_nothing_runs(tmp_path, monkeypatch):
@@ -182,3 +184,26 @@ def test_identical_answers_to_one_problem_are_scored_once(monkeypatch):
                                                                     right, "no tag"])
     assert scores == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
     assert sent == [2]
+
+
+def test_the_user_namespace_mode_scores_logic_answers_too(monkeypatch, tmp_path):
+    """What a non-root user gets: the walls from `unshare --user`, one mapped uid. Run here by making the
+    sandbox believe it is not root (as root, the user namespace maps root to root: the same code path)."""
+    if os.geteuid() != 0:
+        pytest.skip("checked for real by every test here: this process is not root")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    system = sandbox._system.__wrapped__()
+    monkeypatch.undo()
+    if not system["jail"]:
+        pytest.skip("user namespaces are refused on this machine")
+    monkeypatch.setattr(sandbox, "_system", lambda: system)
+    marker = tmp_path / "written-by-an-answer"
+    os.chmod(tmp_path, 0o777)
+    spiral = logic_example("spiral_matrix", 1)
+    right = f"<answer>{spiral['entry']['answer']}</answer>"
+    hostile = code_answer(f"open({str(marker)!r}, 'w').write('x')")
+    assert "--user" in system["command"]
+    assert rewards.score_batch([spiral] * 3, [right, hostile, right]) == [1.0, 0.0, 1.0]
+    assert not marker.exists()
+    [result] = sandbox.run_tests("print(open('/proc/sys/kernel/shmmax').read())", [{"input": ""}])
+    assert int(result["output"]) == sandbox.SHARED_MEMORY_MB * 2**20  # the IPC limits hold there too

@@ -35,7 +35,8 @@ def require(*needed: str, any_of: tuple[str, ...] = ()) -> None:
 
 def sum_example(**extra) -> dict:
     """Read two integers, print their sum: three tests, each limited to LIMIT seconds."""
-    tests = [{"input": "1 2\n", "output": "3\n"}, {"input": "10 -4\n", "output": "6\n"}, {"input": "0 0\n", "output": "0\n"}]
+    tests = [{"input": "1 2\n", "output": "3\n"}, {"input": "10 -4\n", "output": "6\n"},
+             {"input": "0 0\n", "output": "0\n"}]
     return {"task": "code", "prompt": "...", "tests": tests, "time_limit": LIMIT, **extra}
 
 
@@ -86,7 +87,8 @@ def test_protections_are_probed_and_the_basic_ones_hold_everywhere():
 
 def test_the_sandbox_uses_every_wall_this_machine_allows():
     # Checked independently of the sandbox, so that a regression fails here instead of turning into skips.
-    flags = ["--mount", "--net", "--pid", "--ipc", "--uts", "--fork"] + ([] if os.geteuid() == 0 else ["--user", "--map-root-user"])
+    flags = ["--mount", "--net", "--pid", "--ipc", "--uts", "--fork"]
+    flags += [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
     namespaces = subprocess.run(["unshare", *flags, "true"], check=False, capture_output=True).returncode == 0
     proven = sandbox.protections()
     if namespaces:
@@ -114,9 +116,11 @@ def test_the_probe_holds_when_the_host_itself_runs_in_a_pid_namespace():
         assert nested[wall] == sandbox.protections()[wall], (wall, nested)
 
 def test_stdin_and_call_tests_run_and_report_what_happened():
-    results = sandbox.run_tests("a, b = map(int, input().split())\nprint(a + b)", [{"input": "1 2\n"}, {"input": "x y\n"}])
+    program = "a, b = map(int, input().split())\nprint(a + b)"
+    results = sandbox.run_tests(program, [{"input": "1 2\n"}, {"input": "x y\n"}])
     assert results == [{"status": "ok", "output": "3\n"}, {"status": "exit code 1", "output": ""}]
-    program = "def add(a, b):\n    print('adding', end='')\n    return a + b\n\nif __name__ == '__main__':\n    print('main')"
+    program = ("def add(a, b):\n    print('adding', end='')\n    return a + b\n\n"
+               "if __name__ == '__main__':\n    print('main')")
     results = sandbox.run_tests(program, [{"call": "add(1, 2)"}, {"call": "add('a', 'b')"}, {"call": "add(1)"}])
     # a call test runs the program as a module (no __main__ block) and prints repr(value) on a last line of its own
     assert results[0] == {"status": "ok", "output": "adding\n3\n"}
@@ -126,7 +130,8 @@ def test_stdin_and_call_tests_run_and_report_what_happened():
 
 
 def test_each_test_gets_a_fresh_process_and_only_its_own_input():
-    program = "import sys\ncounter = globals().setdefault('seen', [])\ncounter.append(1)\nprint(len(counter), sys.stdin.read())"
+    program = ("import sys\ncounter = globals().setdefault('seen', [])\ncounter.append(1)\n"
+               "print(len(counter), sys.stdin.read())")
     results = sandbox.run_tests(program, [{"input": "first"}, {"input": "second"}])
     assert [r["output"] for r in results] == ["1 first\n", "1 second\n"]
 
@@ -263,7 +268,8 @@ def test_no_network():
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         listener.settimeout(0)
-        program = (f"import socket\ntry:\n    socket.create_connection(('127.0.0.1', {listener.getsockname()[1]}), timeout=1)\n"
+        port = listener.getsockname()[1]
+        program = (f"import socket\ntry:\n    socket.create_connection(('127.0.0.1', {port}), timeout=1)\n"
                    "    print('connected')\nexcept OSError as error:\n    print('refused', error)")
         [result] = sandbox.run_tests(program, [{"input": ""}])
         assert result["status"] == "ok" and result["output"].startswith("refused")
