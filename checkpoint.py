@@ -126,7 +126,7 @@ def rank_state(stream) -> dict:
     """What differs between ranks: random number generators and the position in the prompt stream."""
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-            "stream_rng": stream.rng.getstate(), "stream_drawn": stream.drawn}
+            "stream": stream.state_dict()}
 
 
 def load_rank_state(state: dict, stream) -> None:
@@ -134,8 +134,7 @@ def load_rank_state(state: dict, stream) -> None:
     random.setstate(state["python"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-    stream.rng.setstate(state["stream_rng"])
-    stream.drawn = state["stream_drawn"]
+    stream.load_state_dict(state["stream"])
 
 
 def is_run(run_dir: str | Path) -> bool:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 import checkpoint
+import curriculum
 import dist
 import grpo
 import kl
@@ -39,7 +40,10 @@ class Config:
     top_p: float = option(1.0, "nucleus sampling threshold")
     lr: float = option(2e-4, "AdamW learning rate")
     lr_scale_from_batch: int = option(0, "BroRL: scale lr by sqrt(samples per step / this) (0: off)")
-    advantage: str = option("grpo", "advantage estimator: grpo, reinforce_pp, rloo")
+    advantage: str = option("grpo", "advantage estimator: grpo, reinforce_pp, rloo, passk")
+    passk_k: int = option(8, "k of --advantage passk: the advantage of pass@k as the reward (arXiv 2508.10751)")
+    unlikeliness: float = option(0.0, "β_rank of the unlikeliness reward: right answers the policy finds likely "
+                                 "earn less (arXiv 2506.02355 uses 0.25; 0: off)")
     clip_low: float = option(0.2, "ε_low: ratio clipped below at 1 − ε_low")
     clip_high: float = option(0.28, "ε_high: ratio clipped above at 1 + ε_high (ProRL: 0.4)")
     loss_agg: str = option("token-mean", "token-mean, seq-mean-token-mean or seq-mean-token-sum")
@@ -76,6 +80,12 @@ class Config:
     save_every: int = option(50, "write <run>/checkpoint.pt every this many steps, and always at the end (0: end only)")
     resume: str = option("", "continue the run in this directory from its checkpoint (flags given now override)")
     log: str = option("", "also log each step to tensorboard or wandb (offline), if that package is installed")
+    curriculum: bool = option(False, "edge curriculum over the levels of the one procedural family in --tasks, "
+                              "starting at --level (curriculum.py)")
+    curriculum_top: int = option(0, "the curriculum's highest level (0: the family's own, chains 5)")
+    curriculum_threshold: float = option(0.5, "promote when the current level's pass rate reaches this (> 1: never)")
+    curriculum_replay: float = option(0.25, "share of prompts drawn from the easier levels")
+    curriculum_window: int = option(32, "groups of the current level whose pass rate the promotion rule averages")
     preset: str = option("tiny", "tiny, prorl, prorl-v2 or brorl: the papers' hyperparameters, then your flags")
 
 
@@ -140,7 +150,7 @@ def validate(c: Config) -> None:
     check(c.max_new_tokens >= 1, "--max-new-tokens must be ≥ 1")
     check(0 <= c.clip_low < 1 and c.clip_high >= 0, "--clip-low must be in [0, 1) and --clip-high ≥ 0")
     check(c.minibatches >= 1 and c.epochs >= 1, "--minibatches and --epochs must be ≥ 1")
-    check(c.level in (1, 2, 3), "--level must be 1, 2 or 3")
+    check(1 <= c.level <= tasks.max_level(c.tasks), f"--level must be 1..{tasks.max_level(c.tasks)} for these tasks")
     check(c.kl_coef >= 0, "--kl-coef must be ≥ 0")
     check(c.eval_samples >= 1 and c.eval_every >= 0, "--eval-samples must be ≥ 1, --eval-every ≥ 0")
     check(c.eval_problems >= 1 and c.val_problems >= 1, "--eval-problems and --val-problems must be ≥ 1")
@@ -158,6 +168,12 @@ def validate(c: Config) -> None:
     check(not c.run or c.resume or not checkpoint.is_run(Path("runs") / c.run),
           f"runs/{c.run} already holds a run: --resume runs/{c.run} continues it, another --run starts anew")
     check(c.kl_coef > 0 or not c.kl_in_reward, "--kl-in-reward needs --kl-coef > 0")
+    check(c.advantage != "passk" or (c.length_eta_max == 0 and not c.unlikeliness and not c.kl_in_reward),
+          "--advantage passk needs rewards of 0 or 1: no length penalty, unlikeliness or --kl-in-reward")
+    check(c.advantage != "passk" or 1 <= c.passk_k <= c.n, "--passk-k must be between 1 and --n")
+    check(0 <= c.unlikeliness < 1, "--unlikeliness must be in [0, 1)")
+    check(not c.curriculum or c.curriculum_top == 0 or c.level <= c.curriculum_top <= tasks.max_level(c.tasks),
+          "--curriculum-top must be between --level and the family's highest level")
     check(c.log in ("", "tensorboard", "wandb"), f"--log must be tensorboard or wandb, not {c.log!r}")
     check(not c.log or importlib.util.find_spec(c.log) is not None,
           f"--log {c.log} needs the {c.log} package, which is not installed: pip install {c.log}")
@@ -165,10 +181,24 @@ def validate(c: Config) -> None:
     grpo.loss_count(torch.ones(1, 1), c.loss_agg)
     kl.kl_estimate(torch.zeros(1), torch.zeros(1), c.kl_kind)
     mix = tasks.TaskMix(c.tasks, c.level)  # unknown task names and unreadable files fail here, before any work
+    if c.curriculum:  # its own checks: one procedural family, start level, replay, window
+        prompt_stream(c)
     check(any(tasks.heldout(family, 1, c.level) for family in mix.weights), str(tasks.no_heldout_error(c.tasks)))
     models.check_device(c.device)
     if c.model:
         models.check_model_dir(c.model)
+
+
+def prompt_stream(c: Config, rank: int = 0):
+    """Where the training prompts come from: the task mix, or with --curriculum the edge curriculum over its
+    one family's levels. Each rank draws its own stream."""
+    seed = c.seed + 1_000_003 * rank
+    if not c.curriculum:
+        return tasks.TaskMix(c.tasks, level=c.level, seed=seed)
+    family = c.tasks.split(":")[0]
+    check("," not in c.tasks, "--curriculum takes one procedural family in --tasks (e.g. --tasks chains)")
+    return curriculum.EdgeCurriculum(family, c.curriculum_top or tasks.max_level(c.tasks), c.level,
+                                     c.curriculum_threshold, c.curriculum_replay, c.curriculum_window, seed=seed)
 
 
 def check(ok: bool, message: str) -> None:

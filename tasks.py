@@ -125,6 +125,12 @@ def generate(name: str, rng: random.Random, level: int) -> dict:
     return BUILTIN[name](rng, level)
 
 
+def max_level(spec: str) -> int:
+    """The highest --level every family of a task mix has: chains go 5 deep, the other built-ins have 3 levels."""
+    names = [name.split(":")[0] for name in spec.split(",") if name.strip()]
+    return chains.MAX_DEPTH if names and all(name.strip() == "chains" for name in names) else 3
+
+
 def is_procedural(name: str) -> bool:
     return name in BUILTIN or name.startswith(REASONING_GYM)
 
@@ -191,6 +197,19 @@ class TaskMix:
             example = generate(name, self.rng, self.level)
             if not is_heldout(example):
                 return example
+
+    def observe(self, examples: list[dict], scores) -> None:
+        """A fixed mix does not adapt to the scores (curriculum.EdgeCurriculum does)."""
+
+    def stats(self) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.getstate(), "drawn": self.drawn}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.setstate(state["rng"])
+        self.drawn = state["drawn"]
 
 
 def no_heldout_error(source: str) -> ValueError:

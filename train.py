@@ -147,7 +147,7 @@ def main(argv: list[str]) -> None:
     # BroRL: more samples per step → a larger lr, scaled by sqrt(B_new / B_old)
     lr = c.lr * math.sqrt(c.prompts_per_step * c.n / c.lr_scale_from_batch) if c.lr_scale_from_batch else c.lr
     optimizer = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=0.0)
-    stream = tasks.TaskMix(c.tasks, level=c.level, seed=c.seed + 1_000_003 * dist.rank())  # a stream per rank
+    stream = settings.prompt_stream(c, dist.rank())  # a task mix, or the edge curriculum; a stream per rank
     val_set = [ex for f in stream.weights for ex in tasks.heldout(f, c.val_problems, c.level)]
     test_by_source = {f: tasks.heldout(f, c.eval_problems, c.level) for f in stream.weights}  # may hold fewer
     test_set = [ex for examples in test_by_source.values() for ex in examples]
@@ -193,7 +193,10 @@ def main(argv: list[str]) -> None:
                     all_ref_logp = dist.gather_rows(ref_logp, len(batch.tokens))
                     token_kl = kl.kl_estimate(batch.logprobs[:, 1:], all_ref_logp, c.kl_kind)
                     shaped = shaped - c.kl_coef * (token_kl * batch.mask[:, 1:]).sum(dim=1).view_as(shaped)
-                adv = grpo.group_advantages(shaped, c.advantage).flatten()  # [P·N]: one advantage per response
+                if c.unlikeliness:  # right answers ranked by their mean log-prob under the sampler (no extra pass)
+                    seq_logp = (batch.logprobs * batch.mask).sum(1) / batch.mask.sum(1).clamp(min=1)
+                    shaped = grpo.unlikeliness_rewards(shaped, seq_logp.view_as(shaped), c.unlikeliness)
+                adv = grpo.group_advantages(shaped, c.advantage, c.passk_k).flatten()  # [P·N]: one per response
                 metrics.update(update(policy.train(), optimizer, local, adv[rows], ref_logp, c), length_eta=eta,
                                ref_s=update_start - ref_start, update_s=clock() - update_start)
             elif dist.is_main() and not said_idle:  # said once: metrics.jsonl's kept_frac shows every such step
@@ -210,7 +213,8 @@ def main(argv: list[str]) -> None:
                 tracker.did_reset()
                 metrics["reset"] = reason
             step_s = clock() - start
-            metrics.update(resets=tracker.count, step_s=step_s, tokens_per_s=float(batch.mask.sum()) / step_s)
+            metrics.update(resets=tracker.count, step_s=step_s, tokens_per_s=float(batch.mask.sum()) / step_s,
+                           **stream.stats())
             if device.startswith("cuda"):  # the most this rank's GPU has held so far, in GB
                 metrics["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
             metrics_file.write(json.dumps(metrics) + "\n")

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import checkpoint
+import curriculum
 import grpo
 import models
 import rewards
@@ -211,10 +212,10 @@ def capture_shaped_rewards(monkeypatch) -> list[dict]:
             steps[-1].setdefault("ref_logp", out)  # the first call of a step is the reference's
         return out
 
-    def advantages(shaped, estimator):
+    def advantages(shaped, estimator, k=1):
         if steps:  # (validate() calls it too, before any step, to check the estimator's name)
             steps[-1]["shaped"] = shaped.clone()
-        return real_advantages(shaped, estimator)
+        return real_advantages(shaped, estimator, k)
 
     monkeypatch.setattr(sampling, "sample_groups", sample)
     monkeypatch.setattr(train, "batch_logprobs", logprobs)
@@ -304,3 +305,48 @@ def test_log_tensorboard_gets_every_numeric_metric_of_every_step(tmp_path, monke
     expected = [(m["step"], k, v) for m in metrics for k, v in m.items()
                 if k != "step" and isinstance(v, (int, float))]
     assert scalars == expected and {step for step, _, _ in scalars} == {1, 2}
+
+
+# ----------------------------------------------------------------------------- issue 15's options in the loop
+
+def test_curriculum_passk_and_unlikeliness_run_in_the_loop(tmp_path, monkeypatch, tiny_model_dir):
+    """The edge curriculum sees every sampled group (before dynamic sampling drops any) and logs its level; the
+    pass@k advantage and the unlikeliness reward reach the update."""
+    observed, advantages = [], []
+    real_observe, real_advantages = curriculum.EdgeCurriculum.observe, grpo.group_advantages
+
+    def observing(self, examples, scores):
+        observed.append((len(examples), scores.shape))
+        return real_observe(self, examples, scores)
+
+    def recording(rewards, estimator="grpo", k=1):
+        advantages.append((estimator, k))
+        return real_advantages(rewards, estimator, k)
+
+    monkeypatch.setattr(curriculum.EdgeCurriculum, "observe", observing)
+    monkeypatch.setattr(grpo, "group_advantages", recording)
+    _, metrics, _ = run_train(tmp_path, monkeypatch, tiny_model_dir, [
+        "--tasks", "chains", "--level", "2", "--curriculum", "true", "--steps", "2", "--prompts-per-step", "4",
+        "--n", "4", "--dynamic-sampling", "false", "--advantage", "passk", "--passk-k", "2"])
+    assert observed == [(4, (4, 4)), (4, (4, 4))]  # every group of each step
+    assert [m["curriculum_level"] for m in metrics] == [2, 2]  # a random model never reaches the threshold
+    assert advantages[-2:] == [("passk", 2), ("passk", 2)]  # each step's (settings.validate checks the name first)
+    with pytest.raises(ValueError, match="passk needs rewards of 0 or 1"):
+        settings.parse_config(["--advantage", "passk", "--length-eta-max", "0.1"])
+    with pytest.raises(ValueError, match="--level must be 1..3"):
+        settings.parse_config(["--level", "4"])
+    assert settings.parse_config(["--tasks", "chains", "--level", "5"]).level == 5
+
+
+def test_unlikeliness_ranks_each_group_by_the_sampler_logprobs(tmp_path, monkeypatch, tiny_model_dir):
+    calls = []
+    real = grpo.unlikeliness_rewards
+
+    def recording(rewards, seq_logp, beta):
+        calls.append((rewards.shape, seq_logp.shape, beta, bool(torch.isfinite(seq_logp).all())))
+        return real(rewards, seq_logp, beta)
+
+    monkeypatch.setattr(grpo, "unlikeliness_rewards", recording)
+    run_train(tmp_path, monkeypatch, tiny_model_dir, ["--steps", "1", "--prompts-per-step", "4", "--n", "4",
+                                                      "--dynamic-sampling", "false", "--unlikeliness", "0.25"])
+    assert calls == [((4, 4), (4, 4), 0.25, True)]
