@@ -1,0 +1,179 @@
+"""Does RL expand the reasoning boundary, or only sharpen it? The chains experiment (issue 15), arms side by side.
+
+    python experiments/boundary.py                                  # the headline: control vs edge, seeds 0 and 1
+    python experiments/boundary.py --arms control,easy,edge,hard,edge-explore --seeds 0,1,2   # the full sweep
+
+One base, warm-started on the chains task family up to a set composition depth (--coverage, chains.py), then one
+RL run per arm and seed from that base (train.py with the arm's flags). Every model is measured the same way:
+n samples per held-out problem at ProRL's evaluation settings (T=0.6, top-p 0.95), unbiased pass@k for
+k = 1 ... n per split: each depth's held-out problems (of chains RL may train on) and the held-out chains
+(compositions never shown to the warm-start or to RL). Writes <out>/boundary.json (every count), boundary.md
+(the table: pass@k, the trained − base difference at k = n with a 95% bootstrap interval over problems, and the
+problems newly solved and newly lost against the base) and boundary.png (pass@k curves, base vs arms).
+"""
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository's modules, not experiments/'s
+
+import torch
+
+import chains
+import evaluation
+import models
+import tasks
+import train
+
+EDGE = 3  # the depth where the chosen base solves rarely but not never (see --coverage)
+ARMS = {  # train.py flags of each arm, on top of COMMON; all sample the chains family only
+    "control": ["--curriculum", "true", "--level", "5", "--curriculum-replay", "0.8", "--curriculum-threshold", "2"],
+    "easy": ["--curriculum", "true", "--level", "2", "--curriculum-top", "2", "--curriculum-replay", "0.5",
+             "--curriculum-threshold", "2"],
+    "edge": ["--curriculum", "true", "--level", str(EDGE), "--curriculum-threshold", "0.5"],
+    "hard": ["--curriculum", "true", "--level", "5", "--curriculum-replay", "0", "--curriculum-threshold", "2"],
+    "edge-explore": ["--curriculum", "true", "--level", str(EDGE), "--curriculum-threshold", "0.5",
+                     "--advantage", "passk", "--passk-k", "8", "--temperature", "1.2", "--clip-high", "0.4"],
+}
+ARM_NOTES = {"control": "the default RL settings, prompts uniform over depths 1-5",
+             "easy": "depths 1-2 only (what the base already solves)",
+             "edge": f"edge curriculum: depth {EDGE} first, promoted at pass rate 0.5, 25% replay of easier depths",
+             "hard": "depth 5 only (never solved by the base)",
+             "edge-explore": "edge curriculum + pass@k advantage (k=8), T=1.2, clip-high 0.4"}
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arms", default="control,edge", help=f"comma-separated, from {', '.join(ARMS)}")
+    parser.add_argument("--seeds", default="0,1", help="RL seeds (the base is the same for all)")
+    parser.add_argument("--coverage", type=float, default=2.1, help="the base's warm-start coverage of chains")
+    parser.add_argument("--warmstart-steps", type=int, default=1200)
+    parser.add_argument("--steps", type=int, default=60, help="RL steps per run")
+    parser.add_argument("--prompts-per-step", type=int, default=32)
+    parser.add_argument("--problems", type=int, default=16, help="held-out problems per split")
+    parser.add_argument("--n", type=int, default=256, help="samples per problem for pass@k")
+    parser.add_argument("--out", default="runs/boundary-experiment")
+    args = parser.parse_args(argv)
+    args.arms, args.seeds = args.arms.split(","), [int(s) for s in args.seeds.split(",")]
+    unknown = set(args.arms) - set(ARMS)
+    if unknown:
+        parser.error(f"unknown arms {sorted(unknown)}")
+    return args
+
+
+def splits(problems: int) -> dict[str, list[dict]]:
+    """The held-out evaluation sets: per depth, then the held-out compositions of depths 2-4."""
+    sets = {f"depth {d}": tasks.heldout("chains", problems, d) for d in range(1, chains.MAX_DEPTH + 1)}
+    sets |= {f"held-out chains, depth {d}": chains.heldout_composition_problems(d, problems) for d in (2, 3, 4)}
+    return sets
+
+
+def counts_of(model_dir: str, sets: dict[str, list[dict]], n: int) -> dict[str, list[int]]:
+    policy, tokenizer = models.load(model_dir)
+    return {name: evaluation.correct_counts(policy.eval(), tokenizer, examples, n, max_new_tokens=32, seed=12345)
+            for name, examples in sets.items()}
+
+
+def curve(counts: list[int], n: int) -> dict[int, float]:
+    return {k: sum(evaluation.pass_at_k(n, c, k) for c in counts) / len(counts) for k in evaluation.ks_up_to(n)}
+
+
+def bootstrap_difference(base: list[int], trained: list[int], n: int, k: int, resamples: int = 2000):
+    """95% interval of mean pass@k(trained) − mean pass@k(base), resampling problems (paired)."""
+    gains = [evaluation.pass_at_k(n, t, k) - evaluation.pass_at_k(n, b, k) for b, t in zip(base, trained)]
+    rng = random.Random(0)
+    means = sorted(sum(rng.choices(gains, k=len(gains))) / len(gains) for _ in range(resamples))
+    return sum(gains) / len(gains), means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
+
+
+def table(result: dict, n: int) -> str:
+    ks = [k for k in (1, 16, n) if k <= n]
+    head = "| split | model | " + " | ".join(f"pass@{k}" for k in ks) + f" | Δpass@{n} [95% CI] | new / lost |"
+    lines = [head, "|" + "---|" * (len(ks) + 4)]
+    for split, base in result["base"].items():
+        base_curve = curve(base, n)
+        lines.append(f"| {split} | base | " + " | ".join(f"{base_curve[k]:.3f}" for k in ks) + " | | |")
+        for run, by_split in result["runs"].items():
+            trained = by_split[split]
+            mean, low, high = bootstrap_difference(base, trained, n, n)
+            new = sum(b == 0 < t for b, t in zip(base, trained))
+            lost = sum(t == 0 < b for b, t in zip(base, trained))
+            run_curve = curve(trained, n)
+            lines.append(f"| | {run} | " + " | ".join(f"{run_curve[k]:.3f}" for k in ks)
+                         + f" | {mean:+.3f} [{low:+.3f}, {high:+.3f}] | {new} / {lost} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, n: int, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    names = list(result["base"])
+    fig = Figure(figsize=(3.2 * 4, 3.0 * -(-len(names) // 4)), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(-(-len(names) // 4), 4, squeeze=False).flatten()
+    arms = sorted({run.rsplit("-s", 1)[0] for run in result["runs"]})
+    colours = dict(zip(arms, ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]))
+    for ax, split in zip(axes, names):
+        base = curve(result["base"][split], n)
+        ax.plot(list(base), list(base.values()), color="black", lw=2, label="base")
+        for run, by_split in result["runs"].items():
+            arm = run.rsplit("-s", 1)[0]
+            trained = curve(by_split[split], n)
+            labelled = arm in ax.get_legend_handles_labels()[1]  # one legend entry per arm, not per seed
+            ax.plot(list(trained), list(trained.values()), color=colours[arm], alpha=0.7, label=None if labelled else arm)
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(split, fontsize=9)
+        ax.set_xlabel("k")
+    axes[0].set_ylabel("pass@k")
+    axes[0].legend(fontsize=7)
+    for ax in axes[len(names):]:
+        ax.axis("off")
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    base_dir = models.ensure_tiny_base(f"runs/base/tiny-chains-c{args.coverage}-w{args.warmstart_steps}-s0", seed=0,
+                                       task_mix="chains", chain_coverage=args.coverage, steps=args.warmstart_steps,
+                                       noise=0.0)
+    sets = splits(args.problems)
+    saved = out / "boundary.json"
+    result = json.loads(saved.read_text()) if saved.is_file() else {}
+    settings = {k: v for k, v in vars(args).items() if k not in ("arms", "seeds", "out")}
+    if result.get("settings") != settings:  # other settings: measure everything again
+        result = {"settings": settings, "base": counts_of(base_dir, sets, args.n), "runs": {}, "seconds": {}}
+    for arm in args.arms:
+        for seed in args.seeds:
+            run = f"{arm}-s{seed}"
+            if run in result["runs"]:
+                continue  # measured by an earlier invocation with the same settings
+            run_started = time.time()
+            train.main(["--model", base_dir, "--tasks", "chains", "--run", f"{out.name}/{run}", "--seed", str(seed),
+                        "--steps", str(args.steps), "--prompts-per-step", str(args.prompts_per_step),
+                        "--max-new-tokens", "32", "--eval-every", "0", "--eval-problems", "16", "--val-problems", "16",
+                        "--eval-samples", "4", "--boundary-problems", "0", "--save-every", "0"] + ARMS[arm])
+            result["runs"][run] = counts_of(f"runs/{out.name}/{run}/final", sets, args.n)
+            result["seconds"][run] = time.time() - run_started
+            saved.write_text(json.dumps(result))
+    report = table(result, args.n)
+    notes = "\n".join(f"- **{arm}**: {ARM_NOTES[arm]}" for arm in ARMS if any(r.startswith(arm + "-s")
+                                                                                  for r in result["runs"]))
+    (out / "boundary.md").write_text(f"{report}\n\n{notes}\n")
+    plot(result, args.n, out / "boundary.png")
+    print(report)
+    print(notes)
+    print(f"wrote {out}/boundary.md, boundary.json, boundary.png in {time.time() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
