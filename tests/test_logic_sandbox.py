@@ -155,6 +155,7 @@ def test_without_reasoning_gym_in_the_sandbox_scoring_is_an_error_and_nothing_ru
     with pytest.raises(rewards.VerifierUnavailable, match="cannot run reasoning-gym's scorers on this machine"):
         rewards.score(spiral, code_answer(f"open({str(marker)!r}, 'w').write('x')"))
     assert not called and not marker.exists()  # not scored here instead
+    rewards.check_logic_sandbox.cache_clear()  # a success earlier in this process is remembered
     with pytest.raises(ValueError, match="cannot run reasoning-gym's scorers"):
         tasks.TaskMix("logic")  # before training starts, one line
     with pytest.raises(ValueError, match="cannot run reasoning-gym's scorers"):
