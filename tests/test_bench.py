@@ -37,3 +37,26 @@ def test_step_benchmark_runs_one_prorl_v2_step_and_prints_its_time_split(tmp_pat
     assert sum(float(split[k]) for k in ("gen_s", "ref_s", "update_s")) <= float(split["step_s"]) + 0.02
     config = json.loads((tmp_path / "runs" / "bench-step" / "small" / "train" / "config.json").read_text())
     assert (config["advantage"], config["kl_kind"], config["n"], config["max_new_tokens"]) == ("reinforce_pp", "k2", 2, 4)
+
+
+# ----------------------------------------------------------------------------- experiments/boundary.py, smoke
+
+def test_boundary_experiment_runs_its_arms_and_reports_each_split(tmp_path, monkeypatch):
+    """A tiny run of the chains experiment: every arm × seed trains from one base, and the table holds every
+    split with the base and each run; the counts it tabulates are those of pass@k's definition (c ≤ n)."""
+    monkeypatch.syspath_prepend(str(REPO / "experiments"))
+    monkeypatch.chdir(tmp_path)
+    import boundary
+
+    boundary.main(["--arms", "control,edge-explore", "--seeds", "0,1", "--steps", "1", "--problems", "2", "--n", "4",
+                   "--warmstart-steps", "2", "--prompts-per-step", "2", "--out", "runs/bx"])
+    result = json.loads((tmp_path / "runs" / "bx" / "boundary.json").read_text())
+    assert set(result["runs"]) == {"control-s0", "control-s1", "edge-explore-s0", "edge-explore-s1"}
+    splits = list(result["base"])
+    assert len(splits) == 8 and all(set(run) == set(splits) for run in result["runs"].values())
+    assert all(0 <= c <= 4 and len(counts) == 2 for counts in result["base"].values() for c in counts)
+    config = json.loads((tmp_path / "runs" / "bx" / "edge-explore-s1" / "config.json").read_text())
+    assert (config["advantage"], config["seed"], config["curriculum"], config["level"]) == ("passk", 1, True, 3)
+    table = (tmp_path / "runs" / "bx" / "boundary.md").read_text()
+    assert table.count("| base |") == 8 and table.count("| control-s1 |") == 8
+    assert (tmp_path / "runs" / "bx" / "boundary.png").stat().st_size > 10_000
