@@ -27,6 +27,7 @@ import sysconfig
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import chains
 import ifeval
 import sandbox
 
@@ -409,7 +410,8 @@ def evaluate_arithmetic(expression: str) -> int:
 
 
 VERIFIERS = {"math": score_math, "code": score_code, "logic": score_logic, "mcq": score_mcq, "ifeval": score_ifeval,
-             "add": score_exact, "sort": score_exact, "reverse": score_exact, "countdown": score_countdown}
+             "add": score_exact, "sort": score_exact, "reverse": score_exact, "countdown": score_countdown,
+             "chains": chains.score_chains}
 
 
 # ----------------------------------------------------------------------------- length penalty

@@ -152,7 +152,7 @@ def test_an_explicit_max_rows_is_capped_by_the_kv_cache_budget(model, monkeypatc
 
     longest, new_tokens = max(len(p) for p in PROMPTS), 6
     per_row = llama_forward.Weights(model, longest + new_tokens).kv_bytes_per_token * (longest + new_tokens)
-    monkeypatch.setattr(rollout, "KVCache", recording_cache)
+    monkeypatch.setattr(llama_forward, "KVCache", recording_cache)
     monkeypatch.setattr(rollout, "KV_CACHE_BYTES", 5 * per_row)  # 5 rows fit: one prompt's 3 samples at a time
     capped = rollout.generate(model, PROMPTS, 3, new_tokens, temperature=0, max_rows=4096)
     assert rows == [3]
@@ -258,7 +258,7 @@ def test_every_prompt_prefilled_once(model, monkeypatch):
         prefilled.append(prompt_ids.shape[0])
         return real_prefill(weights, cache, prompt_ids, prompt_mask, first)
 
-    monkeypatch.setattr(rollout, "prefill", counting_prefill)
+    monkeypatch.setattr(llama_forward, "prefill", counting_prefill)
     out = rollout.generate(model, PROMPTS, 40, 4, max_rows=16)  # 160 rows, 16 at a time
     assert sum(prefilled) == len(PROMPTS)
     assert out.tokens.shape[0] == 160
@@ -307,8 +307,8 @@ def test_cuda_graph_decode_plumbing(model, monkeypatch, n, max_rows):
             self.decoder.logits[self.key] = self.step()
 
     monkeypatch.setattr(llama_forward.CudaGraphDecode, "capture", lambda self, key, step: EagerGraph(self, key, step))
-    monkeypatch.setattr(rollout, "make_decoder", llama_forward.CudaGraphDecode)
-    monkeypatch.setattr(rollout, "KV_BUCKET", 4)  # 10 steps read 4, 8, then all 10 completion columns
+    monkeypatch.setattr(llama_forward, "make_decoder", llama_forward.CudaGraphDecode)
+    monkeypatch.setattr(llama_forward, "KV_BUCKET", 4)  # 10 steps read 4, 8, then all 10 completion columns
     graphed = rollout.generate(model, PROMPTS, n, 10, temperature=0, max_rows=max_rows)
     monkeypatch.undo()
     eager = rollout.generate(model, PROMPTS, n, 10, temperature=0, max_rows=max_rows)
