@@ -10,6 +10,7 @@ the function: nothing else is importable there, and every import costs start-up 
 """
 
 import inspect
+import sysconfig
 import textwrap
 
 
@@ -224,3 +225,87 @@ def driver() -> None:
 
 
 DRIVER_SOURCE = textwrap.dedent(inspect.getsource(driver)) + "\ndriver()\n"
+
+
+# ----------------------------------------------------------------------------- the logic scorers' programs
+# rewards.score_logic_batch runs reasoning-gym's scorers in the sandbox with these two programs.
+
+def logic_preload(datasets: set[str]) -> str:
+    """LOGIC_PRELOAD for these datasets: their scorers are built once, before the answers' processes fork."""
+    sites = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})  # lib64 on some systems
+    # the paths last: a directory named <DATASETS> must not be replaced in turn
+    return LOGIC_PRELOAD.replace("<DATASETS>", repr(sorted(datasets))).replace("<SITES>", repr(sites))
+
+
+# Runs once in the sandbox's driver, before any answer: imports reasoning-gym (a second or two), then takes away
+# the scorers' ways of running answer text. eval() in reasoning-gym's modules becomes a literal parser; sympy's
+# parse_expr (sympify and parse_expr alike go through it) first checks every token of a string.
+LOGIC_PRELOAD = """
+import ast, base64, builtins, gc, io, keyword, os, pickle, site, sys, tokenize
+os.environ.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+for directory in <SITES>:
+    site.addsitedir(directory)
+import reasoning_gym
+import sympy
+from sympy.parsing import sympy_parser
+
+MATH_NAMES = {"sin", "cos", "tan", "cot", "sec", "csc", "asin", "acos", "atan", "acot", "atan2", "sinh", "cosh",
+              "tanh", "asinh", "acosh", "atanh", "exp", "log", "ln", "sqrt", "root", "cbrt", "Abs", "abs", "sign",
+              "pi", "E", "I", "oo", "Rational", "Integer", "Float", "factorial", "binomial", "floor", "ceiling",
+              "Max", "Min", "max", "min", "Mod", "gcd", "lcm", "round", "int", "float", "pow", "erf", "True", "False"}
+NAMESPACE = {}
+exec("from sympy import *", NAMESPACE)
+FORBIDDEN_NAMES = (set(NAMESPACE) | set(dir(builtins)) | set(keyword.kwlist)) - MATH_NAMES
+OPERATORS = {"+", "-", "*", "/", "//", "**", "^", "%", "(", ")", "[", "]", ",", "<", ">", "<=", ">=", "==", "!=",
+             "&", "|", "~", "!"}
+SKIPPED = {tokenize.NEWLINE, tokenize.NL, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER, tokenize.COMMENT,
+           tokenize.NUMBER}
+
+
+def literal_only(text, *namespaces):
+    return ast.literal_eval(text)
+
+
+def refuse(*args, **kwargs):
+    raise ValueError("no code is run while scoring")
+
+
+def checked_parse_expr(text, local_dict=None, *args, **kwargs):
+    if isinstance(text, str):
+        allowed = set(local_dict or ())
+        for token in tokenize.generate_tokens(io.StringIO(text).readline):
+            name_ok = token.type == tokenize.NAME and (token.string in allowed or not (
+                token.string.startswith("_") or token.string in FORBIDDEN_NAMES))
+            if not (name_ok or token.type in SKIPPED or token.string.strip() in OPERATORS):
+                raise ValueError(f"not a math expression: {token.string!r}")
+    return original_parse_expr(text, local_dict, *args, **kwargs)
+
+
+original_parse_expr = sympy_parser.parse_expr
+sympy_parser.parse_expr = sympy.parse_expr = checked_parse_expr
+for name, module in list(sys.modules.items()):
+    if name.startswith("reasoning_gym") and module is not None:
+        module.eval, module.exec = literal_only, refuse
+        for attribute, value in list(vars(module).items()):
+            if value is original_parse_expr:
+                setattr(module, attribute, checked_parse_expr)
+scorers = {dataset: reasoning_gym.get_score_answer_fn(dataset) for dataset in <DATASETS>  # unknown: scores 0
+           if dataset in reasoning_gym.factory.DATASETS}
+devnull = os.open(os.devnull, os.O_WRONLY)
+gc.freeze()  # the answers' processes, forks of this one, then share its objects without copying them
+
+
+def score_answer(answer, dataset, entry):
+    return float(scorers[dataset](answer, entry))
+"""
+
+# Runs in the sandbox, in an answer's own process: its (answer, dataset, entry) on stdin, its score out. What the
+# scorer prints goes to /dev/null; the score goes out on a copy of stdout taken before.
+LOGIC_SCORER = """
+gc.disable()
+answer, dataset, entry = pickle.loads(base64.b64decode(sys.stdin.read()))
+results = os.fdopen(os.dup(1), "w")
+os.dup2(devnull, 1)
+score = score_answer(answer, dataset, entry)
+results.write(repr(score))
+"""

@@ -8,11 +8,13 @@ alone an answer may run code and so set its own score, never above 1; it must no
 
 import os
 import sys
+import sysconfig
 import time
 
 import pytest
 import reasoning_gym
 
+import jail
 import rewards
 import sandbox
 import tasks
@@ -53,12 +55,12 @@ def finds(oracle: str) -> str:
 def defence(request, monkeypatch):
     monkeypatch.setattr(rewards, "LOGIC_TIME_LIMIT", LIMIT)
     if request.param == "isolation alone":
-        preload = rewards.LOGIC_PRELOAD
+        preload = jail.LOGIC_PRELOAD
         for wall in ["sympy_parser.parse_expr = sympy.parse_expr = checked_parse_expr\n",
                      "module.eval, module.exec = literal_only, refuse\n"]:
             assert wall in preload  # else this fixture would test nothing
             preload = preload.replace(wall, "pass\n")
-        monkeypatch.setattr(rewards, "LOGIC_PRELOAD", preload)
+        monkeypatch.setattr(jail, "LOGIC_PRELOAD", preload)
     return request.param
 
 
@@ -147,8 +149,8 @@ def test_without_reasoning_gym_in_the_sandbox_scoring_is_an_error_and_nothing_ru
     require_walls()
     marker = tmp_path / "written-by-an-answer"
     # The sandbox's Python cannot import reasoning-gym: as in a venv whose packages it cannot see.
-    monkeypatch.setattr(rewards, "LOGIC_PRELOAD", "import sys\nsys.modules['reasoning_gym'] = None\n"
-                        + rewards.LOGIC_PRELOAD)
+    monkeypatch.setattr(jail, "LOGIC_PRELOAD", "import sys\nsys.modules['reasoning_gym'] = None\n"
+                        + jail.LOGIC_PRELOAD)
     called = []
     monkeypatch.setattr(reasoning_gym, "get_score_answer_fn", lambda *args: called.append(args))
     spiral = logic_example("spiral_matrix", 1)
@@ -169,7 +171,7 @@ def test_the_sandbox_sees_this_pythons_packages():
     for directory in (sys.prefix, sys.base_prefix):
         assert (directory + "/").startswith(("/usr/", *(d + "/" for d in bound))), (directory, bound)
     [result] = sandbox.run_tests("import reasoning_gym\nprint('imported')", [{"input": ""}], time_limit=30,
-                                 preload=f"import site\nsite.addsitedir({rewards.sysconfig.get_paths()['purelib']!r})")
+                                 preload=f"import site\nsite.addsitedir({sysconfig.get_paths()['purelib']!r})")
     assert result == {"status": "ok", "output": "imported\n"}
 
 
