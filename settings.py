@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+import bugs
 import checkpoint
 import curriculum
 import dist
@@ -87,6 +88,8 @@ class Config:
     curriculum_replay: float = option(0.25, "share of prompts drawn from the easier levels")
     curriculum_window: int = option(32, "groups of the current level whose pass rate the promotion rule averages")
     preset: str = option("tiny", "tiny, prorl, prorl-v2 or brorl: the papers' hyperparameters, then your flags")
+    bug: str = option("", "workshop only: switch on a deliberately broken variant (bugs.py: kl-sign, no-adv-norm, "
+                      "no-clip); empty: none")
 
 
 PRESETS = {
@@ -174,6 +177,7 @@ def validate(c: Config) -> None:
     check(0 <= c.unlikeliness < 1, "--unlikeliness must be in [0, 1)")
     check(not c.curriculum or c.curriculum_top == 0 or c.level <= c.curriculum_top <= tasks.max_level(c.tasks),
           "--curriculum-top must be between --level and the family's highest level")
+    check(c.bug in ("", *bugs.BUGS), f"--bug must be one of {', '.join(bugs.BUGS)}, not {c.bug!r}")
     check(c.log in ("", "tensorboard", "wandb"), f"--log must be tensorboard or wandb, not {c.log!r}")
     check(not c.log or importlib.util.find_spec(c.log) is not None,
           f"--log {c.log} needs the {c.log} package, which is not installed: pip install {c.log}")

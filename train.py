@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import bugs
 import checkpoint
 import dist
 import evaluation
@@ -127,6 +128,7 @@ def clock() -> float:
 
 def main(argv: list[str]) -> None:
     c = settings.parse_config(argv)
+    bugs.switch_on(c.bug)  # the workshop's broken variants (bugs.py); none unless --bug names one
     device = dist.setup(("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" else c.device)
     name = c.run or f"{c.preset}-s{c.seed}"  # taken: -2, -3, ... (an explicit --run that is taken fails validate)
     run_dir = Path(c.resume) if c.resume else dist.gather_objects(checkpoint.new_run_dir(name))[0]
