@@ -146,7 +146,8 @@ def score_code(example: dict, completion: str) -> float:
         return 0.0
     tests = example["tests"]
     results = sandbox.run_tests(program, [{"call": t["call"]} if "call" in t else {"input": t["input"]} for t in tests],
-                                time_limit=example.get("time_limit", sandbox.DEFAULT_TIME_LIMIT))
+                                time_limit=example.get("time_limit", sandbox.DEFAULT_TIME_LIMIT),
+                                memory_mb=example.get("memory_limit_mb"))  # the problem's own, if it has one
     if results is None:
         return 0.0
     return sum(r["status"] == "ok" and output_matches(r["output"], t) for r, t in zip(results, tests)) / len(tests)

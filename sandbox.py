@@ -75,7 +75,7 @@ UID_BASE = 2**30           # throw-away uids live far above any real user's (100
 
 
 def run_tests(program: str, tests: list[dict], time_limit: float = DEFAULT_TIME_LIMIT,
-              preload: str | None = None) -> list[dict] | None:
+              preload: str | None = None, memory_mb: int | None = None) -> list[dict] | None:
     """Run `program` once per test, each test {"input": stdin text} or {"call": a Python expression}.
 
     stdin tests run the program as __main__ with the input on stdin; call tests run it as a module,
@@ -84,8 +84,10 @@ def run_tests(program: str, tests: list[dict], time_limit: float = DEFAULT_TIME_
     OUTPUT_LIMIT bytes. None when the sandbox itself failed (its driver killed, or out of time).
     `preload`, trusted code only, runs once in the driver before the tests (say, a slow import); each test's
     program starts from a copy of its globals. A preload that raises is a RuntimeError naming the error.
+    `memory_mb` (a problem's own limit) lowers each process's address space below MEMORY_MB, never raises it.
     """
-    return _run(_system(), program, tests, time_limit, preload)
+    memory_mb = MEMORY_MB if memory_mb is None else max(1, min(int(memory_mb), MEMORY_MB))
+    return _run(_system(), program, tests, time_limit, preload, memory_mb)
 
 
 @functools.cache
@@ -140,12 +142,13 @@ def _throwaway_uid() -> int:
     return UID_BASE + (os.getpid() % 2**14) * 2**16 + next(_run_numbers) % 2**16
 
 
-def _run(system: dict, program: str, tests: list[dict], time_limit: float, preload: str | None = None):
+def _run(system: dict, program: str, tests: list[dict], time_limit: float, preload: str | None = None,
+         memory_mb: int = MEMORY_MB):
     uid = _throwaway_uid() if system["root"] else None
     inputs = [test.get("input", "").encode() for test in tests]
     job = {"program": program, "preload": preload, "time_limit": time_limit, "uid": uid, "jail": system["jail"],
            "tests": [{"call": t["call"]} if "call" in t else {"input_length": len(i)} for t, i in zip(tests, inputs)],
-           "binds": _python_dirs(), "memory_mb": MEMORY_MB, "max_processes": MAX_PROCESSES,
+           "binds": _python_dirs(), "memory_mb": memory_mb, "max_processes": MAX_PROCESSES,
            "max_open_files": MAX_OPEN_FILES, "output_limit": OUTPUT_LIMIT, "scratch_mb": SCRATCH_MB,
            "scratch_files": SCRATCH_FILES, "shared_memory_mb": SHARED_MEMORY_MB}
     with tempfile.TemporaryFile() as job_file, tempfile.TemporaryFile() as result_file, \

@@ -25,7 +25,7 @@ Sources, as named in `--tasks` (comma-separated SOURCE[:WEIGHT], weights normali
 JSONL schema: one example per line, a JSON object with "task" and "prompt", and per task:
   math    "answer": the final answer, LaTeX or plain ("\\frac{1}{2}", "1/2")
   code    "tests": [{"input": stdin, "output": stdout}, ...] or [{"call": "f(1, 2)", "output": "3"}, ...];
-          optional "entry_point" (the function's name) and "time_limit" (seconds per test)
+          optional "entry_point" (the function's name), "time_limit" (seconds per test) and "memory_limit_mb"
   logic   "dataset": a reasoning-gym dataset name, "entry": one of its entries (question, answer, metadata)
   mcq     "answer": the right option's letter, A to J
   ifeval  "constraints": [{"kind": "max_words", "n": 50}, ...], kinds as in ifeval.CHECKS
@@ -356,6 +356,9 @@ def check_example(example: dict) -> None:
         limit = example.get("time_limit", 1)
         if not (isinstance(limit, (int, float)) and not isinstance(limit, bool) and 0 < limit <= 60):
             raise ValueError(f"'time_limit' must be a number of seconds in (0, 60], not {limit!r}")
+        memory = example.get("memory_limit_mb", 64)
+        if not (isinstance(memory, (int, float)) and not isinstance(memory, bool) and memory >= 16):
+            raise ValueError(f"'memory_limit_mb' must be a number of megabytes ≥ 16, not {memory!r}")
     if task == "logic":
         if not (isinstance(example["entry"], dict) and {"question", "answer", "metadata"} <= set(example["entry"])):
             raise ValueError("'entry' must be a reasoning-gym entry, with its 'question', 'answer' and 'metadata'")

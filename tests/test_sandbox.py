@@ -414,3 +414,15 @@ def test_the_private_tmp_has_an_inode_limit():
     require("private_filesystem")
     [result] = sandbox.run_tests(program, [{"input": ""}], time_limit=10)
     assert 0 < int(result["output"]) <= sandbox.SCRATCH_FILES
+
+
+def test_a_problems_own_memory_limit_lowers_the_sandboxes_and_never_raises_it():
+    """A record's memory_limit_mb (Codeforces', TACO's) applies: 300 MB fits under the default 512 MB address
+    space but not under a 200 MB problem limit; a 4 GB limit is still capped at MEMORY_MB."""
+    program = "```python\nblock = bytearray(300 * 2**20)\nprint(len(block) // 2**20)\n```"
+    example = {"task": "code", "prompt": "", "tests": [{"input": "", "output": "300\n"}]}
+    assert rewards.score(example, program) == 1.0
+    assert rewards.score({**example, "memory_limit_mb": 200}, program) == 0.0
+    greedy = "```python\nblock = bytearray(600 * 2**20)\nprint(len(block) // 2**20)\n```"
+    assert rewards.score({**example, "tests": [{"input": "", "output": "600\n"}], "memory_limit_mb": 4096},
+                         greedy) == 0.0
