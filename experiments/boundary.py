@@ -150,19 +150,27 @@ def main(argv: list[str]) -> None:
     saved = out / "boundary.json"
     result = json.loads(saved.read_text()) if saved.is_file() else {}
     settings = {k: v for k, v in vars(args).items() if k not in ("arms", "seeds", "out")}
+    training = {k: v for k, v in settings.items() if k not in ("problems", "n")}  # what the trained models depend on
     if result.get("settings") != settings:  # other settings: measure everything again
-        result = {"settings": settings, "base": counts_of(base_dir, sets, args.n), "runs": {}, "seconds": {}}
+        trained_before = result.get("seconds", {}) if result.get("training", training) == training else {}
+        result = {"settings": settings, "training": training, "base": counts_of(base_dir, sets, args.n), "runs": {},
+                  "seconds": trained_before}
     for arm in args.arms:
         for seed in args.seeds:
             run = f"{arm}-s{seed}"
             if run in result["runs"]:
                 continue  # measured by an earlier invocation with the same settings
+            final = f"runs/{out.name}/{run}/final"
+            if run in result["seconds"] and Path(final, "config.json").is_file():  # trained alike: measure only
+                result["runs"][run] = counts_of(final, sets, args.n)
+                saved.write_text(json.dumps(result))
+                continue
             run_started = time.time()
             train.main(["--model", base_dir, "--tasks", "chains", "--run", f"{out.name}/{run}", "--seed", str(seed),
                         "--steps", str(args.steps), "--prompts-per-step", str(args.prompts_per_step),
                         "--max-new-tokens", "32", "--eval-every", "0", "--eval-problems", "16", "--val-problems", "16",
                         "--eval-samples", "4", "--boundary-problems", "0", "--save-every", "0"] + ARMS[arm])
-            result["runs"][run] = counts_of(f"runs/{out.name}/{run}/final", sets, args.n)
+            result["runs"][run] = counts_of(final, sets, args.n)
             result["seconds"][run] = time.time() - run_started
             saved.write_text(json.dumps(result))
     report = table(result, args.n)
