@@ -42,9 +42,9 @@ def clipped_surrogate_unclipped(logp, old_logp, adv, mask, clip_low=0.2, clip_hi
 
 
 BUGS = {  # name → (module, function it replaces, broken copy, the symptom to look for)
-    "kl-sign": (kl, "kl_penalty", kl_penalty_sign_flipped, "kl climbs instead of staying small"),
-    "no-adv-norm": (grpo, "group_advantages", group_advantages_unnormalised, "pass rate learns slower; entropy"),
-    "no-clip": (grpo, "clipped_surrogate", clipped_surrogate_unclipped, "clipfrac is 0; approx_kl grows"),
+    "kl-sign": (kl, "kl_penalty", kl_penalty_sign_flipped, "the logged kl is negative, though k3 ≥ 0"),
+    "no-adv-norm": (grpo, "group_advantages", group_advantages_unnormalised, "entropy and kept_frac fall faster, kl climbs faster"),
+    "no-clip": (grpo, "clipped_surrogate", clipped_surrogate_unclipped, "clipfrac is exactly 0"),
 }
 ORIGINALS = {(module, name): getattr(module, name) for module, name, _, _ in BUGS.values()}
 ORIGINALS[(prorl_kernels, "fused_policy_loss")] = prorl_kernels.fused_policy_loss
