@@ -108,6 +108,24 @@ def table(result: dict, n: int) -> str:
     return "\n".join(lines)
 
 
+def summary(result: dict, n: int) -> str:
+    """One row per split: pass@1 / pass@n of the base and of each arm (mean over its seeds), then each seed's
+    Δpass@n with its 95% interval, the lower bound first (above 0: that seed expanded the boundary there)."""
+    arms = list(dict.fromkeys(run.rsplit("-s", 1)[0] for run in result["runs"]))
+    lines = ["| split | base | " + " | ".join(arms) + " |", "|" + "---|" * (len(arms) + 2)]
+    for split, base in result["base"].items():
+        base_curve = curve(base, n)
+        cells = [f"{base_curve[1]:.3f} / {base_curve[n]:.3f}"]
+        for arm in arms:
+            runs = [run for run in result["runs"] if run.rsplit("-s", 1)[0] == arm]
+            curves = [curve(result["runs"][run][split], n) for run in runs]
+            gains = [bootstrap_difference(base, result["runs"][run][split], n, n) for run in runs]
+            cells.append(f"{sum(c[1] for c in curves) / len(curves):.3f} / {sum(c[n] for c in curves) / len(curves):.3f}"
+                         + " (" + ", ".join(f"{mean:+.2f} [{low:+.2f}]" for mean, low, _ in gains) + ")")
+        lines.append(f"| {split} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(result: dict, n: int, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -173,7 +191,7 @@ def main(argv: list[str]) -> None:
             result["runs"][run] = counts_of(final, sets, args.n)
             result["seconds"][run] = time.time() - run_started
             saved.write_text(json.dumps(result))
-    report = table(result, args.n)
+    report = summary(result, args.n) + "\n\nPer run:\n\n" + table(result, args.n)
     notes = "\n".join(f"- **{arm}**: {ARM_NOTES[arm]}" for arm in ARMS if any(r.startswith(arm + "-s")
                                                                                   for r in result["runs"]))
     (out / "boundary.md").write_text(f"{report}\n\n{notes}\n")
