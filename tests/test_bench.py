@@ -57,6 +57,7 @@ def test_boundary_experiment_runs_its_arms_and_reports_each_split(tmp_path, monk
     assert all(0 <= c <= 4 and len(counts) == 2 for counts in result["base"].values() for c in counts)
     config = json.loads((tmp_path / "runs" / "bx" / "edge-explore-s1" / "config.json").read_text())
     assert (config["advantage"], config["seed"], config["curriculum"], config["level"]) == ("passk", 1, True, 3)
-    table = (tmp_path / "runs" / "bx" / "boundary.md").read_text()
-    assert table.count("| base |") == 8 and table.count("| control-s1 |") == 8
+    summary, per_run = (tmp_path / "runs" / "bx" / "boundary.md").read_text().split("Per run:")
+    assert summary.splitlines()[0] == "| split | base | control | edge-explore |" and summary.count("\n| ") == 8
+    assert per_run.count("| base |") == 8 and per_run.count("| control-s1 |") == 8
     assert (tmp_path / "runs" / "bx" / "boundary.png").stat().st_size > 10_000
