@@ -189,7 +189,7 @@ def test_train_py_under_torchrun_on_two_cpu_ranks(tmp_path, tiny_model_dir):
     assert result.stdout.count("held-out pass@1") == 1  # the report is printed once
     saved = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     assert saved["step"] == 2 and saved["world_size"] == 2 and len(saved["ranks"]) == 2
-    assert saved["ranks"][0]["stream_drawn"] == saved["ranks"][1]["stream_drawn"] == 2 * 4 // 2
+    assert saved["ranks"][0]["stream"]["drawn"] == saved["ranks"][1]["stream"]["drawn"] == 2 * 4 // 2
     trained = models.load(str(run_dir / "final"))[0].state_dict()
     assert all(torch.equal(trained[name], saved["policy"][name]) for name in saved["policy"])
 
