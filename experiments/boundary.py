@@ -54,7 +54,7 @@ def parse_args(argv):
     parser.add_argument("--warmstart-steps", type=int, default=1200)
     parser.add_argument("--steps", type=int, default=80, help="RL steps per run")
     parser.add_argument("--prompts-per-step", type=int, default=32)
-    parser.add_argument("--problems", type=int, default=16, help="held-out problems per split")
+    parser.add_argument("--problems", type=int, default=64, help="held-out problems per split")
     parser.add_argument("--n", type=int, default=256, help="samples per problem for pass@k")
     parser.add_argument("--out", default="runs/boundary-experiment")
     args = parser.parse_args(argv)
