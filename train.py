@@ -53,9 +53,11 @@ def sequence_logits(policy, batch: rollout.Rollout) -> torch.Tensor:
 @torch.no_grad()
 def batch_logprobs(model, batch: rollout.Rollout, c: settings.Config) -> torch.Tensor:
     """Teacher-forced log-probs [B, T−1] of the whole batch without gradient, micro-batch by micro-batch."""
-    return torch.cat([prorl_kernels.token_logprobs(sequence_logits(model, part), part.tokens[:, 1:], c.temperature)
-                      for rows in torch.arange(len(batch.tokens)).split(c.micro_batch_rows)
-                      for part in [rollout.select_rows(batch, rows)]])
+    logprobs = []
+    for rows in torch.arange(len(batch.tokens)).split(c.micro_batch_rows):
+        part = rollout.select_rows(batch, rows)
+        logprobs.append(prorl_kernels.token_logprobs(sequence_logits(model, part), part.tokens[:, 1:], c.temperature))
+    return torch.cat(logprobs)
 
 
 def update(policy, optimizer, batch: rollout.Rollout, adv: torch.Tensor, ref_logp: torch.Tensor | None,
