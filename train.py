@@ -132,6 +132,7 @@ def main(argv: list[str]) -> None:
     c = settings.parse_config(argv)
     bugs.switch_on(c.bug)  # the workshop's broken variants (bugs.py); none unless --bug names one
     device = dist.setup(("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" else c.device)
+    torch.manual_seed(c.seed)  # loading too draws from it (a checkpoint's missing weights are initialised at random)
     name = c.run or f"{c.preset}-s{c.seed}"  # taken: -2, -3, ... (an explicit --run that is taken fails validate)
     run_dir = Path(c.resume) if c.resume else dist.gather_objects(checkpoint.new_run_dir(name))[0]
     model_dir = c.model or dist.main_first(lambda: models.ensure_tiny_base(f"runs/base/tiny-s{c.seed}", seed=c.seed))
