@@ -47,6 +47,7 @@ def sample_groups(policy, tokenizer, stream, groups: int, n: int, max_new_tokens
         batch, scores = rollout_and_score(policy, tokenizer, examples, n, max_new_tokens, temperature, top_p,
                                           seed=seed + round_)
         stream.observe(examples, scores)  # every group, before dropping the all-right ones biases its pass rate
+        # (under torchrun each rank's stream sees its own groups, so ranks may promote at different steps)
         keep = grpo.dynamic_sampling_mask(scores) if dynamic_sampling else torch.ones(len(scores), dtype=torch.bool,
                                                                                       device=scores.device)
         kept_batches.append(rollout.select_rows(batch, keep.repeat_interleave(n)))
