@@ -17,8 +17,8 @@ import os
 import sys
 import time
 
-# Run as a script, sys.path[0] is bench/, whose kernels.py would shadow any package named `kernels` (Hugging
-# Face's, which transformers imports): put the repository root there instead.
+# Run as a script, sys.path[0] is bench/: put the repository root there instead, so our modules import and no
+# file in bench/ can stand in for an installed package (tests/test_no_shadowing.py keeps bench/ clear anyway).
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch

@@ -1,6 +1,6 @@
 """Benchmark the log-prob and fused policy-loss kernels at a 152k vocabulary (Qwen), bf16, in one run.
 
-    python bench/kernels.py
+    python bench/kernel_speed.py
 
 For tokens ∈ {4096, 16384} it times forward and forward+backward of eager PyTorch (the references in
 kernels/reference.py), `torch.compile` of the same code, Liger-Kernel where installed, and ours, and prints
@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules, not bench/'s
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository's modules, not bench/'s
 
 import torch
 
