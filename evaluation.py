@@ -1,4 +1,4 @@
-"""Evaluation: sample n completions per problem, score them, and report pass@k per task family.
+"""Evaluation: sample n completions per problem, score them, report pass@k per source and family.
 
     python evaluation.py --model BASE_DIR --model TRAINED_DIR      # the reasoning-boundary report, n=256
     python evaluation.py --plot runs/tiny-s0                         # training curves from metrics.jsonl
@@ -20,8 +20,9 @@ import functools
 import json
 import math
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
+from statistics import fmean
 
 import torch
 from tqdm import tqdm
@@ -79,72 +80,100 @@ def correct_counts(policy, tokenizer, examples: list[dict], n: int = EVAL_SAMPLE
 
 def evaluate(policy, tokenizer, examples: list[dict], n: int = 4, max_new_tokens: int = 32,
              temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, ks: tuple[int, ...] = (1,),
-             chunk: int = 256) -> dict[str, dict[int, float]]:
-    """{family: {k: pass@k}} plus "average" (the mean over families). A sample is right iff reward ≥ 1."""
-    counts = correct_counts(policy, tokenizer, examples, n, max_new_tokens, temperature, top_p, seed, chunk=chunk)
-    report = pass_at_k_by_family(counts, examples, n, [k for k in ks if k <= n])
-    report["average"] = report.pop("overall")
-    return report
+             chunk: int = 256) -> dict:
+    """pass_at_k_by_source's report of these samples. A sample is right iff reward ≥ 1."""
+    counts = correct_counts(policy, tokenizer, examples, n, max_new_tokens, temperature, top_p,
+                            seed, chunk=chunk)
+    return pass_at_k_by_source(counts, examples, n, [k for k in ks if k <= n])
 
 
 # ----------------------------------------------------------------------------- the boundary report
 
-def pass_at_k_by_family(counts: list[int], examples: list[dict], n: int, ks: list[int]) -> dict[str, dict[int, float]]:
-    """{family: {k: mean over its problems of pass@k}} plus "overall", the mean over families (each
-    family weighs the same however many problems it has)."""
-    by_family = defaultdict(list)
+def pass_at_k_by_source(counts: list[int], examples: list[dict], n: int, ks: list[int]) -> dict:
+    """{"sources" and "families": {name: {k: pass@k}}, "overall": {k: pass@k}, "family_of": ...}.
+
+    A source's pass@k is the mean over its problems, a family's the mean over its sources, overall
+    the mean over all sources: each source weighs the same however many problems it has (one source
+    per family, as the built-in tasks: the mean over families). No "source": the family's name.
+    """
+    by_source, family_of = defaultdict(list), {}
     for example, c in zip(examples, counts, strict=True):
-        by_family[example["task"]].append(c)
-    report = {family: {k: sum(pass_at_k(n, c, k) for c in family_counts) / len(family_counts) for k in ks}
-              for family, family_counts in by_family.items()}
-    report["overall"] = {k: sum(r[k] for r in report.values()) / len(report) for k in ks}
-    return report
+        source = example.get("source", example["task"])
+        by_source[source].append(c)
+        family_of[source] = example["task"]  # tasks.label_sources gives a source a single family
+    sources = {source: {k: fmean([pass_at_k(n, c, k) for c in source_counts]) for k in ks}
+               for source, source_counts in by_source.items()}
+    families = {family: {k: fmean([v[k] for s, v in sources.items() if family_of[s] == family])
+                         for k in ks} for family in dict.fromkeys(family_of.values())}
+    overall = {k: fmean([values[k] for values in sources.values()]) for k in ks}
+    return {"sources": sources, "families": families, "overall": overall, "family_of": family_of}
 
 
-def boundary(counts: dict[str, list[int]], examples: list[dict], n: int) -> dict[str, dict[str, dict[int, float]]]:
-    """{model: {family or "overall": {k: pass@k}}} for k = 1, 2, 4, ..., n. pass@1 is the mean of c/n."""
-    return {name: pass_at_k_by_family(model_counts, examples, n, ks_up_to(n)) for name, model_counts in counts.items()}
+def rows(report: dict, overall: str = "overall") -> list[tuple[str, str, dict]]:
+    """(source, family, {k: pass@k}) in the order every table and plot lists them: each source, each
+    family's mean (source "mean"), then the overall mean (family "all")."""
+    return ([(source, report["family_of"][source], v) for source, v in report["sources"].items()]
+            + [("mean", family, v) for family, v in report["families"].items()]
+            + [(overall, "all", report["overall"])])
 
 
-def boundary_table(report: dict[str, dict[str, dict[int, float]]]) -> str:
-    """Markdown: one row per (family, model), one column per k. The first model is the base; the other
-    models' cells show their change against it in parentheses."""
+def validation_metrics(report: dict) -> dict[str, float]:
+    """metrics.jsonl's held-out pass@1: val_pass1 (the overall mean, which plots and resets read),
+    val_pass1/<source> and val_pass1_family/<family>."""
+    return {"val_pass1": report["overall"][1],
+            **{f"val_pass1/{s}": v[1] for s, v in report["sources"].items()},
+            **{f"val_pass1_family/{f}": v[1] for f, v in report["families"].items()}}
+
+
+def boundary(counts: dict[str, list[int]], examples: list[dict], n: int) -> dict[str, dict]:
+    """{model: pass_at_k_by_source's report} for k = 1, 2, 4, ..., n. pass@1 is the mean of c/n."""
+    return {name: pass_at_k_by_source(model_counts, examples, n, ks_up_to(n))
+            for name, model_counts in counts.items()}
+
+
+def boundary_table(report: dict[str, dict]) -> str:
+    """Markdown: one row per (source or mean, model), one column per k. The first model is the base;
+    the other models' cells show their change against it in parentheses."""
     base_name, *_ = report
-    families = list(report[base_name])
-    ks = list(report[base_name][families[0]])
-    lines = ["| task | model | " + " | ".join(f"pass@{k}" for k in ks) + " |",
-             "|---|---|" + "---:|" * len(ks)]
-    for family in families:
-        base = report[base_name][family]
+    base_rows = rows(report[base_name])
+    ks = list(base_rows[0][2])
+    lines = ["| source | task | model | " + " | ".join(f"pass@{k}" for k in ks) + " |",
+             "|---|---|---|" + "---:|" * len(ks)]
+    for row, (source, family, base) in enumerate(base_rows):
         for name, model_report in report.items():
-            cells = [f"{model_report[family][k]:.3f}" for k in ks]
+            values = rows(model_report)[row][2]
+            cells = [f"{values[k]:.3f}" for k in ks]
             if name != base_name:
-                cells = [f"{cell} ({signed(model_report[family][k] - base[k])})" for cell, k in zip(cells, ks)]
-            lines.append(f"| {family} | {name} | " + " | ".join(cells) + " |")
+                cells = [f"{cell} ({signed(values[k] - base[k])})" for cell, k in zip(cells, ks)]
+            lines.append(f"| {source} | {family} | {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot_boundary(report: dict[str, dict[str, dict[int, float]]], path: Path, title: str = "") -> None:
-    """pass@k against k (log scale), one panel per family and one for overall, one line per model."""
+def plot_boundary(report: dict[str, dict], path: Path, title: str = "") -> None:
+    """pass@k against k (log scale): a panel per table row (rows()), a line per model."""
     # Agg renders PNGs headless. Imported here, not at the top, so that `import evaluation` (train.py) stays fast.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    families = list(next(iter(report.values())))
-    fig = Figure(figsize=(4 * len(families), 3.6), layout="constrained")
+    panels = rows(next(iter(report.values())))
+    columns, lines = min(len(panels), 4), math.ceil(len(panels) / 4)
+    fig = Figure(figsize=(4 * columns, 3.6 * lines), layout="constrained")
     FigureCanvasAgg(fig)
-    for ax, family in zip(fig.subplots(1, len(families), squeeze=False)[0], families):
+    axes = fig.subplots(lines, columns, squeeze=False).flatten()
+    for row, (ax, (source, family, _)) in enumerate(zip(axes, panels)):
         for name, model_report in report.items():
-            ks = list(model_report[family])
-            ax.plot(ks, [model_report[family][k] for k in ks], marker="o", markersize=3, label=name)
+            ks, values = zip(*rows(model_report)[row][2].items())
+            ax.plot(ks, values, marker="o", markersize=3, label=name)
         ax.set_xscale("log", base=2)
         ax.set_xticks(ks, [str(k) for k in ks])
         ax.set_ylim(0, 1.02)
-        ax.set_title(family)
+        ax.set_title(f"{source} ({family})")
         ax.set_xlabel("k")
         ax.grid(alpha=0.3)
-    fig.axes[0].set_ylabel("pass@k")
-    fig.axes[0].legend()
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    axes[0].set_ylabel("pass@k")
+    axes[0].legend()
     if title:
         fig.suptitle(title)
     fig.savefig(path, dpi=120)
@@ -160,20 +189,23 @@ def write_boundary(out_dir: str | Path, counts: dict[str, list[int]], examples: 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = boundary(counts, examples, n)
-    problems = defaultdict(int)
-    for example in examples:
-        problems[example["task"]] += 1
-    summary = f"{n} samples per problem; held-out problems: " + ", ".join(f"{f} {p}" for f, p in problems.items())
+    summary = f"{n} samples per problem; held-out problems: {problem_counts(examples)}"
     if settings:
         summary += "; " + ", ".join(f"{key} {value}" for key, value in settings.items())
     table = boundary_table(report)
     (out_dir / "boundary.md").write_text(f"# Reasoning boundary: pass@k\n\n{summary}.\n\n{table}\n")
+    problems = [{"source": ex.get("source", ex["task"]), "task": ex["task"], "prompt": ex["prompt"]}
+                for ex in examples]
     (out_dir / "boundary.json").write_text(json.dumps({
         "n": n, "ks": ks_up_to(n), "settings": settings or {}, "pass_at_k": report,
-        "problems": [{"task": ex["task"], "prompt": ex["prompt"]} for ex in examples], "correct": counts,
-    }, indent=1))
+        "problems": problems, "correct": counts}, indent=1))
     plot_boundary(report, out_dir / "boundary.png", title=f"pass@k on held-out problems (n={n})")
     return table
+
+
+def problem_counts(examples: list[dict]) -> str:  # 'aime_2024 30, math500 100', in order
+    sources = Counter(example.get("source", example["task"]) for example in examples)
+    return ", ".join(f"{source} {count}" for source, count in sources.items())
 
 
 def signed(gain: float) -> str:
@@ -181,14 +213,25 @@ def signed(gain: float) -> str:
     return f"{round(gain, 3) + 0.0:+.3f}"
 
 
-def write_result(run_dir: str | Path, base: dict[str, float], trained: dict[str, float], settings: str) -> str:
-    """result.md and result.json: held-out pass@1 of the base and the trained model, per family and on
-    average, side by side. Returns the table with a heading, as train.py prints it."""
-    lines = [f"held-out pass@1 ({settings}):", "| task | base pass@1 | trained pass@1 | gain |", "|---|---|---|---|"]
-    lines += [f"| {f} | {base[f]:.3f} | {trained[f]:.3f} | {signed(trained[f] - base[f])} |" for f in base]
+def write_result(run_dir: str | Path, base: dict, trained: dict, settings: str) -> str:
+    """result.md and result.json: held-out pass@1 of the base and of the trained model (reports of
+    pass_at_k_by_source) side by side. Returns the table with a heading, as train.py prints it."""
+    lines = [f"held-out pass@1 ({settings}):",
+             "| source | task | base pass@1 | trained pass@1 | gain |", "|---|---|---|---|---|"]
+    for (source, family, old), (_, _, new) in zip(rows(base, "average"), rows(trained, "average")):
+        gain = signed(new[1] - old[1])
+        lines.append(f"| {source} | {family} | {old[1]:.3f} | {new[1]:.3f} | {gain} |")
     (Path(run_dir) / "result.md").write_text("\n".join(lines) + "\n")
-    (Path(run_dir) / "result.json").write_text(json.dumps({"base": base, "trained": trained}))
+    result = {"base": pass1(base), "trained": pass1(trained)}
+    (Path(run_dir) / "result.json").write_text(json.dumps(result))
     return "\n".join(lines)
+
+
+def pass1(report: dict) -> dict:
+    """A report's pass@1, as result.json holds it."""
+    return {"sources": {s: v[1] for s, v in report["sources"].items()},
+            "families": {f: v[1] for f, v in report["families"].items()},
+            "average": report["overall"][1], "family_of": report["family_of"]}
 
 
 # ----------------------------------------------------------------------------- training curves
@@ -196,6 +239,7 @@ def write_result(run_dir: str | Path, base: dict[str, float], trained: dict[str,
 # (panel title, metrics.jsonl keys drawn in it), in the order train.py logs them.
 TRAINING_PANELS = [
     ("reward", ["reward", "pass_rate", "val_pass1"]),
+    ("held-out pass@1 per source", ["val_pass1/"]),  # a key ending in "/": every key that starts so
     ("KL", ["kl", "approx_kl"]),
     ("entropy", ["entropy"]),
     ("response length (tokens)", ["response_len"]),
@@ -226,6 +270,9 @@ def training_series(records: list[dict]) -> tuple[dict[str, dict[str, tuple[list
     """({panel: {key: (steps, values)}} for the keys present, [(step, reason) of each reference reset])."""
     panels = {}
     for title, keys in TRAINING_PANELS:
+        keys = [found for key in keys for found in (
+            dict.fromkeys(k for r in records for k in r if k.startswith(key))
+            if key.endswith("/") else [key])]
         series = {key: ([r["step"] for r in records if key in r], [r[key] for r in records if key in r])
                   for key in keys}
         series = {key: xy for key, xy in series.items() if xy[0]}
@@ -290,7 +337,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="local Hugging Face model directory; repeat it: the first is the base")
     parser.add_argument("--tasks", default="sort,reverse,countdown", help="built-in names or JSONL paths, as train.py")
     parser.add_argument("--level", type=int, default=1, help="difficulty of the built-in tasks (1-3)")
-    parser.add_argument("--problems", type=int, default=100, help="held-out problems per family")
+    parser.add_argument("--problems", type=int, default=100, help="held-out problems per source")
     parser.add_argument("--whole-file", action="store_true",
                         help="evaluate every problem of a file in --tasks (up to --problems), not only its held-out "
                              "share: for a benchmark file such as aime_2024.parquet")
@@ -327,8 +374,9 @@ def main(argv: list[str]) -> None:
     models.check_device(args.device)
     for path in args.model:  # all of them before the first hour of sampling, not after
         models.check_model_dir(path)
-    examples = [ex for family in tasks.parse_mix(args.tasks)
-                for ex in eval_problems(family, args.problems, args.level, args.whole_file)]
+    problems = {source: eval_problems(source, args.problems, args.level, args.whole_file)
+                for source in tasks.parse_mix(args.tasks)}
+    examples = tasks.label_sources(problems)  # each with its "source", the row that reports it
     names = ["base"] + (["trained"] if len(args.model) == 2 else [f"trained{i}" for i in range(1, len(args.model))])
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

@@ -30,7 +30,8 @@ JSONL schema: one example per line, a JSON object with "task" and "prompt", and 
   mcq     "answer": the right option's letter, A to J
   ifeval  "constraints": [{"kind": "max_words", "n": 50}, ...], kinds as in ifeval.CHECKS
   add, sort, reverse, countdown, chains: as the built-in generators make them
-Any example may carry "solution", one completion that scores 1 (every shipped one is tested to).
+Any example may carry "solution", one completion that scores 1 (every shipped one is tested to),
+and "source", the name of its row in reports (verl's data_source; label_sources names the rest).
 A line that breaks the schema is an error naming the file and the line.
 """
 
@@ -40,6 +41,7 @@ import math
 import random
 import warnings
 import zlib
+from collections import defaultdict
 from pathlib import Path
 
 import chains
@@ -217,6 +219,33 @@ def no_heldout_error(source: str) -> ValueError:
     return ValueError(f"--tasks {source}: none of its problems falls in the held-out split (a fixed "
                       f"{HELDOUT_PERCENT}%, chosen by a hash of each prompt), so there is nothing to evaluate on: "
                       "add problems (of 50, ~5 are)")
+
+
+def label_sources(problems: dict[str, list[dict]]) -> list[dict]:
+    """{name in --tasks: examples} -> the examples, each with "source", the row that reports it: a
+    built-in, rg:NAME or domain as named, a file by its stem (by its name where stems coincide) or
+    by its examples' own "source" (verl's data_source), prefixed by the file where two give one,
+    and suffixed by the task family where one name holds several."""
+    stems = {name: name if is_procedural(name) or name in DOMAINS else Path(name).stem
+             for name in problems}
+    given = {name: stem if list(stems.values()).count(stem) == 1 else name
+             for name, stem in stems.items()}
+    rows, givers = [], defaultdict(set)  # a name -> the names in --tasks that give it
+    for name, examples in problems.items():
+        givers[given[name]].add(name)
+        for example in examples:
+            own = example.get("source") if isinstance(example.get("source"), str) else None
+            rows.append((example, name, own or None))
+            givers[own or None].add(name)
+    families, named = defaultdict(set), []
+    for example, name, own in rows:
+        source = given[name]
+        if own:  # a data_source that two files give is told apart by the file
+            source = own if len(givers[own]) == 1 else f"{given[name]}/{own}"
+        families[source].add(example["task"])
+        named.append((example, source))
+    return [{**ex, "source": f"{source}/{ex['task']}" if len(families[source]) > 1 else source}
+            for ex, source in named]
 
 
 def heldout(name: str, count: int, level: int = 1) -> list[dict]:

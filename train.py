@@ -105,11 +105,11 @@ def update(policy, optimizer, batch: rollout.Rollout, adv: torch.Tensor, ref_log
 
 
 def held_out_pass1(policy, tokenizer, examples: list[dict], c: settings.Config) -> dict:
-    """pass@1 per family on held-out problems; every rank evaluates, so every rank decides resets alike."""
+    """pass@1 per source, per family and overall on held-out problems (pass_at_k_by_source);
+    every rank evaluates, so every rank decides resets alike."""
     with dist.full_weights(policy):
-        report = evaluation.evaluate(policy.eval(), tokenizer, examples, c.eval_samples, c.max_new_tokens,
-                                     c.eval_temperature, seed=12345)
-    return {family: r[1] for family, r in report.items()}
+        return evaluation.evaluate(policy.eval(), tokenizer, examples, c.eval_samples,
+                                   c.max_new_tokens, c.eval_temperature, seed=12345)
 
 
 def boundary_counts(policy, tokenizer, examples: list[dict], c: settings.Config, name: str) -> list[int]:
@@ -153,10 +153,10 @@ def main(argv: list[str]) -> None:
     lr = c.lr * math.sqrt(c.prompts_per_step * c.n / c.lr_scale_from_batch) if c.lr_scale_from_batch else c.lr
     optimizer = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=0.0)
     stream = settings.prompt_stream(c, dist.rank())  # a task mix, or the edge curriculum; a stream per rank
-    val_set = [ex for f in stream.weights for ex in tasks.heldout(f, c.val_problems, c.level)]
-    test_by_source = {f: tasks.heldout(f, c.eval_problems, c.level) for f in stream.weights}  # may hold fewer
-    test_set = [ex for examples in test_by_source.values() for ex in examples]
-    boundary_set = [ex for f in stream.weights for ex in tasks.heldout(f, c.boundary_problems, c.level)]
+    # held-out problems, each labelled with the source that reports it (a file may hold fewer)
+    val_set, test_set, boundary_set = (
+        tasks.label_sources({f: tasks.heldout(f, count, c.level) for f in stream.weights})
+        for count in (c.val_problems, c.eval_problems, c.boundary_problems))
     tracker = reset.ResetTracker(c.reset_every, c.reset_patience, c.reset_kl)
 
     def start_fresh() -> dict:  # the base model's scores, measured once, before step 1
@@ -209,8 +209,8 @@ def main(argv: list[str]) -> None:
                 tqdm.write(f"step {step}: every group's answers scored alike (all right or all wrong), so there was "
                            "nothing to learn; if this goes on, the tasks are out of the model's reach (or too easy)")
             if c.eval_every and step % c.eval_every == 0:  # the mean over ranks: all take the same reset decision
-                val = held_out_pass1(policy, tokenizer, val_set, c)["average"]
-                metrics["val_pass1"] = dist.reduce_metrics({"v": val})["v"]
+                val = evaluation.validation_metrics(held_out_pass1(policy, tokenizer, val_set, c))
+                metrics.update(dist.reduce_metrics(val))  # val_pass1, val_pass1/<source>, ...
                 tracker.observe_validation(metrics["val_pass1"])
             reason = tracker.should_reset(metrics.get("kl", 0.0))
             if reason and reference is not None:
@@ -239,17 +239,17 @@ def main(argv: list[str]) -> None:
     trained = held_out_pass1(policy, tokenizer, test_set, c)
     trained_counts = boundary_counts(policy, tokenizer, boundary_set, c, "trained")
     if dist.is_main():
-        report(run_dir, model_dir, saved, trained, trained_counts, boundary_set, test_by_source, c)
+        report(run_dir, model_dir, saved, trained, trained_counts, boundary_set, test_set, c)
 
 
-def report(run_dir, model_dir, saved, trained, trained_counts, boundary_set, test_by_source, c) -> None:
+def report(run_dir, model_dir, saved, trained, trained_counts, boundary_set, test_set, c) -> None:
     """The base-vs-trained table (result.md), the pass@k boundary and the training curves."""
     if boundary_set:
         evaluation.write_boundary(run_dir, {"base": saved["base_counts"], "trained": trained_counts}, boundary_set,
                                   c.boundary_n, settings={"base": model_dir, "trained": str(run_dir / "final")})
     evaluation.plot_training(run_dir)
-    sizes = ", ".join(f"{source} {len(examples)}" for source, examples in test_by_source.items())
-    print(evaluation.write_result(run_dir, saved["base"], trained, f"held-out problems: {sizes}; "
+    print(evaluation.write_result(run_dir, saved["base"], trained, f"held-out problems: "
+                                  f"{evaluation.problem_counts(test_set)}; "
                                   f"{c.eval_samples} samples each, T={c.eval_temperature}"))
     print(f"wrote {run_dir}/: result.md, metrics.jsonl, training.png, " + ("boundary.md, boundary.png (pass@k at "
           "T=0.6, top-p 0.95), " if boundary_set else "") + "checkpoint.pt, final/ (the trained model)")

@@ -45,9 +45,10 @@ def variants(steps: int, samples_per_step: int) -> list[tuple[str, str, list[str
 
 
 def read_result(run_dir: Path) -> dict[str, tuple[float, float]]:
-    """{family: (base pass@1, trained pass@1)} from the result.json train.py writes."""
-    result = json.loads((run_dir / "result.json").read_text())
-    return {family: (result["base"][family], result["trained"][family]) for family in result["base"]}
+    """{family or "average": (base pass@1, trained pass@1)} from the result.json train.py writes."""
+    base, trained = (json.loads((run_dir / "result.json").read_text())[m] for m in ("base", "trained"))
+    return {**{f: (base["families"][f], trained["families"][f]) for f in base["families"]},
+            "average": (base["average"], trained["average"])}
 
 
 def mean_kept_fraction(run_dir: Path) -> float:
