@@ -86,21 +86,30 @@ COUNTS = {"base": [0, 4, 2], "trained": [1, 4, 4]}  # n = 4
 def test_boundary_by_hand():
     report = evaluation.boundary(COUNTS, EXAMPLES, n=4)
     base, trained = report["base"], report["trained"]
-    assert base["add"] == {1: 0.5, 2: 0.5, 4: 0.5}  # one problem never solved, one always
-    assert base["sort"] == pytest.approx({1: 0.5, 2: 5 / 6, 4: 1.0})  # 2 of 4: 1 − C(2,2)/C(4,2) = 5/6 at k=2
-    # overall is the mean over *families*: (0.5 + 5/6)/2 at k=2, not the mean over problems (0 + 1 + 5/6)/3.
+    # Examples without "source" are reported under their family's name: one source per family.
+    assert base["family_of"] == {"add": "add", "sort": "sort"}
+    assert base["families"] == base["sources"]
+    assert base["sources"]["add"] == {1: 0.5, 2: 0.5, 4: 0.5}  # one problem never solved, one always
+    # 2 of 4 right: 1 − C(2,2)/C(4,2) = 5/6 at k=2
+    assert base["sources"]["sort"] == pytest.approx({1: 0.5, 2: 5 / 6, 4: 1.0})
+    # overall is the mean over sources: (0.5 + 5/6)/2 at k=2, not over problems (0 + 1 + 5/6)/3.
     assert base["overall"] == pytest.approx({1: 0.5, 2: 2 / 3, 4: 0.75})
-    assert trained["add"] == pytest.approx({1: 0.625, 2: 0.75, 4: 1.0})  # (1/4 + 1)/2, (1/2 + 1)/2, 1
+    # (1/4 + 1)/2, (1/2 + 1)/2, 1
+    assert trained["sources"]["add"] == pytest.approx({1: 0.625, 2: 0.75, 4: 1.0})
     assert trained["overall"] == pytest.approx({1: 0.8125, 2: 0.875, 4: 1.0})
 
 
 def test_boundary_table_shows_gains_against_the_first_model():
     table = evaluation.boundary_table(evaluation.boundary(COUNTS, EXAMPLES, n=4)).splitlines()
-    assert table[0] == "| task | model | pass@1 | pass@2 | pass@4 |"
-    assert len(table) == 2 + 3 * 2  # header, rule, (add, sort, overall) × (base, trained)
-    assert table[2] == "| add | base | 0.500 | 0.500 | 0.500 |"
-    assert table[3] == "| add | trained | 0.625 (+0.125) | 0.750 (+0.250) | 1.000 (+0.500) |"
-    assert table[5] == "| sort | trained | 1.000 (+0.500) | 1.000 (+0.167) | 1.000 (+0.000) |"
+    assert table[0] == "| source | task | model | pass@1 | pass@2 | pass@4 |"
+    # header, rule, (add, sort, the mean of each family, overall) × (base, trained)
+    assert len(table) == 2 + 5 * 2
+    assert table[2] == "| add | add | base | 0.500 | 0.500 | 0.500 |"
+    assert table[3] == "| add | add | trained | 0.625 (+0.125) | 0.750 (+0.250) | 1.000 (+0.500) |"
+    assert table[5] == ("| sort | sort | trained | 1.000 (+0.500) | 1.000 (+0.167) | "
+                        "1.000 (+0.000) |")
+    assert table[6:8] == [row.replace("| add | add |", "| mean | add |") for row in table[2:4]]
+    assert table[10] == "| overall | all | base | 0.500 | 0.667 | 0.750 |"
 
 
 def test_write_boundary_writes_markdown_json_and_png(tmp_path):
@@ -110,7 +119,8 @@ def test_write_boundary_writes_markdown_json_and_png(tmp_path):
     saved = json.loads((tmp_path / "out" / "boundary.json").read_text())
     assert saved["n"] == 4 and saved["ks"] == [1, 2, 4] and saved["correct"] == COUNTS
     assert [p["prompt"] for p in saved["problems"]] == [ex["prompt"] for ex in EXAMPLES]
-    assert saved["pass_at_k"]["base"]["sort"]["2"] == pytest.approx(5 / 6)  # JSON keys are strings
+    sort = saved["pass_at_k"]["base"]["sources"]["sort"]
+    assert sort["2"] == pytest.approx(5 / 6)  # JSON keys are strings
     png = (tmp_path / "out" / "boundary.png").read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 10_000
 
@@ -196,8 +206,8 @@ def test_correct_counts_match_the_closed_form_rate(uniform_model_dir):
     assert abs(sum(counts) - expected) < 4 * sigma, (sum(counts), expected, sigma)
     # evaluate() (train.py's validation) draws the same samples with the same seed: pass@1 = mean of c/n.
     report = evaluation.evaluate(policy, tokenizer, examples, n, max_new_tokens, ks=(1, 4))
-    assert report["add"][1] == pytest.approx(sum(counts) / samples)
-    assert report["average"] == report["add"]
+    assert report["sources"]["add"][1] == pytest.approx(sum(counts) / samples)
+    assert report["overall"] == report["families"]["add"] == report["sources"]["add"]
 
 
 # ----------------------------------------------------------------------------- command line
