@@ -89,7 +89,7 @@ def test_boundary_by_hand():
     # Examples without "source" are reported under their family's name: one source per family.
     assert base["family_of"] == {"add": "add", "sort": "sort"}
     assert base["families"] == base["sources"]
-    assert base["sources"]["add"] == {1: 0.5, 2: 0.5, 4: 0.5}  # one problem never solved, one always
+    assert base["sources"]["add"] == {1: 0.5, 2: 0.5, 4: 0.5}  # one never solved, one always
     # 2 of 4 right: 1 − C(2,2)/C(4,2) = 5/6 at k=2
     assert base["sources"]["sort"] == pytest.approx({1: 0.5, 2: 5 / 6, 4: 1.0})
     # overall is the mean over sources: (0.5 + 5/6)/2 at k=2, not over problems (0 + 1 + 5/6)/3.
