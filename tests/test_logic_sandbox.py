@@ -210,3 +210,33 @@ def test_the_user_namespace_mode_scores_logic_answers_too(monkeypatch, tmp_path)
     assert not marker.exists()
     [result] = sandbox.run_tests("print(open('/proc/sys/kernel/shmmax').read())", [{"input": ""}])
     assert int(result["output"]) == sandbox.SHARED_MEMORY_MB * 2**20  # the IPC limits hold there too
+
+
+# ----------------------------------------------------------------------------- round three (issue 23)
+
+def test_answers_built_to_stall_sympy_cost_about_a_second_each():
+    # puzzle24 and polynomial_multiplication hand the answer to sympy, which evaluates powers as it parses.
+    puzzle, poly = logic_example("puzzle24", 3), logic_example("polynomial_multiplication", 3)
+    stallers = ["9**9**9**9", "10**10**10**10", "99**99**99", "2**2**2**2**2**2"]
+    right = f"<answer>{poly['entry']['answer']}</answer>"
+    start = time.monotonic()
+    assert rewards.score_batch([poly], [right]) == [1.0]
+    one_run = time.monotonic() - start  # a sandbox's start (reasoning-gym's import) and one quick answer
+    examples = [puzzle] * len(stallers) + [poly] * len(stallers) + [poly]
+    completions = [f"<answer>{staller}</answer>" for staller in stallers * 2] + [right]
+    start = time.monotonic()
+    scores = rewards.score_batch(examples, completions)
+    per_staller = (time.monotonic() - start - one_run) / (2 * len(stallers))
+    print(f"{2 * len(stallers)} stallers: {per_staller:.2f} s each beyond a run's start ({one_run:.1f} s)")
+    assert scores == [0.0] * (2 * len(stallers)) + [1.0]
+    assert per_staller <= 1.5
+
+
+def test_puzzle24_counts_only_the_puzzles_own_numbers():
+    # reasoning-gym 0.1.25 checks how many numbers there are and their range, not that they are the puzzle's.
+    entry = {**logic_example("puzzle24", 3)["entry"], "answer": "7*4 - 4*1"}
+    entry["metadata"] = {**entry["metadata"], "numbers": [7, 4, 4, 1]}
+    puzzle = {"task": "logic", "prompt": "Make 24 using 7, 4, 4, 1.", "dataset": "puzzle24", "entry": entry}
+    answers = ["6*4*1*1", "7*4 - 4*1", "(7 - 4) * 4 * 1 * 2", "7*4 - 4", "4*7 - 1*4", "24"]
+    assert rewards.score_batch([puzzle] * len(answers), [f"<answer>{a}</answer>" for a in answers]) == [
+        0.0, 1.0, 0.0, 0.0, 1.0, 0.0]
