@@ -3,10 +3,12 @@ what it writes). It walls itself in, then forks one child per test and polices i
 
 Shipped by source (DRIVER_SOURCE) and run with `python -I -S`, so it imports only the standard library, inside
 the function: nothing else is importable there, and every import costs start-up time. Order matters:
-  1. rlimits for everything started from here on;   2. a session keyring of its own;
+  0. into the run's memory cgroup (sandbox.py made it), before anything is allocated or forked;
+  1. rlimits and oom_score_adj 1000 for everything started from here on;   2. a session keyring of its own;
   3. the jail (mount namespace, new root, read-only /usr and Python installs, bounded /tmp and System V IPC);
   4. capabilities down to what policing needs; then the preload (trusted) and the tests, each in a child that
-     becomes the throw-away uid before it runs anything of the program's.
+     becomes the throw-away uid and installs the system-call filter before it runs anything of the program's;
+  5. at the end, the uid's user keyrings are invalidated: no key outlives the run.
 """
 
 import inspect
@@ -28,6 +30,7 @@ def driver() -> None:
     import os
     import resource
     import select
+    import signal
     import sys
 
     sigkill = 9
@@ -45,7 +48,15 @@ def driver() -> None:
         encode = (lambda s: s.encode() if s is not None else None)
         check(libc.mount(encode(source), encode(target), encode(fstype), flags, encode(options)), f"mount {target}")
 
-    # 1. Limits for every process started from here on (root sets them; they hold after the uid change).
+    # 0. The run's memory cgroup bounds what rlimits cannot: kernel memory (socket buffers, descriptors in flight).
+    if job["cgroup"] is not None:
+        with open(job["cgroup"], "w") as procs:
+            procs.write("0")  # this process; all it starts from here on follows it
+    # 1. Limits for every process started from here on (root sets them; they hold after the uid change). When
+    #    memory runs out, the sandbox goes before the trainer: the driver at 500 (raising needs no privilege),
+    #    the program at 1000, so that in the run's own cgroup the program goes first and the driver reports it.
+    with open("/proc/self/oom_score_adj", "w") as oom:
+        oom.write("500")
     for limit, value in [(resource.RLIMIT_AS, job["memory_mb"] * 2**20), (resource.RLIMIT_NPROC, job["max_processes"]),
                          (resource.RLIMIT_NOFILE, job["max_open_files"]), (resource.RLIMIT_CORE, 0),
                          (resource.RLIMIT_MSGQUEUE, 0)]:
@@ -117,6 +128,33 @@ def driver() -> None:
             os.setresgid(job["uid"], job["uid"], job["uid"])
             os.setresuid(job["uid"], job["uid"], job["uid"])
 
+    class SockFprog(ctypes.Structure):  # struct sock_fprog: the filter's length in instructions and its address
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
+
+    def install_syscall_filter() -> None:
+        """The BPF program sandbox.py compiled with libseccomp: refused calls fail with EPERM from here on."""
+        if job["seccomp"]:
+            program = SockFprog(len(job["seccomp"]) // 8, job["seccomp"])  # 8 bytes per instruction
+            check(libc.prctl(22, 2, ctypes.byref(program), 0, 0), "prctl(PR_SET_SECCOMP)")  # SECCOMP_MODE_FILTER
+
+    def forget_keys() -> None:
+        """Invalidate the uid's user and user-session keyrings (the kernel keeps them after the run's processes
+        end): a later run, even of the same uid, finds no key. Done by a helper of the program's uid."""
+        if job["uid"] is None:
+            return
+        helper = os.fork()
+        if helper == 0:
+            try:
+                become_program_user()
+                # by serial number: each lookup by special id (-4 @u, -5 @us) would make a fresh pair again
+                rings = [libc.syscall(keyctl, 0, ring, 0) for ring in (-4, -5)]  # KEYCTL_GET_KEYRING_ID
+                for serial in rings:
+                    if serial > 0:
+                        libc.syscall(keyctl, 21, serial)  # KEYCTL_INVALIDATE: freed with every key in it
+            finally:
+                os._exit(0)
+        os.waitpid(helper, 0)
+
     preloaded = {}
     if job["preload"] is not None:
         try:
@@ -128,10 +166,15 @@ def driver() -> None:
 
     def run_program(test: dict, stdin_file, stdout_file) -> int:
         """In the forked child: limits, redirections, then the program. Returns the exit status."""
+        with open("/proc/self/oom_score_adj", "w") as oom:
+            oom.write("1000")
         become_program_user()
         os.setsid()  # a session and group of its own: no terminal, and a timeout kills the whole group at once
+        # The limit is CPU time, the program's own: SIGPROF at exactly the limit, RLIMIT_CPU behind it (whole
+        # seconds: SIGXCPU, then SIGKILL), so a neighbour's hog slows it but cannot fail it.
         cpu_seconds = max(1, math.ceil(job["time_limit"]))
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))  # SIGXCPU, then SIGKILL
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))
+        signal.setitimer(signal.ITIMER_PROF, job["time_limit"])
         resource.setrlimit(resource.RLIMIT_FSIZE, (job["output_limit"], job["output_limit"]))
         os.dup2(stdin_file.fileno(), 0)
         os.dup2(stdout_file.fileno(), 1)
@@ -141,6 +184,7 @@ def driver() -> None:
         sys.stdout = open(1, "w", encoding="utf-8", closefd=False)  # noqa: SIM115
         sys.stderr = open(2, "w", encoding="utf-8", closefd=False)  # noqa: SIM115
         namespace = dict(preloaded, __name__="solution" if "call" in test else "__main__")
+        install_syscall_filter()  # last: the steps above use calls it refuses
         try:
             exec(compile(job["program"], "solution.py", "exec"), namespace)  # noqa: S102  (what the sandbox is for)
             if "call" in test:
@@ -195,8 +239,8 @@ def driver() -> None:
                 status = run_program(test, stdin_file, stdout_file)
             finally:
                 os._exit(status & 0xFF)
-        pidfd = os.pidfd_open(pid)
-        finished = bool(select.select([pidfd], [], [], job["time_limit"])[0])
+        pidfd = os.pidfd_open(pid)  # the wall-clock backstop: for a program that sleeps, or is starved for long
+        finished = bool(select.select([pidfd], [], [], job["wall_limit"])[0])
         os.close(pidfd)
         if not finished:
             for kill, target in [(os.killpg, pid), (os.kill, pid)]:  # the group, or the child not yet its leader
@@ -204,7 +248,9 @@ def driver() -> None:
                     kill(target, sigkill)
                 except ProcessLookupError:
                     pass
-        _, wait_status = os.waitpid(pid, 0)
+        _, wait_status, usage = os.wait4(pid, 0)
+        out_of_cpu = os.WIFSIGNALED(wait_status) and os.WTERMSIG(wait_status) in (signal.SIGPROF, signal.SIGXCPU)
+        finished = finished and not out_of_cpu and usage.ru_utime + usage.ru_stime <= job["time_limit"]
         kill_leftovers()
         stdout_file.seek(0)
         output = stdout_file.read(job["output_limit"])
@@ -222,9 +268,21 @@ def driver() -> None:
         sys.stdout.buffer.write(run_test(test, input_offset))
         sys.stdout.buffer.flush()
         input_offset += test.get("input_length", 0)
+    forget_keys()
 
 
 DRIVER_SOURCE = textwrap.dedent(inspect.getsource(driver)) + "\ndriver()\n"
+
+
+# Run by sandbox.py as the throw-away uid after a run whose driver did not get to forget_keys(): the same steps.
+FORGET_KEYS_PROGRAM = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+keyctl = {"x86_64": 250, "aarch64": 219, "riscv64": 219}[os.uname().machine]
+for serial in [libc.syscall(keyctl, 0, ring, 0) for ring in (-4, -5)]:
+    if serial > 0:
+        libc.syscall(keyctl, 21, serial)
+"""
 
 
 # ----------------------------------------------------------------------------- the logic scorers' programs

@@ -44,18 +44,26 @@ def python_block(program: str) -> str:
     return f"Here is my solution.\n```python\n{program}\n```\n"
 
 
+UIDS_USED = set()  # every throw-away uid this test process handed out
+
+
+@pytest.fixture(autouse=True)
+def record_uids(monkeypatch):
+    allocate = sandbox._throwaway_uid
+    monkeypatch.setattr(sandbox, "_throwaway_uid", lambda: UIDS_USED.add(uid := allocate()) or uid)
+
+
 def leftovers() -> list[int]:
     """Live processes under this test process's throw-away uids (none may outlive a run).
 
     SIGKILL is delivered asynchronously, so a dying process gets two seconds to go; zombies don't count.
     """
-    first = sandbox.UID_BASE + (os.getpid() % 2**14) * 2**16
     deadline = time.monotonic() + 2
     while True:
         alive = []
         for entry in os.listdir("/proc"):
             try:
-                if entry.isdigit() and first <= os.stat(f"/proc/{entry}").st_uid < first + 2**16:
+                if entry.isdigit() and os.stat(f"/proc/{entry}").st_uid in UIDS_USED:
                     with open(f"/proc/{entry}/stat") as stat:
                         if stat.read().rpartition(")")[2].split()[0] != "Z":
                             alive.append(int(entry))
@@ -148,7 +156,7 @@ def test_programs_see_a_clean_environment_and_a_private_scratch_directory(monkey
 def test_infinite_loop_is_stopped_at_the_time_limit():
     reward, seconds = score_hostile("while True:\n    pass")
     assert reward == 0.0
-    assert seconds < 3 * LIMIT + SLACK
+    assert seconds < 3 * sandbox.WALL_FACTOR * LIMIT + SLACK  # the wall-clock backstop, per test
     assert sandbox.run_tests("while True:\n    pass", [{"input": ""}], time_limit=0.5)[0]["status"] == "timeout"
     assert not leftovers()
 
@@ -170,7 +178,7 @@ def test_fork_bomb_is_contained():
     program = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
     reward, seconds = score_hostile(program)
     assert reward == 0.0
-    assert seconds < 3 * LIMIT + SLACK
+    assert seconds < 3 * sandbox.WALL_FACTOR * LIMIT + SLACK  # the wall-clock backstop, per test
     assert not leftovers()
     assert subprocess.run(["true"], check=False).returncode == 0  # the host can still start processes
 
@@ -179,7 +187,7 @@ def test_allocating_20_gb_fails_at_once():
     require("memory_limit")
     reward, seconds = score_hostile("block = bytearray(20 * 2**30)\nprint(len(block))")
     assert reward == 0.0
-    assert seconds < 3 * LIMIT + SLACK
+    assert seconds < 3 * sandbox.WALL_FACTOR * LIMIT + SLACK  # the wall-clock backstop, per test
     [result] = sandbox.run_tests("block = bytearray(20 * 2**30)", [{"input": ""}])
     assert result["status"] == "exit code 1"  # MemoryError, not an out-of-memory killer on the host
 
@@ -188,7 +196,7 @@ def test_printing_1_gb_is_cut_at_the_output_limit():
     program = "import sys\nline = 'x' * 2**20\nfor _ in range(1024):\n    sys.stdout.write(line)"
     reward, seconds = score_hostile(program)
     assert reward == 0.0
-    assert seconds < 3 * LIMIT + SLACK
+    assert seconds < 3 * sandbox.WALL_FACTOR * LIMIT + SLACK  # the wall-clock backstop, per test
     [result] = sandbox.run_tests(program, [{"input": ""}])
     assert result["status"] == "exit code 1"  # the write past RLIMIT_FSIZE fails
     assert len(result["output"]) == sandbox.OUTPUT_LIMIT
@@ -224,7 +232,7 @@ def test_killing_its_parent_and_this_process_fails():
                "    try:\n        os.kill(pid, 9)\n    except OSError:\n        pass")
     reward, seconds = score_hostile(program)
     assert reward == 0.0  # and this test is still running
-    assert seconds < 3 * LIMIT + SLACK
+    assert seconds < 3 * sandbox.WALL_FACTOR * LIMIT + SLACK  # the wall-clock backstop, per test
     assert not leftovers()
 
 
@@ -232,7 +240,7 @@ def test_kill_all_reaches_nothing_outside():
     require("cannot_signal_host", any_of=("own_user", "own_pid_namespace"))
     reward, seconds = score_hostile("import os\nos.kill(-1, 9)")
     assert reward == 0.0  # and this test, like everything else on the machine, is still running
-    assert seconds < 3 * LIMIT + SLACK
+    assert seconds < 3 * sandbox.WALL_FACTOR * LIMIT + SLACK  # the wall-clock backstop, per test
 
 
 def test_segfault_is_just_a_failed_test():
@@ -258,7 +266,7 @@ def test_a_child_that_outlives_its_parent_is_killed_and_its_late_answer_ignored(
                "    a, b = map(int, input().split())\n    print(a + b, flush=True)")
     reward, seconds = score_hostile(program)
     assert reward == 0.0
-    assert seconds < 3 * LIMIT + SLACK
+    assert seconds < 3 * sandbox.WALL_FACTOR * LIMIT + SLACK  # the wall-clock backstop, per test
     assert not leftovers()
 
 
@@ -381,7 +389,7 @@ def test_a_key_added_by_the_program_is_not_in_the_hosts_session_keyring():
     program = (f"import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
                f"print(libc.syscall({add_key}, b'user', {marker.encode()!r}, b'secret', 6, -3) > 0)")  # -3: @s
     [result] = sandbox.run_tests(program, [{"input": ""}])
-    assert result["output"] == "True\n"  # the program did add a key, to the keyring it was given
+    assert result["output"] == "False\n"  # the system-call filter refuses add_key (EPERM)
     found = libc.syscall(keyctl, 10, -3, b"user", marker.encode(), 0)  # KEYCTL_SEARCH our session keyring
     assert found < 0 and ctypes.get_errno() == 126  # ENOKEY
 
