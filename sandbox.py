@@ -43,7 +43,6 @@ Where the system refuses some of this, the sandbox says so once (a warning) and 
 `protections()` proves which protections hold by running a harmless probe program in the sandbox.
 """
 
-import errno
 import fcntl
 import functools
 import itertools
@@ -57,9 +56,9 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-import time
 import warnings
 
+import confinement
 import jail
 
 DEFAULT_TIME_LIMIT = 2.0   # seconds of CPU time per test, the program's own
@@ -78,17 +77,6 @@ STARTUP_SECONDS = 10.0     # allowance for starting the sandbox on a busy machin
 UID_BASE = 2**30           # throw-away uids live far above any real user's (1000+) and container ranges (100000+)
 UID_COUNT = 2**30 - 1      # ... up to 2**31 - 2, one per run, from a counter kept across processes in a root-only file
 UID_COUNTER_FILE = "/var/lib/prorl/sandbox-uids"
-# Refused in every sandboxed process (EPERM): calls a test program has no use for, which reach the kernel's less
-# guarded corners (keys outlive a run, io_uring and bpf bypass other checks, vsock ignores network namespaces).
-DENIED_CALLS = ["keyctl", "add_key", "request_key", "ptrace", "process_vm_readv", "process_vm_writev",
-                "io_uring_setup", "io_uring_enter", "io_uring_register", "bpf", "perf_event_open", "userfaultfd",
-                "mount", "umount2", "pivot_root", "chroot", "move_mount", "open_tree", "fsopen", "fsconfig",
-                "fsmount", "fspick", "mount_setattr", "unshare", "setns", "kexec_load", "kexec_file_load",
-                "init_module", "finit_module", "delete_module", "reboot", "swapon", "swapoff", "acct",
-                "quotactl", "name_to_handle_at", "open_by_handle_at", "personality"]
-CLONE_NAMESPACES = 0x7E020000  # CLONE_NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET
-LIBSECCOMP_HELP = ("the code sandbox needs libseccomp to filter system calls: install it (Debian/Ubuntu: "
-                   "apt-get install libseccomp2; Fedora: dnf install libseccomp) and pip install pyseccomp")
 
 
 def run_tests(program: str, tests: list[dict], time_limit: float = DEFAULT_TIME_LIMIT,
@@ -169,36 +157,13 @@ def _throwaway_uid() -> int:
     return UID_BASE + number
 
 
-@functools.cache
-def _syscall_filter() -> bytes:
-    """The system-call filter (a BPF program, compiled once by libseccomp through pyseccomp) that every sandboxed
-    process installs before the program runs: DENIED_CALLS, sockets other than AF_UNIX and namespaces fail with
-    EPERM; clone3 with ENOSYS, since its flags cannot be inspected (the C library then falls back to clone)."""
-    try:
-        import pyseccomp as seccomp  # drives the system's libseccomp.so.2 by ctypes
-        rules = seccomp.SyscallFilter(seccomp.ALLOW)
-    except Exception as error:  # noqa: BLE001  (ImportError, or OSError from loading the library)
-        raise RuntimeError(f"{LIBSECCOMP_HELP} ({type(error).__name__}: {error})") from None
-    for call in DENIED_CALLS:
-        rules.add_rule(seccomp.ERRNO(errno.EPERM), call)
-    for call in ["socket", "socketpair"]:
-        rules.add_rule(seccomp.ERRNO(errno.EPERM), call, seccomp.Arg(0, seccomp.NE, socket.AF_UNIX))
-    for flag in [1 << bit for bit in range(32) if CLONE_NAMESPACES >> bit & 1]:
-        rules.add_rule(seccomp.ERRNO(errno.EPERM), "clone", seccomp.Arg(0, seccomp.MASKED_EQ, flag, flag))
-    rules.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")
-    with tempfile.TemporaryFile() as compiled:
-        rules.export_bpf(compiled)
-        compiled.seek(0)
-        return compiled.read()
-
-
 def _run(system: dict, program: str, tests: list[dict], time_limit: float, preload: str | None = None,
          memory_mb: int = MEMORY_MB):
     uid = _throwaway_uid() if system["root"] else None
     inputs = [test.get("input", "").encode() for test in tests]
-    cgroup = _make_cgroup(system["cgroup"]) if system.get("cgroup") else None
+    cgroup = confinement.make_cgroup(system["cgroup"], RUN_MEMORY_MB) if system.get("cgroup") else None
     job = {"program": program, "preload": preload, "time_limit": time_limit, "uid": uid, "jail": system["jail"],
-           "wall_limit": WALL_FACTOR * time_limit, "seccomp": _syscall_filter(),
+           "wall_limit": WALL_FACTOR * time_limit, "seccomp": confinement.syscall_filter(),
            "cgroup": cgroup and os.path.join(cgroup, "cgroup.procs"),
            "tests": [{"call": t["call"]} if "call" in t else {"input_length": len(i)} for t, i in zip(tests, inputs)],
            "binds": _python_dirs(), "memory_mb": memory_mb, "max_processes": MAX_PROCESSES,
@@ -225,7 +190,7 @@ def _run(system: dict, program: str, tests: list[dict], time_limit: float, prelo
         if process.returncode != 0 and uid is not None and not system["jail"]:
             _kill_user(uid)  # no PID namespace to take leftovers down with the driver: find them by uid
         if cgroup:
-            _remove_cgroup(cgroup)
+            confinement.remove_cgroup(cgroup)
         if process.returncode != 0 and uid is not None:
             _forget_keys(uid)  # the driver did not get to it
         result_file.seek(0)
@@ -273,76 +238,6 @@ def _parse_results(raw: bytes, count: int) -> list[dict] | None:
     return results if position == len(raw) else None
 
 
-def _cgroup_parent() -> str | None:
-    """Where this process may make a memory cgroup per run, found from /proc/self/cgroup and the mounts: its own
-    cgroup v2 with the memory controller delegated to children, or its own cgroup v1 memory cgroup; None if neither
-    lets it (not root, no delegation)."""
-    mounts = {}  # "cgroup2", or each v1 controller -> its mount point
-    with open("/proc/self/mounts") as lines:
-        for line in lines:
-            _, point, kind, options = line.split()[:4]
-            for name in ["cgroup2"] if kind == "cgroup2" else options.split(",") if kind == "cgroup" else []:
-                mounts.setdefault(name, point)
-    with open("/proc/self/cgroup") as lines:
-        places = [line.rstrip("\n").split(":", 2)[1:] for line in lines]
-    candidates = [mounts["cgroup2"] + path for controllers, path in places if controllers == "" and "cgroup2" in mounts]
-    candidates = [c for c in candidates if "memory" in _read(os.path.join(c, "cgroup.subtree_control")).split()]
-    candidates += [mounts["memory"] + path for controllers, path in places
-                   if "memory" in controllers.split(",") and "memory" in mounts]
-    for parent in candidates:
-        try:
-            _remove_cgroup(_make_cgroup(parent))
-            return parent
-        except OSError:
-            continue
-    return None
-
-
-def _make_cgroup(parent: str) -> str:
-    """A fresh cgroup under `parent` holding RUN_MEMORY_MB, kernel memory included, swap none."""
-    path = os.path.join(parent, f"prorl-sandbox-{os.getpid()}-{next(_run_numbers)}")
-    os.mkdir(path)
-    limit = str(RUN_MEMORY_MB * 2**20)
-    v2 = os.path.exists(os.path.join(path, "memory.max"))
-    settings = [("memory.max", limit), ("memory.swap.max", "0")] if v2 else [
-        ("memory.limit_in_bytes", limit), ("memory.memsw.limit_in_bytes", limit)]  # in this order (v1)
-    try:
-        for name, value in settings:
-            if name in ("memory.max", "memory.limit_in_bytes") or os.path.exists(os.path.join(path, name)):
-                with open(os.path.join(path, name), "w") as setting:
-                    setting.write(value)
-    except OSError:
-        os.rmdir(path)
-        raise
-    return path
-
-
-def _remove_cgroup(path: str) -> None:
-    """Kill whatever is left in the cgroup (outside a PID namespace, leftovers live on), then remove it."""
-    for _ in range(200):
-        try:
-            os.rmdir(path)
-            return
-        except OSError as error:
-            if error.errno != errno.EBUSY:
-                raise
-        for pid in _read(os.path.join(path, "cgroup.procs")).split():
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.01)
-    warnings.warn(f"sandbox: could not remove the cgroup {path}", stacklevel=2)
-
-
-def _read(path: str) -> str:
-    try:
-        with open(path) as file:
-            return file.read()
-    except OSError:
-        return ""
-
-
 def _forget_keys(uid: int) -> None:
     """What the driver does at the end of a run, for a run whose driver did not get there: invalidate the uid's
     user keyrings, as that uid (no_new_privs, no groups)."""
@@ -375,8 +270,8 @@ def _system(allow_jail: bool = True) -> dict:
     under /root, e.g. pyenv's, is unreadable to the throw-away user when there is no jail to bind it into).
     """
     root = os.geteuid() == 0
-    _syscall_filter()  # no libseccomp: a one-line error naming the fix, never a sandbox without the filter
-    cgroup = _cgroup_parent() if root else None
+    confinement.syscall_filter()  # no libseccomp: a one-line error naming the fix, never a sandbox without the filter
+    cgroup = confinement.cgroup_parent() if root else None
     unshare = ["unshare", "--mount", "--net", "--pid", "--ipc", "--uts", "--fork", "--kill-child"]
     if not root:
         unshare += ["--user", "--map-root-user"]

@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+import confinement
 import rewards
 import sandbox
 
@@ -480,7 +481,7 @@ def test_calls_a_test_program_has_no_use_for_fail_with_eperm():
         for name, args in calls.items())
     [result] = sandbox.run_tests(program, [{"input": ""}])
     assert result["status"] == "ok", result
-    answers = dict((line.split()[0], line.split()[1:]) for line in result["output"].split("\n")[:-1])
+    answers = {line.split()[0]: line.split()[1:] for line in result["output"].split("\n")[:-1]}
     assert answers == {name: ["-1", "1"] for name in SYSCALLS_X86_64}, answers
 
 
@@ -497,7 +498,7 @@ def test_a_key_planted_by_one_run_is_not_readable_by_the_next_even_with_the_same
     uid = sandbox.UID_BASE + 2**30 - 2**10 + os.getpid() % 2**10  # one uid for both runs: the counter wrapped
     monkeypatch.setattr(sandbox, "_throwaway_uid", lambda: uid)
     if walls == "cleanup alone":  # the system-call filter off, so the program can add the key
-        monkeypatch.setattr(sandbox, "_syscall_filter", lambda: b"", raising=False)
+        monkeypatch.setattr(confinement, "syscall_filter", lambda: b"")
     marker = f"prorl-planted-{os.getpid()}"
     plant = ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"  # -4: the uid's user keyring
              f"print(libc.syscall(248, b'user', {marker.encode()!r}, b'secret', 6, -4) > 0)")
@@ -505,7 +506,7 @@ def test_a_key_planted_by_one_run_is_not_readable_by_the_next_even_with_the_same
     assert planted["output"] == ("True\n" if walls == "cleanup alone" else "False\n")
     search = ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"  # KEYCTL_SEARCH @u
               f"print(libc.syscall(250, 10, -4, b'user', {marker.encode()!r}, 0))")
-    monkeypatch.setattr(sandbox, "_syscall_filter", lambda: b"", raising=False)  # the reader may search, filter or not
+    monkeypatch.setattr(confinement, "syscall_filter", lambda: b"")  # the reader may search, filter or not
     [searched] = sandbox.run_tests(search, [{"input": ""}])
     assert searched["output"] == "-1\n", searched
     deadline = time.monotonic() + 5  # the kernel frees an invalidated keyring in its garbage collector
@@ -532,8 +533,8 @@ def test_an_honest_cpu_bound_program_passes_beside_eight_setsid_spinners():
     require("process_limit", "own_user")
     # The honest program needs half its limit in CPU time; the hog's processes, each in a session of its
     # own, spin on every core meanwhile. The honest verdict must count the honest program's own CPU time.
-    honest = python_block("import time\nwhile time.process_time() < 0.5 * %s:\n    pass\n"
-                          "a, b = map(int, input().split())\nprint(a + b)" % LIMIT)
+    honest = python_block(f"import time\nwhile time.process_time() < 0.5 * {LIMIT}:\n    pass\n"
+                          "a, b = map(int, input().split())\nprint(a + b)")
     hog = python_block("import os, time\nfor _ in range(8):\n    try:\n        if os.fork() == 0:\n"
                        "            os.setsid()\n            while True:\n                pass\n"
                        "    except OSError:\n        break\ntime.sleep(100)")
@@ -584,7 +585,7 @@ def test_socket_buffers_count_against_the_runs_memory_in_a_cgroup(monkeypatch):
 
 
 def test_without_a_memory_cgroup_the_sandbox_says_kernel_memory_is_unbounded(monkeypatch):
-    monkeypatch.setattr(sandbox, "_cgroup_parent", lambda: None)
+    monkeypatch.setattr(confinement, "cgroup_parent", lambda: None)
     with pytest.warns(UserWarning, match="kernel memory .*socket buffers.* not bounded"):
         fallback = sandbox._system.__wrapped__()
     assert fallback["cgroup"] is None
