@@ -299,10 +299,11 @@ def logic_preload(datasets: set[str]) -> str:
 # the scorers' ways of running answer text. eval() in reasoning-gym's modules becomes a literal parser; sympy's
 # parse_expr (sympify and parse_expr alike go through it) first checks every token of a string.
 LOGIC_PRELOAD = """
-import ast, base64, builtins, gc, io, keyword, os, pickle, site, sys, tokenize
+import ast, base64, builtins, gc, io, keyword, os, pickle, re, site, sys, tokenize
 os.environ.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
 for directory in <SITES>:
     site.addsitedir(directory)
+from collections import Counter
 import reasoning_gym
 import sympy
 from sympy.parsing import sympy_parser
@@ -353,8 +354,31 @@ devnull = os.open(os.devnull, os.O_WRONLY)
 gc.freeze()  # the answers' processes, forks of this one, then share its objects without copying them
 
 
+HEDGE = re.compile(r"[,;\\n|]|\\b(?:or|and)\\b")  # what separates candidates
+
+
+def answer_like(answer, dataset, entry):
+    # What reasoning-gym's scorers credit yet is no answer (tests/test_verifier_audit.py): overlong, the question
+    # copied back, the right answer among other candidates, numbers that are not the puzzle's.
+    oracle, question = str(entry.get("answer", "")).strip(), str(entry.get("question", "")).strip()
+    if len(answer) > 2 * len(oracle) + 64 or (question and question in answer):
+        return False
+    rest = answer.replace(oracle, " ", 1) if oracle else ""
+    if oracle in answer and any(c.isalnum() for c in rest) and HEDGE.search(rest):
+        return False  # hedging: the right answer and another candidate ("3/4 or 6/8", "a, b" for "a")
+    if dataset in ("puzzle24", "countdown"):  # the puzzle's own numbers: all of them (24), or some (countdown)
+        used, given = Counter(map(int, re.findall(r"[0-9]+", answer))), Counter(entry["metadata"]["numbers"])
+        return not (used != given if dataset == "puzzle24" else used - given)
+    return True
+
+
 def score_answer(answer, dataset, entry):
-    return float(scorers[dataset](answer, entry))
+    if not answer_like(answer, dataset, entry):
+        return 0.0
+    score = float(scorers[dataset](answer, entry))
+    # No partial credit for holding the right answer among more ("x4" for "4": the base scorer gives 0.5), nor
+    # reasoning-gym's 0.01 for any answer at all.
+    return 0.0 if score < 1 and str(entry.get("answer", "")).strip() in answer or score <= 0.01 else score
 """
 
 # Runs in the sandbox, in an answer's own process: its (answer, dataset, entry) on stdin, its score out. What the

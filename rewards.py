@@ -145,9 +145,13 @@ def score_code(example: dict, completion: str) -> float:
     if program is None:
         return 0.0
     tests = example["tests"]
-    results = sandbox.run_tests(program, [{"call": t["call"]} if "call" in t else {"input": t["input"]} for t in tests],
-                                time_limit=example.get("time_limit", sandbox.DEFAULT_TIME_LIMIT),
-                                memory_mb=example.get("memory_limit_mb"))  # the problem's own, if it has one
+    try:
+        inputs = [{"call": t["call"]} if "call" in t else {"input": t["input"]} for t in tests]
+        results = sandbox.run_tests(program, inputs,
+                                    time_limit=example.get("time_limit", sandbox.DEFAULT_TIME_LIMIT),
+                                    memory_mb=example.get("memory_limit_mb"))  # the problem's own, if any
+    except RuntimeError as error:  # the machine cannot sandbox (no libseccomp, say): never a silent 0
+        raise VerifierUnavailable(f"code cannot be scored: {error}") from None
     if results is None:
         return 0.0
     return sum(r["status"] == "ok" and output_matches(r["output"], t) for r, t in zip(results, tests)) / len(tests)
@@ -259,7 +263,8 @@ def check_logic_sandbox() -> None:
 
 # ----------------------------------------------------------------------------- multiple choice (STEM)
 
-_LETTER = r"\(?\s*([A-J])\s*\)?(?![A-Za-z0-9])"  # C, (C), ( C ): a letter that is not the start of a word
+# C, (C), ( C ): a letter that is not the start of a word; a parenthesis opened before it closes after it
+_LETTER = r"(?:\(\s*([A-J])\s*\)|([A-J])(?![A-Za-z0-9]))"
 MCQ_STATED = re.compile(r"(?:\\boxed\{\s*(?:\\text(?:bf)?\{\s*)?|(?i:answer|correct option|correct choice)(?:\s+(?i:is))?"
                         r"\s*[:=—-]?\s*(?i:option\s+|choice\s+)?\$?)" + _LETTER)
 MCQ_ALONE = re.compile(r"^\s*\(?\s*([A-J])\s*(?:[).:]?\s*$|[).:]\s)")  # just the letter: "C", "(C)", "C) Paris"
@@ -274,7 +279,7 @@ def choose_letter(completion: str) -> str | None:
     stated = list(MCQ_STATED.finditer(text)) or list(MCQ_ALONE.finditer(text))
     if not stated or MCQ_HEDGE.match(text, stated[-1].end()):
         return None
-    return stated[-1].group(1)
+    return stated[-1].group(1) or stated[-1].group(2)
 
 
 def score_mcq(example: dict, completion: str) -> float:
@@ -284,8 +289,12 @@ def score_mcq(example: dict, completion: str) -> float:
 # ----------------------------------------------------------------------------- instruction following (IFEval)
 
 def score_ifeval(example: dict, completion: str) -> float:
-    """ifeval.py's fraction of constraints satisfied, read from the response after any </think>."""
-    return ifeval.score(example, after_thinking(completion))
+    """ifeval.py's fraction of constraints satisfied, read from the response after any </think>. An empty
+    response or the prompt copied back scores 0: it would satisfy keyword and length checks for nothing."""
+    response = after_thinking(completion)
+    if not response.strip() or example["prompt"].strip() in response:
+        return 0.0
+    return ifeval.score(example, response)
 
 
 check_constraint = ifeval.check_constraint  # the schema check of a constraint, where the checks are

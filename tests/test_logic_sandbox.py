@@ -57,9 +57,10 @@ def defence(request, monkeypatch):
     if request.param == "isolation alone":
         preload = jail.LOGIC_PRELOAD
         for wall in ["sympy_parser.parse_expr = sympy.parse_expr = checked_parse_expr\n",
-                     "module.eval, module.exec = literal_only, refuse\n"]:
+                     "module.eval, module.exec = literal_only, refuse\n",
+                     "    if not answer_like(answer, dataset, entry):\n        return 0.0\n"]:
             assert wall in preload  # else this fixture would test nothing
-            preload = preload.replace(wall, "pass\n")
+            preload = preload.replace(wall, wall[: len(wall) - len(wall.lstrip())] + "pass\n")  # its indent
         monkeypatch.setattr(jail, "LOGIC_PRELOAD", preload)
     return request.param
 

@@ -40,6 +40,8 @@ NUMBER_PUZZLES = {"puzzle24": lambda entry: "6*4*1*1",
 
 def two_problems(source: str) -> tuple[dict, dict]:
     """Two problems of a source, with the right completion of each in "solution"."""
+    if source.startswith("rg:"):
+        return reasoning_gym_problems(source[3:])
     if source in BUILTINS:
         rng = random.Random(7)
         first = tasks.generate(source, rng, 2)
@@ -49,7 +51,13 @@ def two_problems(source: str) -> tuple[dict, dict]:
     if source in DOMAINS:
         examples = tasks.load_source(source)
         return examples[0], examples[1]
-    first, second = (reasoning_gym.create_dataset(source, size=2, seed=11)[k] for k in range(2))
+    raise ValueError(source)
+
+
+def reasoning_gym_problems(source: str) -> tuple[dict, dict]:
+    entries = list(reasoning_gym.create_dataset(source, size=8, seed=11))
+    first = entries[0]
+    second = next(entry for entry in entries if entry["answer"] != first["answer"])  # else "other" is right too
     return tuple({"task": "logic", "prompt": entry["question"], "dataset": source, "entry": entry,
                   "solution": f"<answer>{entry['answer']}</answer>"} for entry in (first, second))
 
@@ -96,9 +104,8 @@ def probes(example: dict, other: dict) -> dict[str, str]:
 def audit() -> dict[str, tuple[float, dict[str, float]]]:
     """For each verifier: (the right answer's score, {probe: score})."""
     rows, examples, completions, slots = {}, [], [], []
-    for source in BUILTINS + DOMAINS + DATASETS:
-        example, other = two_problems(source)
-        name = f"rg:{source}" if example["task"] == "logic" else source
+    for name in BUILTINS + DOMAINS + [f"rg:{dataset}" for dataset in DATASETS]:
+        example, other = two_problems(name)
         for probe, completion in {"right": example["solution"], **probes(example, other)}.items():
             examples.append(example)
             completions.append(completion)
@@ -112,6 +119,12 @@ def audit() -> dict[str, tuple[float, dict[str, float]]]:
     return rows
 
 
+# Still accepted, and why: IFEval checks form, not content (another answer in lowercase meets "all lowercase"; 50,000
+# more characters of digits too); these two reasoning-gym scorers give continuous partial credit for a close
+# wrong answer, by design (character overlap, a fraction's parts).
+KNOWN = {"ifeval": {"other", "overlong"}, "rg:spell_backward": {"other"}, "rg:fraction_simplification": {"other"}}
+
+
 @pytest.fixture(scope="module")
 def audited():
     return audit()
@@ -121,7 +134,8 @@ def audited():
 def test_a_right_answer_scores_1_and_no_probe_scores_above_0(audited, name):
     right, scores = audited[name]
     assert right == 1.0, (name, right)
-    assert {probe: score for probe, score in scores.items() if score > 0} == {}, name
+    accepted = {probe for probe, score in scores.items() if score > 0}
+    assert accepted == KNOWN.get(name, set()), (name, scores)
 
 
 def table(rows: dict) -> str:
