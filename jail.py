@@ -6,9 +6,10 @@ the function: nothing else is importable there, and every import costs start-up 
   0. into the run's memory cgroup (sandbox.py made it), before anything is allocated or forked;
   1. rlimits and oom_score_adj 1000 for everything started from here on;   2. a session keyring of its own;
   3. the jail (mount namespace, new root, read-only /usr and Python installs, bounded /tmp and System V IPC);
-  4. capabilities down to what policing needs; then the preload (trusted) and the tests, each in a child that
-     becomes the throw-away uid and installs the system-call filter before it runs anything of the program's;
-  5. at the end, the uid's user keyrings are invalidated: no key outlives the run.
+  4. capabilities down to what policing needs; then the preload (trusted);
+  5. the system-call filter, then the tests, each in a child that becomes the throw-away uid before it runs
+     anything of the program's; a keeper, the unfiltered parent (PID 1), invalidates the uid's user keyrings at
+     the end: no key outlives the run.
 """
 
 import inspect
@@ -140,8 +141,9 @@ def driver() -> None:
     def forget_keys() -> None:
         """Invalidate the uid's user and user-session keyrings (the kernel keeps them after the run's processes
         end): a later run, even of the same uid, finds no key. Done by a helper of the program's uid."""
-        if job["uid"] is None:
-            return
+        with open("/proc/key-users") as owners:  # the kernel's key count per uid: none, nothing to forget
+            if not any(line.split(":")[0].strip() == str(job["uid"]) for line in owners):
+                return
         helper = os.fork()
         if helper == 0:
             try:
@@ -184,7 +186,6 @@ def driver() -> None:
         sys.stdout = open(1, "w", encoding="utf-8", closefd=False)  # noqa: SIM115
         sys.stderr = open(2, "w", encoding="utf-8", closefd=False)  # noqa: SIM115
         namespace = dict(preloaded, __name__="solution" if "call" in test else "__main__")
-        install_syscall_filter()  # last: the steps above use calls it refuses
         try:
             exec(compile(job["program"], "solution.py", "exec"), namespace)  # noqa: S102  (what the sandbox is for)
             if "call" in test:
@@ -203,8 +204,8 @@ def driver() -> None:
 
     def kill_leftovers() -> None:
         """Whatever a test left behind (say, a daemon that left its group) goes. kill(-1) reaches every process
-        the caller may signal: in the jail, the driver (PID 1) reaches just the jail; outside, a helper of the
-        program's uid reaches just that uid."""
+        the caller may signal: in the jail, the driver reaches just the jail (never PID 1, its keeper if it has
+        one); outside, a helper of the program's uid reaches just that uid."""
         if job["jail"]:
             try:
                 os.kill(-1, sigkill)
@@ -218,7 +219,7 @@ def driver() -> None:
                     os.kill(-1, sigkill)
                 finally:
                     os._exit(0)
-        while True:  # reap them (as PID 1 we inherit the orphans), and the helper
+        while True:  # reap our children, the helper included (orphans go to PID 1: us, or the keeper)
             try:
                 os.waitpid(-1, 0)
             except ChildProcessError:
@@ -264,11 +265,29 @@ def driver() -> None:
             kind, number = "exit", os.WEXITSTATUS(wait_status)
         return f"{kind} {number} {len(output)}\n".encode() + output
 
+    def keep_until_done(policing: int) -> None:
+        """The keeper: waits for the policing driver (reaping, as PID 1, the orphans it leaves), then forgets
+        the uid's keys and exits as the driver did. kill(-1) from the driver cannot reach PID 1."""
+        while True:
+            pid, wait_status = os.wait()
+            if pid == policing:
+                break
+        forget_keys()
+        code = os.waitstatus_to_exitcode(wait_status)
+        os._exit(code if code >= 0 else 1)
+
+    # 5. The system-call filter, once for the run: each test's process inherits it (one per process would cost its
+    #    compilation every time). What needs a refused call later (keyctl, to forget the uid's keys) is left to an
+    #    unfiltered keeper, the parent of the driver that polices the tests.
+    if job["uid"] is not None:
+        policing = os.fork()
+        if policing != 0:
+            keep_until_done(policing)
+    install_syscall_filter()
     for test in job["tests"]:
         sys.stdout.buffer.write(run_test(test, input_offset))
         sys.stdout.buffer.flush()
         input_offset += test.get("input_length", 0)
-    forget_keys()
 
 
 DRIVER_SOURCE = textwrap.dedent(inspect.getsource(driver)) + "\ndriver()\n"

@@ -129,7 +129,8 @@ def protections() -> dict[str, bool]:
         "own_session": facts["sid"] == facts["pid"],           # a session leader (sids don't compare across namespaces)
         "no_network": not facts["network"],
         "cannot_signal_host": not host_signalled,
-        "own_pid_namespace": facts["parent_pid"] == 1,          # the driver is PID 1: a namespace of its own
+        # the driver is PID 1, or 2 under its keeper (jail.py): a namespace of its own
+        "own_pid_namespace": facts["parent_pid"] in (1, 2),
         "process_limit": facts["fork_refused"],
         "memory_limit": facts["allocation_refused"],
         "private_filesystem": not facts["marker_visible"],
