@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import chains
 import ifeval
-import jail
+import logic_scorer
 import sandbox
 
 MATH_TIME_LIMIT = 5  # seconds math-verify may spend parsing or comparing one answer (\boxed{9^{9^{9^9}}} ...)
@@ -199,7 +199,7 @@ def score_logic_batch(examples: list[dict], completions: list[str]) -> list[floa
       1. answer text is never run: in the sandbox those eval()s parse Python literals only, and sympy gets an
          answer only when its tokens are numbers, operators and math names (no strings, dots, dunders, builtins);
       2. each answer is scored in a process of its own (sandbox.run_tests: one test per answer), with only its
-         own entry on its stdin, under a time limit the driver enforces; the driver, another uid, writes the
+         own entry on its stdin, under a CPU-time limit the driver enforces; the driver, another uid, writes the
          results. So an answer that got past 1 could set its own score (clipped to [0, 1], what a right answer
          gets) but never read, raise or lower another's, nor stall the batch. Nothing leaves the sandbox.
     Nothing is scored outside the sandbox: where it cannot import reasoning-gym, this is an error.
@@ -224,9 +224,9 @@ def score_logic_batch(examples: list[dict], completions: list[str]) -> list[floa
 def score_in_sandbox(jobs: list[bytes]) -> list[float]:
     """Scores of pickled (answer, dataset, entry) jobs: one sandbox run, one process per answer."""
     tests = [{"input": base64.b64encode(job).decode()} for job in jobs]
-    preload = jail.logic_preload({pickle.loads(job)[1] for job in jobs})
+    preload = logic_scorer.logic_preload({pickle.loads(job)[1] for job in jobs})
     try:
-        results = sandbox.run_tests(jail.LOGIC_SCORER, tests, time_limit=LOGIC_TIME_LIMIT, preload=preload)
+        results = sandbox.run_tests(logic_scorer.LOGIC_SCORER, tests, time_limit=LOGIC_TIME_LIMIT, preload=preload)
     except RuntimeError as error:
         raise VerifierUnavailable(f"logic answers cannot be scored: {LOGIC_SANDBOX_HELP} ({error})") from None
     if results is None:  # the driver is out of every answer's reach: this is the machine, not the model

@@ -10,27 +10,32 @@ compares outputs outside, so a program passes a test only by printing the right 
 
 Protections, and where each comes from:
   per run   its own network namespace: no interface but a downed loopback, so no network at all
-            its own PID namespace: sees and can signal only its own processes; when the driver
-            (PID 1 there) ends, the kernel kills everything left inside
+            its own PID namespace: sees and can signal only its own processes; when the driver's
+            keeper (PID 1 there) ends, the kernel kills everything left inside
             its own mount namespace and root: read-only /usr (and the interpreter's installs and
             site-packages), a private /tmp capped in size and files as working directory,
             /dev/{null,zero,urandom}, its own /proc; no host file (your data, its expected outputs) is
             visible, nothing outside is writable
             its own IPC namespace: SHARED_MEMORY_MB of System V shared memory, no message queues; gone
             with the run; and its own session keyring: the trainer's keys are out of reach
-            a throw-away uid of its own, no groups, no capabilities, no_new_privs: it can touch
-            nothing of yours, and RLIMIT_NPROC, which counts per uid, holds each run to its own
-            budget (with a shared `nobody`, one fork bomb would starve the runs beside it)
+            a throw-away uid no earlier run had (a counter across processes), no groups, no
+            capabilities, no_new_privs: it can touch nothing of yours, RLIMIT_NPROC, which counts per
+            uid, holds each run to its own budget, and the uid's keyrings are invalidated at the end
+            a system-call filter (confinement.py, seccomp): no socket but AF_UNIX, no keys, ptrace,
+            io_uring, bpf, mounts or namespaces (EPERM); without libseccomp, no sandbox (an error)
             a driver of another uid (as root: root with only CAP_KILL/SETUID/SETGID, not dumpable):
             the program can neither signal it, re-limit it (prlimit) nor read its memory or files
             a clean environment (PATH, HOME, TMPDIR, LANG only)
             RLIMIT_AS (memory) x RLIMIT_NPROC (processes) and the caps on files, scratch and shared
-            memory: RUN_MEMORY_MB in all, whatever the program does; RLIMIT_NOFILE, no core dumps
+            memory: RUN_MEMORY_MB in all; a memory cgroup holds the run to it, kernel memory (socket
+            buffers) included, where one can be made (else a start-up warning); RLIMIT_NOFILE, no core
+            dumps; oom_score_adj 1000 (the driver 500): under memory pressure the sandbox goes first
   per test  its own process, forked from the driver, holding only its own input (the inputs go from
             the job file straight into each test's stdin, never through the driver's memory)
             its own session and process group (setsid): no controlling terminal
-            wall-clock limit (the driver kills the test's process group, then every process left
-            in the sandbox), CPU-time limit (RLIMIT_CPU), output cap (RLIMIT_FSIZE on its stdout)
+            CPU-time limit, its own (ITIMER_PROF, RLIMIT_CPU behind it: a neighbour's hog cannot fail
+            it), a wall-clock backstop WALL_FACTOR times as long (the driver kills the test's process
+            group, then every process left in the sandbox), output cap (RLIMIT_FSIZE on its stdout)
 
 Where the system refuses some of this, the sandbox says so once (a warning) and runs with what it has:
   - `unshare` refused (e.g. a container without CAP_SYS_ADMIN): no namespaces, so the program can

@@ -14,7 +14,7 @@ import time
 import pytest
 import reasoning_gym
 
-import jail
+import logic_scorer
 import rewards
 import sandbox
 import tasks
@@ -55,13 +55,13 @@ def finds(oracle: str) -> str:
 def defence(request, monkeypatch):
     monkeypatch.setattr(rewards, "LOGIC_TIME_LIMIT", LIMIT)
     if request.param == "isolation alone":
-        preload = jail.LOGIC_PRELOAD
+        preload = logic_scorer.LOGIC_PRELOAD
         for wall in ["sympy_parser.parse_expr = sympy.parse_expr = checked_parse_expr\n",
                      "module.eval, module.exec = literal_only, refuse\n",
                      "    if not answer_like(answer, dataset, entry):\n        return 0.0\n"]:
             assert wall in preload  # else this fixture would test nothing
             preload = preload.replace(wall, wall[: len(wall) - len(wall.lstrip())] + "pass\n")  # its indent
-        monkeypatch.setattr(jail, "LOGIC_PRELOAD", preload)
+        monkeypatch.setattr(logic_scorer, "LOGIC_PRELOAD", preload)
     return request.param
 
 
@@ -150,8 +150,8 @@ def test_without_reasoning_gym_in_the_sandbox_scoring_is_an_error_and_nothing_ru
     require_walls()
     marker = tmp_path / "written-by-an-answer"
     # The sandbox's Python cannot import reasoning-gym: as in a venv whose packages it cannot see.
-    monkeypatch.setattr(jail, "LOGIC_PRELOAD", "import sys\nsys.modules['reasoning_gym'] = None\n"
-                        + jail.LOGIC_PRELOAD)
+    monkeypatch.setattr(logic_scorer, "LOGIC_PRELOAD", "import sys\nsys.modules['reasoning_gym'] = None\n"
+                        + logic_scorer.LOGIC_PRELOAD)
     called = []
     monkeypatch.setattr(reasoning_gym, "get_score_answer_fn", lambda *args: called.append(args))
     spiral = logic_example("spiral_matrix", 1)
