@@ -54,9 +54,9 @@ def syscall_filter() -> bytes:
 
 
 def cgroup_parent() -> str | None:
-    """Where this process may make a memory cgroup per run, found from /proc/self/cgroup and the mounts: its own
-    cgroup v2 with the memory controller delegated to children, or its own cgroup v1 memory cgroup; None if neither
-    lets it (not root, no delegation)."""
+    """Where this process may make a memory cgroup per run, found from /proc/self/cgroup and the mounts: under its
+    cgroup v2 (where memory is delegated) or beside it, else under its cgroup v1 memory cgroup; None if none lets
+    it (not root, no delegation)."""
     mounts = {}  # "cgroup2", or each v1 controller -> its mount point
     with open("/proc/self/mounts") as lines:
         for line in lines:
@@ -65,8 +65,11 @@ def cgroup_parent() -> str | None:
                 mounts.setdefault(name, point)
     with open("/proc/self/cgroup") as lines:
         places = [line.rstrip("\n").split(":", 2)[1:] for line in lines]
-    candidates = [mounts["cgroup2"] + path for controllers, path in places if controllers == "" and "cgroup2" in mounts]
-    candidates = [c for c in candidates if "memory" in _read(os.path.join(c, "cgroup.subtree_control")).split()]
+    own_v2 = [mounts["cgroup2"] + path for controllers, path in places if controllers == "" and "cgroup2" in mounts]
+    # v2: children of our own cgroup where it delegates memory, else siblings of it where it has memory (root)
+    candidates = [c for c in own_v2 if "memory" in _read(os.path.join(c, "cgroup.subtree_control")).split()]
+    candidates += [os.path.dirname(c.rstrip("/")) for c in own_v2 if c.rstrip("/") != mounts["cgroup2"].rstrip("/")
+                   and "memory" in _read(os.path.join(c, "cgroup.controllers")).split()]
     candidates += [mounts["memory"] + path for controllers, path in places
                    if "memory" in controllers.split(",") and "memory" in mounts]
     for parent in candidates:

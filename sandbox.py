@@ -277,26 +277,26 @@ def _system(allow_jail: bool = True) -> dict:
     """
     root = os.geteuid() == 0
     confinement.syscall_filter()  # no libseccomp: a one-line error naming the fix, never a sandbox without the filter
-    cgroup = confinement.cgroup_parent() if root else None
+    cgroup = confinement.cgroup_parent()  # root, or a delegated cgroup v2 subtree
     unshare = ["unshare", "--mount", "--net", "--pid", "--ipc", "--uts", "--fork", "--kill-child"]
     if not root:
         unshare += ["--user", "--map-root-user"]
     pythons = [sys.executable] + [p for p in [shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")] if p]
-    for jailed in ([True] if allow_jail and shutil.which("unshare") else []) + [False]:
-        for python in pythons:
-            system = {"root": root, "jail": jailed, "cgroup": cgroup,
-                      "command": (unshare if jailed else []) + [python, "-I", "-S", "-c", jail.DRIVER_SOURCE]}
-            if _run(system, _STARTUP_CHECK, [{"input": ""}], time_limit=10) == [{"status": "ok", "output": "ok\n"}]:
-                if not jailed:
-                    warnings.warn("sandbox: Linux namespaces are unavailable (unshare failed), so sandboxed programs "
-                                  "can reach the network, read this machine's files and use its System V IPC" +
-                                  ("" if root else ", and they run as your own user"), stacklevel=3)
-                if cgroup is None:
-                    warnings.warn("sandbox: no memory cgroup can be made here (it needs root, or a delegated cgroup "
-                                  "v2 subtree with the memory controller), so rlimits bound each run's memory; "
-                                  "kernel memory (socket buffers, descriptors in flight) is not bounded",
-                                  stacklevel=3)
-                return system
+    modes = itertools.product(([True] if allow_jail and shutil.which("unshare") else []) + [False], pythons,
+                              [cgroup, None] if cgroup else [None])  # a cgroup the driver cannot join: none
+    for jailed, python, run_cgroup in modes:
+        system = {"root": root, "jail": jailed, "cgroup": run_cgroup,
+                  "command": (unshare if jailed else []) + [python, "-I", "-S", "-c", jail.DRIVER_SOURCE]}
+        if _run(system, _STARTUP_CHECK, [{"input": ""}], time_limit=10) == [{"status": "ok", "output": "ok\n"}]:
+            if not jailed:
+                warnings.warn("sandbox: Linux namespaces are unavailable (unshare failed), so sandboxed programs "
+                              "can reach the network, read this machine's files and use its System V IPC" +
+                              ("" if root else ", and they run as your own user"), stacklevel=3)
+            if run_cgroup is None:
+                warnings.warn("sandbox: no memory cgroup can be made here (it needs root, or a delegated cgroup "
+                              "v2 subtree with the memory controller), so rlimits bound each run's memory; "
+                              "kernel memory (socket buffers, descriptors in flight) is not bounded", stacklevel=3)
+            return system
     raise RuntimeError("the code sandbox cannot start Python on this machine (tried "
                        f"{', '.join(pythons)}, with and without namespaces).")
 
