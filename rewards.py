@@ -289,10 +289,11 @@ def score_mcq(example: dict, completion: str) -> float:
 # ----------------------------------------------------------------------------- instruction following (IFEval)
 
 def score_ifeval(example: dict, completion: str) -> float:
-    """ifeval.py's fraction of constraints satisfied, read from the response after any </think>. An empty
-    response or the prompt copied back scores 0: it would satisfy keyword and length checks for nothing."""
+    """ifeval.py's fraction of constraints satisfied, read from the response after any </think>. A response with
+    nothing but the prompt copied back (or nothing at all) scores 0: it meets keyword and length checks for nothing."""
     response = after_thinking(completion)
-    if not response.strip() or example["prompt"].strip() in response:
+    prompt = example["prompt"].strip()
+    if not any(c.isalnum() for c in (response.replace(prompt, " ") if prompt else response)):
         return 0.0
     return ifeval.score(example, response)
 

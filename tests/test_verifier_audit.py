@@ -11,6 +11,7 @@ Probes, each put where the verifier reads an answer (the <answer> tags, \\boxed{
 `python tests/test_verifier_audit.py` prints the audit's table (README's "Rewards, sandbox and task data").
 """
 
+import argparse
 import os
 import random
 import sys
@@ -146,4 +147,5 @@ def table(rows: dict) -> str:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     print(table(audit()))
