@@ -589,3 +589,13 @@ def test_without_a_memory_cgroup_the_sandbox_says_kernel_memory_is_unbounded(mon
     with pytest.warns(UserWarning, match="kernel memory .*socket buffers.* not bounded"):
         fallback = sandbox._system.__wrapped__()
     assert fallback["cgroup"] is None
+
+
+def test_without_libseccomp_code_is_not_scored_and_the_error_names_the_fix(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyseccomp", None)  # as on a machine without libseccomp.so.2
+    monkeypatch.setattr(confinement, "syscall_filter", confinement.syscall_filter.__wrapped__)  # not the cached one
+    monkeypatch.setattr(sandbox, "_system", sandbox._system.__wrapped__)
+    with pytest.raises(RuntimeError, match="apt-get install libseccomp2"):
+        confinement.syscall_filter()
+    with pytest.raises(rewards.VerifierUnavailable, match="apt-get install libseccomp2"):  # never a silent 0
+        rewards.score(sum_example(), python_block("print(3)"))
