@@ -3,14 +3,16 @@ what it writes). It walls itself in, then forks one child per test and polices i
 
 Shipped by source (DRIVER_SOURCE) and run with `python -I -S`, so it imports only the standard library, inside
 the function: nothing else is importable there, and every import costs start-up time. Order matters:
-  1. rlimits for everything started from here on;   2. a session keyring of its own;
+  0. into the run's memory cgroup (sandbox.py made it), before anything is allocated or forked;
+  1. rlimits and oom_score_adj 1000 for everything started from here on;   2. a session keyring of its own;
   3. the jail (mount namespace, new root, read-only /usr and Python installs, bounded /tmp and System V IPC);
-  4. capabilities down to what policing needs; then the preload (trusted) and the tests, each in a child that
-     becomes the throw-away uid before it runs anything of the program's.
+  4. capabilities down to what policing needs; then the preload (trusted);
+  5. the system-call filter, then the tests, each in a child that becomes the throw-away uid before it runs
+     anything of the program's; a keeper, the unfiltered parent (PID 1), invalidates the uid's user keyrings at
+     the end: no key outlives the run.
 """
 
 import inspect
-import sysconfig
 import textwrap
 
 
@@ -28,6 +30,7 @@ def driver() -> None:
     import os
     import resource
     import select
+    import signal
     import sys
 
     sigkill = 9
@@ -45,7 +48,15 @@ def driver() -> None:
         encode = (lambda s: s.encode() if s is not None else None)
         check(libc.mount(encode(source), encode(target), encode(fstype), flags, encode(options)), f"mount {target}")
 
-    # 1. Limits for every process started from here on (root sets them; they hold after the uid change).
+    # 0. The run's memory cgroup bounds what rlimits cannot: kernel memory (socket buffers, descriptors in flight).
+    if job["cgroup"] is not None:
+        with open(job["cgroup"], "w") as procs:
+            procs.write("0")  # this process; all it starts from here on follows it
+    # 1. Limits for every process started from here on (root sets them; they hold after the uid change). When
+    #    memory runs out, the sandbox goes before the trainer: the driver at 500 (raising needs no privilege),
+    #    the program at 1000, so that in the run's own cgroup the program goes first and the driver reports it.
+    with open("/proc/self/oom_score_adj", "w") as oom:
+        oom.write("500")
     for limit, value in [(resource.RLIMIT_AS, job["memory_mb"] * 2**20), (resource.RLIMIT_NPROC, job["max_processes"]),
                          (resource.RLIMIT_NOFILE, job["max_open_files"]), (resource.RLIMIT_CORE, 0),
                          (resource.RLIMIT_MSGQUEUE, 0)]:
@@ -117,6 +128,34 @@ def driver() -> None:
             os.setresgid(job["uid"], job["uid"], job["uid"])
             os.setresuid(job["uid"], job["uid"], job["uid"])
 
+    class SockFprog(ctypes.Structure):  # struct sock_fprog: the filter's length in instructions and its address
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
+
+    def install_syscall_filter() -> None:
+        """The BPF program sandbox.py compiled with libseccomp: refused calls fail with EPERM from here on."""
+        if job["seccomp"]:
+            program = SockFprog(len(job["seccomp"]) // 8, job["seccomp"])  # 8 bytes per instruction
+            check(libc.prctl(22, 2, ctypes.byref(program), 0, 0), "prctl(PR_SET_SECCOMP)")  # SECCOMP_MODE_FILTER
+
+    def forget_keys() -> None:
+        """Invalidate the uid's user and user-session keyrings (the kernel keeps them after the run's processes
+        end): a later run, even of the same uid, finds no key. Done by a helper of the program's uid."""
+        with open("/proc/key-users") as owners:  # the kernel's key count per uid: none, nothing to forget
+            if not any(line.split(":")[0].strip() == str(job["uid"]) for line in owners):
+                return
+        helper = os.fork()
+        if helper == 0:
+            try:
+                become_program_user()
+                # by serial number: each lookup by special id (-4 @u, -5 @us) would make a fresh pair again
+                rings = [libc.syscall(keyctl, 0, ring, 0) for ring in (-4, -5)]  # KEYCTL_GET_KEYRING_ID
+                for serial in rings:
+                    if serial > 0:
+                        libc.syscall(keyctl, 21, serial)  # KEYCTL_INVALIDATE: freed with every key in it
+            finally:
+                os._exit(0)
+        os.waitpid(helper, 0)
+
     preloaded = {}
     if job["preload"] is not None:
         try:
@@ -128,10 +167,15 @@ def driver() -> None:
 
     def run_program(test: dict, stdin_file, stdout_file) -> int:
         """In the forked child: limits, redirections, then the program. Returns the exit status."""
+        with open("/proc/self/oom_score_adj", "w") as oom:
+            oom.write("1000")
         become_program_user()
         os.setsid()  # a session and group of its own: no terminal, and a timeout kills the whole group at once
+        # The limit is CPU time, the program's own: SIGPROF at exactly the limit, RLIMIT_CPU behind it (whole
+        # seconds: SIGXCPU, then SIGKILL), so a neighbour's hog slows it but cannot fail it.
         cpu_seconds = max(1, math.ceil(job["time_limit"]))
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))  # SIGXCPU, then SIGKILL
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))
+        signal.setitimer(signal.ITIMER_PROF, job["time_limit"])
         resource.setrlimit(resource.RLIMIT_FSIZE, (job["output_limit"], job["output_limit"]))
         os.dup2(stdin_file.fileno(), 0)
         os.dup2(stdout_file.fileno(), 1)
@@ -159,8 +203,8 @@ def driver() -> None:
 
     def kill_leftovers() -> None:
         """Whatever a test left behind (say, a daemon that left its group) goes. kill(-1) reaches every process
-        the caller may signal: in the jail, the driver (PID 1) reaches just the jail; outside, a helper of the
-        program's uid reaches just that uid."""
+        the caller may signal: in the jail, the driver reaches just the jail (never PID 1, its keeper if it has
+        one); outside, a helper of the program's uid reaches just that uid."""
         if job["jail"]:
             try:
                 os.kill(-1, sigkill)
@@ -174,7 +218,7 @@ def driver() -> None:
                     os.kill(-1, sigkill)
                 finally:
                     os._exit(0)
-        while True:  # reap them (as PID 1 we inherit the orphans), and the helper
+        while True:  # reap our children, the helper included (orphans go to PID 1: us, or the keeper)
             try:
                 os.waitpid(-1, 0)
             except ChildProcessError:
@@ -195,8 +239,8 @@ def driver() -> None:
                 status = run_program(test, stdin_file, stdout_file)
             finally:
                 os._exit(status & 0xFF)
-        pidfd = os.pidfd_open(pid)
-        finished = bool(select.select([pidfd], [], [], job["time_limit"])[0])
+        pidfd = os.pidfd_open(pid)  # the wall-clock backstop: for a program that sleeps, or is starved for long
+        finished = bool(select.select([pidfd], [], [], job["wall_limit"])[0])
         os.close(pidfd)
         if not finished:
             for kill, target in [(os.killpg, pid), (os.kill, pid)]:  # the group, or the child not yet its leader
@@ -204,7 +248,9 @@ def driver() -> None:
                     kill(target, sigkill)
                 except ProcessLookupError:
                     pass
-        _, wait_status = os.waitpid(pid, 0)
+        _, wait_status, usage = os.wait4(pid, 0)
+        out_of_cpu = os.WIFSIGNALED(wait_status) and os.WTERMSIG(wait_status) in (signal.SIGPROF, signal.SIGXCPU)
+        finished = finished and not out_of_cpu and usage.ru_utime + usage.ru_stime <= job["time_limit"]
         kill_leftovers()
         stdout_file.seek(0)
         output = stdout_file.read(job["output_limit"])
@@ -218,6 +264,25 @@ def driver() -> None:
             kind, number = "exit", os.WEXITSTATUS(wait_status)
         return f"{kind} {number} {len(output)}\n".encode() + output
 
+    def keep_until_done(policing: int) -> None:
+        """The keeper: waits for the policing driver (reaping, as PID 1, the orphans it leaves), then forgets
+        the uid's keys and exits as the driver did. kill(-1) from the driver cannot reach PID 1."""
+        while True:
+            pid, wait_status = os.wait()
+            if pid == policing:
+                break
+        forget_keys()
+        code = os.waitstatus_to_exitcode(wait_status)
+        os._exit(code if code >= 0 else 1)
+
+    # 5. The system-call filter, once for the run: each test's process inherits it (one per process would cost its
+    #    compilation every time). What needs a refused call later (keyctl, to forget the uid's keys) is left to an
+    #    unfiltered keeper, the parent of the driver that polices the tests.
+    if job["uid"] is not None:
+        policing = os.fork()
+        if policing != 0:
+            keep_until_done(policing)
+    install_syscall_filter()
     for test in job["tests"]:
         sys.stdout.buffer.write(run_test(test, input_offset))
         sys.stdout.buffer.flush()
@@ -227,85 +292,12 @@ def driver() -> None:
 DRIVER_SOURCE = textwrap.dedent(inspect.getsource(driver)) + "\ndriver()\n"
 
 
-# ----------------------------------------------------------------------------- the logic scorers' programs
-# rewards.score_logic_batch runs reasoning-gym's scorers in the sandbox with these two programs.
-
-def logic_preload(datasets: set[str]) -> str:
-    """LOGIC_PRELOAD for these datasets: their scorers are built once, before the answers' processes fork."""
-    sites = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})  # lib64 on some systems
-    # the paths last: a directory named <DATASETS> must not be replaced in turn
-    return LOGIC_PRELOAD.replace("<DATASETS>", repr(sorted(datasets))).replace("<SITES>", repr(sites))
-
-
-# Runs once in the sandbox's driver, before any answer: imports reasoning-gym (a second or two), then takes away
-# the scorers' ways of running answer text. eval() in reasoning-gym's modules becomes a literal parser; sympy's
-# parse_expr (sympify and parse_expr alike go through it) first checks every token of a string.
-LOGIC_PRELOAD = """
-import ast, base64, builtins, gc, io, keyword, os, pickle, site, sys, tokenize
-os.environ.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
-for directory in <SITES>:
-    site.addsitedir(directory)
-import reasoning_gym
-import sympy
-from sympy.parsing import sympy_parser
-
-MATH_NAMES = {"sin", "cos", "tan", "cot", "sec", "csc", "asin", "acos", "atan", "acot", "atan2", "sinh", "cosh",
-              "tanh", "asinh", "acosh", "atanh", "exp", "log", "ln", "sqrt", "root", "cbrt", "Abs", "abs", "sign",
-              "pi", "E", "I", "oo", "Rational", "Integer", "Float", "factorial", "binomial", "floor", "ceiling",
-              "Max", "Min", "max", "min", "Mod", "gcd", "lcm", "round", "int", "float", "pow", "erf", "True", "False"}
-NAMESPACE = {}
-exec("from sympy import *", NAMESPACE)
-FORBIDDEN_NAMES = (set(NAMESPACE) | set(dir(builtins)) | set(keyword.kwlist)) - MATH_NAMES
-OPERATORS = {"+", "-", "*", "/", "//", "**", "^", "%", "(", ")", "[", "]", ",", "<", ">", "<=", ">=", "==", "!=",
-             "&", "|", "~", "!"}
-SKIPPED = {tokenize.NEWLINE, tokenize.NL, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER, tokenize.COMMENT,
-           tokenize.NUMBER}
-
-
-def literal_only(text, *namespaces):
-    return ast.literal_eval(text)
-
-
-def refuse(*args, **kwargs):
-    raise ValueError("no code is run while scoring")
-
-
-def checked_parse_expr(text, local_dict=None, *args, **kwargs):
-    if isinstance(text, str):
-        allowed = set(local_dict or ())
-        for token in tokenize.generate_tokens(io.StringIO(text).readline):
-            name_ok = token.type == tokenize.NAME and (token.string in allowed or not (
-                token.string.startswith("_") or token.string in FORBIDDEN_NAMES))
-            if not (name_ok or token.type in SKIPPED or token.string.strip() in OPERATORS):
-                raise ValueError(f"not a math expression: {token.string!r}")
-    return original_parse_expr(text, local_dict, *args, **kwargs)
-
-
-original_parse_expr = sympy_parser.parse_expr
-sympy_parser.parse_expr = sympy.parse_expr = checked_parse_expr
-for name, module in list(sys.modules.items()):
-    if name.startswith("reasoning_gym") and module is not None:
-        module.eval, module.exec = literal_only, refuse
-        for attribute, value in list(vars(module).items()):
-            if value is original_parse_expr:
-                setattr(module, attribute, checked_parse_expr)
-scorers = {dataset: reasoning_gym.get_score_answer_fn(dataset) for dataset in <DATASETS>  # unknown: scores 0
-           if dataset in reasoning_gym.factory.DATASETS}
-devnull = os.open(os.devnull, os.O_WRONLY)
-gc.freeze()  # the answers' processes, forks of this one, then share its objects without copying them
-
-
-def score_answer(answer, dataset, entry):
-    return float(scorers[dataset](answer, entry))
-"""
-
-# Runs in the sandbox, in an answer's own process: its (answer, dataset, entry) on stdin, its score out. What the
-# scorer prints goes to /dev/null; the score goes out on a copy of stdout taken before.
-LOGIC_SCORER = """
-gc.disable()
-answer, dataset, entry = pickle.loads(base64.b64decode(sys.stdin.read()))
-results = os.fdopen(os.dup(1), "w")
-os.dup2(devnull, 1)
-score = score_answer(answer, dataset, entry)
-results.write(repr(score))
+# Run by sandbox.py as the throw-away uid after a run whose driver did not get to forget_keys(): the same steps.
+FORGET_KEYS_PROGRAM = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+keyctl = {"x86_64": 250, "aarch64": 219, "riscv64": 219}[os.uname().machine]
+for serial in [libc.syscall(keyctl, 0, ring, 0) for ring in (-4, -5)]:
+    if serial > 0:
+        libc.syscall(keyctl, 21, serial)
 """

@@ -28,11 +28,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import chains
 import ifeval
-import jail
+import logic_scorer
 import sandbox
 
 MATH_TIME_LIMIT = 5  # seconds math-verify may spend parsing or comparing one answer (\boxed{9^{9^{9^9}}} ...)
-LOGIC_TIME_LIMIT = 5  # seconds one reasoning-gym score may take ...
+LOGIC_TIME_LIMIT = 0.5  # seconds of CPU time one reasoning-gym score may take (sympy stallers: 9**9**9**9) ...
 LOGIC_ANSWERS_PER_RUN = 64  # at least this many answers share one sandbox run (its start imports reasoning-gym)
 
 
@@ -145,9 +145,13 @@ def score_code(example: dict, completion: str) -> float:
     if program is None:
         return 0.0
     tests = example["tests"]
-    results = sandbox.run_tests(program, [{"call": t["call"]} if "call" in t else {"input": t["input"]} for t in tests],
-                                time_limit=example.get("time_limit", sandbox.DEFAULT_TIME_LIMIT),
-                                memory_mb=example.get("memory_limit_mb"))  # the problem's own, if it has one
+    try:
+        inputs = [{"call": t["call"]} if "call" in t else {"input": t["input"]} for t in tests]
+        results = sandbox.run_tests(program, inputs,
+                                    time_limit=example.get("time_limit", sandbox.DEFAULT_TIME_LIMIT),
+                                    memory_mb=example.get("memory_limit_mb"))  # the problem's own, if any
+    except RuntimeError as error:  # the machine cannot sandbox (no libseccomp, say): never a silent 0
+        raise VerifierUnavailable(f"code cannot be scored: {error}") from None
     if results is None:
         return 0.0
     return sum(r["status"] == "ok" and output_matches(r["output"], t) for r, t in zip(results, tests)) / len(tests)
@@ -195,7 +199,7 @@ def score_logic_batch(examples: list[dict], completions: list[str]) -> list[floa
       1. answer text is never run: in the sandbox those eval()s parse Python literals only, and sympy gets an
          answer only when its tokens are numbers, operators and math names (no strings, dots, dunders, builtins);
       2. each answer is scored in a process of its own (sandbox.run_tests: one test per answer), with only its
-         own entry on its stdin, under a time limit the driver enforces; the driver, another uid, writes the
+         own entry on its stdin, under a CPU-time limit the driver enforces; the driver, another uid, writes the
          results. So an answer that got past 1 could set its own score (clipped to [0, 1], what a right answer
          gets) but never read, raise or lower another's, nor stall the batch. Nothing leaves the sandbox.
     Nothing is scored outside the sandbox: where it cannot import reasoning-gym, this is an error.
@@ -220,9 +224,9 @@ def score_logic_batch(examples: list[dict], completions: list[str]) -> list[floa
 def score_in_sandbox(jobs: list[bytes]) -> list[float]:
     """Scores of pickled (answer, dataset, entry) jobs: one sandbox run, one process per answer."""
     tests = [{"input": base64.b64encode(job).decode()} for job in jobs]
-    preload = jail.logic_preload({pickle.loads(job)[1] for job in jobs})
+    preload = logic_scorer.logic_preload({pickle.loads(job)[1] for job in jobs})
     try:
-        results = sandbox.run_tests(jail.LOGIC_SCORER, tests, time_limit=LOGIC_TIME_LIMIT, preload=preload)
+        results = sandbox.run_tests(logic_scorer.LOGIC_SCORER, tests, time_limit=LOGIC_TIME_LIMIT, preload=preload)
     except RuntimeError as error:
         raise VerifierUnavailable(f"logic answers cannot be scored: {LOGIC_SANDBOX_HELP} ({error})") from None
     if results is None:  # the driver is out of every answer's reach: this is the machine, not the model
@@ -259,7 +263,8 @@ def check_logic_sandbox() -> None:
 
 # ----------------------------------------------------------------------------- multiple choice (STEM)
 
-_LETTER = r"\(?\s*([A-J])\s*\)?(?![A-Za-z0-9])"  # C, (C), ( C ): a letter that is not the start of a word
+# C, (C), ( C ): a letter that is not the start of a word; a parenthesis opened before it closes after it
+_LETTER = r"(?:\(\s*([A-J])\s*\)|([A-J])(?![A-Za-z0-9]))"
 MCQ_STATED = re.compile(r"(?:\\boxed\{\s*(?:\\text(?:bf)?\{\s*)?|(?i:answer|correct option|correct choice)(?:\s+(?i:is))?"
                         r"\s*[:=—-]?\s*(?i:option\s+|choice\s+)?\$?)" + _LETTER)
 MCQ_ALONE = re.compile(r"^\s*\(?\s*([A-J])\s*(?:[).:]?\s*$|[).:]\s)")  # just the letter: "C", "(C)", "C) Paris"
@@ -274,7 +279,7 @@ def choose_letter(completion: str) -> str | None:
     stated = list(MCQ_STATED.finditer(text)) or list(MCQ_ALONE.finditer(text))
     if not stated or MCQ_HEDGE.match(text, stated[-1].end()):
         return None
-    return stated[-1].group(1)
+    return stated[-1].group(1) or stated[-1].group(2)
 
 
 def score_mcq(example: dict, completion: str) -> float:
@@ -284,8 +289,13 @@ def score_mcq(example: dict, completion: str) -> float:
 # ----------------------------------------------------------------------------- instruction following (IFEval)
 
 def score_ifeval(example: dict, completion: str) -> float:
-    """ifeval.py's fraction of constraints satisfied, read from the response after any </think>."""
-    return ifeval.score(example, after_thinking(completion))
+    """ifeval.py's fraction of constraints satisfied, read from the response after any </think>. A response with
+    nothing but the prompt copied back (or nothing at all) scores 0: it meets keyword and length checks for nothing."""
+    response = after_thinking(completion)
+    prompt = example["prompt"].strip()
+    if not any(c.isalnum() for c in (response.replace(prompt, " ") if prompt else response)):
+        return 0.0
+    return ifeval.score(example, response)
 
 
 check_constraint = ifeval.check_constraint  # the schema check of a constraint, where the checks are

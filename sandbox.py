@@ -10,27 +10,32 @@ compares outputs outside, so a program passes a test only by printing the right 
 
 Protections, and where each comes from:
   per run   its own network namespace: no interface but a downed loopback, so no network at all
-            its own PID namespace: sees and can signal only its own processes; when the driver
-            (PID 1 there) ends, the kernel kills everything left inside
+            its own PID namespace: sees and can signal only its own processes; when the driver's
+            keeper (PID 1 there) ends, the kernel kills everything left inside
             its own mount namespace and root: read-only /usr (and the interpreter's installs and
             site-packages), a private /tmp capped in size and files as working directory,
             /dev/{null,zero,urandom}, its own /proc; no host file (your data, its expected outputs) is
             visible, nothing outside is writable
             its own IPC namespace: SHARED_MEMORY_MB of System V shared memory, no message queues; gone
             with the run; and its own session keyring: the trainer's keys are out of reach
-            a throw-away uid of its own, no groups, no capabilities, no_new_privs: it can touch
-            nothing of yours, and RLIMIT_NPROC, which counts per uid, holds each run to its own
-            budget (with a shared `nobody`, one fork bomb would starve the runs beside it)
+            a throw-away uid no earlier run had (a counter across processes), no groups, no
+            capabilities, no_new_privs: it can touch nothing of yours, RLIMIT_NPROC, which counts per
+            uid, holds each run to its own budget, and the uid's keyrings are invalidated at the end
+            a system-call filter (confinement.py, seccomp): no socket but AF_UNIX, no keys, ptrace,
+            io_uring, bpf, mounts or namespaces (EPERM); without libseccomp, no sandbox (an error)
             a driver of another uid (as root: root with only CAP_KILL/SETUID/SETGID, not dumpable):
             the program can neither signal it, re-limit it (prlimit) nor read its memory or files
             a clean environment (PATH, HOME, TMPDIR, LANG only)
             RLIMIT_AS (memory) x RLIMIT_NPROC (processes) and the caps on files, scratch and shared
-            memory: RUN_MEMORY_MB in all, whatever the program does; RLIMIT_NOFILE, no core dumps
+            memory: RUN_MEMORY_MB in all; a memory cgroup holds the run to it, kernel memory (socket
+            buffers) included, where one can be made (else a start-up warning); RLIMIT_NOFILE, no core
+            dumps; oom_score_adj 1000 (the driver 500): under memory pressure the sandbox goes first
   per test  its own process, forked from the driver, holding only its own input (the inputs go from
             the job file straight into each test's stdin, never through the driver's memory)
             its own session and process group (setsid): no controlling terminal
-            wall-clock limit (the driver kills the test's process group, then every process left
-            in the sandbox), CPU-time limit (RLIMIT_CPU), output cap (RLIMIT_FSIZE on its stdout)
+            CPU-time limit, its own (ITIMER_PROF, RLIMIT_CPU behind it: a neighbour's hog cannot fail
+            it), a wall-clock backstop WALL_FACTOR times as long (the driver kills the test's process
+            group, then every process left in the sandbox), output cap (RLIMIT_FSIZE on its stdout)
 
 Where the system refuses some of this, the sandbox says so once (a warning) and runs with what it has:
   - `unshare` refused (e.g. a container without CAP_SYS_ADMIN): no namespaces, so the program can
@@ -43,6 +48,7 @@ Where the system refuses some of this, the sandbox says so once (a warning) and 
 `protections()` proves which protections hold by running a harmless probe program in the sandbox.
 """
 
+import fcntl
 import functools
 import itertools
 import json
@@ -57,9 +63,11 @@ import sysconfig
 import tempfile
 import warnings
 
+import confinement
 import jail
 
-DEFAULT_TIME_LIMIT = 2.0   # seconds of wall-clock time per test; the CPU-time limit is this, rounded up
+DEFAULT_TIME_LIMIT = 2.0   # seconds of CPU time per test, the program's own
+WALL_FACTOR = 4            # ... and a wall-clock backstop this many times as long (a sleeper, a starved test)
 MEMORY_MB = 512            # address space of each process in the sandbox (RLIMIT_AS)
 MAX_PROCESSES = 8          # processes and threads of the throw-away user (RLIMIT_NPROC)
 MAX_OPEN_FILES = 64        # RLIMIT_NOFILE
@@ -72,6 +80,8 @@ SHARED_MEMORY_MB = 16      # System V shared memory of the run's own IPC namespa
 RUN_MEMORY_MB = MAX_PROCESSES * (MEMORY_MB + MAX_OPEN_FILES * OUTPUT_LIMIT // 2**20) + SCRATCH_MB + SHARED_MEMORY_MB
 STARTUP_SECONDS = 10.0     # allowance for starting the sandbox on a busy machine, on top of the tests' limits
 UID_BASE = 2**30           # throw-away uids live far above any real user's (1000+) and container ranges (100000+)
+UID_COUNT = 2**30 - 1      # ... up to 2**31 - 2, one per run, from a counter kept across processes in a root-only file
+UID_COUNTER_FILE = "/var/lib/prorl/sandbox-uids"
 
 
 def run_tests(program: str, tests: list[dict], time_limit: float = DEFAULT_TIME_LIMIT,
@@ -124,7 +134,8 @@ def protections() -> dict[str, bool]:
         "own_session": facts["sid"] == facts["pid"],           # a session leader (sids don't compare across namespaces)
         "no_network": not facts["network"],
         "cannot_signal_host": not host_signalled,
-        "own_pid_namespace": facts["parent_pid"] == 1,          # the driver is PID 1: a namespace of its own
+        # the driver is PID 1, or 2 under its keeper (jail.py): a namespace of its own
+        "own_pid_namespace": facts["parent_pid"] in (1, 2),
         "process_limit": facts["fork_refused"],
         "memory_limit": facts["allocation_refused"],
         "private_filesystem": not facts["marker_visible"],
@@ -138,15 +149,28 @@ _run_numbers = itertools.count()
 
 
 def _throwaway_uid() -> int:
-    """A uid no other live run uses: this process's pid and a run counter, offset above real users."""
-    return UID_BASE + (os.getpid() % 2**14) * 2**16 + next(_run_numbers) % 2**16
+    """A uid no earlier run on this machine had: the next value of a counter in a root-only file, taken under a
+    lock (so across processes too). It wraps after UID_COUNT runs; by then every run's keyrings went with it."""
+    os.makedirs(os.path.dirname(UID_COUNTER_FILE), mode=0o700, exist_ok=True)
+    counter = os.open(UID_COUNTER_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(counter, fcntl.LOCK_EX)
+        text = os.pread(counter, 32, 0).strip()
+        number = int(text) % UID_COUNT if text.isdigit() else 0
+        os.pwrite(counter, b"%-20d\n" % (number + 1), 0)  # fixed width: no stale digits left behind
+    finally:
+        os.close(counter)  # and the lock with it
+    return UID_BASE + number
 
 
 def _run(system: dict, program: str, tests: list[dict], time_limit: float, preload: str | None = None,
          memory_mb: int = MEMORY_MB):
     uid = _throwaway_uid() if system["root"] else None
     inputs = [test.get("input", "").encode() for test in tests]
+    cgroup = confinement.make_cgroup(system["cgroup"], RUN_MEMORY_MB) if system.get("cgroup") else None
     job = {"program": program, "preload": preload, "time_limit": time_limit, "uid": uid, "jail": system["jail"],
+           "wall_limit": WALL_FACTOR * time_limit, "seccomp": confinement.syscall_filter(),
+           "cgroup": cgroup and os.path.join(cgroup, "cgroup.procs"),
            "tests": [{"call": t["call"]} if "call" in t else {"input_length": len(i)} for t, i in zip(tests, inputs)],
            "binds": _python_dirs(), "memory_mb": memory_mb, "max_processes": MAX_PROCESSES,
            "max_open_files": MAX_OPEN_FILES, "output_limit": OUTPUT_LIMIT, "scratch_mb": SCRATCH_MB,
@@ -165,12 +189,16 @@ def _run(system: dict, program: str, tests: list[dict], time_limit: float, prelo
         process = subprocess.Popen(system["command"], stdin=job_file, stdout=result_file, stderr=subprocess.DEVNULL,
                                    cwd=host_workdir, env=env, start_new_session=True)
         try:
-            process.wait(timeout=STARTUP_SECONDS * (1 + (preload is not None)) + len(tests) * (time_limit + 1))
+            process.wait(timeout=STARTUP_SECONDS * (1 + (preload is not None)) + len(tests) * (job["wall_limit"] + 1))
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)  # in the jail, the kernel then kills all the rest
             process.wait()
         if process.returncode != 0 and uid is not None and not system["jail"]:
             _kill_user(uid)  # no PID namespace to take leftovers down with the driver: find them by uid
+        if cgroup:
+            confinement.remove_cgroup(cgroup)
+        if process.returncode != 0 and uid is not None:
+            _forget_keys(uid)  # the driver did not get to it
         result_file.seek(0)
         raw = result_file.read((OUTPUT_LIMIT + 64) * len(tests) + 4096)
     if process.returncode == PRELOAD_FAILED and raw.startswith(b"preload "):
@@ -216,6 +244,14 @@ def _parse_results(raw: bytes, count: int) -> list[dict] | None:
     return results if position == len(raw) else None
 
 
+def _forget_keys(uid: int) -> None:
+    """What the driver does at the end of a run, for a run whose driver did not get there: invalidate the uid's
+    user keyrings, as that uid (no_new_privs, no groups)."""
+    python = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin") or sys.executable  # readable by uid
+    subprocess.run([python, "-I", "-S", "-c", jail.FORGET_KEYS_PROGRAM], user=uid, group=uid, extra_groups=[],
+                   check=False, timeout=30, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def _kill_user(uid: int) -> None:
     """SIGKILL every process of `uid`, until none is left (a fork bomb may race the first sweeps)."""
     for _ in range(100):
@@ -240,20 +276,27 @@ def _system(allow_jail: bool = True) -> dict:
     under /root, e.g. pyenv's, is unreadable to the throw-away user when there is no jail to bind it into).
     """
     root = os.geteuid() == 0
+    confinement.syscall_filter()  # no libseccomp: a one-line error naming the fix, never a sandbox without the filter
+    cgroup = confinement.cgroup_parent()  # root, or a delegated cgroup v2 subtree
     unshare = ["unshare", "--mount", "--net", "--pid", "--ipc", "--uts", "--fork", "--kill-child"]
     if not root:
         unshare += ["--user", "--map-root-user"]
     pythons = [sys.executable] + [p for p in [shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")] if p]
-    for jailed in ([True] if allow_jail and shutil.which("unshare") else []) + [False]:
-        for python in pythons:
-            system = {"root": root, "jail": jailed,
-                      "command": (unshare if jailed else []) + [python, "-I", "-S", "-c", jail.DRIVER_SOURCE]}
-            if _run(system, _STARTUP_CHECK, [{"input": ""}], time_limit=10) == [{"status": "ok", "output": "ok\n"}]:
-                if not jailed:
-                    warnings.warn("sandbox: Linux namespaces are unavailable (unshare failed), so sandboxed programs "
-                                  "can reach the network, read this machine's files and use its System V IPC" +
-                                  ("" if root else ", and they run as your own user"), stacklevel=3)
-                return system
+    modes = itertools.product(([True] if allow_jail and shutil.which("unshare") else []) + [False], pythons,
+                              [cgroup, None] if cgroup else [None])  # a cgroup the driver cannot join: none
+    for jailed, python, run_cgroup in modes:
+        system = {"root": root, "jail": jailed, "cgroup": run_cgroup,
+                  "command": (unshare if jailed else []) + [python, "-I", "-S", "-c", jail.DRIVER_SOURCE]}
+        if _run(system, _STARTUP_CHECK, [{"input": ""}], time_limit=10) == [{"status": "ok", "output": "ok\n"}]:
+            if not jailed:
+                warnings.warn("sandbox: Linux namespaces are unavailable (unshare failed), so sandboxed programs "
+                              "can reach the network, read this machine's files and use its System V IPC" +
+                              ("" if root else ", and they run as your own user"), stacklevel=3)
+            if run_cgroup is None:
+                warnings.warn("sandbox: no memory cgroup can be made here (it needs root, or a delegated cgroup "
+                              "v2 subtree with the memory controller), so rlimits bound each run's memory; "
+                              "kernel memory (socket buffers, descriptors in flight) is not bounded", stacklevel=3)
+            return system
     raise RuntimeError("the code sandbox cannot start Python on this machine (tried "
                        f"{', '.join(pythons)}, with and without namespaces).")
 

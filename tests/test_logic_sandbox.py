@@ -14,7 +14,7 @@ import time
 import pytest
 import reasoning_gym
 
-import jail
+import logic_scorer
 import rewards
 import sandbox
 import tasks
@@ -55,12 +55,13 @@ def finds(oracle: str) -> str:
 def defence(request, monkeypatch):
     monkeypatch.setattr(rewards, "LOGIC_TIME_LIMIT", LIMIT)
     if request.param == "isolation alone":
-        preload = jail.LOGIC_PRELOAD
+        preload = logic_scorer.LOGIC_PRELOAD
         for wall in ["sympy_parser.parse_expr = sympy.parse_expr = checked_parse_expr\n",
-                     "module.eval, module.exec = literal_only, refuse\n"]:
+                     "module.eval, module.exec = literal_only, refuse\n",
+                     "    if not answer_like(answer, dataset, entry):\n        return 0.0\n"]:
             assert wall in preload  # else this fixture would test nothing
-            preload = preload.replace(wall, "pass\n")
-        monkeypatch.setattr(jail, "LOGIC_PRELOAD", preload)
+            preload = preload.replace(wall, wall[: len(wall) - len(wall.lstrip())] + "pass\n")  # its indent
+        monkeypatch.setattr(logic_scorer, "LOGIC_PRELOAD", preload)
     return request.param
 
 
@@ -149,8 +150,8 @@ def test_without_reasoning_gym_in_the_sandbox_scoring_is_an_error_and_nothing_ru
     require_walls()
     marker = tmp_path / "written-by-an-answer"
     # The sandbox's Python cannot import reasoning-gym: as in a venv whose packages it cannot see.
-    monkeypatch.setattr(jail, "LOGIC_PRELOAD", "import sys\nsys.modules['reasoning_gym'] = None\n"
-                        + jail.LOGIC_PRELOAD)
+    monkeypatch.setattr(logic_scorer, "LOGIC_PRELOAD", "import sys\nsys.modules['reasoning_gym'] = None\n"
+                        + logic_scorer.LOGIC_PRELOAD)
     called = []
     monkeypatch.setattr(reasoning_gym, "get_score_answer_fn", lambda *args: called.append(args))
     spiral = logic_example("spiral_matrix", 1)
@@ -210,3 +211,33 @@ def test_the_user_namespace_mode_scores_logic_answers_too(monkeypatch, tmp_path)
     assert not marker.exists()
     [result] = sandbox.run_tests("print(open('/proc/sys/kernel/shmmax').read())", [{"input": ""}])
     assert int(result["output"]) == sandbox.SHARED_MEMORY_MB * 2**20  # the IPC limits hold there too
+
+
+# ----------------------------------------------------------------------------- round three (issue 23)
+
+def test_answers_built_to_stall_sympy_cost_about_a_second_each():
+    # puzzle24 and polynomial_multiplication hand the answer to sympy, which evaluates powers as it parses.
+    puzzle, poly = logic_example("puzzle24", 3), logic_example("polynomial_multiplication", 3)
+    stallers = ["9**9**9**9", "10**10**10**10", "99**99**99", "2**2**2**2**2**2"]
+    right = f"<answer>{poly['entry']['answer']}</answer>"
+    start = time.monotonic()
+    assert rewards.score_batch([poly], [right]) == [1.0]
+    one_run = time.monotonic() - start  # a sandbox's start (reasoning-gym's import) and one quick answer
+    examples = [puzzle] * len(stallers) + [poly] * len(stallers) + [poly]
+    completions = [f"<answer>{staller}</answer>" for staller in stallers * 2] + [right]
+    start = time.monotonic()
+    scores = rewards.score_batch(examples, completions)
+    per_staller = (time.monotonic() - start - one_run) / (2 * len(stallers))
+    print(f"{2 * len(stallers)} stallers: {per_staller:.2f} s each beyond a run's start ({one_run:.1f} s)")
+    assert scores == [0.0] * (2 * len(stallers)) + [1.0]
+    assert per_staller <= 1.5
+
+
+def test_puzzle24_counts_only_the_puzzles_own_numbers():
+    # reasoning-gym 0.1.25 checks how many numbers there are and their range, not that they are the puzzle's.
+    entry = {**logic_example("puzzle24", 3)["entry"], "answer": "7*4 - 4*1"}
+    entry["metadata"] = {**entry["metadata"], "numbers": [7, 4, 4, 1]}
+    puzzle = {"task": "logic", "prompt": "Make 24 using 7, 4, 4, 1.", "dataset": "puzzle24", "entry": entry}
+    answers = ["6*4*1*1", "7*4 - 4*1", "(7 - 4) * 4 * 1 * 2", "7*4 - 4", "4*7 - 1*4", "24"]
+    assert rewards.score_batch([puzzle] * len(answers), [f"<answer>{a}</answer>" for a in answers]) == [
+        0.0, 1.0, 0.0, 0.0, 1.0, 0.0]

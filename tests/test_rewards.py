@@ -111,7 +111,7 @@ def test_code_stdin_tests_compare_lines_ignoring_trailing_whitespace():
 
 
 def test_code_honours_each_examples_time_limit():
-    slow = block("import time\ntime.sleep(0.6)\nprint(input()[::-1])")
+    slow = block("import time\nwhile time.process_time() < 0.6:\n    pass\nprint(input()[::-1])")  # CPU time
     assert rewards.score({**ECHO, "time_limit": 0.3}, slow) == 0.0
     assert rewards.score({**ECHO, "time_limit": 3}, slow) == 1.0
 
@@ -136,10 +136,12 @@ def test_logic_uses_the_datasets_own_scorer():
     example = logic_example("letter_counting", 5)
     answer = example["entry"]["answer"]
     dataset_score = reasoning_gym.get_score_answer_fn("letter_counting")
-    for given in [answer, "x" + answer, "0" + answer + "0", "no idea"]:
+    for given in [answer, "no idea"]:
         assert rewards.score(example, f"Counting... <answer>{given}</answer>") == dataset_score(given, example["entry"])
     assert rewards.score(example, f"<answer>{answer}</answer>") == 1.0
-    assert 0 < rewards.score(example, f"<answer>x{answer}</answer>") < 1  # a continuous score, as the dataset gives
+    # the base scorer's credit for containing the oracle ("x4": 0.5) rewards hedging: 0 here (the verifier audit)
+    assert dataset_score("x" + answer, example["entry"]) > 0
+    assert rewards.score(example, f"<answer>x{answer}</answer>") == 0.0
 
 
 def test_logic_by_hand():
