@@ -249,6 +249,18 @@ LOGIC_SANDBOX_HELP = ("the sandbox cannot run reasoning-gym's scorers on this ma
 
 
 @functools.cache  # once per process: a success is remembered, a failure raises again
+def check_code_sandbox() -> None:
+    """Raise ValueError (one line: why, and what to do) unless the sandbox scores a right program 1."""
+    example = {"task": "code", "tests": [{"input": "1 2\n", "output": "3\n"}]}
+    try:
+        score = score_code(example, "```python\na, b = map(int, input().split())\nprint(a + b)\n```")
+    except VerifierUnavailable as error:
+        raise ValueError(str(error)) from None
+    if score != 1.0:
+        raise ValueError(f"code cannot be scored: a right program scored {score} in the sandbox")
+
+
+@functools.cache  # once per process: a success is remembered, a failure raises again
 def check_logic_sandbox() -> None:
     """Raise ValueError (one line: why, and what to do) unless the sandbox scores a right logic answer 1."""
     entry = {"question": "1 + 1", "answer": "2", "metadata": {}}

@@ -48,7 +48,6 @@ import chains
 import ifeval
 import layouts
 import rewards
-from rewards import evaluate_arithmetic
 
 HELDOUT_PERCENT = 10  # a problem is held out iff crc32(its prompt) % 100 < 10: fixed for every run and seed
 
@@ -80,7 +79,7 @@ def make_countdown(rng: random.Random, level: int) -> dict:
         numbers = [rng.randint(1, high) for _ in range(count)]
         ops = [rng.choice("+-*") for _ in range(count - 1)]
         solution = str(numbers[0]) + "".join(op + str(x) for op, x in zip(ops, numbers[1:]))
-        target = evaluate_arithmetic(solution)
+        target = rewards.evaluate_arithmetic(solution)
         if 0 < target < 1000:
             break
     prompt = " ".join(map(str, sorted(numbers))) + f">{target}:"
@@ -185,9 +184,11 @@ class TaskMix:
         for name in self.weights:
             if name.startswith(REASONING_GYM):
                 check_reasoning_gym_name(name[len(REASONING_GYM):])  # an unknown name fails now, not mid-run
-        if any(name.startswith(REASONING_GYM) for name in self.weights) or any(
-                ex.get("task") == "logic" for examples in self.files.values() for ex in examples):
+        kinds = {ex.get("task") for examples in self.files.values() for ex in examples}
+        if "logic" in kinds or any(name.startswith(REASONING_GYM) for name in self.weights):
             rewards.check_logic_sandbox()  # its scorers may run answer text: the sandbox must run them, or no run
+        if "code" in kinds:
+            rewards.check_code_sandbox()  # programs run only in the sandbox: a missing wall stops us now
         self.drawn = 0  # position in the stream, saved by checkpoints
 
     def sample(self) -> dict:

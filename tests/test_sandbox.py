@@ -19,6 +19,7 @@ import pytest
 import confinement
 import rewards
 import sandbox
+import tasks
 
 LIMIT = 1.0  # seconds per test in the hostile examples below
 SLACK = 8.0  # starting the sandbox on a busy two-core machine, on top of the tests' own limits
@@ -599,3 +600,16 @@ def test_without_libseccomp_code_is_not_scored_and_the_error_names_the_fix(monke
         confinement.syscall_filter()
     with pytest.raises(rewards.VerifierUnavailable, match="apt-get install libseccomp2"):  # never a silent 0
         rewards.score(sum_example(), python_block("print(3)"))
+
+
+def test_without_libseccomp_a_run_with_code_stops_before_training(monkeypatch):
+    """The first code score would raise mid-run; the task mix checks the sandbox when it is built."""
+    monkeypatch.setitem(sys.modules, "pyseccomp", None)  # as on a machine without libseccomp.so.2
+    monkeypatch.setattr(confinement, "syscall_filter", confinement.syscall_filter.__wrapped__)
+    monkeypatch.setattr(sandbox, "_system", sandbox._system.__wrapped__)
+    rewards.check_code_sandbox.cache_clear()  # a success earlier in this process is remembered
+    with pytest.raises(ValueError, match="apt-get install libseccomp2"):
+        tasks.TaskMix("code")
+    rewards.check_code_sandbox.cache_clear()
+    monkeypatch.undo()
+    tasks.TaskMix("code")  # with the filter back, the check passes
