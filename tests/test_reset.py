@@ -8,7 +8,6 @@ import llama_forward
 import models
 import reset
 import rollout
-import train
 from prorl_kernels.reference import token_logprobs_ref
 
 # ----------------------------------------------------------------------------- when
