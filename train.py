@@ -42,29 +42,32 @@ import tasks
 
 
 def last_hidden(model, batch: rollout.Rollout, compute: torch.dtype) -> torch.Tensor:
-    """The final norm's output [B, T, H], from the model's own forward (so FSDP's hooks gather and reduce
-    the head and embeddings) asked for no logits: the head runs on 0 positions."""
+    """The final norm's output [B, T, H], from the model's own forward (so FSDP's hooks gather and
+    reduce the head and embeddings) asked for no logits: the head runs on 0 positions."""
     captured = {}
-    hook = model.get_decoder().norm.register_forward_hook(lambda module, args, out: captured.update(h=out))
+    norm = model.get_decoder().norm
+    hook = norm.register_forward_hook(lambda module, args, out: captured.update(h=out))
     no_positions = torch.zeros(0, dtype=torch.long, device=batch.tokens.device)
+    device = batch.tokens.device.type
     try:
-        with torch.autocast(batch.tokens.device.type, dtype=compute, enabled=compute != torch.float32):
-            model(input_ids=batch.tokens, attention_mask=batch.attention_mask.long(), use_cache=False,
-                  position_ids=llama_forward.position_ids(batch.attention_mask), logits_to_keep=no_positions)
+        with torch.autocast(device, dtype=compute, enabled=compute != torch.float32):
+            model(input_ids=batch.tokens, attention_mask=batch.attention_mask.long(),
+                  position_ids=llama_forward.position_ids(batch.attention_mask),
+                  logits_to_keep=no_positions, use_cache=False)
     finally:
         hook.remove()
     return captured["h"]
 
 
 def completion_logprobs(model, batch: rollout.Rollout, c: settings.Config):
-    """(logp, entropy), each [B, T−1] fp32 (position t scores token t+1, aligned with mask[:, 1:]), on the
-    completion tokens only (0 elsewhere): the head and log-softmax run on those positions alone, chunk by
-    chunk (prorl_kernels.linear_token_logprobs), never on the prompt. The policy, old and reference
-    log-probs all come from here."""
+    """(logp, entropy), each [B, T−1] fp32 (position t scores token t+1, as mask[:, 1:]), on the
+    completion tokens only (0 elsewhere): the head and log-softmax see those positions alone, chunk
+    by chunk (prorl_kernels.linear_token_logprobs). Policy, old and reference log-probs come from here."""
     compute = models.compute_dtype(batch.tokens.device, c.dtype)
     targets = batch.mask[:, 1:]  # [B, T−1]
     hidden = last_hidden(model, batch, compute)[:, :-1][targets]  # [completion tokens, H]
-    logp, entropy = prorl_kernels.linear_token_logprobs(hidden, model.lm_head.weight, batch.tokens[:, 1:][targets],
+    labels = batch.tokens[:, 1:][targets]
+    logp, entropy = prorl_kernels.linear_token_logprobs(hidden, model.lm_head.weight, labels,
                                                         c.temperature, compute)
     zeros = torch.zeros(targets.shape, device=logp.device)
     return zeros.masked_scatter(targets, logp), zeros.masked_scatter(targets, entropy)
@@ -79,14 +82,15 @@ def batch_logprobs(model, batch: rollout.Rollout, c: settings.Config) -> torch.T
     return torch.cat(logprobs)
 
 
-def policy_loss(policy, part: rollout.Rollout, old_logp, ref_logp, adv, mask, weights, c: settings.Config,
-                kl_coef: float):
-    """One micro-batch's Σ_t w_t · (clipped surrogate + β·KL)_t and its statistics: log-probs from the
-    hidden state (completion tokens only), then grpo.token_loss on [B, T−1]. old_logp None: on-policy."""
+def policy_loss(policy, part: rollout.Rollout, old_logp, ref_logp, adv, mask, weights,
+                c: settings.Config, kl_coef: float):
+    """One micro-batch's Σ_t w_t · (clipped surrogate + β·KL)_t and its statistics: log-probs from
+    the hidden state (completion tokens only), then grpo.token_loss on [B, T−1]. old_logp None:
+    on-policy (ρ = 1, with logp's gradient)."""
     logp, entropy = completion_logprobs(policy, part, c)
-    old_logp = logp.detach() if old_logp is None else old_logp  # ρ = 1, with logp's gradient
-    per_token, stats = grpo.token_loss(logp, old_logp, ref_logp, adv, mask, c.clip_low, c.clip_high, kl_coef,
-                                      c.kl_kind, c.kl_clamp or None)
+    old_logp = logp.detach() if old_logp is None else old_logp
+    per_token, stats = grpo.token_loss(logp, old_logp, ref_logp, adv, mask, c.clip_low, c.clip_high,
+                                       kl_coef, c.kl_kind, c.kl_clamp or None)
     stats["entropy"] = grpo.masked_mean(entropy, mask)
     return (per_token * weights).sum(), stats
 

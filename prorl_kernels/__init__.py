@@ -81,15 +81,17 @@ def linear_token_logprobs(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
     compute_dtype: torch.dtype | None = None, chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logp, entropy) of labels under softmax(hidden @ weight^T / temperature), chunk by chunk of positions.
+    """(logp, entropy) of labels under softmax(hidden @ weight^T / temperature), chunk by chunk.
 
-    hidden [N, H] (the last hidden state at the positions the loss reads), weight [V, H] (the LM head),
-    labels [N] → logp [N] fp32, differentiable w.r.t. hidden and weight (its backward recomputes each chunk's
-    logits), and entropy [N] fp32, detached. The matmuls run in `compute_dtype` (default: hidden's), the
-    log-softmax in fp32; at most `chunk` × V logits exist at a time (default: linear_logprobs.CHUNK_TOKENS).
+    hidden [N, H] (the last hidden state at the positions the loss reads), weight [V, H] (the LM
+    head), labels [N] → logp [N] fp32, differentiable w.r.t. hidden and weight (backward recomputes
+    each chunk's logits), and entropy [N] fp32, detached. The matmuls run in `compute_dtype`
+    (default: hidden's), the log-softmax in fp32; at most `chunk` × V logits exist at a time
+    (default: linear_logprobs.CHUNK_TOKENS).
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}.")
+    use_triton = backend(hidden) == "triton"
     return linear_logprobs.linear_token_logprobs(hidden, weight, labels, temperature,
-                                                 compute_dtype or hidden.dtype, backend(hidden) == "triton",
+                                                 compute_dtype or hidden.dtype, use_triton,
                                                  chunk or linear_logprobs.CHUNK_TOKENS)

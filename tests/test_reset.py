@@ -72,7 +72,7 @@ def test_state_dict_round_trip():
 # ----------------------------------------------------------------------------- what
 
 def full_logits(model, batch) -> torch.Tensor:
-    """Logits [B, T−1, V] at every position from the model's own forward (position t predicts token t+1)."""
+    """Logits [B, T−1, V] at every position from the model's own forward (t predicts token t+1)."""
     return model(input_ids=batch.tokens, attention_mask=batch.attention_mask.long(),
                  position_ids=llama_forward.position_ids(batch.attention_mask)).logits[:, :-1]
 

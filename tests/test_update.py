@@ -134,10 +134,12 @@ def test_logged_stats_are_token_weighted_over_the_whole_update(tiny_model, rollo
 
     def recording(policy, micro, c):
         if torch.is_grad_enabled():  # the update's forwards, not the pass that computes the old log-probs
-            with torch.no_grad():  # the entropy of the full logits, computed apart from the trainer's path
-                logits = policy(input_ids=micro.tokens, attention_mask=micro.attention_mask.long(),
-                                position_ids=llama_forward.position_ids(micro.attention_mask)).logits
-            _, entropy = token_logprobs_ref(logits[:, :-1], micro.tokens[:, 1:], return_entropy=True)
+            with torch.no_grad():  # the entropy of the full logits, apart from the trainer's path
+                positions = llama_forward.position_ids(micro.attention_mask)
+                logits = policy(input_ids=micro.tokens, position_ids=positions,
+                                attention_mask=micro.attention_mask.long()).logits
+            labels = micro.tokens[:, 1:]
+            _, entropy = token_logprobs_ref(logits[:, :-1], labels, return_entropy=True)
             entropies.append(entropy[micro.mask[:, 1:]])
         return real(policy, micro, c)
 
