@@ -174,7 +174,7 @@ def trl_step(args, variant: str) -> dict:
             **variants[variant],
         )
         trainer = GRPOTrainer(
-            model=args.model,
+            model=plain_model(args.model),
             reward_funcs=reward,
             args=config,
             processing_class=tokenizer,
@@ -185,6 +185,16 @@ def trl_step(args, variant: str) -> dict:
         )
         trainer.train()
     return {"step_s": times[1] - times[0]}
+
+
+def plain_model(path: str):
+    """The model as ours loads it. A GGUF checkpoint converted to plain fp32 weights may still carry
+    its quantization_config, which makes Trainer refuse to fine-tune it: drop that flag."""
+    model = models.load(path)[0]
+    if getattr(model, "hf_quantizer", None) is not None and next(model.parameters()).is_floating_point():
+        model.hf_quantizer, model.is_quantized = None, False
+        del model.config.quantization_config
+    return model
 
 
 def worker(args) -> None:
