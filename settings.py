@@ -78,6 +78,8 @@ class Config:
     boundary_problems: int = option(50, "held-out problems per family for the final pass@k boundary (0: skip)")
     boundary_n: int = option(256, "samples per problem for the boundary report, at ProRL's T=0.6, top-p 0.95")
     device: str = option("auto", "cpu, cuda, or auto")
+    dtype: str = option("auto", "what the trainer's forwards compute in: fp32, bf16 (weights stay "
+                        "fp32), or auto: bf16 on CUDA, fp32 on CPU")
     save_every: int = option(50, "write <run>/checkpoint.pt every this many steps, and always at the end (0: end only)")
     resume: str = option("", "continue the run in this directory from its checkpoint (flags given now override)")
     log: str = option("", "also log each step to tensorboard or wandb (offline), if that package is installed")
@@ -189,6 +191,8 @@ def validate(c: Config) -> None:
         prompt_stream(c)
     check(any(tasks.heldout(family, 1, c.level) for family in mix.weights), str(tasks.no_heldout_error(c.tasks)))
     models.check_device(c.device)
+    check(c.dtype in ("auto", *models.DTYPES),
+          f"--dtype must be auto, fp32 or bf16, not {c.dtype!r}")
     if c.model:
         models.check_model_dir(c.model)
 

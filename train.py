@@ -41,13 +41,36 @@ import settings
 import tasks
 
 
-def sequence_logits(policy, batch: rollout.Rollout) -> torch.Tensor:
-    """Logits [B, T−1, V] that predict tokens[:, 1:] (position t predicts token t+1), aligned with mask[:, 1:]."""
-    compute = models.compute_dtype(batch.tokens.device)
-    with torch.autocast(batch.tokens.device.type, dtype=compute, enabled=compute != torch.float32):
-        logits = policy(input_ids=batch.tokens, attention_mask=batch.attention_mask.long(),
-                        position_ids=llama_forward.position_ids(batch.attention_mask), use_cache=False).logits
-    return logits[:, :-1]
+def last_hidden(model, batch: rollout.Rollout, compute: torch.dtype) -> torch.Tensor:
+    """The final norm's output [B, T, H], from the model's own forward (so FSDP's hooks gather and
+    reduce the head and embeddings) asked for no logits: the head runs on 0 positions."""
+    captured = {}
+    norm = model.get_decoder().norm
+    hook = norm.register_forward_hook(lambda module, args, out: captured.update(h=out))
+    no_positions = torch.zeros(0, dtype=torch.long, device=batch.tokens.device)
+    device = batch.tokens.device.type
+    try:
+        with torch.autocast(device, dtype=compute, enabled=compute != torch.float32):
+            model(input_ids=batch.tokens, attention_mask=batch.attention_mask.long(),
+                  position_ids=llama_forward.position_ids(batch.attention_mask),
+                  logits_to_keep=no_positions, use_cache=False)
+    finally:
+        hook.remove()
+    return captured["h"]
+
+
+def completion_logprobs(model, batch: rollout.Rollout, c: settings.Config):
+    """(logp, entropy), each [B, T−1] fp32 (position t scores token t+1, as mask[:, 1:]), on the
+    completion tokens only (0 elsewhere): the head and log-softmax see those positions alone, chunk
+    by chunk (prorl_kernels.linear_token_logprobs). Policy, old and reference log-probs come from here."""
+    compute = models.compute_dtype(batch.tokens.device, c.dtype)
+    targets = batch.mask[:, 1:]  # [B, T−1]
+    hidden = last_hidden(model, batch, compute)[:, :-1][targets]  # [completion tokens, H]
+    labels = batch.tokens[:, 1:][targets]
+    logp, entropy = prorl_kernels.linear_token_logprobs(hidden, model.lm_head.weight, labels,
+                                                        c.temperature, compute)
+    zeros = torch.zeros(targets.shape, device=logp.device)
+    return zeros.masked_scatter(targets, logp), zeros.masked_scatter(targets, entropy)
 
 
 @torch.no_grad()
@@ -55,9 +78,21 @@ def batch_logprobs(model, batch: rollout.Rollout, c: settings.Config) -> torch.T
     """Teacher-forced log-probs [B, T−1] of the whole batch without gradient, micro-batch by micro-batch."""
     logprobs = []
     for rows in torch.arange(len(batch.tokens)).split(c.micro_batch_rows):
-        part = rollout.select_rows(batch, rows)
-        logprobs.append(prorl_kernels.token_logprobs(sequence_logits(model, part), part.tokens[:, 1:], c.temperature))
+        logprobs.append(completion_logprobs(model, rollout.select_rows(batch, rows), c)[0])
     return torch.cat(logprobs)
+
+
+def policy_loss(policy, part: rollout.Rollout, old_logp, ref_logp, adv, mask, weights,
+                c: settings.Config, kl_coef: float):
+    """One micro-batch's Σ_t w_t · (clipped surrogate + β·KL)_t and its statistics: log-probs from
+    the hidden state (completion tokens only), then grpo.token_loss on [B, T−1]. old_logp None:
+    on-policy (ρ = 1, with logp's gradient)."""
+    logp, entropy = completion_logprobs(policy, part, c)
+    old_logp = logp.detach() if old_logp is None else old_logp
+    per_token, stats = grpo.token_loss(logp, old_logp, ref_logp, adv, mask, c.clip_low, c.clip_high,
+                                       kl_coef, c.kl_kind, c.kl_clamp or None)
+    stats["entropy"] = grpo.masked_mean(entropy, mask)
+    return (per_token * weights).sum(), stats
 
 
 def update(policy, optimizer, batch: rollout.Rollout, adv: torch.Tensor, ref_logp: torch.Tensor | None,
@@ -84,11 +119,10 @@ def update(policy, optimizer, batch: rollout.Rollout, adv: torch.Tensor, ref_log
             finite = True
             for micro in minibatch.split(c.micro_batch_rows):
                 part = rollout.select_rows(batch, micro)
-                loss, stats = prorl_kernels.fused_policy_loss(
-                    sequence_logits(policy, part), part.tokens[:, 1:], None if on_policy else old_logp[micro],
+                loss, stats = policy_loss(
+                    policy, part, None if on_policy else old_logp[micro],
                     None if ref_logp is None else ref_logp[micro], adv[micro], mask[micro],
-                    grpo.loss_weights(mask[micro], c.loss_agg, count), c.clip_low, c.clip_high, c.kl_kind, kl_coef,
-                    c.kl_clamp or None, c.temperature)
+                    grpo.loss_weights(mask[micro], c.loss_agg, count), c, kl_coef)
                 finite = finite and bool(torch.isfinite(loss))
                 loss.backward()  # Σ over micro-batches and ranks = the gradient of the whole mini-batch's loss
                 micro_tokens = float(mask[micro].sum())
@@ -138,7 +172,7 @@ def main(argv: list[str]) -> None:
     model_dir = c.model or dist.main_first(lambda: models.ensure_tiny_base(f"runs/base/tiny-s{c.seed}", seed=c.seed))
     # Mixed precision: weights (and so AdamW's state) are fp32 on every device, or updates of lr ≈ 1e-6 would
     # round away; on CUDA forwards compute in bf16 and the sampler samples bf16 copies (llama_forward.SAMPLE_DTYPE).
-    compute = models.compute_dtype(device)
+    compute = models.compute_dtype(device, c.dtype)
     policy, tokenizer = models.load(model_dir, device, torch.float32)
     llama_forward.check_supported(policy.config)
     if c.activation_checkpointing:  # before sharding, so that FSDP2 wraps the checkpointed layers

@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from prorl_kernels import linear_logprobs
 from prorl_kernels.reference import policy_loss_ref, token_logprobs_ref
 
 try:  # Triton ships with CUDA PyTorch on Linux; elsewhere (macOS, Windows) the references run
@@ -19,11 +20,12 @@ try:  # Triton ships with CUDA PyTorch on Linux; elsewhere (macOS, Windows) the 
 except ImportError:
     logprobs = policy_loss = None
 
-__all__ = ["backend", "fused_policy_loss", "token_logprobs"]
+__all__ = ["backend", "fused_policy_loss", "linear_token_logprobs", "token_logprobs"]
 
 
 def backend(logits: torch.Tensor) -> str:
-    """Which implementation the functions below run for these logits: "triton" or "reference"."""
+    """Which implementation the functions below run for these logits (or hidden states): "triton" or
+    "reference"."""
     if logprobs is None:
         return "reference"
     return "triton" if logits.is_cuda or os.environ.get("TRITON_INTERPRET") == "1" else "reference"
@@ -73,3 +75,23 @@ def fused_policy_loss(
                                                        clip_low, clip_high, kl_kind, kl_coef, temperature)
     return policy_loss_ref(logits, labels, old_logp, ref_logp, adv, mask, weights, clip_low, clip_high, kl_kind,
                            kl_coef, kl_clamp, temperature)
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+    compute_dtype: torch.dtype | None = None, chunk: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logp, entropy) of labels under softmax(hidden @ weight^T / temperature), chunk by chunk.
+
+    hidden [N, H] (the last hidden state at the positions the loss reads), weight [V, H] (the LM
+    head), labels [N] → logp [N] fp32, differentiable w.r.t. hidden and weight (backward recomputes
+    each chunk's logits), and entropy [N] fp32, detached. The matmuls run in `compute_dtype`
+    (default: hidden's), the log-softmax in fp32; at most `chunk` × V logits exist at a time
+    (default: linear_logprobs.CHUNK_TOKENS).
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    use_triton = backend(hidden) == "triton"
+    return linear_logprobs.linear_token_logprobs(hidden, weight, labels, temperature,
+                                                 compute_dtype or hidden.dtype, use_triton,
+                                                 chunk or linear_logprobs.CHUNK_TOKENS)

@@ -68,3 +68,11 @@ def policy_loss_ref(
                                        kl_clamp)
     stats["entropy"] = grpo.masked_mean(entropy, mask)
     return (per_token * weights).sum(), stats
+
+
+def linear_token_logprobs_ref(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unchunked computation `linear_token_logprobs` splits: all logits [N, V] at once, then
+    `token_logprobs_ref` → (logp [N], entropy [N])."""
+    return token_logprobs_ref(hidden @ weight.T, labels, temperature, return_entropy=True)

@@ -61,3 +61,22 @@ def test_boundary_experiment_runs_its_arms_and_reports_each_split(tmp_path, monk
     assert summary.splitlines()[0] == "| split | base | control | edge-explore |" and summary.count("\n| ") == 8
     assert per_run.count("| base |") == 8 and per_run.count("| control-s1 |") == 8
     assert (tmp_path / "runs" / "bx" / "boundary.png").stat().st_size > 10_000
+
+
+# ----------------------------------------------------------------------------- bench/peer.py, smoke
+
+def test_peer_benchmark_alternates_arms_and_prints_medians_and_ratios(tmp_path, tiny_model_dir):
+    """Ours against this same checkout as a "before:" arm (TRL is not in the main install): both run
+    a step each round, the phase split adds up to the step, and the ratio line is printed."""
+    command = [sys.executable, str(REPO / "bench" / "peer.py"), "--model", tiny_model_dir,
+               "--prompts", "2", "--n", "2", "--new-tokens", "4", "--steps", "2",
+               "--arms", f"ours,before:{REPO}"]
+    run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, check=False, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    steps = [line for line in run.stdout.splitlines() if line.startswith("step ")]
+    labels = [line.split(":")[0] for line in steps]  # "step 0 before:/path: ..." → "step 0 before"
+    assert labels == ["step 0 ours", "step 0 before", "step 1 ours", "step 1 before"]
+    times = dict(pair.split() for pair in steps[0].split(": ", 1)[1].split("  "))
+    phases = float(times["gen_s"]) + float(times["ref_s"]) + float(times["update_s"])
+    assert abs(phases - float(times["step_s"])) < 0.05 and float(times["update_peak_mb"]) >= 0
+    assert "ours is " in run.stdout and "x before:" in run.stdout

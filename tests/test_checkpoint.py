@@ -211,7 +211,7 @@ def test_open_metrics_keeps_the_lines_up_to_the_checkpoint(tmp_path):
 
 def test_a_nan_loss_skips_that_update_is_logged_and_training_goes_on(tmp_path, tiny_model_dir, monkeypatch):
     # One optimizer step per RL step (one mini-batch, one micro-batch), so loss call k is step k's loss.
-    calls, real_policy_loss = [], train.prorl_kernels.fused_policy_loss
+    calls, real_policy_loss = [], train.policy_loss
 
     def nan_at_step_2(*args, **kwargs):
         loss, stats = real_policy_loss(*args, **kwargs)
@@ -223,7 +223,7 @@ def test_a_nan_loss_skips_that_update_is_logged_and_training_goes_on(tmp_path, t
     def record(run_dir, step, policy, *args, **kwargs):
         weights_after[step] = [p.detach().clone() for p in policy.parameters()]
 
-    monkeypatch.setattr(train.prorl_kernels, "fused_policy_loss", nan_at_step_2)
+    monkeypatch.setattr(train, "policy_loss", nan_at_step_2)
     monkeypatch.setattr(checkpoint, "save", record)
     train_run(tmp_path, tiny_model_dir, ["--run", "nan", "--steps", "3", "--minibatches", "1", "--save-every", "1",
                                          "--eval-every", "0", "--reset-every", "0"])

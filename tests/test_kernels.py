@@ -17,7 +17,7 @@ import torch
 import grpo
 import prorl_kernels
 from kl import kl_estimate as kl_estimate_ref
-from prorl_kernels.reference import policy_loss_ref, token_logprobs_ref
+from prorl_kernels.reference import linear_token_logprobs_ref, policy_loss_ref, token_logprobs_ref
 
 REPO = Path(__file__).resolve().parents[1]
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
@@ -422,6 +422,44 @@ def test_references_pass_gradcheck_in_fp64():
                                        kl_kind=kl_kind, kl_coef=0.1, temperature=0.7)[0]
 
             assert torch.autograd.gradcheck(loss, (logits,))
+
+
+# ------------------------------------------------------------------------- linear_token_logprobs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab_size,rows", [(17, 11), (50257, 5)])
+def test_linear_token_logprobs_matches_the_unchunked_computation(vocab_size, rows, dtype,
+                                                                 use_triton):
+    """Chunks of 2 positions (the last one partial), on Triton (interpreted) and on the reference,
+    against all the logits at once in fp64: logp, entropy, the gradients of hidden states and head."""
+    gen = torch.Generator().manual_seed(vocab_size)
+    hidden = torch.randn(rows, 24, generator=gen)
+    weight = torch.randn(vocab_size, 24, generator=gen) / 3
+    labels = torch.randint(0, vocab_size, (rows,), generator=gen)
+    grad_out = torch.randn(rows, generator=gen)
+    grad_out[:2] = 0.0  # a whole chunk of masked tokens: skipped in backward, its gradient 0
+    assert prorl_kernels.backend(hidden) == ("triton" if use_triton else "reference")
+
+    def run(fn, cast):
+        h, w = (x.detach().to(cast).requires_grad_() for x in (hidden, weight))
+        logp, entropy = fn(h, w)
+        (logp * grad_out.to(logp.dtype)).sum().backward()
+        return logp, entropy, h.grad, w.grad
+
+    def chunked(h, w):
+        return prorl_kernels.linear_token_logprobs(h, w, labels, 0.7, dtype, chunk=2)
+
+    logp, entropy, grad_h, grad_w = run(chunked, torch.float32)
+    expected = run(lambda h, w: linear_token_logprobs_ref(h, w, labels, 0.7), torch.float64)
+    # fp32 against fp64: the rounding of an fp32 matmul and of exp() over 50k entries (against the
+    # fp32 full computation it is within 1e-5: test_chunked_logprobs.py); bf16: 8 significant bits
+    tol = 1e-4 if dtype == torch.float32 else 0.1
+    for actual, reference in zip((logp, entropy, grad_h, grad_w), expected):
+        assert actual.dtype == torch.float32
+        scale = reference.abs().max().item()
+        assert (actual.double() - reference).abs().max().item() <= tol * max(scale, 1.0)
+    assert (grad_h[:2] == 0).all() and not entropy.requires_grad
 
 
 def test_cpu_without_interpreter_runs_reference(monkeypatch):

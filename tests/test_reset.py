@@ -4,10 +4,10 @@
 import torch
 
 import kl
+import llama_forward
 import models
 import reset
 import rollout
-import train
 from prorl_kernels.reference import token_logprobs_ref
 
 # ----------------------------------------------------------------------------- when
@@ -71,13 +71,19 @@ def test_state_dict_round_trip():
 
 # ----------------------------------------------------------------------------- what
 
+def full_logits(model, batch) -> torch.Tensor:
+    """Logits [B, T−1, V] at every position from the model's own forward (t predicts token t+1)."""
+    return model(input_ids=batch.tokens, attention_mask=batch.attention_mask.long(),
+                 position_ids=llama_forward.position_ids(batch.attention_mask)).logits[:, :-1]
+
+
 def kl_on_a_rollout(policy, reference, tokenizer, kind: str) -> torch.Tensor:
     """Per-token KL(π ‖ π_ref) on the completion tokens of a small rollout of the policy."""
     prompts = [models.encode_prompt(tokenizer, text) for text in ("12+34=", "5 3 9 1 7=")]
     batch = rollout.generate(policy, prompts, n=3, max_new_tokens=6, seed=0, pad_id=tokenizer.pad_token_id)
     with torch.no_grad():
-        logp = token_logprobs_ref(train.sequence_logits(policy, batch), batch.tokens[:, 1:])
-        ref_logp = token_logprobs_ref(train.sequence_logits(reference, batch), batch.tokens[:, 1:])
+        logp = token_logprobs_ref(full_logits(policy, batch), batch.tokens[:, 1:])
+        ref_logp = token_logprobs_ref(full_logits(reference, batch), batch.tokens[:, 1:])
     return kl.kl_estimate(logp, ref_logp, kind)[batch.mask[:, 1:]]
 
 

@@ -93,11 +93,11 @@ def test_minibatches_are_near_equal_and_a_batch_with_no_tokens_takes_no_step(tin
     policy, _ = tiny_model
     batch, adv = rollout_batch
     rows, sizes = [0], []  # rows forwarded since the last optimizer step; rows of each step
-    real_logits = train.sequence_logits
+    real_logprobs = train.completion_logprobs
 
-    def counting_logits(policy, micro):
+    def counting_logprobs(policy, micro, c):
         rows[0] += len(micro.tokens) if torch.is_grad_enabled() else 0  # the update's forwards, not old log-probs
-        return real_logits(policy, micro)
+        return real_logprobs(policy, micro, c)
 
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
     real_step = optimizer.step
@@ -108,7 +108,7 @@ def test_minibatches_are_near_equal_and_a_batch_with_no_tokens_takes_no_step(tin
         return real_step(*args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train, "sequence_logits", counting_logits)
+        patch.setattr(train, "completion_logprobs", counting_logprobs)
         patch.setattr(optimizer, "step", counting_step)
         train.update(policy, optimizer, batch, adv, None, settings.Config(minibatches=6, epochs=1, kl_coef=0.0))
     assert sizes == [3, 3, 3, 3, 2, 2]
@@ -130,17 +130,21 @@ def test_logged_stats_are_token_weighted_over_the_whole_update(tiny_model, rollo
     policy, _ = tiny_model
     batch, adv = rollout_batch
     entropies = []
-    real = train.sequence_logits
+    real = train.completion_logprobs
 
-    def recording(policy, micro):
-        logits = real(policy, micro)
+    def recording(policy, micro, c):
         if torch.is_grad_enabled():  # the update's forwards, not the pass that computes the old log-probs
-            _, entropy = token_logprobs_ref(logits.detach(), micro.tokens[:, 1:], return_entropy=True)
+            with torch.no_grad():  # the entropy of the full logits, apart from the trainer's path
+                positions = llama_forward.position_ids(micro.attention_mask)
+                logits = policy(input_ids=micro.tokens, position_ids=positions,
+                                attention_mask=micro.attention_mask.long()).logits
+            labels = micro.tokens[:, 1:]
+            _, entropy = token_logprobs_ref(logits[:, :-1], labels, return_entropy=True)
             entropies.append(entropy[micro.mask[:, 1:]])
-        return logits
+        return real(policy, micro, c)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train, "sequence_logits", recording)
+        patch.setattr(train, "completion_logprobs", recording)
         stats = train.update(policy, torch.optim.SGD(policy.parameters(), lr=0.0), batch, adv, None,
                              settings.Config(minibatches=3, epochs=1, kl_coef=0.0, micro_batch_rows=2))
     seen = torch.cat(entropies)  # mini-batches of 6, 5 and 5 rows, of different token counts

@@ -1,0 +1,91 @@
+"""One micro-batch's forward + backward of the loss, two ways, alternated in one process:
+
+    python bench/logprob_paths.py --model DIR       # e.g. SmolLM2-135M-Instruct; default: tiny random
+
+  full     the logits [B, T, V] at every position, then fused_policy_loss (the path before issue 25)
+  chunked  train.policy_loss: the last hidden state, completion positions only, chunk by chunk
+
+The batch is a real rollout of the model (P prompts × N samples of the math task). Each round times
+both, in turn; the script prints the medians, their ratio, and each path's peak memory over its pass
+(the process's peak RSS minus its RSS before, Linux).
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, not bench/
+
+import torch
+
+import grpo
+import llama_forward
+import models
+import prorl_kernels
+import sampling
+import settings
+import tasks
+import train
+
+
+def rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def full_path(policy, batch, adv, mask, weights):
+    logits = policy(input_ids=batch.tokens, attention_mask=batch.attention_mask.long(),
+                    position_ids=llama_forward.position_ids(batch.attention_mask)).logits[:, :-1]
+    return prorl_kernels.fused_policy_loss(logits, batch.tokens[:, 1:], None, None, adv, mask,
+                                           weights)[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="", help="local model directory (default: tiny random)")
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--n", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    if not args.model:
+        args.model = "runs/bench-logprob-paths/tiny"
+        tokenizer = models.build_tokenizer()
+        models.build_tiny_model(tokenizer).save_pretrained(args.model)
+        tokenizer.save_pretrained(args.model)
+    policy, tokenizer = models.load(args.model)
+    mix = tasks.TaskMix("math", 1, seed=0)
+    examples = [mix.sample() for _ in range(args.prompts)]
+    batch, scores = sampling.rollout_and_score(policy, tokenizer, examples, args.n, args.new_tokens)
+    adv = grpo.group_advantages(scores + torch.rand_like(scores)).flatten()  # any nonzero advantages
+    mask = batch.mask[:, 1:]
+    weights = mask.float() / mask.sum()
+    c = settings.Config(kl_coef=0.0, dtype="fp32")
+    paths = {"full": lambda: full_path(policy, batch, adv, mask, weights),
+             "chunked": lambda: train.policy_loss(policy, batch, None, None, adv, mask, weights, c,
+                                                  0.0)[0]}
+    times, peaks = {name: [] for name in paths}, {name: [] for name in paths}
+    print(f"{args.model}: {len(batch.tokens)} rows × {batch.tokens.shape[1]} positions, "
+          f"{int(mask.sum())} completion tokens; load {os.getloadavg()[0]:.1f}", flush=True)
+    for _ in range(args.rounds):
+        for name, loss_of in paths.items():
+            policy.zero_grad(set_to_none=True)
+            before = rss_kb("VmRSS")
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets the peak (VmHWM)
+            start = time.perf_counter()
+            loss_of().backward()
+            times[name].append(time.perf_counter() - start)
+            peaks[name].append((rss_kb("VmHWM") - before) / 1024)
+            print(f"  {name:8s} {times[name][-1]:.2f} s, peak +{peaks[name][-1]:.0f} MB", flush=True)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    print(f"medians (load now {os.getloadavg()[0]:.1f}): " + ", ".join(
+        f"{name} {median[name]:.2f} s, peak +{statistics.median(peaks[name]):.0f} MB" for name in paths)
+        + f"; chunked is {median['full'] / median['chunked']:.2f}x full")
+
+
+if __name__ == "__main__":
+    main()
