@@ -12,7 +12,6 @@ import torch
 
 import grpo
 import kl
-import prorl_kernels
 
 
 def kl_penalty_sign_flipped(logp, ref_logp, kind="k3", clamp=None, mask=None) -> torch.Tensor:
@@ -47,7 +46,6 @@ BUGS = {  # name → (module, function it replaces, broken copy, the symptom to 
     "no-clip": (grpo, "clipped_surrogate", clipped_surrogate_unclipped, "clipfrac is exactly 0"),
 }
 ORIGINALS = {(module, name): getattr(module, name) for module, name, _, _ in BUGS.values()}
-ORIGINALS[(prorl_kernels, "fused_policy_loss")] = prorl_kernels.fused_policy_loss
 
 
 def switch_on(name: str) -> None:
@@ -56,9 +54,6 @@ def switch_on(name: str) -> None:
         return
     module, function, broken, symptom = BUGS[name]
     setattr(module, function, broken)
-    # The Triton kernel has the correct math built in, so a broken loss must run through the PyTorch reference
-    # (grpo.token_loss), which is what CPU training runs anyway.
-    prorl_kernels.fused_policy_loss = prorl_kernels.policy_loss_ref
     print(f"WORKSHOP BUG ON: {name} ({module.__name__}.{function} is broken; look for: {symptom})", flush=True)
 
 

@@ -108,7 +108,6 @@ def test_no_bug_is_on_by_default():
     for module, name in [(kl, "kl_penalty"), (grpo, "group_advantages"), (grpo, "clipped_surrogate")]:
         function = getattr(module, name)
         assert function.__module__ == module.__name__ and function.__name__ == name  # the original, not a copy
-    assert prorl_kernels.fused_policy_loss.__module__ == "prorl_kernels"
 
 
 def test_an_unknown_bug_is_a_one_line_error():
@@ -121,12 +120,14 @@ def test_train_switches_the_configured_bug_on():
 
 
 def loss_gradient(logits, old_logp, ref_logp, adv, kl_coef):
-    """The gradient of train.update's loss (prorl_kernels.fused_policy_loss) w.r.t. the logits, and its stats."""
+    """The gradient of train.policy_loss's loss w.r.t. the logits, and its stats: token log-probs, then
+    grpo.token_loss weighed per token (old_logp None: on-policy, as train.policy_loss does it)."""
     logits = logits.clone().requires_grad_(True)
     labels, mask = torch.tensor([[0, 1, 2]]), torch.ones(1, 3, dtype=torch.bool)
-    loss, stats = prorl_kernels.fused_policy_loss(logits, labels, old_logp, ref_logp, adv, mask, mask.float() / 3,
-                                                  0.2, 0.28, "k3", kl_coef)
-    loss.backward()
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, labels[..., None])[..., 0]
+    old_logp = logp.detach() if old_logp is None else old_logp
+    per_token, stats = grpo.token_loss(logp, old_logp, ref_logp, adv, mask, 0.2, 0.28, kl_coef, "k3", None)
+    (per_token * mask.float() / 3).sum().backward()
     return logits.grad, stats
 
 
