@@ -27,7 +27,10 @@ def option(default, help: str):
 
 @dataclass
 class Config:
-    model: str = option("", "local Hugging Face model directory; empty: build the tiny built-in base")
+    model: str = option("", "a local Hugging Face model directory, a hub id (org/name: the local cache, or a "
+                        "download when online) or a .gguf file; empty: build the tiny built-in base")
+    system_prompt: str = option("", "a system message before every prompt, through a chat model's template: "
+                                "how its answers must look (preset chat sets one); empty: none")
     tasks: str = option("sort,reverse,countdown", "task mix SOURCE[:WEIGHT],...: built-in add/sort/reverse/"
                         "countdown, a domain (math, code, logic, mcq, ifeval), rg:NAME (reasoning-gym), or a JSONL path")
     level: int = option(1, "difficulty of the built-in tasks (1-3)")
@@ -190,7 +193,7 @@ def validate(c: Config) -> None:
     check(any(tasks.heldout(family, 1, c.level) for family in mix.weights), str(tasks.no_heldout_error(c.tasks)))
     models.check_device(c.device)
     if c.model:
-        models.check_model_dir(c.model)
+        models.check_model_spec(c.model)
 
 
 def prompt_stream(c: Config, rank: int = 0):

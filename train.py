@@ -135,11 +135,13 @@ def main(argv: list[str]) -> None:
     torch.manual_seed(c.seed)  # loading too draws from it (a checkpoint's missing weights are initialised at random)
     name = c.run or f"{c.preset}-s{c.seed}"  # taken: -2, -3, ... (an explicit --run that is taken fails validate)
     run_dir = Path(c.resume) if c.resume else dist.gather_objects(checkpoint.new_run_dir(name))[0]
-    model_dir = c.model or dist.main_first(lambda: models.ensure_tiny_base(f"runs/base/tiny-s{c.seed}", seed=c.seed))
+    model_dir = dist.main_first(lambda: models.resolve(c.model) if c.model else  # a hub id or GGUF: a local dir
+                                models.ensure_tiny_base(f"runs/base/tiny-s{c.seed}", seed=c.seed))
     # Mixed precision: weights (and so AdamW's state) are fp32 on every device, or updates of lr ≈ 1e-6 would
     # round away; on CUDA forwards compute in bf16 and the sampler samples bf16 copies (llama_forward.SAMPLE_DTYPE).
     compute = models.compute_dtype(device)
     policy, tokenizer = models.load(model_dir, device, torch.float32)
+    models.set_system_prompt(tokenizer, c.system_prompt)  # every prompt, sampled or evaluated, starts with it
     llama_forward.check_supported(policy.config)
     if c.activation_checkpointing:  # before sharding, so that FSDP2 wraps the checkpointed layers
         models.enable_activation_checkpointing(policy)
