@@ -191,6 +191,19 @@ def write_result(run_dir: str | Path, base: dict[str, float], trained: dict[str,
     return "\n".join(lines)
 
 
+def pass1_gain(base_counts: list[int], trained_counts: list[int], n: int) -> str:
+    """Held-out pass@1 base → trained from the boundary's samples (c of n right per problem), with the gain's 95%
+    interval over problems: the m paired differences d = (c_trained − c_base) / n, mean(d) ± 1.96·sd(d)/√m."""
+    diffs = [(trained - base) / n for base, trained in zip(base_counts, trained_counts)]
+    m, gain = len(diffs), sum(diffs) / len(diffs)
+    sd = math.sqrt(sum((d - gain) ** 2 for d in diffs) / (m - 1)) if m > 1 else 0.0
+    half = 1.96 * sd / math.sqrt(m)
+    base, trained = sum(base_counts) / (m * n), sum(trained_counts) / (m * n)
+    return (f"held-out pass@1 at T={EVAL_TEMPERATURE}, top-p {EVAL_TOP_P} ({m} problems × {n} samples): base "
+            f"{base:.3f} → trained {trained:.3f}, gain {signed(gain)} (95% interval over problems "
+            f"{signed(gain - half)} to {signed(gain + half)})")
+
+
 # ----------------------------------------------------------------------------- training curves
 
 # (panel title, metrics.jsonl keys drawn in it), in the order train.py logs them.

@@ -249,6 +249,7 @@ def report(run_dir, model_dir, saved, trained, trained_counts, boundary_set, tes
     if boundary_set:
         evaluation.write_boundary(run_dir, {"base": saved["base_counts"], "trained": trained_counts}, boundary_set,
                                   c.boundary_n, settings={"base": model_dir, "trained": str(run_dir / "final")})
+        print(evaluation.pass1_gain(saved["base_counts"], trained_counts, c.boundary_n))
     evaluation.plot_training(run_dir)
     sizes = ", ".join(f"{source} {len(examples)}" for source, examples in test_by_source.items())
     print(evaluation.write_result(run_dir, saved["base"], trained, f"held-out problems: {sizes}; "

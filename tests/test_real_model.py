@@ -19,6 +19,7 @@ from gguf import GGUFWriter
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import evaluation
 import models
 import settings
 import train
@@ -196,3 +197,20 @@ def test_the_system_prompt_comes_first_in_every_chat_prompt_unless_the_messages_
         "<|im_start|>system\nReply with a number.<|im_end|>\n<|im_start|>user\n2+3?<|im_end|>\n<|im_start|>assistant\n")
     own = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+3?"}]
     assert tokenizer.decode(models.encode_prompt(tokenizer, own)).startswith("<|im_start|>system\nBe brief.<|im_end|>")
+
+
+def test_pass1_gain_is_the_paired_mean_difference_with_its_normal_interval():
+    # c of n=4 right per problem: base [0, 2, 1], trained [2, 2, 3] → differences [0.5, 0, 0.5], mean 1/3,
+    # sd √(1/12) = 0.2887, half-width 1.96 · 0.2887 / √3 = 0.3267 → +0.007 to +0.660; pass@1 3/12 → 7/12
+    assert evaluation.pass1_gain([0, 2, 1], [2, 2, 3], 4) == (
+        "held-out pass@1 at T=0.6, top-p 0.95 (3 problems × 4 samples): base 0.250 → trained 0.583, gain +0.333 "
+        "(95% interval over problems +0.007 to +0.660)")
+
+
+def test_bench_rollout_on_a_model_file_checks_greedy_agreement_and_times_both_samplers(tmp_path, gguf_file):
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "rollout.py"), "--model", str(gguf_file), "--sizes",
+                           "2x2,3x4", "--max-new-tokens", "5"], cwd=tmp_path, capture_output=True, text=True,
+                          check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert "rollout.generate == model.generate on 8 of 8 prompts" in done.stdout
+    assert "batch 4 = 2 prompts x N=2" in done.stdout and "batch 12 = 3 prompts x N=4" in done.stdout
+    assert done.stdout.count("ratio") == 2
