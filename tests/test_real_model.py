@@ -21,6 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import evaluation
 import models
+import rollout
 import settings
 import train
 
@@ -214,3 +215,26 @@ def test_bench_rollout_on_a_model_file_checks_greedy_agreement_and_times_both_sa
     assert "rollout.generate == model.generate on 8 of 8 prompts" in done.stdout
     assert "batch 4 = 2 prompts x N=2" in done.stdout and "batch 12 = 3 prompts x N=4" in done.stdout
     assert done.stdout.count("ratio") == 2
+
+
+def test_preset_chat_cpu_puts_its_system_prompt_in_every_prompt_trained_and_evaluated(tmp_path, monkeypatch,
+                                                                                      gguf_file):
+    monkeypatch.chdir(tmp_path)
+    real_generate, seen = rollout.generate, []
+
+    def recording_generate(model, prompts, *args, **kwargs):
+        seen.extend(prompts)
+        return real_generate(model, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(rollout, "generate", recording_generate)
+    train.main(["--preset", "chat-cpu", "--model", str(gguf_file), "--run", "c", "--steps", "1", "--n", "2",
+                "--prompts-per-step", "2", "--max-new-tokens", "4", "--eval-problems", "2", "--boundary-problems", "2",
+                "--boundary-n", "2", "--tasks", str(REPO / "data" / "small-arithmetic.jsonl")])
+    config = json.loads(Path("runs/c/config.json").read_text())
+    assert config["system_prompt"] == "Answer with only the number." and config["kl_coef"] == 0
+    _, tokenizer = models.load(str(next(Path("runs/base").iterdir())))  # the converted model's tokenizer
+    texts = tokenizer.batch_decode(seen)
+    # base evaluation, boundary, the step's sampling, then the trained model's evaluation and boundary
+    assert len(texts) >= 2 + 2 + 2 + 2 + 2
+    assert all(t.startswith("<|im_start|>system\nAnswer with only the number.<|im_end|>\n<|im_start|>user\nWhat is ")
+               for t in texts)
