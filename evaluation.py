@@ -199,7 +199,7 @@ def pass1_gain(base_counts: list[int], trained_counts: list[int], n: int) -> str
     sd = math.sqrt(sum((d - gain) ** 2 for d in diffs) / (m - 1)) if m > 1 else 0.0
     half = 1.96 * sd / math.sqrt(m)
     base, trained = sum(base_counts) / (m * n), sum(trained_counts) / (m * n)
-    return (f"held-out pass@1 at T={EVAL_TEMPERATURE}, top-p {EVAL_TOP_P} ({m} problems × {n} samples): base "
+    return (f"pass@1 at T={EVAL_TEMPERATURE}, top-p {EVAL_TOP_P} ({m} held-out problems × {n} samples): base "
             f"{base:.3f} → trained {trained:.3f}, gain {signed(gain)} (95% interval over problems "
             f"{signed(gain - half)} to {signed(gain + half)})")
 

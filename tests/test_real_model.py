@@ -204,7 +204,7 @@ def test_pass1_gain_is_the_paired_mean_difference_with_its_normal_interval():
     # c of n=4 right per problem: base [0, 2, 1], trained [2, 2, 3] → differences [0.5, 0, 0.5], mean 1/3,
     # sd √(1/12) = 0.2887, half-width 1.96 · 0.2887 / √3 = 0.3267 → +0.007 to +0.660; pass@1 3/12 → 7/12
     assert evaluation.pass1_gain([0, 2, 1], [2, 2, 3], 4) == (
-        "held-out pass@1 at T=0.6, top-p 0.95 (3 problems × 4 samples): base 0.250 → trained 0.583, gain +0.333 "
+        "pass@1 at T=0.6, top-p 0.95 (3 held-out problems × 4 samples): base 0.250 → trained 0.583, gain +0.333 "
         "(95% interval over problems +0.007 to +0.660)")
 
 
