@@ -117,7 +117,7 @@ PRESETS = {
     # A small chat model on a CPU (README "A real pretrained model"): a system prompt asks for the bare number,
     # which math-verify reads; 8 prompts × 8, 16 new tokens, one on-policy update a batch, no reference model.
     "chat-cpu": {"system_prompt": "Answer with only the number.", "prompts_per_step": 8, "n": 8,
-                 "max_new_tokens": 16, "lr": 2e-5, "kl_coef": 0.0, "minibatches": 1, "steps": 10, "eval_every": 0,
+                 "max_new_tokens": 16, "lr": 2e-5, "kl_coef": 0.0, "minibatches": 1, "steps": 3, "eval_every": 0,
                  "eval_problems": 54, "eval_samples": 2, "boundary_problems": 54, "boundary_n": 8},
 }
 # micro_batch_rows 1 in the paper presets: one 8k-token row of a 1.5B model holds ~2.5 GB of bf16 logits and
