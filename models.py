@@ -151,6 +151,11 @@ def load(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     except (OSError, ValueError, KeyError, TypeError) as error:  # no weights, a broken config.json, ...
         raise ValueError(f"--model {path}: cannot load it: {str(error).strip().splitlines()[0]}") from None
+    if getattr(getattr(model.config, "quantization_config", None), "quant_method", None) == "gguf":
+        # A directory saved from transformers' GGUF loader holds de-quantized weights but keeps the GGUF marker,
+        # which would make save_pretrained refuse final/ ("quantized with gguf and is not serializable").
+        model.hf_quantizer = None
+        del model.config.quantization_config
     stops = stop_ids(model, tokenizer)
     if not stops:
         raise ValueError(f"--model {path}: its tokenizer and configs name no end-of-sequence token (eos_token, "

@@ -238,3 +238,15 @@ def test_preset_chat_cpu_puts_its_system_prompt_in_every_prompt_trained_and_eval
     assert len(texts) >= 2 + 2 + 2 + 2 + 2
     assert all(t.startswith("<|im_start|>system\nAnswer with only the number.<|im_end|>\n<|im_start|>user\nWhat is ")
                for t in texts)
+
+
+def test_a_directory_saved_from_the_gguf_loader_saves_its_final_model(tmp_path, gguf_file):
+    # What the user made by hand: a de-quantized model saved with the GGUF marker still in config.json.
+    model_dir = Path(models.convert_gguf(str(gguf_file), str(tmp_path / "c")))
+    config = json.loads((model_dir / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gguf", "gguf_file": gguf_file.name, "dequantize": False}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    model, _ = models.load(str(model_dir))
+    model.save_pretrained(tmp_path / "final")  # refused ("quantized with gguf") before models.load dropped it
+    saved = LlamaForCausalLM.from_pretrained(tmp_path / "final").state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
