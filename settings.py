@@ -30,7 +30,7 @@ class Config:
     model: str = option("", "a local Hugging Face model directory, a hub id (org/name: the local cache, or a "
                         "download when online) or a .gguf file; empty: build the tiny built-in base")
     system_prompt: str = option("", "a system message before every prompt, through a chat model's template: "
-                                "how its answers must look (preset chat sets one); empty: none")
+                                "how its answers must look (preset chat-cpu sets one); empty: none")
     tasks: str = option("sort,reverse,countdown", "task mix SOURCE[:WEIGHT],...: built-in add/sort/reverse/"
                         "countdown, a domain (math, code, logic, mcq, ifeval), rg:NAME (reasoning-gym), or a JSONL path")
     level: int = option(1, "difficulty of the built-in tasks (1-3)")
