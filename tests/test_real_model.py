@@ -250,3 +250,13 @@ def test_a_directory_saved_from_the_gguf_loader_saves_its_final_model(tmp_path, 
     model.save_pretrained(tmp_path / "final")  # refused ("quantized with gguf") before models.load dropped it
     saved = LlamaForCausalLM.from_pretrained(tmp_path / "final").state_dict()
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+
+
+def test_an_uncached_hub_id_with_the_hub_unreachable_is_one_line(tmp_path):
+    (tmp_path / "hf").mkdir()
+    env = {**offline(tmp_path / "hf"), "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}  # refused
+    done = subprocess.run([sys.executable, str(REPO / "train.py"), "--model", "tiny-org/not-cached"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, check=False, timeout=120)
+    assert done.returncode == 1 and done.stderr.endswith(
+        f"neither cached in {tmp_path / 'hf' / 'hub'} nor reachable (the hub did not answer)\n")
+    assert done.stderr.count("\n") == 1
