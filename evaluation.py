@@ -27,6 +27,7 @@ from statistics import fmean
 import torch
 from tqdm import tqdm
 
+import curves
 import models
 import sampling
 import tasks
@@ -234,85 +235,17 @@ def pass1(report: dict) -> dict:
             "average": report["overall"][1], "family_of": report["family_of"]}
 
 
-# ----------------------------------------------------------------------------- training curves
-
-# (panel title, metrics.jsonl keys drawn in it), in the order train.py logs them.
-TRAINING_PANELS = [
-    ("reward", ["reward", "pass_rate", "val_pass1"]),
-    ("held-out pass@1 per source", ["val_pass1/"]),  # a key ending in "/": every key that starts so
-    ("KL", ["kl", "approx_kl"]),
-    ("entropy", ["entropy"]),
-    ("response length (tokens)", ["response_len"]),
-    ("batch", ["kept_frac", "clipfrac"]),
-    ("throughput (tokens/s)", ["tokens_per_s"]),
-]
-
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise ValueError(f"--plot {run_dir}: no metrics.jsonl there (is it a run directory of train.py?)")
-    lines = path.read_text().split("\n")
-    lines = lines[:-1] if lines and not lines[-1] else lines  # the newline that ends the last line
-    records = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number < len(lines):  # a half-written last line is a run still writing it, not an error
-                raise ValueError(f"{path}:{number}: not valid JSON") from None
-    if not records:
-        raise ValueError(f"{path}: no steps logged yet")
-    return records
-
-
-def training_series(records: list[dict]) -> tuple[dict[str, dict[str, tuple[list, list]]], list[tuple[int, str]]]:
-    """({panel: {key: (steps, values)}} for the keys present, [(step, reason) of each reference reset])."""
-    panels = {}
-    for title, keys in TRAINING_PANELS:
-        keys = [found for key in keys for found in (
-            dict.fromkeys(k for r in records for k in r if k.startswith(key))
-            if key.endswith("/") else [key])]
-        series = {key: ([r["step"] for r in records if key in r], [r[key] for r in records if key in r])
-                  for key in keys}
-        series = {key: xy for key, xy in series.items() if xy[0]}
-        if series:
-            panels[title] = series
-    resets = [(r["step"], r["reset"]) for r in records if r.get("reset")]
-    return panels, resets
-
-
-def plot_training(run_dir: str | Path) -> Path:
-    """Draw RUN_DIR/training.png from RUN_DIR/metrics.jsonl; reference resets are dashed vertical lines."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    panels, resets = training_series(read_metrics(run_dir))
-    columns = 2
-    rows = math.ceil(len(panels) / columns)
-    fig = Figure(figsize=(6 * columns, 3 * rows), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(rows, columns, squeeze=False).flatten()
-    for ax, (title, series) in zip(axes, panels.items()):
-        for key, (steps, values) in series.items():
-            sparse = len(steps) < 0.5 * max(len(s) for s, _ in series.values())  # e.g. val_pass1
-            ax.plot(steps, values, label=key, marker="o" if sparse else None, markersize=4)
-        for number, (step, reason) in enumerate(resets):
-            ax.axvline(step, color="gray", linestyle="--", linewidth=1, label="reset" if number == 0 else None)
-            if ax is axes[0]:
-                ax.annotate(reason, (step, 1), xycoords=("data", "axes fraction"), rotation=90, fontsize=7,
-                            va="top", ha="right", color="gray")
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    for ax in axes[len(panels):]:
-        ax.set_visible(False)
-    fig.suptitle(f"{Path(run_dir).name}: {len(resets)} reference reset(s)")
-    path = Path(run_dir) / "training.png"
-    fig.savefig(path, dpi=110)
-    return path
+def pass1_gain(base_counts: list[int], trained_counts: list[int], n: int) -> str:
+    """Held-out pass@1 base → trained from the boundary's samples (c of n right per problem), with the gain's 95%
+    interval over problems: the m paired differences d = (c_trained − c_base) / n, mean(d) ± 1.96·sd(d)/√m."""
+    diffs = [(trained - base) / n for base, trained in zip(base_counts, trained_counts)]
+    m, gain = len(diffs), sum(diffs) / len(diffs)
+    sd = math.sqrt(sum((d - gain) ** 2 for d in diffs) / (m - 1)) if m > 1 else 0.0
+    half = 1.96 * sd / math.sqrt(m)
+    base, trained = sum(base_counts) / (m * n), sum(trained_counts) / (m * n)
+    return (f"pass@1 at T={EVAL_TEMPERATURE}, top-p {EVAL_TOP_P} ({m} held-out problems × {n} samples): base "
+            f"{base:.3f} → trained {trained:.3f}, gain {signed(gain)} (95% interval over problems "
+            f"{signed(gain - half)} to {signed(gain + half)})")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -362,7 +295,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     if args.plot:
-        print(f"wrote {plot_training(args.plot)}")
+        print(f"wrote {curves.plot_training(args.plot)}")
         return
     checks = [(args.n >= 1 and args.problems >= 1, "--n and --problems must be at least 1"),
               (args.level in (1, 2, 3), "--level must be 1, 2 or 3"),

@@ -1,4 +1,9 @@
-"""Models: load any Hugging Face causal LM from a local directory, or build the tiny built-in base.
+"""Models: load any Hugging Face causal LM (a local directory, a hub id or a GGUF file), or build the tiny base.
+
+`--model` names a model three ways, and `resolve` turns each into a local model directory, so everything
+after it (loading, `final/`, resume) takes one path: a directory is used as it is; a hub id (org/name) is
+found in the local Hugging Face cache, or downloaded when online, as TRL, verl and OpenRLHF do; a `.gguf`
+file is de-quantized once by transformers' GGUF loader into a directory under runs/base/, then reused.
 
 The built-in base is a stock `transformers` Llama (under a million parameters) with a character-level
 `PreTrainedTokenizerFast`, warm-started by a short supervised pass on the built-in tasks to partial
@@ -6,14 +11,20 @@ competence and saved with `save_pretrained`. Everything else loads it the way it
 checkpoint, so `--model DIR` and the default take the same path through the code.
 """
 
+import hashlib
+import importlib
 import json
 import math
 import random
+import re
 import time
 from pathlib import Path
 
 import torch
 import transformers
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import errors as hub_errors
+from huggingface_hub import snapshot_download
 from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
 from tokenizers import models as tokenizer_models
 from transformers import (
@@ -41,6 +52,97 @@ WARMSTART = {"task_mix": "sort:2,reverse:1,countdown:3", "level": 1, "steps": 50
              "lr": 3e-3, "noise": 0.4, "chain_coverage": 1.0}  # chain_coverage: see chains.shown_compositions
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name, as the hub spells repositories
+# What a hub download fetches: config, generation config, tokenizer, chat template and safetensors weights
+# (not the .bin, .onnx or .gguf copies many repositories also carry).
+HUB_FILES = ["*.json", "*.jinja", "*.txt", "*.model", "*.safetensors"]
+GGUF_PACKAGES = ("gguf", "accelerate")  # what transformers' GGUF loader needs (requirements.txt lists them)
+
+
+def resolve(spec: str, cache: str = "runs/base", log=print) -> str:
+    """The local model directory that --model names: a directory, a .gguf file (converted once into `cache`)
+    or a Hugging Face hub id (from the local cache, or downloaded when online)."""
+    check_model_spec(spec)
+    if Path(spec).is_dir():
+        return spec
+    if spec.endswith(".gguf"):
+        return convert_gguf(spec, cache, log)
+    return hub_snapshot(spec)
+
+
+def check_model_spec(spec: str) -> None:
+    """The checks --model must pass before any work starts (no download, no conversion)."""
+    if Path(spec).is_dir():
+        return check_model_dir(spec)
+    if spec.endswith(".gguf"):
+        if not Path(spec).is_file():
+            raise ValueError(f"--model {spec}: no such GGUF file")
+        return require(GGUF_PACKAGES, f"--model {spec}")
+    if not HUB_ID.match(spec):
+        raise ValueError(f"--model {spec}: no such model directory, .gguf file or hub id (org/name)")
+
+
+def hub_snapshot(repo_id: str) -> str:
+    """The directory of a hub model's files: the cached snapshot, or a fresh download when online."""
+    try:
+        return snapshot_download(repo_id, allow_patterns=HUB_FILES)
+    except hub_errors.LocalEntryNotFoundError:  # offline (HF_HUB_OFFLINE) or unreachable, and not cached
+        why = "HF_HUB_OFFLINE is set" if hub_constants.HF_HUB_OFFLINE else "the hub did not answer"
+        raise ValueError(f"--model {repo_id}: no such local directory, and as a hub id it is neither cached "
+                         f"in {hub_constants.HF_HUB_CACHE} nor reachable ({why})") from None
+    except (hub_errors.HfHubHTTPError, hub_errors.HFValidationError) as error:  # unknown, gated, private
+        raise ValueError(f"--model {repo_id}: the hub refused it: {first_line(error)}") from None
+
+
+def convert_gguf(file: str, cache: str = "runs/base", log=print) -> str:
+    """De-quantize a GGUF file once into a model directory `cache`/<name>-<hash>/ and return it (reused after).
+
+    transformers' GGUF loader de-quantizes the weights to fp32 and rebuilds the tokenizer and chat template
+    from the file's metadata. The loaded model still says it is quantized, and save_pretrained refuses it,
+    so a fresh model built from its config takes its weights and is saved as a normal directory."""
+    require(GGUF_PACKAGES, f"--model {file}")
+    source = Path(file)
+    with source.open("rb") as handle:  # the content names the directory: a changed file converts anew
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()[:12]
+    out = Path(cache) / f"{source.stem}-{digest}"
+    if (out / "converted.json").is_file():
+        return str(out)
+    start = time.time()
+    log(f"converting {file} to a model directory in {out} (once; later runs reuse it)")
+    try:
+        quantized = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:  # not GGUF, an unknown architecture
+        raise ValueError(f"--model {file}: transformers cannot load it: {first_line(error)}") from None
+    config = quantized.config
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    model.generation_config = quantized.generation_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "converted.json").write_text(json.dumps({"source": str(source.resolve()), "sha256": digest}))
+    log(f"converted {file} ({model.num_parameters() / 1e6:.0f}M parameters, {time.time() - start:.0f}s)")
+    return str(out)  # converted.json is written last: a half-converted directory is never reused
+
+
+def require(packages: tuple[str, ...], what: str) -> None:
+    """A one-line error naming the optional packages `what` needs, if any of them is missing."""
+    missing = []
+    for name in packages:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise ValueError(f"{what} needs the {' and '.join(missing)} package{'s' * (len(missing) > 1)}, "
+                         f"which {'are' if len(missing) > 1 else 'is'} not installed: pip install {' '.join(missing)}")
+
+
+def first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def load(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """(model, tokenizer) from a local Hugging Face directory; a one-line error if it is not one."""
     check_model_dir(path)
@@ -49,6 +151,11 @@ def load(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     except (OSError, ValueError, KeyError, TypeError) as error:  # no weights, a broken config.json, ...
         raise ValueError(f"--model {path}: cannot load it: {str(error).strip().splitlines()[0]}") from None
+    if getattr(getattr(model.config, "quantization_config", None), "quant_method", None) == "gguf":
+        # A directory saved from transformers' GGUF loader holds de-quantized weights but keeps the GGUF marker,
+        # which would make save_pretrained refuse final/ ("quantized with gguf and is not serializable").
+        model.hf_quantizer = None
+        del model.config.quantization_config
     stops = stop_ids(model, tokenizer)
     if not stops:
         raise ValueError(f"--model {path}: its tokenizer and configs name no end-of-sequence token (eos_token, "
@@ -102,12 +209,22 @@ def check_device(device: str) -> None:
 
 def encode_prompt(tokenizer, prompt: str | list[dict]) -> list[int]:
     """Token ids of a prompt, text or chat messages (an example's "messages": verl's and Nemotron's prompts, system
-    message included): through the chat template when the tokenizer has one, else BOS + the contents joined."""
+    message included): through the chat template when the tokenizer has one, else BOS + the contents joined.
+    The run's system prompt (set_system_prompt) goes first, unless the messages bring their own."""
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    system = getattr(tokenizer, "system_prompt", "")
+    if system and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system}, *messages]
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     return bos + tokenizer("\n\n".join(m["content"] for m in messages), add_special_tokens=False)["input_ids"]
+
+
+def set_system_prompt(tokenizer, text: str) -> None:
+    """Every prompt encode_prompt makes with this tokenizer, in training and evaluation alike, starts with the
+    system message `text` (--system-prompt): how a chat model is told the answer format the verifier reads."""
+    tokenizer.system_prompt = text
 
 
 def stop_ids(model, tokenizer) -> tuple[int, ...]:

@@ -27,7 +27,10 @@ def option(default, help: str):
 
 @dataclass
 class Config:
-    model: str = option("", "local Hugging Face model directory; empty: build the tiny built-in base")
+    model: str = option("", "a local Hugging Face model directory, a hub id (org/name: the local cache, or a "
+                        "download when online) or a .gguf file; empty: build the tiny built-in base")
+    system_prompt: str = option("", "a system message before every prompt, through a chat model's template: "
+                                "how its answers must look (preset chat-cpu sets one); empty: none")
     tasks: str = option("sort,reverse,countdown", "task mix SOURCE[:WEIGHT],...: built-in add/sort/reverse/"
                         "countdown, a domain (math, code, logic, mcq, ifeval), rg:NAME (reasoning-gym), or a JSONL path")
     level: int = option(1, "difficulty of the built-in tasks (1-3)")
@@ -89,7 +92,8 @@ class Config:
     curriculum_threshold: float = option(0.5, "promote when the current level's pass rate reaches this (> 1: never)")
     curriculum_replay: float = option(0.25, "share of prompts drawn from the easier levels")
     curriculum_window: int = option(32, "groups of the current level whose pass rate the promotion rule averages")
-    preset: str = option("tiny", "tiny, prorl, prorl-v2 or brorl: the papers' hyperparameters, then your flags")
+    preset: str = option("tiny", "tiny, prorl, prorl-v2, brorl (the papers' hyperparameters) or chat-cpu (a small "
+                         "chat model on a CPU), then your flags")
     bug: str = option("", "workshop only: switch on a deliberately broken variant (bugs.py: kl-sign, no-adv-norm, "
                       "no-clip); empty: none")
 
@@ -112,6 +116,11 @@ PRESETS = {
               "temperature": 1.2, "lr": 2e-6, "lr_scale_from_batch": 256 * 16, "minibatches": 4, "kl_coef": 1e-4,
               "kl_kind": "k2", "reset_every": 300, "reset_optimizer": False, "max_new_tokens": 8192,
               "micro_batch_rows": 1},
+    # A small chat model on a CPU (README "A real pretrained model"): a system prompt asks for the bare number,
+    # which math-verify reads; 8 prompts × 8, 16 new tokens, one on-policy update a batch, no reference model.
+    "chat-cpu": {"system_prompt": "Answer with only the number.", "prompts_per_step": 8, "n": 8,
+                 "max_new_tokens": 16, "lr": 2e-5, "kl_coef": 0.0, "minibatches": 1, "steps": 3, "eval_every": 0,
+                 "eval_problems": 54, "eval_samples": 2, "boundary_problems": 54, "boundary_n": 8},
 }
 # micro_batch_rows 1 in the paper presets: one 8k-token row of a 1.5B model holds ~2.5 GB of bf16 logits and
 # roughly 26-29 GB of activations (no activation checkpointing); 256 rows would need terabytes.
@@ -194,7 +203,7 @@ def validate(c: Config) -> None:
     check(c.dtype in ("auto", *models.DTYPES),
           f"--dtype must be auto, fp32 or bf16, not {c.dtype!r}")
     if c.model:
-        models.check_model_dir(c.model)
+        models.check_model_spec(c.model)
 
 
 def prompt_stream(c: Config, rank: int = 0):

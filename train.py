@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 import bugs
 import checkpoint
+import curves
 import dist
 import evaluation
 import grpo
@@ -169,11 +170,13 @@ def main(argv: list[str]) -> None:
     torch.manual_seed(c.seed)  # loading too draws from it (a checkpoint's missing weights are initialised at random)
     name = c.run or f"{c.preset}-s{c.seed}"  # taken: -2, -3, ... (an explicit --run that is taken fails validate)
     run_dir = Path(c.resume) if c.resume else dist.gather_objects(checkpoint.new_run_dir(name))[0]
-    model_dir = c.model or dist.main_first(lambda: models.ensure_tiny_base(f"runs/base/tiny-s{c.seed}", seed=c.seed))
+    model_dir = dist.main_first(lambda: models.resolve(c.model) if c.model else  # a hub id or GGUF: a local dir
+                                models.ensure_tiny_base(f"runs/base/tiny-s{c.seed}", seed=c.seed))
     # Mixed precision: weights (and so AdamW's state) are fp32 on every device, or updates of lr ≈ 1e-6 would
     # round away; on CUDA forwards compute in bf16 and the sampler samples bf16 copies (llama_forward.SAMPLE_DTYPE).
     compute = models.compute_dtype(device, c.dtype)
     policy, tokenizer = models.load(model_dir, device, torch.float32)
+    models.set_system_prompt(tokenizer, c.system_prompt)  # every prompt, sampled or evaluated, starts with it
     llama_forward.check_supported(policy.config)
     if c.activation_checkpointing:  # before sharding, so that FSDP2 wraps the checkpointed layers
         models.enable_activation_checkpointing(policy)
@@ -281,10 +284,10 @@ def report(run_dir, model_dir, saved, trained, trained_counts, boundary_set, tes
     if boundary_set:
         evaluation.write_boundary(run_dir, {"base": saved["base_counts"], "trained": trained_counts}, boundary_set,
                                   c.boundary_n, settings={"base": model_dir, "trained": str(run_dir / "final")})
-    evaluation.plot_training(run_dir)
-    print(evaluation.write_result(run_dir, saved["base"], trained, f"held-out problems: "
-                                  f"{evaluation.problem_counts(test_set)}; "
-                                  f"{c.eval_samples} samples each, T={c.eval_temperature}"))
+        print(evaluation.pass1_gain(saved["base_counts"], trained_counts, c.boundary_n))
+    curves.plot_training(run_dir)
+    sizes = f"held-out problems: {evaluation.problem_counts(test_set)}; {c.eval_samples} samples each"
+    print(evaluation.write_result(run_dir, saved["base"], trained, f"{sizes}, T={c.eval_temperature}"))
     print(f"wrote {run_dir}/: result.md, metrics.jsonl, training.png, " + ("boundary.md, boundary.png (pass@k at "
           "T=0.6, top-p 0.95), " if boundary_set else "") + "checkpoint.pt, final/ (the trained model)")
 

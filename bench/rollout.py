@@ -1,6 +1,7 @@
 """Benchmark rollout.generate against Hugging Face `model.generate`, side by side in one run.
 
     python bench/rollout.py            # CPU: the tiny model; on a CUDA machine also the 1.5B-shaped one
+    python bench/rollout.py --model DIR|ORG/NAME|FILE.gguf      # a real chat model on real prompts instead
 
 Prints, for the same model, batch and lengths: tokens/s of our sampler and of `model.generate` with
 sampling, their ratio, and the time to the first sampled token (prefill) for N=1 vs N=64 rows sharing a
@@ -10,6 +11,10 @@ ours vs theirs), and 4 prompts x 16 samples (what train.py asks for: N samples p
 also prints the decode step time and the fraction of the HBM-bandwidth roofline it reaches. Weights are
 random (no download): speed does not depend on their values. The two samplers are timed alternately and
 the best of several runs is kept, so a busy machine slows both alike.
+
+With --model, a real pretrained chat model (e.g. SmolLM2-135M-Instruct from its GGUF file) on chat prompts:
+first whether the sampler's greedy completions equal `model.generate`'s (8 prompts), then P x N = 8 x 8 and
+64 x 16 with 64 new tokens, both samplers on the same prompts (--sizes picks fewer on a slow machine).
 """
 
 import argparse
@@ -25,6 +30,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config
 
 import llama_forward
+import models
 import rollout
 
 # Peak HBM bandwidth, bytes/s (vendor datasheets), by words in torch.cuda.get_device_name().
@@ -70,9 +76,9 @@ def hf_generate(model, prompts: list[list[int]], n: int, max_new_tokens: int) ->
     )
 
 
-def best_times(functions, repeats: int, device: torch.device) -> list[float]:
+def best_times(functions, repeats: int, device: torch.device, warmup: bool = True) -> list[float]:
     """Best wall time of each function over `repeats` rounds, the functions run alternately."""
-    for fn in functions:  # warm-up: allocator, kernel selection
+    for fn in functions if warmup else []:  # warm-up: allocator, kernel selection
         fn()
     best = [float("inf")] * len(functions)
     for _ in range(repeats):
@@ -87,12 +93,12 @@ def best_times(functions, repeats: int, device: torch.device) -> list[float]:
     return best
 
 
-def compare(model, prompts: list[list[int]], n: int, max_new_tokens: int, repeats: int) -> None:
+def compare(model, prompts: list[list[int]], n: int, max_new_tokens: int, repeats: int, warmup: bool = True) -> None:
     """tokens/s of both samplers on the same prompts, n samples each."""
     ours, theirs = best_times([
         lambda: rollout.generate(model, prompts, n, max_new_tokens, temperature=1.0, seed=0),
         lambda: hf_generate(model, prompts, n, max_new_tokens),
-    ], repeats, model.device)
+    ], repeats, model.device, warmup)
     new_tokens = len(prompts) * n * max_new_tokens
     lengths = sorted({len(p) for p in prompts})
     print(f"  batch {len(prompts) * n} = {len(prompts)} prompts x N={n}, prompts {lengths[0]}-{lengths[-1]} tokens, "
@@ -196,6 +202,58 @@ def decode_roofline(model, prompts: list[list[int]], max_new_tokens: int, name: 
     else:
         print(f"  achieved bandwidth  {achieved / 1e12:10.2f} TB/s (peak of {name!r} unknown)")
 
+# ----------------------------------------------------------------------------- a real chat model
+
+QUESTIONS = [f"What is {a} {op} {b}?" for a, op, b in [(7, "+", 5), (9, "-", 4), (3, "*", 6), (8, "+", 8),
+                                                       (12, "-", 7), (6, "*", 7), (15, "+", 27), (40, "-", 13)]]
+
+
+def real_model(spec: str, sizes: list[tuple[int, int]], max_new_tokens: int, repeats: int) -> None:
+    """The sampler on a real chat model: greedy completions equal to model.generate's, then speed side by side."""
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    model, tokenizer = models.load(models.resolve(spec))
+    model.eval()
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"{time.strftime('%Y-%m-%d')}  torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"{spec}: {model.config.model_type}, {params:.0f}M params, fp32, chat template, stop ids "
+          f"{models.stop_ids(model, tokenizer)}")
+    prompts = [models.encode_prompt(tokenizer, question) for question in QUESTIONS]
+    same = greedy_agreement(model, tokenizer, prompts, max_new_tokens)
+    print(f"  greedy, {max_new_tokens} new tokens: rollout.generate == model.generate on {same} of {len(prompts)} "
+          "prompts (token for token, up to the stop)")
+    for p, n in sizes:
+        # no warm-up run: a 135M model's first call costs little next to its minutes of decoding
+        compare(model, [prompts[i % len(prompts)] for i in range(p)], n, max_new_tokens, repeats, warmup=False)
+
+
+@torch.no_grad()
+def greedy_agreement(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> int:
+    """How many prompts' greedy completions (to the first stop token) are the same tokens in both samplers."""
+    stops = models.stop_ids(model, tokenizer)
+    ours = rollout.generate(model, prompts, 1, max_new_tokens, temperature=0, stop_ids=stops,
+                            pad_id=tokenizer.pad_token_id)
+    same = 0
+    for i, prompt in enumerate(prompts):
+        theirs = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=list(stops),
+                                pad_token_id=tokenizer.pad_token_id)[0, len(prompt):].tolist()
+        same += ours.tokens[i][ours.mask[i]].tolist() == theirs
+    return same
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    return [tuple(int(x) for x in size.split("x")) for size in text.split(",")]
+
+
 if __name__ == "__main__":
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
-    main()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="", help="a real model (directory, hub id or .gguf) instead of the tiny one")
+    parser.add_argument("--sizes", default="8x8,64x16", help="with --model: prompts x samples, comma-separated")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="with --model: tokens per completion")
+    parser.add_argument("--repeats", type=int, default=1, help="with --model: timed runs of each sampler (best kept)")
+    args = parser.parse_args()
+    if args.model:
+        real_model(args.model, parse_sizes(args.sizes), args.max_new_tokens, args.repeats)
+    else:
+        main()

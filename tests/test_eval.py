@@ -15,6 +15,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import curves
 import evaluation
 import models
 import rewards
@@ -140,22 +141,22 @@ def write_metrics(run_dir: Path, extra_line: str = "") -> None:
 
 def test_training_series_plots_what_is_present_and_marks_resets(tmp_path):
     write_metrics(tmp_path, extra_line='{"step": 7, "rew')  # a run still writing its last line
-    panels, resets = evaluation.training_series(evaluation.read_metrics(tmp_path))
+    panels, resets = curves.training_series(curves.read_metrics(tmp_path))
     assert {title: set(series) for title, series in panels.items()} == {"reward": {"reward", "val_pass1"},
                                                                         "KL": {"kl"}}
     assert panels["reward"]["val_pass1"] == ([3, 6], [0.2, 0.2])
     assert panels["KL"]["kl"][0] == [1, 2, 3, 4, 5, 6]
     assert resets == [(4, "stalled")]
-    path = evaluation.plot_training(tmp_path)
+    path = curves.plot_training(tmp_path)
     assert path == tmp_path / "training.png" and path.read_bytes().startswith(PNG_MAGIC)
 
 
 def test_read_metrics_errors_are_one_sentence(tmp_path):
     with pytest.raises(ValueError, match="no metrics.jsonl"):
-        evaluation.read_metrics(tmp_path)
+        curves.read_metrics(tmp_path)
     write_metrics(tmp_path, extra_line="oops\n{}\n")
     with pytest.raises(ValueError, match=r"metrics.jsonl:7: not valid JSON"):
-        evaluation.read_metrics(tmp_path)
+        curves.read_metrics(tmp_path)
 
 
 # ----------------------------------------------------------------------------- sampling

@@ -75,7 +75,7 @@ def test_every_command_in_the_guide_parses_with_todays_flags(monkeypatch):
     assert len(commands) >= 6
     # The runs the guide's commands make may exist in this checkout, and DIR is a placeholder: parse, don't run.
     monkeypatch.setattr(checkpoint, "is_run", lambda path: False)
-    monkeypatch.setattr(models, "check_model_dir", lambda path: None)
+    monkeypatch.setattr(models, "check_model_spec", lambda spec: None)  # DIR, $GGUF: placeholders
     train_flags = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(settings.Config)}
     others = {"evaluation.py": evaluation.parse_args, "experiments/boundary.py": script_parser("experiments/boundary.py")}
     for argv in commands:
