@@ -12,6 +12,7 @@ import shlex
 import pytest
 import torch
 from conftest import REPO
+from test_commands_start import code_block_commands
 
 import bugs
 import checkpoint
@@ -26,21 +27,8 @@ GUIDE = REPO / "docs" / "workshop.md"
 
 
 def guide_commands() -> list[list[str]]:
-    """Every `python ...` line of the guide's code blocks, as argv lists (a trailing `\\` joins the next line)."""
-    commands, in_block, pending = [], False, ""
-    for line in GUIDE.read_text().splitlines():
-        if line.startswith("```"):
-            in_block = not in_block
-            continue
-        if not in_block:
-            continue
-        pending += line.rstrip().removesuffix("\\")
-        if line.rstrip().endswith("\\"):
-            continue
-        if pending.strip().startswith("python "):
-            commands.append(shlex.split(pending, comments=True))
-        pending = ""
-    return commands
+    """Every `python ...` command of the guide's code blocks, as argv lists."""
+    return [shlex.split(command, comments=True) for command in code_block_commands(GUIDE.read_text())]
 
 
 def help_flags(parse_args) -> set[str]:
