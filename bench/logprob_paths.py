@@ -1,6 +1,6 @@
 """One micro-batch's forward + backward of the loss, two ways, alternated in one process:
 
-    python bench/logprob_paths.py --model DIR       # e.g. SmolLM2-135M-Instruct; default: tiny random
+    python bench/logprob_paths.py --model DIR    # e.g. SmolLM2-135M-Instruct; default: tiny random
 
   full     the logits [B, T, V] at every position, then fused_policy_loss (the path before issue 25)
   chunked  train.policy_loss: the last hidden state, completion positions only, chunk by chunk
@@ -16,7 +16,8 @@ import statistics
 import sys
 import time
 
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, not bench/
+# the repository, not bench/
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch
 
@@ -60,7 +61,8 @@ def main() -> None:
     mix = tasks.TaskMix("math", 1, seed=0)
     examples = [mix.sample() for _ in range(args.prompts)]
     batch, scores = sampling.rollout_and_score(policy, tokenizer, examples, args.n, args.new_tokens)
-    adv = grpo.group_advantages(scores + torch.rand_like(scores)).flatten()  # any nonzero advantages
+    # any nonzero advantages
+    adv = grpo.group_advantages(scores + torch.rand_like(scores)).flatten()
     mask = batch.mask[:, 1:]
     weights = mask.float() / mask.sum()
     c = settings.Config(kl_coef=0.0, dtype="fp32")
@@ -80,10 +82,12 @@ def main() -> None:
             loss_of().backward()
             times[name].append(time.perf_counter() - start)
             peaks[name].append((rss_kb("VmHWM") - before) / 1024)
-            print(f"  {name:8s} {times[name][-1]:.2f} s, peak +{peaks[name][-1]:.0f} MB", flush=True)
+            last = f"{times[name][-1]:.2f} s, peak +{peaks[name][-1]:.0f} MB"
+            print(f"  {name:8s} {last}", flush=True)
     median = {name: statistics.median(t) for name, t in times.items()}
     print(f"medians (load now {os.getloadavg()[0]:.1f}): " + ", ".join(
-        f"{name} {median[name]:.2f} s, peak +{statistics.median(peaks[name]):.0f} MB" for name in paths)
+        f"{name} {median[name]:.2f} s, peak +{statistics.median(peaks[name]):.0f} MB"
+        for name in paths)
         + f"; chunked is {median['full'] / median['chunked']:.2f}x full")
 
 

@@ -191,7 +191,8 @@ def plain_model(path: str):
     """The model as ours loads it. A GGUF checkpoint converted to plain fp32 weights may still carry
     its quantization_config, which makes Trainer refuse to fine-tune it: drop that flag."""
     model = models.load(path)[0]
-    if getattr(model, "hf_quantizer", None) is not None and next(model.parameters()).is_floating_point():
+    quantized = getattr(model, "hf_quantizer", None) is not None
+    if quantized and next(model.parameters()).is_floating_point():
         model.hf_quantizer, model.is_quantized = None, False
         del model.config.quantization_config
     return model
