@@ -4,6 +4,7 @@ Shapes: P prompts, N samples per prompt (a "group"), B = P·N rows, T token posi
 Sampling the groups lives in sampling.py; this file holds only math, and imports nothing of ours but kl.
 """
 
+import dataclasses
 import math
 
 import torch
@@ -129,21 +130,61 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, m
     return aggregate(pg_loss, mask, agg), surrogate_stats(logp, old_logp, ratio, clipped, mask)
 
 
-def token_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, adv: torch.Tensor,
-               mask: torch.Tensor, clip_low: float = 0.2, clip_high: float = 0.28, kl_coef: float = 0.0,
-               kl_kind: str = "k3", kl_clamp: float | None = None):
-    """The training loss per token, pg_loss + β·KL(π‖π_ref) (ProRL), [B, T], and its statistics.
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    """The numbers the per-token loss reads besides tensors, checked once when made (train builds one
+    from the config; the fused kernel, its reference and `token_loss` all take it)."""
 
-    The KL is computed (and logged) whenever ref_logp is given; it enters the loss only when β > 0, since
-    0 · an overflowed KL would be NaN (with --kl-in-reward the KL is in the reward instead).
+    clip_low: float = 0.2  # ε_low: ρ may fall to 1 − ε_low before its gradient stops
+    clip_high: float = 0.28  # ε_high: ρ may rise to 1 + ε_high (clip-higher: ProRL 0.4, v2 0.28)
+    kl_coef: float = 0.0  # β of β·KL(π‖π_ref); 0 logs the KL (given a reference) without using it
+    kl_kind: str = "k3"  # which estimator (kl.KINDS)
+    kl_clamp: float | None = None  # bound on each token's KL term; None: unbounded
+    temperature: float = 1.0  # the sampler's: log-probs are those of softmax(logits / temperature)
+
+    def __post_init__(self):
+        if self.kl_kind not in kl.KINDS:
+            raise ValueError(f"kl_kind must be one of {kl.KINDS}, got {self.kl_kind!r}.")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}.")
+        if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
+            raise ValueError(f"clip bounds need 0 ≤ clip_low < 1 and clip_high ≥ 0, got "
+                             f"{self.clip_low}, {self.clip_high}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossTerms:
+    """The per-row tensors the loss reads besides the policy's log-probs, [B, T] unless said."""
+
+    old_logp: torch.Tensor | None  # the policy before this update; None: on-policy (ρ = 1)
+    ref_logp: torch.Tensor | None  # the reference's; None: no reference model
+    adv: torch.Tensor  # [B] (one per response) or [B, T]
+    mask: torch.Tensor  # the tokens the loss covers
+    weights: torch.Tensor  # what each token weighs (loss_weights)
+
+    def rows(self, index: torch.Tensor) -> "LossTerms":
+        """The same terms for the rows `index` (a micro-batch)."""
+        values = (getattr(self, field.name) for field in dataclasses.fields(self))
+        return LossTerms(*(None if value is None else value[index] for value in values))
+
+
+def token_loss(logp: torch.Tensor, terms: LossTerms, spec: LossSpec = LossSpec()):
+    """Σ_t w_t · (pg_loss + β·KL(π‖π_ref))_t (ProRL), a scalar, and its statistics.
+
+    The KL is computed (and logged) whenever a reference is given; it enters the loss only when β > 0,
+    since 0 · an overflowed KL would be NaN (with --kl-in-reward the KL is in the reward instead).
     """
-    pg_loss, ratio, clipped = clipped_surrogate(logp, old_logp, adv, mask, clip_low, clip_high)
-    stats = surrogate_stats(logp, old_logp, ratio, clipped, mask)
-    if ref_logp is None:
-        return pg_loss, stats
-    kl_per_token = kl.kl_penalty(logp, ref_logp, kl_kind, kl_clamp, mask)
-    stats["kl"] = masked_mean(kl_per_token.detach(), mask)
-    return (pg_loss + kl_coef * kl_per_token if kl_coef else pg_loss), stats
+    old_logp = logp.detach() if terms.old_logp is None else terms.old_logp
+    pg_loss, ratio, clipped = clipped_surrogate(logp, old_logp, terms.adv, terms.mask, spec.clip_low,
+                                                spec.clip_high)
+    stats = surrogate_stats(logp, old_logp, ratio, clipped, terms.mask)
+    per_token = pg_loss
+    if terms.ref_logp is not None:
+        kl_per_token = kl.kl_penalty(logp, terms.ref_logp, spec.kl_kind, spec.kl_clamp, terms.mask)
+        stats["kl"] = masked_mean(kl_per_token.detach(), terms.mask)
+        if spec.kl_coef:
+            per_token = pg_loss + spec.kl_coef * kl_per_token
+    return (per_token * terms.weights).sum(), stats
 
 
 @torch.no_grad()

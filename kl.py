@@ -12,6 +12,8 @@ towards π_ref.
 
 import torch
 
+KINDS = ("k1", "k2", "k3")
+
 
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:
     """Per-token KL estimate, same shape as logp."""
@@ -22,7 +24,7 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") ->
         return 0.5 * log_ratio**2
     if kind == "k3":
         return torch.exp(log_ratio) - log_ratio - 1
-    raise ValueError(f"unknown KL estimator '{kind}' (k1, k2, k3)")
+    raise ValueError(f"unknown KL estimator '{kind}' ({', '.join(KINDS)})")
 
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3", clamp: float | None = None,

@@ -83,17 +83,15 @@ def batch_logprobs(model, batch: rollout.Rollout, c: settings.Config) -> torch.T
     return torch.cat(logprobs)
 
 
-def policy_loss(policy, part: rollout.Rollout, old_logp, ref_logp, adv, mask, weights,
-                c: settings.Config, kl_coef: float):
+def policy_loss(policy, part: rollout.Rollout, terms: grpo.LossTerms, spec: grpo.LossSpec,
+                c: settings.Config):
     """One micro-batch's Σ_t w_t · (clipped surrogate + β·KL)_t and its statistics: log-probs from
-    the hidden state (completion tokens only), then grpo.token_loss on [B, T−1]. old_logp None:
+    the hidden state (completion tokens only), then grpo.token_loss on [B, T−1]. terms.old_logp None:
     on-policy (ρ = 1, with logp's gradient)."""
     logp, entropy = completion_logprobs(policy, part, c)
-    old_logp = logp.detach() if old_logp is None else old_logp
-    per_token, stats = grpo.token_loss(logp, old_logp, ref_logp, adv, mask, c.clip_low, c.clip_high,
-                                       kl_coef, c.kl_kind, c.kl_clamp or None)
-    stats["entropy"] = grpo.masked_mean(entropy, mask)
-    return (per_token * weights).sum(), stats
+    loss, stats = grpo.token_loss(logp, terms, spec)
+    stats["entropy"] = grpo.masked_mean(entropy, terms.mask)
+    return loss, stats
 
 
 def update(policy, optimizer, batch: rollout.Rollout, adv: torch.Tensor, ref_logp: torch.Tensor | None,
@@ -103,12 +101,14 @@ def update(policy, optimizer, batch: rollout.Rollout, adv: torch.Tensor, ref_log
     mask = batch.mask[:, 1:]  # the loss is on completion tokens
     if c.overlong_filter:  # DAPO: a truncated response is no evidence either way, so it gets no gradient
         mask = mask & ~batch.truncated[:, None]
-    kl_coef = 0.0 if c.kl_in_reward else c.kl_coef  # with --kl-in-reward the KL is only logged here
+    # with --kl-in-reward the KL is only logged here
+    spec = grpo.LossSpec(c.clip_low, c.clip_high, 0.0 if c.kl_in_reward else c.kl_coef, c.kl_kind,
+                         c.kl_clamp or None, c.temperature)
     rows = torch.arange(len(adv))
     # Old log-probs are recomputed by the policy before any update (not taken from the sampler), so the
     # ratio is exactly 1 on the first mini-batch; a single update per batch needs no extra pass.
     on_policy = c.minibatches == 1 and c.epochs == 1
-    old_logp = None if on_policy else batch_logprobs(policy, batch, c)
+    old_logp = None if on_policy else batch_logprobs(policy, batch, c)  # [B, T−1] or None
     totals, tokens, skipped = {}, 0.0, 0  # stats summed over tokens, and the tokens they cover
     for _ in range(c.epochs):
         # tensor_split, not chunk: exactly `minibatches` near-equal pieces (chunk can cut fewer, or leave a
@@ -117,13 +117,10 @@ def update(policy, optimizer, batch: rollout.Rollout, adv: torch.Tensor, ref_log
             if not dist.any_true(bool(mask[minibatch].any())):  # no token to learn from, on any rank: AdamW
                 continue  # would still move the weights on its momentum, so there is no step at all
             count = dist.loss_denominator(grpo.loss_count(mask[minibatch], c.loss_agg))  # once per mini-batch
+            terms = grpo.LossTerms(old_logp, ref_logp, adv, mask, grpo.loss_weights(mask, c.loss_agg, count))
             finite = True
             for micro in minibatch.split(c.micro_batch_rows):
-                part = rollout.select_rows(batch, micro)
-                loss, stats = policy_loss(
-                    policy, part, None if on_policy else old_logp[micro],
-                    None if ref_logp is None else ref_logp[micro], adv[micro], mask[micro],
-                    grpo.loss_weights(mask[micro], c.loss_agg, count), c, kl_coef)
+                loss, stats = policy_loss(policy, rollout.select_rows(batch, micro), terms.rows(micro), spec, c)
                 finite = finite and bool(torch.isfinite(loss))
                 loss.backward()  # Σ over micro-batches and ranks = the gradient of the whole mini-batch's loss
                 micro_tokens = float(mask[micro].sum())

@@ -30,7 +30,7 @@ from prorl_kernels.reference import policy_loss_ref, token_logprobs_ref
 VOCAB_SIZE = 151936
 SEQ_LEN = 512
 TEMPERATURE = 0.7
-LOSS_KWARGS = {"clip_low": 0.2, "clip_high": 0.28, "kl_kind": "k3", "kl_coef": 0.001, "temperature": TEMPERATURE}
+SPEC = grpo.LossSpec(clip_low=0.2, clip_high=0.28, kl_coef=0.001, kl_kind="k3", temperature=TEMPERATURE)
 GPU_TOKENS = (4096, 16384)
 CPU_TOKENS = (512, 1024)
 # Peak HBM bandwidth in GB/s (vendor datasheets), matched against torch.cuda.get_device_name in order.
@@ -106,12 +106,13 @@ def token_mean_weights(mask):  # what train.update passes for a token-mean loss 
 
 
 def eager_loss(logits, labels, old_logp, ref_logp, adv, mask):
-    return policy_loss_ref(logits, labels, old_logp, ref_logp, adv, mask, token_mean_weights(mask), **LOSS_KWARGS)[0]
+    terms = grpo.LossTerms(old_logp, ref_logp, adv, mask, token_mean_weights(mask))
+    return policy_loss_ref(logits, labels, terms, SPEC)[0]
 
 
 def ours_loss(logits, labels, old_logp, ref_logp, adv, mask):
-    weights = token_mean_weights(mask)
-    return prorl_kernels.fused_policy_loss(logits, labels, old_logp, ref_logp, adv, mask, weights, **LOSS_KWARGS)[0]
+    terms = grpo.LossTerms(old_logp, ref_logp, adv, mask, token_mean_weights(mask))
+    return prorl_kernels.fused_policy_loss(logits, labels, terms, SPEC)[0]
 
 
 def liger_ops() -> dict:
@@ -130,7 +131,7 @@ def liger_ops() -> dict:
         mask = b["mask"].int().contiguous()
         out = triton_grpo_loss(
             logits, b["old_logp"], b["ref_logp"], b["labels"], b["adv"], mask, temperature=TEMPERATURE,
-            beta=LOSS_KWARGS["kl_coef"], eps_low=LOSS_KWARGS["clip_low"], eps_high=LOSS_KWARGS["clip_high"],
+            beta=SPEC.kl_coef, eps_low=SPEC.clip_low, eps_high=SPEC.clip_high,
             inplace=False,
         )
         out = out[0] if isinstance(out, tuple) else out  # the API changed across versions

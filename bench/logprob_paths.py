@@ -39,8 +39,8 @@ def rss_kb(field: str) -> int:
 def full_path(policy, batch, adv, mask, weights):
     logits = policy(input_ids=batch.tokens, attention_mask=batch.attention_mask.long(),
                     position_ids=llama_forward.position_ids(batch.attention_mask)).logits[:, :-1]
-    return prorl_kernels.fused_policy_loss(logits, batch.tokens[:, 1:], None, None, adv, mask,
-                                           weights)[0]
+    terms = grpo.LossTerms(None, None, adv, mask, weights)
+    return prorl_kernels.fused_policy_loss(logits, batch.tokens[:, 1:], terms)[0]
 
 
 def main() -> None:
@@ -66,9 +66,9 @@ def main() -> None:
     mask = batch.mask[:, 1:]
     weights = mask.float() / mask.sum()
     c = settings.Config(kl_coef=0.0, dtype="fp32")
+    terms = grpo.LossTerms(None, None, adv, mask, weights)
     paths = {"full": lambda: full_path(policy, batch, adv, mask, weights),
-             "chunked": lambda: train.policy_loss(policy, batch, None, None, adv, mask, weights, c,
-                                                  0.0)[0]}
+             "chunked": lambda: train.policy_loss(policy, batch, terms, grpo.LossSpec(), c)[0]}
     times, peaks = {name: [] for name in paths}, {name: [] for name in paths}
     print(f"{args.model}: {len(batch.tokens)} rows × {batch.tokens.shape[1]} positions, "
           f"{int(mask.sum())} completion tokens; load {os.getloadavg()[0]:.1f}", flush=True)

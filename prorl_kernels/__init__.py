@@ -12,6 +12,7 @@ import os
 
 import torch
 
+import grpo
 from prorl_kernels import linear_logprobs
 from prorl_kernels.reference import policy_loss_ref, token_logprobs_ref
 
@@ -48,33 +49,20 @@ def token_logprobs(
 
 
 def fused_policy_loss(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    old_logp: torch.Tensor | None,
-    ref_logp: torch.Tensor | None,
-    adv: torch.Tensor,
-    mask: torch.Tensor,
-    weights: torch.Tensor,
-    clip_low: float = 0.2,
-    clip_high: float = 0.28,
-    kl_kind: str = "k3",
-    kl_coef: float = 0.0,
-    kl_clamp: float | None = None,
-    temperature: float = 1.0,
+    logits: torch.Tensor, labels: torch.Tensor, terms: grpo.LossTerms, spec: grpo.LossSpec = grpo.LossSpec()
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Σ_t w_t · (clipped surrogate + β·KL)_t straight from the logits → (loss, stats): train.update's loss.
+    """Σ_t w_t · (clipped surrogate + β·KL)_t straight from the logits → (loss, stats).
 
-    logits [B, T, V]; labels, mask, weights (grpo.loss_weights) [B, T]; old_logp [B, T] or None (on-policy:
-    ρ = 1 with logp's gradient); ref_logp [B, T] or None (no reference model); adv [B] or [B, T]. The math is
-    `reference.policy_loss_ref`; the gradient flows to the logits only. stats: detached scalars "clipfrac",
-    "approx_kl", "ratio_mean", "entropy" and, with a reference, "kl" (means over the masked tokens).
-    A clamped KL (--kl-clamp) runs the reference: the kernel has no clamp.
+    logits [B, T, V]; labels [B, T]; terms (grpo.LossTerms): old_logp [B, T] or None (on-policy: ρ = 1 with
+    logp's gradient), ref_logp [B, T] or None (no reference model), adv [B] or [B, T], mask and weights
+    (grpo.loss_weights) [B, T]. The math is `reference.policy_loss_ref`; the gradient flows to the logits
+    only. stats: detached scalars "clipfrac", "approx_kl", "ratio_mean", "entropy" and, with a reference,
+    "kl" (means over the masked tokens). A clamped KL (--kl-clamp) runs the reference: the kernel has no
+    clamp. (Training reads log-probs from the hidden state instead: linear_token_logprobs below.)
     """
-    if backend(logits) == "triton" and not kl_clamp:
-        return policy_loss.fused_policy_loss_triton(logits, labels, old_logp, ref_logp, adv, mask, weights,
-                                                       clip_low, clip_high, kl_kind, kl_coef, temperature)
-    return policy_loss_ref(logits, labels, old_logp, ref_logp, adv, mask, weights, clip_low, clip_high, kl_kind,
-                           kl_coef, kl_clamp, temperature)
+    if backend(logits) == "triton" and not spec.kl_clamp:
+        return policy_loss.fused_policy_loss_triton(logits, labels, terms, spec)
+    return policy_loss_ref(logits, labels, terms, spec)
 
 
 def linear_token_logprobs(

@@ -29,9 +29,7 @@ from prorl_kernels.logprobs import (
     row_logsumexp,
     row_offset,
 )
-from prorl_kernels.reference import check_policy_loss_args
-
-KL_KIND_IDS = {"k1": 1, "k2": 2, "k3": 3}
+KL_KIND_IDS = {"k1": 1, "k2": 2, "k3": 3}  # the kernel's constexpr for each of kl.KINDS
 
 
 @triton.jit
@@ -129,21 +127,10 @@ class FusedPolicyLoss(torch.autograd.Function):
 
 
 def fused_policy_loss_triton(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    old_logp: torch.Tensor | None,
-    ref_logp: torch.Tensor | None,
-    adv: torch.Tensor,
-    mask: torch.Tensor,
-    weights: torch.Tensor,
-    clip_low: float = 0.2,
-    clip_high: float = 0.28,
-    kl_kind: str = "k3",
-    kl_coef: float = 0.0,
-    temperature: float = 1.0,
+    logits: torch.Tensor, labels: torch.Tensor, terms: grpo.LossTerms, spec: grpo.LossSpec = grpo.LossSpec()
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Triton `fused_policy_loss`; see `prorl_kernels.fused_policy_loss`."""
-    check_policy_loss_args(kl_kind, temperature)
+    old_logp, ref_logp, adv, mask = terms.old_logp, terms.ref_logp, terms.adv, terms.mask
     batch, seq_len = mask.shape
     adv = adv.unsqueeze(-1).expand(batch, seq_len) if adv.dim() == 1 else adv  # [B, T]
     zeros = torch.zeros(batch, seq_len, device=mask.device)
@@ -154,8 +141,9 @@ def fused_policy_loss_triton(
 
     loss, logp, entropy, kl, clipped = FusedPolicyLoss.apply(
         logits, labels.reshape(-1).contiguous(), flat(zeros if on_policy else old_logp),
-        flat(ref_logp if use_kl else zeros), flat(adv), flat(mask), flat(weights), 1 - clip_low, 1 + clip_high,
-        kl_kind, float(kl_coef) if use_kl else 0.0, 1.0 / temperature, on_policy,
+        flat(ref_logp if use_kl else zeros), flat(adv), flat(mask), flat(terms.weights), 1 - spec.clip_low,
+        1 + spec.clip_high, spec.kl_kind, float(spec.kl_coef) if use_kl else 0.0, 1.0 / spec.temperature,
+        on_policy,
     )
     logp, kl, clipped, entropy = (x.view(batch, seq_len) for x in (logp, kl, clipped, entropy))
     old_logp = logp if on_policy else old_logp

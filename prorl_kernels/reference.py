@@ -9,9 +9,6 @@ import torch
 
 import grpo
 
-KL_KINDS = ("k1", "k2", "k3")
-
-
 def token_logprobs_ref(
     logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, return_entropy: bool = False
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -32,42 +29,19 @@ def token_logprobs_ref(
     return logp, entropy
 
 
-def check_policy_loss_args(kl_kind: str, temperature: float) -> None:
-    """One clear sentence for the mistakes a config can make."""
-    if kl_kind not in KL_KINDS:
-        raise ValueError(f"kl_kind must be one of {KL_KINDS}, got {kl_kind!r}.")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}.")
-
-
 def policy_loss_ref(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    old_logp: torch.Tensor | None,
-    ref_logp: torch.Tensor | None,
-    adv: torch.Tensor,
-    mask: torch.Tensor,
-    weights: torch.Tensor,
-    clip_low: float = 0.2,
-    clip_high: float = 0.28,
-    kl_kind: str = "k3",
-    kl_coef: float = 0.0,
-    kl_clamp: float | None = None,
-    temperature: float = 1.0,
+    logits: torch.Tensor, labels: torch.Tensor, terms: grpo.LossTerms, spec: grpo.LossSpec = grpo.LossSpec()
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Σ_t w_t · (pg_loss_t + β·kl_t) from the logits: log-probs, then grpo.token_loss (the clipped surrogate
-    and the KL, written once there), weighed by grpo.loss_weights. What `fused_policy_loss` fuses.
+    and the KL, written once there). What `fused_policy_loss` fuses.
 
-    logits [B, T, V]; labels, mask, weights [B, T]; old_logp, ref_logp [B, T] or None (None: on-policy,
-    old_logp = logp; no reference model); adv [B] or [B, T]. Gradient flows to the logits only.
+    logits [B, T, V]; labels [B, T]; terms: old and reference log-probs, advantages, mask and weights
+    (grpo.LossTerms). Gradient flows to the logits only.
     """
-    check_policy_loss_args(kl_kind, temperature)
-    logp, entropy = token_logprobs_ref(logits, labels, temperature, return_entropy=True)  # [B, T]
-    old_logp = logp.detach() if old_logp is None else old_logp
-    per_token, stats = grpo.token_loss(logp, old_logp, ref_logp, adv, mask, clip_low, clip_high, kl_coef, kl_kind,
-                                       kl_clamp)
-    stats["entropy"] = grpo.masked_mean(entropy, mask)
-    return (per_token * weights).sum(), stats
+    logp, entropy = token_logprobs_ref(logits, labels, spec.temperature, return_entropy=True)  # [B, T]
+    loss, stats = grpo.token_loss(logp, terms, spec)
+    stats["entropy"] = grpo.masked_mean(entropy, terms.mask)
+    return loss, stats
 
 
 def linear_token_logprobs_ref(

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+import grpo
 import llama_forward
 import prorl_kernels
 import rollout
@@ -159,7 +160,8 @@ def test_one_update_keeps_far_less_for_backward_than_full_logits(monkeypatch):
     adv, weights = torch.ones(6), targets.float() / targets.sum()
 
     def chunked():
-        train.policy_loss(model, batch, None, None, adv, targets, weights, c, 0.0)[0]
+        terms = grpo.LossTerms(None, None, adv, targets, weights)
+        train.policy_loss(model, batch, terms, grpo.LossSpec(), c)[0]
 
     def full():
         logits = model(
@@ -167,9 +169,8 @@ def test_one_update_keeps_far_less_for_backward_than_full_logits(monkeypatch):
             attention_mask=batch.attention_mask.long(),
             position_ids=llama_forward.position_ids(batch.attention_mask),
         ).logits[:, :-1]
-        prorl_kernels.fused_policy_loss(
-            logits, batch.tokens[:, 1:], None, None, adv, targets, weights
-        )
+        terms = grpo.LossTerms(None, None, adv, targets, weights)
+        prorl_kernels.fused_policy_loss(logits, batch.tokens[:, 1:], terms)
 
     new_total, new_largest = saved_bytes(model, chunked)
     old_total, old_largest = saved_bytes(model, full)

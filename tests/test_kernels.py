@@ -231,6 +231,18 @@ def policy_batch(batch, seq_len, vocab_size, dtype, seed, adv_per_token=False):
     return full, labels, old_logp, ref_logp, adv, mask
 
 
+def loss_taking_arguments(fn):
+    """fn(logits, labels, grpo.LossTerms, grpo.LossSpec) called with the tensors and the spec's fields
+    as arguments, as the tests below write them."""
+    def call(logits, labels, old_logp, ref_logp, adv, mask, weights, **spec):
+        return fn(logits, labels, grpo.LossTerms(old_logp, ref_logp, adv, mask, weights), grpo.LossSpec(**spec))
+    return call
+
+
+fused_loss = loss_taking_arguments(prorl_kernels.fused_policy_loss)
+ref_loss = loss_taking_arguments(policy_loss_ref)
+
+
 def weights_of(mask: torch.Tensor, agg: str = "token-mean") -> torch.Tensor:
     """The loss weights train.update passes for a batch taken in one piece."""
     return grpo.loss_weights(mask, agg, grpo.loss_count(mask, agg))
@@ -240,7 +252,7 @@ def loss_and_grad(fn, full, *args, dtype=None, **kwargs):
     """(loss, stats, d loss / d full) with the loss computed on the slice full[:, :-1], in `dtype`."""
     full = full.detach().to(dtype or full.dtype).requires_grad_()
     loss, stats = fn(full[:, :-1], *args, **kwargs)
-    if fn is prorl_kernels.fused_policy_loss and prorl_kernels.backend(full) == "triton":
+    if fn is fused_loss and prorl_kernels.backend(full) == "triton":
         assert type(loss.grad_fn).__name__ == "FusedPolicyLossBackward"  # the fused kernel ran
     loss.backward()
     return loss, stats, full.grad
@@ -250,8 +262,8 @@ def assert_policy_loss_matches(full, labels, old_logp, ref_logp, adv, mask, agg=
     """The fused kernel against `policy_loss_ref` run in fp64 on the same values."""
     args = (labels, old_logp, ref_logp, adv, mask, weights_of(mask, agg))
     assert prorl_kernels.backend(full) == "triton"
-    loss, stats, grad = loss_and_grad(prorl_kernels.fused_policy_loss, full, *args, **kwargs)
-    loss_ref, stats_ref, grad_ref = loss_and_grad(policy_loss_ref, full, *args, dtype=torch.float64, **kwargs)
+    loss, stats, grad = loss_and_grad(fused_loss, full, *args, **kwargs)
+    loss_ref, stats_ref, grad_ref = loss_and_grad(ref_loss, full, *args, dtype=torch.float64, **kwargs)
     assert loss.dtype == torch.float32 and grad.dtype == full.dtype
     assert_close_to_fp64(loss, loss_ref)
     expected = {"clipfrac", "entropy", "ratio_mean", "approx_kl"} | ({"kl"} if ref_logp is not None else set())
@@ -294,9 +306,9 @@ def test_policy_loss_on_policy_and_without_reference_matches_reference(agg):
     # on-policy is the same loss as passing the log-probs themselves as old_logp
     with torch.no_grad():
         logp = token_logprobs_ref(full[:, :-1], labels, 1.0)
-    loss_given, _, grad_given = loss_and_grad(policy_loss_ref, full, labels, logp, None, adv, mask,
+    loss_given, _, grad_given = loss_and_grad(ref_loss, full, labels, logp, None, adv, mask,
                                               weights_of(mask, agg))
-    loss_none, _, grad_none = loss_and_grad(policy_loss_ref, full, labels, None, None, adv, mask,
+    loss_none, _, grad_none = loss_and_grad(ref_loss, full, labels, None, None, adv, mask,
                                             weights_of(mask, agg))
     torch.testing.assert_close(loss_none, loss_given)
     torch.testing.assert_close(grad_none, grad_given)
@@ -306,7 +318,7 @@ def test_a_clamped_kl_runs_the_reference(use_triton):
     """The kernel has no clamp: --kl-clamp takes the reference path, whatever the backend."""
     full, labels, old_logp, ref_logp, adv, mask = policy_batch(2, 6, 17, torch.float32, seed=12)
     args = (full[:, :-1], labels, old_logp, ref_logp, adv, mask, weights_of(mask))
-    clamped, stats = prorl_kernels.fused_policy_loss(*args, kl_kind="k3", kl_coef=1.0, kl_clamp=1e-3)
+    clamped, stats = fused_loss(*args, kl_kind="k3", kl_coef=1.0, kl_clamp=1e-3)
     assert stats["kl"] <= 1e-3
     assert clamped.grad_fn is None or type(clamped.grad_fn).__name__ != "FusedPolicyLossBackward"
 
@@ -324,7 +336,7 @@ def test_policy_loss_hand_values(use_triton):
     mask = torch.ones(1, 3, dtype=torch.bool)
     assert prorl_kernels.backend(logits) == ("triton" if use_triton else "reference")
 
-    loss, stats = prorl_kernels.fused_policy_loss(logits, labels, old_logp, logp, adv, mask, weights_of(mask),
+    loss, stats = fused_loss(logits, labels, old_logp, logp, adv, mask, weights_of(mask),
                                                   kl_kind="k3", kl_coef=0.5)
     loss.backward()
     torch.testing.assert_close(loss, torch.tensor((-1.28 + 0.8 - 1) / 3))
@@ -345,7 +357,7 @@ def test_policy_loss_kl_hand_values(kl_kind, expected_kl, use_triton):
     logits = torch.zeros(1, 1, 2, requires_grad=True)
     logp = torch.full((1, 1), -math.log(2))
     ones = torch.ones(1, 1)
-    loss, stats = prorl_kernels.fused_policy_loss(
+    loss, stats = fused_loss(
         logits, torch.zeros(1, 1, dtype=torch.long), logp, logp - 1, 0 * ones, ones.bool(), weights_of(ones.bool()),
         kl_kind=kl_kind, kl_coef=0.1)
     loss.backward()
@@ -361,13 +373,13 @@ def test_policy_loss_ignores_masked_tokens(use_triton):
     full, labels, old_logp, ref_logp, adv, mask = policy_batch(3, 8, 17, torch.float32, seed=7)
     kwargs = {"kl_kind": "k3", "kl_coef": 0.1, "temperature": 0.8}
     weights = weights_of(mask)
-    loss, _, grad = loss_and_grad(prorl_kernels.fused_policy_loss, full, labels, old_logp, ref_logp, adv, mask, weights,
+    loss, _, grad = loss_and_grad(fused_loss, full, labels, old_logp, ref_logp, adv, mask, weights,
                                   **kwargs)
     # Garbage where mask is False: huge logits and old/ref log-probs that overflow exp() if used.
     padded = full.clone()
     padded[:, :-1][~mask] = 1e4
     old_logp, ref_logp = old_logp.masked_fill(~mask, -1e4), ref_logp.masked_fill(~mask, 1e4)
-    loss2, _, grad2 = loss_and_grad(prorl_kernels.fused_policy_loss, padded, labels, old_logp, ref_logp, adv, mask,
+    loss2, _, grad2 = loss_and_grad(fused_loss, padded, labels, old_logp, ref_logp, adv, mask,
                                     weights, **kwargs)
     torch.testing.assert_close(loss2, loss)
     torch.testing.assert_close(grad2, grad)
@@ -375,7 +387,7 @@ def test_policy_loss_ignores_masked_tokens(use_triton):
     if use_triton:  # the kernel never reads a masked row: even nan logits there leave everything finite
         padded[:, :-1][~mask] = float("nan")
         args = (labels, old_logp, ref_logp, adv, mask, weights)
-        loss3, _, grad3 = loss_and_grad(prorl_kernels.fused_policy_loss, padded, *args, **kwargs)
+        loss3, _, grad3 = loss_and_grad(fused_loss, padded, *args, **kwargs)
         torch.testing.assert_close(loss3, loss)
         torch.testing.assert_close(grad3, grad)
 
@@ -393,11 +405,11 @@ def test_policy_loss_rejects_bad_config(use_triton):
     full, labels, old_logp, ref_logp, adv, mask = policy_batch(2, 3, 17, torch.float32, seed=8)
     args = (full[:, :-1], labels, old_logp, ref_logp, adv, mask, weights_of(mask))
     with pytest.raises(ValueError, match="kl_kind"):
-        prorl_kernels.fused_policy_loss(*args, kl_kind="k4")
+        fused_loss(*args, kl_kind="k4")
     with pytest.raises(ValueError, match="aggregation"):
         weights_of(mask, "mean")
     with pytest.raises(ValueError, match="temperature"):
-        prorl_kernels.fused_policy_loss(*args, temperature=0.0)
+        fused_loss(*args, temperature=0.0)
 
 
 # ----------------------------------------------------------------------------- references and dispatch
@@ -418,7 +430,7 @@ def test_references_pass_gradcheck_in_fp64():
         for agg in AGGREGATIONS:
 
             def loss(x, kl_kind=kl_kind, agg=agg):
-                return policy_loss_ref(x, labels, old_logp, ref_logp, adv, mask, weights_of(mask, agg),
+                return ref_loss(x, labels, old_logp, ref_logp, adv, mask, weights_of(mask, agg),
                                        kl_kind=kl_kind, kl_coef=0.1, temperature=0.7)[0]
 
             assert torch.autograd.gradcheck(loss, (logits,))

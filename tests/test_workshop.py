@@ -113,9 +113,9 @@ def loss_gradient(logits, old_logp, ref_logp, adv, kl_coef):
     logits = logits.clone().requires_grad_(True)
     labels, mask = torch.tensor([[0, 1, 2]]), torch.ones(1, 3, dtype=torch.bool)
     logp = torch.log_softmax(logits, dim=-1).gather(-1, labels[..., None])[..., 0]
-    old_logp = logp.detach() if old_logp is None else old_logp
-    per_token, stats = grpo.token_loss(logp, old_logp, ref_logp, adv, mask, 0.2, 0.28, kl_coef, "k3", None)
-    (per_token * mask.float() / 3).sum().backward()
+    terms = grpo.LossTerms(old_logp, ref_logp, adv, mask, mask.float() / 3)
+    loss, stats = grpo.token_loss(logp, terms, grpo.LossSpec(0.2, 0.28, kl_coef, "k3"))
+    loss.backward()
     return logits.grad, stats
 
 
