@@ -16,6 +16,7 @@ that claim on their own checkpoints.
 """
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -58,34 +59,34 @@ def ks_up_to(n: int) -> list[int]:
 
 # ----------------------------------------------------------------------------- sampling
 
-def correct_counts(policy, tokenizer, examples: list[dict], n: int = EVAL_SAMPLES, max_new_tokens: int = 16,
-                   temperature: float = EVAL_TEMPERATURE, top_p: float = EVAL_TOP_P, seed: int = 0,
-                   max_rows: int | None = None, progress: str = "", chunk: int = 0) -> list[int]:
-    """c for each example: how many of its n samples are right (reward ≥ 1; partial credit is not a pass).
+def correct_counts(policy, tokenizer, examples: list[dict], params: sampling.SamplingParams,
+                   progress: str = "", chunk: int = 0) -> list[int]:
+    """c for each example: how many of its params.n samples are right (reward ≥ 1; partial credit is not
+    a pass).
 
     Problems are sampled `chunk` at a time (default 4096 // n; a chunk starting at example i uses
-    seed + i), so memory is bounded whatever the number of problems. A non-empty `progress` shows a
-    progress bar with that label.
+    params.seed + i), so memory is bounded whatever the number of problems. A non-empty `progress` shows
+    a progress bar with that label.
     """
-    chunk = chunk or max(1, 4096 // n)
+    chunk = chunk or max(1, 4096 // params.n)
     counts = []
-    with tqdm(total=len(examples), desc=progress, unit="problem", disable=not progress, dynamic_ncols=True) as bar:
+    bar = tqdm(total=len(examples), desc=progress, unit="problem", disable=not progress,
+               dynamic_ncols=True)
+    with bar:
         for start in range(0, len(examples), chunk):
-            _, scores = sampling.rollout_and_score(policy, tokenizer, examples[start:start + chunk], n,
-                                                   max_new_tokens, temperature, top_p, seed=seed + start,
-                                                   max_rows=max_rows)
+            chunk_params = dataclasses.replace(params, seed=params.seed + start)
+            _, scores = sampling.rollout_and_score(policy, tokenizer, examples[start:start + chunk],
+                                                   chunk_params)
             counts += (scores >= 1.0).sum(dim=1).tolist()
             bar.update(len(scores))
     return counts
 
 
-def evaluate(policy, tokenizer, examples: list[dict], n: int = 4, max_new_tokens: int = 32,
-             temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, ks: tuple[int, ...] = (1,),
-             chunk: int = 256) -> dict:
+def evaluate(policy, tokenizer, examples: list[dict], params: sampling.SamplingParams,
+             ks: tuple[int, ...] = (1,), chunk: int = 256) -> dict:
     """pass_at_k_by_source's report of these samples. A sample is right iff reward ≥ 1."""
-    counts = correct_counts(policy, tokenizer, examples, n, max_new_tokens, temperature, top_p,
-                            seed, chunk=chunk)
-    return pass_at_k_by_source(counts, examples, n, [k for k in ks if k <= n])
+    counts = correct_counts(policy, tokenizer, examples, params, chunk=chunk)
+    return pass_at_k_by_source(counts, examples, params.n, [k for k in ks if k <= params.n])
 
 
 # ----------------------------------------------------------------------------- the boundary report
@@ -297,13 +298,13 @@ def main(argv: list[str]) -> None:
     if args.plot:
         print(f"wrote {curves.plot_training(args.plot)}")
         return
-    checks = [(args.n >= 1 and args.problems >= 1, "--n and --problems must be at least 1"),
-              (args.level in (1, 2, 3), "--level must be 1, 2 or 3"),
-              (args.temperature >= 0 and 0 < args.top_p <= 1, "--temperature must be ≥ 0 and --top-p in (0, 1]"),
-              (args.max_new_tokens >= 1 and (args.max_rows or 1) >= 1, "--max-new-tokens and --max-rows must be ≥ 1")]
+    checks = [(args.problems >= 1, "--problems must be at least 1"),
+              (args.level in (1, 2, 3), "--level must be 1, 2 or 3")]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    params = sampling.SamplingParams(args.n, args.max_new_tokens, args.temperature, args.top_p, args.seed,
+                                     args.max_rows)
     models.check_device(args.device)
     for path in args.model:  # all of them before the first hour of sampling, not after
         models.check_model_dir(path)
@@ -316,8 +317,7 @@ def main(argv: list[str]) -> None:
     counts = {}
     for name, path in zip(names, args.model):
         policy, tokenizer = models.load(path, device, dtype)
-        counts[name] = correct_counts(policy.eval(), tokenizer, examples, args.n, args.max_new_tokens,
-                                      args.temperature, args.top_p, args.seed, args.max_rows, progress=name)
+        counts[name] = correct_counts(policy.eval(), tokenizer, examples, params, progress=name)
         del policy
     settings = {**dict(zip(names, args.model)), "temperature": args.temperature,
                 "top_p": args.top_p, "max_new_tokens": args.max_new_tokens, "seed": args.seed}

@@ -140,8 +140,8 @@ def held_out_pass1(policy, tokenizer, examples: list[dict], c: settings.Config) 
     """pass@1 per source, per family and overall on held-out problems (pass_at_k_by_source);
     every rank evaluates, so every rank decides resets alike."""
     with dist.full_weights(policy):
-        return evaluation.evaluate(policy.eval(), tokenizer, examples, c.eval_samples,
-                                   c.max_new_tokens, c.eval_temperature, seed=12345)
+        params = sampling.SamplingParams(c.eval_samples, c.max_new_tokens, c.eval_temperature, seed=12345)
+        return evaluation.evaluate(policy.eval(), tokenizer, examples, params)
 
 
 def boundary_counts(policy, tokenizer, examples: list[dict], c: settings.Config, name: str) -> list[int]:
@@ -149,8 +149,10 @@ def boundary_counts(policy, tokenizer, examples: list[dict], c: settings.Config,
     if not examples:
         return []
     with dist.full_weights(policy):
-        return evaluation.correct_counts(policy.eval(), tokenizer, examples, c.boundary_n, c.max_new_tokens,
-                                         seed=12345, progress=f"{name} pass@k" if dist.is_main() else "")
+        params = sampling.SamplingParams(c.boundary_n, c.max_new_tokens, evaluation.EVAL_TEMPERATURE,
+                                         evaluation.EVAL_TOP_P, seed=12345)
+        progress = f"{name} pass@k" if dist.is_main() else ""
+        return evaluation.correct_counts(policy.eval(), tokenizer, examples, params, progress)
 
 
 def clock() -> float:
@@ -213,10 +215,11 @@ def main(argv: list[str]) -> None:
         for step in progress:
             start = clock()
             with dist.full_weights(policy):  # each rank samples its share of whole groups, with its own seed
+                params = sampling.SamplingParams(c.n, c.max_new_tokens, c.temperature, c.top_p,
+                                                 seed=sampling.sampler_seed(c.seed, step, dist.rank()))
                 batch, scores, metrics = sampling.sample_groups(
-                    policy.eval(), tokenizer, stream, c.prompts_per_step // dist.world_size(), c.n, c.max_new_tokens,
-                    c.temperature, c.top_p, rounds=c.max_sampling_rounds if c.dynamic_sampling else 1,
-                    dynamic_sampling=c.dynamic_sampling, seed=sampling.sampler_seed(c.seed, step, dist.rank()))
+                    policy.eval(), tokenizer, stream, c.prompts_per_step // dist.world_size(), params,
+                    rounds=c.max_sampling_rounds if c.dynamic_sampling else 1, dynamic_sampling=c.dynamic_sampling)
             batch, scores = dist.gather_groups(batch, scores, tokenizer.pad_token_id)  # the whole batch everywhere
             metrics = {"step": step, **dist.reduce_metrics(metrics), "gen_s": clock() - start}  # means over ranks
             if len(scores):

@@ -60,7 +60,8 @@ def main() -> None:
     policy, tokenizer = models.load(args.model)
     mix = tasks.TaskMix("math", 1, seed=0)
     examples = [mix.sample() for _ in range(args.prompts)]
-    batch, scores = sampling.rollout_and_score(policy, tokenizer, examples, args.n, args.new_tokens)
+    params = sampling.SamplingParams(args.n, args.new_tokens)
+    batch, scores = sampling.rollout_and_score(policy, tokenizer, examples, params)
     # any nonzero advantages
     adv = grpo.group_advantages(scores + torch.rand_like(scores)).flatten()
     mask = batch.mask[:, 1:]

@@ -104,9 +104,13 @@ def ours_step(args, dtype: str) -> dict:
     reference = models.load(args.model)[0].eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
     start = time.perf_counter()
-    batch, scores = sampling.rollout_and_score(
-        policy.eval(), tokenizer, examples_of(args), args.n, args.new_tokens, seed=args.step
-    )
+    if hasattr(sampling, "SamplingParams"):
+        params = sampling.SamplingParams(args.n, args.new_tokens, seed=args.step)
+        batch, scores = sampling.rollout_and_score(policy.eval(), tokenizer, examples_of(args), params)
+    else:  # a "before:" tree from before sampling.SamplingParams
+        batch, scores = sampling.rollout_and_score(
+            policy.eval(), tokenizer, examples_of(args), args.n, args.new_tokens, seed=args.step
+        )
     ref_start = time.perf_counter()
     ref_logp = train.batch_logprobs(reference, batch, c)
     update_start = time.perf_counter()

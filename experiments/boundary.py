@@ -26,6 +26,7 @@ import torch
 import chains
 import evaluation
 import models
+import sampling
 import tasks
 import train
 
@@ -74,7 +75,8 @@ def splits(problems: int) -> dict[str, list[dict]]:
 
 def counts_of(model_dir: str, sets: dict[str, list[dict]], n: int) -> dict[str, list[int]]:
     policy, tokenizer = models.load(model_dir)
-    return {name: evaluation.correct_counts(policy.eval(), tokenizer, examples, n, max_new_tokens=32, seed=12345)
+    return {name: evaluation.correct_counts(policy.eval(), tokenizer, examples, sampling.SamplingParams(
+        n, 32, evaluation.EVAL_TEMPERATURE, evaluation.EVAL_TOP_P, seed=12345))
             for name, examples in sets.items()}
 
 

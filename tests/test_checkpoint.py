@@ -108,7 +108,7 @@ def test_a_run_stopped_before_its_first_checkpoint_resumes_from_its_start(tmp_pa
     real_sample = train.sampling.sample_groups
 
     def killed_at_step_3(*args, **kwargs):
-        if kwargs["seed"] // 10 % 10_000 == 3:  # seed = seed·100003 + step·10 + rank·1000003
+        if args[4].seed // 10 % 10_000 == 3:  # seed = seed·100003 + step·10 + rank·1000003
             raise Killed
         return real_sample(*args, **kwargs)
 
@@ -130,7 +130,7 @@ def test_sigterm_saves_the_step_and_stops_and_resume_is_the_straight_run(tmp_pat
     real_sample = train.sampling.sample_groups
 
     def preempted_during_step_2(*args, **kwargs):
-        if kwargs["seed"] // 10 % 10_000 == 2:
+        if args[4].seed // 10 % 10_000 == 2:
             os.kill(os.getpid(), signal.SIGTERM)  # the handler notes it; the step goes on
         return real_sample(*args, **kwargs)
 

@@ -31,9 +31,10 @@ def scripted_rewards(monkeypatch):
 
 
 def collect(policy, tokenizer, stream: tasks.TaskMix, c: settings.Config):
-    return sampling.sample_groups(policy, tokenizer, stream, c.prompts_per_step, c.n, c.max_new_tokens, c.temperature,
-                              c.top_p, rounds=c.max_sampling_rounds if c.dynamic_sampling else 1,
-                              dynamic_sampling=c.dynamic_sampling)
+    params = sampling.SamplingParams(c.n, c.max_new_tokens, c.temperature, c.top_p)
+    rounds = c.max_sampling_rounds if c.dynamic_sampling else 1
+    return sampling.sample_groups(policy, tokenizer, stream, c.prompts_per_step, params, rounds,
+                                  c.dynamic_sampling)
 
 
 def prompt_of(batch: rollout.Rollout, row: int, tokenizer) -> str:

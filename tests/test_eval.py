@@ -20,6 +20,7 @@ import evaluation
 import models
 import rewards
 import tasks
+from sampling import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -165,16 +166,17 @@ def test_correct_counts_counts_full_rewards_in_chunks(monkeypatch):
     """Plumbing: chunks of `chunk` problems, seed + first index each, partial credit is not a pass."""
     calls = []
 
-    def fake_rollout_and_score(policy, tokenizer, examples, n, max_new_tokens, temperature, top_p, seed, max_rows):
-        calls.append((len(examples), seed))
+    def fake_rollout_and_score(policy, tokenizer, examples, params):
+        calls.append((len(examples), params.seed))
         return None, torch.tensor([[1.0, 0.5, 1.0, 0.0]] * len(examples))  # 2 passes per problem
 
     monkeypatch.setattr(evaluation.sampling, "rollout_and_score", fake_rollout_and_score)
-    counts = evaluation.correct_counts(None, None, [{}] * 7, n=4, seed=100, chunk=3)
+    counts = evaluation.correct_counts(None, None, [{}] * 7, SamplingParams(4, 16, seed=100), chunk=3)
     assert counts == [2] * 7
     assert calls == [(3, 100), (3, 103), (1, 106)]
     calls.clear()
-    evaluation.correct_counts(None, None, [{}] * 300, n=16, seed=0)  # by default 4096 // n problems at a time
+    # by default 4096 // n problems at a time
+    evaluation.correct_counts(None, None, [{}] * 300, SamplingParams(16, 16, seed=0))
     assert [size for size, _ in calls] == [256, 44]
 
 
@@ -198,7 +200,8 @@ def test_correct_counts_match_the_closed_form_rate(uniform_model_dir):
     policy, tokenizer = models.load(uniform_model_dir)
     max_new_tokens, n = 3, 64
     examples = [{"task": "add", "prompt": f"{i}+{i}=", "answer": ""} for i in range(32)]
-    counts = evaluation.correct_counts(policy, tokenizer, examples, n, max_new_tokens, temperature=1.0, top_p=1.0)
+    params = SamplingParams(n, max_new_tokens, temperature=1.0, top_p=1.0)
+    counts = evaluation.correct_counts(policy, tokenizer, examples, params)
     vocab = policy.config.vocab_size
     assert vocab == len(tokenizer) and {" ", "<pad>", "<bos>", "<unk>", "<eos>"} <= set(tokenizer.get_vocab())
     p_right = sum((4 / vocab) ** j * (1 / vocab) for j in range(max_new_tokens))
@@ -206,7 +209,7 @@ def test_correct_counts_match_the_closed_form_rate(uniform_model_dir):
     expected, sigma = samples * p_right, math.sqrt(samples * p_right * (1 - p_right))
     assert abs(sum(counts) - expected) < 4 * sigma, (sum(counts), expected, sigma)
     # evaluate() (train.py's validation) draws the same samples with the same seed: pass@1 = mean of c/n.
-    report = evaluation.evaluate(policy, tokenizer, examples, n, max_new_tokens, ks=(1, 4))
+    report = evaluation.evaluate(policy, tokenizer, examples, params, ks=(1, 4))
     assert report["sources"]["add"][1] == pytest.approx(sum(counts) / samples)
     assert report["overall"] == report["families"]["add"] == report["sources"]["add"]
 
@@ -237,7 +240,8 @@ def test_cli_samples_each_model_given(uniform_model_dir, tiny_model_dir, tmp_pat
     examples = tasks.heldout("sort", 4)
     for name, path in (("base", uniform_model_dir), ("trained", tiny_model_dir)):
         policy, tokenizer = models.load(path)
-        assert saved["correct"][name] == evaluation.correct_counts(policy.eval(), tokenizer, examples, 8, 12)
+        params = SamplingParams(8, 12, evaluation.EVAL_TEMPERATURE, evaluation.EVAL_TOP_P)
+        assert saved["correct"][name] == evaluation.correct_counts(policy.eval(), tokenizer, examples, params)
     assert saved["correct"]["base"] != saved["correct"]["trained"]
 
 
