@@ -48,8 +48,14 @@ BUGS = {  # name → (module, function it replaces, broken copy, the symptom to 
 ORIGINALS = {(module, name): getattr(module, name) for module, name, _, _ in BUGS.values()}
 
 
+def check_name(name: str) -> None:
+    if name not in ("", *BUGS):
+        raise ValueError(f"--bug must be one of {', '.join(BUGS)}, not {name!r}")
+
+
 def switch_on(name: str) -> None:
     """Swap in the broken copy `name` (one of BUGS) for this process; "" leaves everything as it is."""
+    check_name(name)
     if not name:
         return
     module, function, broken, symptom = BUGS[name]

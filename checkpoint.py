@@ -16,6 +16,7 @@ import random
 import signal
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed.checkpoint.state_dict as dcp
@@ -30,9 +31,20 @@ FROM_RANK0 = dcp.StateDictOptions(full_state_dict=True, broadcast_from_rank0=Tru
 WHOLE_TENSORS = ("policy", "reference", "optimizer")  # what only rank 0 reads from the file
 
 
-def save(run_dir: str | Path, step: int, policy: torch.nn.Module, reference: torch.nn.Module | None,
-         optimizer: torch.optim.Optimizer, tracker, stream, **extra) -> None:
+class TrainState(NamedTuple):
+    """What a checkpoint holds besides the step: the models, the optimizer, the reset tracker and the
+    prompt stream (and, per rank, every random generator)."""
+
+    policy: torch.nn.Module
+    reference: torch.nn.Module | None
+    optimizer: torch.optim.Optimizer
+    tracker: object  # reset.ResetTracker
+    stream: object  # tasks.TaskMix or curriculum.EdgeCurriculum
+
+
+def save(run_dir: str | Path, step: int, train_state: TrainState, **extra) -> None:
     """Write <run_dir>/checkpoint.pt atomically. Every rank must call it (gathering shards is collective)."""
+    policy, reference, optimizer, tracker, stream = train_state
     state = {
         "step": step,
         "world_size": dist.world_size(),
@@ -84,13 +96,13 @@ def write_atomically(path: Path, write) -> None:
         os.close(directory)
 
 
-def load(run_dir: str | Path, policy: torch.nn.Module, reference: torch.nn.Module | None,
-         optimizer: torch.optim.Optimizer, tracker, stream) -> dict:
+def load(run_dir: str | Path, train_state: TrainState) -> dict:
     """Restore a checkpoint written by `save` into already-built objects; returns the saved step and extras.
 
     Only rank 0 reads the file: it holds whole tensors (policy, reference, Adam's moments), and a copy per
     rank would not fit in a node's memory. The other ranks receive their shards from rank 0 (broadcast),
     and everything else (step, tracker, each rank's RNGs) as one small object."""
+    policy, reference, optimizer, tracker, stream = train_state
     state, error = None, None
     if dist.is_main():
         try:  # any failure is sent to the other ranks, which would otherwise wait for rank 0 forever
@@ -147,9 +159,13 @@ def has_checkpoint(run_dir: str | Path) -> bool:
     return (Path(run_dir) / FILE).is_file()
 
 
-def new_run_dir(name: str) -> Path:
-    """runs/<name>, or runs/<name>-2, -3, ... if earlier runs hold it: a new run never overwrites an old one."""
+def new_run_dir(name: str, explicit: bool = False) -> Path:
+    """runs/<name>, or runs/<name>-2, -3, ... if earlier runs hold it: a new run never overwrites an old one.
+    An explicit name (--run) that an earlier run holds is an error instead."""
     path, suffix = Path("runs") / name, 2
+    if explicit and is_run(path):
+        raise ValueError(f"runs/{name} already holds a run: --resume runs/{name} continues it, another --run "
+                         "starts anew")
     while is_run(path):
         path, suffix = Path("runs") / f"{name}-{suffix}", suffix + 1
     return path
@@ -160,33 +176,6 @@ def save_config(run_dir: str | Path, config: dict) -> None:
     if dist.is_main():
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         write_atomically(Path(run_dir) / "config.json", lambda file: file.write(json.dumps(config, indent=1).encode()))
-
-
-# What a resumed run may not change: its checkpoint, base evaluation and prompt stream depend on them.
-FIXED_IN_A_RUN = ("preset", "model", "seed", "tasks", "level", "max_new_tokens", "val_problems", "eval_problems",
-                  "eval_samples", "eval_temperature", "boundary_problems", "boundary_n")
-
-
-def resumed_settings(run_dir: str | Path, given: dict) -> dict:
-    """The settings of the run in run_dir (its config.json), overridden by the flags `given` now; a one-line
-    error for a flag in FIXED_IN_A_RUN that differs, or a kl_coef switching between 0 and > 0. A run stopped
-    before its first checkpoint is resumed from its start (train.py says so)."""
-    path = Path(run_dir)
-    if not (path / "config.json").is_file():
-        raise ValueError(f"--resume {run_dir}: not a run directory (no config.json)")
-    try:
-        saved = {**json.loads((path / "config.json").read_text()), "resume": str(run_dir)}
-    except (ValueError, TypeError):
-        raise ValueError(f"--resume {run_dir}: its config.json is not a JSON object of settings") from None
-    for name in FIXED_IN_A_RUN:
-        if name in given and given[name] != saved.get(name, given[name]):
-            raise ValueError(f"--resume {run_dir}: --{name.replace('_', '-')} cannot change within a run (it is "
-                             f"{saved[name]!r}): its model, base evaluation, held-out sets and prompt stream were "
-                             "made with it; start a new run to change it")
-    if "kl_coef" in given and (given["kl_coef"] > 0) != (saved.get("kl_coef", 0) > 0):
-        raise ValueError(f"--resume {run_dir}: --kl-coef cannot switch between 0 and > 0 within a run "
-                         "(it decides whether the run has a reference model)")
-    return {**saved, **given}
 
 
 def parse_line(line: str) -> dict | None:
@@ -237,30 +226,33 @@ def stop_requests():
             signal.signal(signum, handler)
 
 
-def resume_or_start(run_dir: Path, resume: str, steps: int, lr: float, start_fresh, policy, reference, optimizer,
-                    tracker, stream) -> dict:
-    """Where the run starts: its checkpoint when resuming one that has saved (every RNG and the prompt stream
-    restored), else start_fresh() (step 0). The lr given now wins over the one in a loaded optimizer state."""
+def resume(run_dir: Path, resume: str, steps: int, lr: float, train_state: TrainState) -> dict | None:
+    """The saved step and extras when resuming a run that has saved (weights, optimizer, tracker, every
+    RNG and the prompt stream restored into train_state), else None: the run starts at step 0. The lr
+    given now wins over the one in a loaded optimizer state."""
     resuming = bool(resume) and has_checkpoint(run_dir)
     if resume and not resuming and dist.is_main():
         print(f"{run_dir} stopped before its first checkpoint: starting it over from step 0", flush=True)
-    saved = load(run_dir, policy, reference, optimizer, tracker, stream) if resuming else start_fresh()
+    if not resuming:
+        return None
+    saved = load(run_dir, train_state)
     if saved["step"] >= steps:
         raise ValueError(f"{run_dir} is at step {saved['step']} already: give --steps beyond it to train on")
-    for group in optimizer.param_groups:
+    for group in train_state.optimizer.param_groups:
         group["lr"] = lr
-    if resuming and dist.is_main():
+    if dist.is_main():
         print(f"resuming at step {saved['step']}, on to step {steps}", flush=True)
     return saved
 
 
-def save_when_due(run_dir: Path, step: int, steps: int, save_every: int, stop: bool, *state, **extra) -> None:
+def save_when_due(run_dir: Path, step: int, steps: int, save_every: int, stop: bool,
+                  train_state: TrainState, **extra) -> None:
     """save() every `save_every` steps, at the last step and when stopping. A failed periodic save (a full
     disk, say) warns and a long run goes on, and the next save tries again; the last one must succeed."""
     if not (step == steps or stop or (save_every and step % save_every == 0)):
         return
     try:
-        save(run_dir, step, *state, **extra)
+        save(run_dir, step, train_state, **extra)
     except OSError as error:
         if step == steps or stop:
             raise ValueError(f"step {step}: {error}") from None

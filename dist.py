@@ -44,9 +44,13 @@ def world_size() -> int:
     return torch_dist.get_world_size() if torch_dist.is_initialized() else 1
 
 
-def planned_world_size() -> int:
-    """The number of ranks torchrun launches, known before the process group exists (to validate the config)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+def groups_per_rank(groups: int) -> int:
+    """Each rank's share of a step's groups (prompts); a one-line error when they do not divide among the
+    ranks torchrun launches (known before the process group exists)."""
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    if groups % ranks:
+        raise ValueError("--prompts-per-step must divide among the ranks")
+    return groups // ranks
 
 
 def rank() -> int:

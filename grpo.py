@@ -27,6 +27,7 @@ def group_advantages(rewards: torch.Tensor, estimator: str = "grpo", k: int = 1)
     A group whose rewards are all equal gets exactly 0 (its float32 mean may miss the value by a rounding
     step, and for grpo that ±6e-8 divided by a std of 0 would be a sizeable advantage of one sign).
     """
+    check_estimator(estimator)
     rewards = rewards.float()
     constant = (rewards == rewards[:, :1]).all(dim=1, keepdim=True)  # [P, 1]
     centred = (rewards - rewards.mean(dim=1, keepdim=True)).masked_fill(constant, 0.0)  # [P, N]
@@ -37,9 +38,15 @@ def group_advantages(rewards: torch.Tensor, estimator: str = "grpo", k: int = 1)
     if estimator == "rloo":
         group_size = rewards.shape[1]
         return centred * group_size / max(group_size - 1, 1)
-    if estimator == "passk":
-        return passk_advantages(rewards, k)
-    raise ValueError(f"unknown advantage estimator '{estimator}' (grpo, reinforce_pp, rloo, passk)")
+    return passk_advantages(rewards, k)
+
+
+ESTIMATORS = ("grpo", "reinforce_pp", "rloo", "passk")
+
+
+def check_estimator(name: str) -> None:
+    if name not in ESTIMATORS:
+        raise ValueError(f"unknown advantage estimator '{name}' ({', '.join(ESTIMATORS)})")
 
 
 def passk_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
@@ -71,6 +78,54 @@ def passk_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
         adv_wrong = (1 - mean - math.comb(wrong - 1, k - 1) / math.comb(group_size - 1, k - 1)) / (std + EPS)
         adv[row] = torch.where(rewards[row] == 1, adv_right, adv_wrong)
     return adv
+
+
+# ----------------------------------------------------------------------------- reward shaping
+# The verifier's scores are shaped here, and only here, before the advantages are computed.
+
+def shape_rewards(scores: torch.Tensor, mask: torch.Tensor, sampler_logp: torch.Tensor,
+                  ref_logp: torch.Tensor | None, step: int, c) -> tuple[torch.Tensor, float]:
+    """Scores [P, N] → (shaped rewards [P, N], this step's length-penalty coefficient η), in order:
+
+    1. length penalty (ProRL v2)   r − η(step) · len / max_new_tokens
+    2. KL in the reward            r − β · Σ_t KL_t, with the sampler's log-probs as π (no extra forward);
+                                   only with c.kl_in_reward (ref_logp: the reference's, [B, T−1])
+    3. unlikeliness                right answers ranked by their mean log-prob under the sampler
+    mask, sampler_logp: the rollout's [B, T], B = P·N; c: the run's settings.Config. step counts from 0.
+    """
+    eta = length_penalty_coef(step, c.length_eta_min, c.length_eta_max, c.length_period,
+                              c.length_off_steps)
+    lengths = mask.sum(dim=1).view_as(scores)
+    shaped = apply_length_penalty(scores, lengths, c.max_new_tokens, eta)
+    if c.kl_in_reward:
+        token_kl = kl.kl_estimate(sampler_logp[:, 1:], ref_logp, c.kl_kind)
+        shaped = shaped - c.kl_coef * (token_kl * mask[:, 1:]).sum(dim=1).view_as(shaped)
+    if c.unlikeliness:
+        seq_logp = (sampler_logp * mask).sum(1) / mask.sum(1).clamp(min=1)
+        shaped = unlikeliness_rewards(shaped, seq_logp.view_as(shaped), c.unlikeliness)
+    return shaped, eta
+
+
+def length_penalty_coef(step: int, eta_min: float, eta_max: float, period: int, off_steps: int = 0) -> float:
+    """ProRL v2's scheduled cosine length penalty coefficient η(t), switched on and off in cycles.
+
+    Each cycle is `period` steps with the penalty on, then `off_steps` steps with it off (η = 0).
+    Inside the on-phase, at t steps into it:  η(t) = η_min + ½(η_max − η_min)(1 + cos(π t / period)),
+    so it starts at η_max and decays towards η_min, which it would reach at t = period, the first step
+    after the on-phase (the formula as written; its last on-step is η_min + ½(η_max − η_min)(1 − cos(π / period))).
+    """
+    if eta_max == 0 and eta_min == 0:
+        return 0.0
+    t = step % (period + off_steps)
+    if t >= period:
+        return 0.0
+    return eta_min + 0.5 * (eta_max - eta_min) * (1 + math.cos(math.pi * t / period))
+
+
+def apply_length_penalty(rewards, lengths, max_len: int, eta: float):
+    """r − η · len/max_len (elementwise; tensors or floats): shorter answers are preferred by up to η per
+    response (ProRL v2)."""
+    return rewards - eta * lengths / max_len
 
 
 def unlikeliness_rewards(rewards: torch.Tensor, seq_logp: torch.Tensor, beta: float = 0.25) -> torch.Tensor:
@@ -141,10 +196,13 @@ class LossSpec:
     kl_kind: str = "k3"  # which estimator (kl.KINDS)
     kl_clamp: float | None = None  # bound on each token's KL term; None: unbounded
     temperature: float = 1.0  # the sampler's: log-probs are those of softmax(logits / temperature)
+    agg: str = "token-mean"  # what each token weighs (AGGREGATIONS, loss_weights)
 
     def __post_init__(self):
         if self.kl_kind not in kl.KINDS:
-            raise ValueError(f"kl_kind must be one of {kl.KINDS}, got {self.kl_kind!r}.")
+            raise ValueError(kl.unknown_kind(self.kl_kind))
+        if self.agg not in AGGREGATIONS:
+            raise ValueError(f"unknown loss aggregation '{self.agg}' ({', '.join(AGGREGATIONS)})")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}.")
         if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
@@ -207,8 +265,7 @@ def surrogate_stats(logp, old_logp, ratio, clipped, mask) -> dict[str, torch.Ten
 
 def loss_count(mask: torch.Tensor, agg: str) -> torch.Tensor:
     """What `agg` averages over, counted in mask [B, T]: tokens, or responses that have a token."""
-    if agg not in AGGREGATIONS:
-        raise ValueError(f"unknown loss aggregation '{agg}' ({', '.join(AGGREGATIONS)})")
+    LossSpec(agg=agg)  # checks the name
     return mask.sum() if agg == "token-mean" else (mask.sum(dim=1) > 0).sum()
 
 

@@ -15,6 +15,10 @@ import torch
 KINDS = ("k1", "k2", "k3")
 
 
+def unknown_kind(kind: str) -> str:
+    return f"unknown KL estimator '{kind}' ({', '.join(KINDS)})"
+
+
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:
     """Per-token KL estimate, same shape as logp."""
     log_ratio = ref_logp - logp
@@ -24,7 +28,7 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") ->
         return 0.5 * log_ratio**2
     if kind == "k3":
         return torch.exp(log_ratio) - log_ratio - 1
-    raise ValueError(f"unknown KL estimator '{kind}' ({', '.join(KINDS)})")
+    raise ValueError(unknown_kind(kind))
 
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3", clamp: float | None = None,

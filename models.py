@@ -199,6 +199,16 @@ def check_model_dir(path: str) -> None:
         raise ValueError(f"--model {path}: no such model directory (expected a config.json inside)")
 
 
+def check_choices(model: str, device: str, dtype: str) -> None:
+    """One-line errors for --model, --device and --dtype before any work starts (no download, no
+    conversion)."""
+    check_device(device)
+    if dtype not in ("auto", *DTYPES):
+        raise ValueError(f"--dtype must be auto, fp32 or bf16, not {dtype!r}")
+    if model:
+        check_model_spec(model)
+
+
 def check_device(device: str) -> None:
     """A one-line error for a --device this machine does not have."""
     if device not in ("auto", "cpu", "cuda"):

@@ -356,25 +356,3 @@ VERIFIERS = {"math": score_math, "code": score_code, "logic": score_logic, "mcq"
              "chains": chains.score_chains}
 
 
-# ----------------------------------------------------------------------------- length penalty
-
-def length_penalty_coef(step: int, eta_min: float, eta_max: float, period: int, off_steps: int = 0) -> float:
-    """ProRL v2's scheduled cosine length penalty coefficient η(t), switched on and off in cycles.
-
-    Each cycle is `period` steps with the penalty on, then `off_steps` steps with it off (η = 0).
-    Inside the on-phase, at t steps into it:  η(t) = η_min + ½(η_max − η_min)(1 + cos(π t / period)),
-    so it starts at η_max and decays towards η_min, which it would reach at t = period, the first step
-    after the on-phase (the formula as written; its last on-step is η_min + ½(η_max − η_min)(1 − cos(π / period))).
-    """
-    if eta_max == 0 and eta_min == 0:
-        return 0.0
-    t = step % (period + off_steps)
-    if t >= period:
-        return 0.0
-    return eta_min + 0.5 * (eta_max - eta_min) * (1 + math.cos(math.pi * t / period))
-
-
-def apply_length_penalty(rewards, lengths, max_len: int, eta: float):
-    """r − η · len/max_len (elementwise; tensors or floats): shorter answers are preferred by up to η per
-    response (ProRL v2)."""
-    return rewards - eta * lengths / max_len

@@ -1,24 +1,17 @@
 """The run's configuration: one dataclass of options (each with its help line), the papers' presets, and the
-checks a config must pass before any work starts. `python train.py --help` lists them all.
+range checks a config must pass before any work starts. `python train.py --help` lists them all.
+
+A leaf: it imports no module of ours. Checks that need one (task names, KL kinds, the model, the device)
+run in that module, where train.main first uses it, still before the run directory exists.
 """
 
 import argparse
 import dataclasses
 import importlib.util
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
-
-import bugs
-import checkpoint
-import curriculum
-import dist
-import grpo
-import kl
-import models
-import tasks
 
 
 def option(default, help: str):
@@ -139,7 +132,7 @@ def parse_config(argv: list[str]) -> Config:
                             help=f"{f.metadata['help']} (default: {f.default})")
     args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     if args.get("resume"):  # the run's own settings, then the flags given now (e.g. more --steps)
-        args = checkpoint.resumed_settings(args["resume"], args)
+        args = resumed_settings(args["resume"], args)
     preset = args.get("preset", "tiny")
     if preset not in PRESETS:
         raise ValueError(f"unknown preset '{preset}' (choose from {', '.join(PRESETS)})")
@@ -164,7 +157,6 @@ def validate(c: Config) -> None:
     check(c.max_new_tokens >= 1, "--max-new-tokens must be ≥ 1")
     check(0 <= c.clip_low < 1 and c.clip_high >= 0, "--clip-low must be in [0, 1) and --clip-high ≥ 0")
     check(c.minibatches >= 1 and c.epochs >= 1, "--minibatches and --epochs must be ≥ 1")
-    check(1 <= c.level <= tasks.max_level(c.tasks), f"--level must be 1..{tasks.max_level(c.tasks)} for these tasks")
     check(c.kl_coef >= 0, "--kl-coef must be ≥ 0")
     check(c.eval_samples >= 1 and c.eval_every >= 0, "--eval-samples must be ≥ 1, --eval-every ≥ 0")
     check(c.eval_problems >= 1 and c.val_problems >= 1, "--eval-problems and --val-problems must be ≥ 1")
@@ -172,52 +164,49 @@ def validate(c: Config) -> None:
     check(1 <= c.max_sampling_rounds <= 10, "--max-sampling-rounds must be in 1..10")  # see sampling.sampler_seed
     check(c.micro_batch_rows >= 1, "--micro-batch-rows must be ≥ 1")
     check(c.save_every >= 0, "--save-every must be ≥ 0")
-    check(c.prompts_per_step % dist.planned_world_size() == 0, "--prompts-per-step must divide among the ranks")
     check(c.length_period >= 1 and c.length_off_steps >= 0, "--length-period must be ≥ 1, --length-off-steps ≥ 0")
     check(c.lr_scale_from_batch >= 0 and c.kl_clamp >= 0, "--lr-scale-from-batch and --kl-clamp must be ≥ 0")
     check(all(math.isfinite(v) for v in dataclasses.asdict(c).values() if isinstance(v, float)),
           "every number must be finite (no nan or inf)")
     check(c.grad_clip > 0, "--grad-clip must be > 0")
     check(c.reset_kl >= 0 and c.eval_temperature >= 0, "--reset-kl and --eval-temperature must be ≥ 0")
-    check(not c.run or c.resume or not checkpoint.is_run(Path("runs") / c.run),
-          f"runs/{c.run} already holds a run: --resume runs/{c.run} continues it, another --run starts anew")
     check(c.kl_coef > 0 or not c.kl_in_reward, "--kl-in-reward needs --kl-coef > 0")
     check(c.advantage != "passk" or (c.length_eta_max == 0 and not c.unlikeliness and not c.kl_in_reward),
           "--advantage passk needs rewards of 0 or 1: no length penalty, unlikeliness or --kl-in-reward")
     check(c.advantage != "passk" or 1 <= c.passk_k <= c.n, "--passk-k must be between 1 and --n")
     check(0 <= c.unlikeliness < 1, "--unlikeliness must be in [0, 1)")
-    check(not c.curriculum or c.curriculum_top == 0 or c.level <= c.curriculum_top <= tasks.max_level(c.tasks),
-          "--curriculum-top must be between --level and the family's highest level")
-    check(c.bug in ("", *bugs.BUGS), f"--bug must be one of {', '.join(bugs.BUGS)}, not {c.bug!r}")
     check(c.log in ("", "tensorboard", "wandb"), f"--log must be tensorboard or wandb, not {c.log!r}")
     check(not c.log or importlib.util.find_spec(c.log) is not None,
           f"--log {c.log} needs the {c.log} package, which is not installed: pip install {c.log}")
-    grpo.group_advantages(torch.zeros(1, 2), c.advantage)  # unknown names raise their own one-line error
-    grpo.loss_count(torch.ones(1, 1), c.loss_agg)
-    kl.kl_estimate(torch.zeros(1), torch.zeros(1), c.kl_kind)
-    mix = tasks.TaskMix(c.tasks, c.level)  # unknown task names and unreadable files fail here, before any work
-    if c.curriculum:  # its own checks: one procedural family, start level, replay, window
-        prompt_stream(c)
-    check(any(tasks.heldout(family, 1, c.level) for family in mix.weights), str(tasks.no_heldout_error(c.tasks)))
-    models.check_device(c.device)
-    check(c.dtype in ("auto", *models.DTYPES),
-          f"--dtype must be auto, fp32 or bf16, not {c.dtype!r}")
-    if c.model:
-        models.check_model_spec(c.model)
-
-
-def prompt_stream(c: Config, rank: int = 0):
-    """Where the training prompts come from: the task mix, or with --curriculum the edge curriculum over its
-    one family's levels. Each rank draws its own stream."""
-    seed = c.seed + 1_000_003 * rank
-    if not c.curriculum:
-        return tasks.TaskMix(c.tasks, level=c.level, seed=seed)
-    family = c.tasks.split(":")[0]
-    check("," not in c.tasks, "--curriculum takes one procedural family in --tasks (e.g. --tasks chains)")
-    return curriculum.EdgeCurriculum(family, c.curriculum_top or tasks.max_level(c.tasks), c.level,
-                                     c.curriculum_threshold, c.curriculum_replay, c.curriculum_window, seed=seed)
 
 
 def check(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
+
+
+# What a resumed run may not change: its checkpoint, base evaluation and prompt stream depend on them.
+FIXED_IN_A_RUN = ("preset", "model", "seed", "tasks", "level", "max_new_tokens", "val_problems", "eval_problems",
+                  "eval_samples", "eval_temperature", "boundary_problems", "boundary_n")
+
+
+def resumed_settings(run_dir: str | Path, given: dict) -> dict:
+    """The settings of the run in run_dir (its config.json), overridden by the flags `given` now; a one-line
+    error for a flag in FIXED_IN_A_RUN that differs, or a kl_coef switching between 0 and > 0. A run stopped
+    before its first checkpoint is resumed from its start (train.py says so)."""
+    path = Path(run_dir)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"--resume {run_dir}: not a run directory (no config.json)")
+    try:
+        saved = {**json.loads((path / "config.json").read_text()), "resume": str(run_dir)}
+    except (ValueError, TypeError):
+        raise ValueError(f"--resume {run_dir}: its config.json is not a JSON object of settings") from None
+    for name in FIXED_IN_A_RUN:
+        if name in given and given[name] != saved.get(name, given[name]):
+            raise ValueError(f"--resume {run_dir}: --{name.replace('_', '-')} cannot change within a run (it is "
+                             f"{saved[name]!r}): its model, base evaluation, held-out sets and prompt stream were "
+                             "made with it; start a new run to change it")
+    if "kl_coef" in given and (given["kl_coef"] > 0) != (saved.get("kl_coef", 0) > 0):
+        raise ValueError(f"--resume {run_dir}: --kl-coef cannot switch between 0 and > 0 within a run "
+                         "(it decides whether the run has a reference model)")
+    return {**saved, **given}

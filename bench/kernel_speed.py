@@ -101,7 +101,7 @@ def ours_logprobs(logits, labels):
     return prorl_kernels.token_logprobs(logits, labels, TEMPERATURE)
 
 
-def token_mean_weights(mask):  # what train.update passes for a token-mean loss over this batch
+def token_mean_weights(mask):  # what learner.update passes for a token-mean loss over this batch
     return grpo.loss_weights(mask, "token-mean", grpo.loss_count(mask, "token-mean"))
 
 

@@ -3,7 +3,7 @@
     python bench/logprob_paths.py --model DIR    # e.g. SmolLM2-135M-Instruct; default: tiny random
 
   full     the logits [B, T, V] at every position, then fused_policy_loss (the path before issue 25)
-  chunked  train.policy_loss: the last hidden state, completion positions only, chunk by chunk
+  chunked  learner.policy_loss: the last hidden state, completion positions only, chunk by chunk
 
 The batch is a real rollout of the model (P prompts × N samples of the math task). Each round times
 both, in turn; the script prints the medians, their ratio, and each path's peak memory over its pass
@@ -22,13 +22,13 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import torch
 
 import grpo
+import learner
 import llama_forward
 import models
 import prorl_kernels
 import sampling
 import settings
 import tasks
-import train
 
 
 def rss_kb(field: str) -> int:
@@ -69,7 +69,7 @@ def main() -> None:
     c = settings.Config(kl_coef=0.0, dtype="fp32")
     terms = grpo.LossTerms(None, None, adv, mask, weights)
     paths = {"full": lambda: full_path(policy, batch, adv, mask, weights),
-             "chunked": lambda: train.policy_loss(policy, batch, terms, grpo.LossSpec(), c)[0]}
+             "chunked": lambda: learner.policy_loss(policy, batch, terms, grpo.LossSpec(), c)[0]}
     times, peaks = {name: [] for name in paths}, {name: [] for name in paths}
     print(f"{args.model}: {len(batch.tokens)} rows × {batch.tokens.shape[1]} positions, "
           f"{int(mask.sum())} completion tokens; load {os.getloadavg()[0]:.1f}", flush=True)

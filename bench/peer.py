@@ -13,7 +13,7 @@ is in memory at a time, and the arms are alternated: ours, TRL, ours, TRL, ...);
 time, and ours its phase split (generation with rewards, reference log-probs, update) and the
 update's peak memory (the process's peak RSS during the update minus its RSS before).
 Arms:
-    ours[-fp32|-bf16]       this project (train.batch_logprobs + train.update), --dtype fp32 or bf16
+    ours[-fp32|-bf16]       this project (learner.batch_logprobs + learner.update), --dtype fp32 or bf16
     trl                     TRL's GRPOConfig defaults (gradient checkpointing on, bf16=True)
     trl-fp32                the same with bf16=False (fp32 as ours; TRL's bf16 default on a CPU
                             without AVX512-BF16 runs its matmuls ~13x slower)
@@ -81,7 +81,10 @@ def ours_step(args, dtype: str) -> dict:
     import grpo
     import sampling
     import settings
-    import train
+    try:
+        import learner  # the update's home since issue 26
+    except ImportError:  # a "before:" tree: it was in train.py
+        import train as learner
 
     fields = {f.name for f in settings.dataclasses.fields(settings.Config)}
     wanted = {
@@ -112,13 +115,13 @@ def ours_step(args, dtype: str) -> dict:
             policy.eval(), tokenizer, examples_of(args), args.n, args.new_tokens, seed=args.step
         )
     ref_start = time.perf_counter()
-    ref_logp = train.batch_logprobs(reference, batch, c)
+    ref_logp = learner.batch_logprobs(reference, batch, c)
     update_start = time.perf_counter()
     rss_before = rss_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM, so it measures the update alone
     adv = grpo.group_advantages(scores, c.advantage).flatten()
-    stats = train.update(policy.train(), optimizer, batch, adv, ref_logp, c)
+    stats = learner.update(policy.train(), optimizer, batch, adv, ref_logp, c)
     end = time.perf_counter()
     return {
         "step_s": end - start,

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import checkpoint
+import learner
 import models
 import settings
 import train
@@ -178,8 +179,8 @@ def test_resumed_runs_take_new_lr_and_reset_flags_and_refuse_changes_that_break_
     assert settings.parse_config(["--resume", run_dir, "--kl-coef", "0.05", "--tasks", "sort,reverse,countdown"]).kl_coef == 0.05
     lrs = []
 
-    def record(run_dir, step, policy, reference, optimizer, *args, **kwargs):
-        lrs.append(optimizer.param_groups[0]["lr"])
+    def record(run_dir, step, state, **kwargs):
+        lrs.append(state.optimizer.param_groups[0]["lr"])
 
     monkeypatch.setattr(checkpoint, "save", record)
     train_run(tmp_path, tiny_model_dir, ["--resume", run_dir, "--steps", "4", "--lr", "5e-3", "--reset-every", "0"])
@@ -211,7 +212,7 @@ def test_open_metrics_keeps_the_lines_up_to_the_checkpoint(tmp_path):
 
 def test_a_nan_loss_skips_that_update_is_logged_and_training_goes_on(tmp_path, tiny_model_dir, monkeypatch):
     # One optimizer step per RL step (one mini-batch, one micro-batch), so loss call k is step k's loss.
-    calls, real_policy_loss = [], train.policy_loss
+    calls, real_policy_loss = [], learner.policy_loss
 
     def nan_at_step_2(*args, **kwargs):
         loss, stats = real_policy_loss(*args, **kwargs)
@@ -220,10 +221,10 @@ def test_a_nan_loss_skips_that_update_is_logged_and_training_goes_on(tmp_path, t
 
     weights_after = {}  # step → the policy's weights when that step's checkpoint is written
 
-    def record(run_dir, step, policy, *args, **kwargs):
-        weights_after[step] = [p.detach().clone() for p in policy.parameters()]
+    def record(run_dir, step, state, **kwargs):
+        weights_after[step] = [p.detach().clone() for p in state.policy.parameters()]
 
-    monkeypatch.setattr(train, "policy_loss", nan_at_step_2)
+    monkeypatch.setattr(learner, "policy_loss", nan_at_step_2)
     monkeypatch.setattr(checkpoint, "save", record)
     train_run(tmp_path, tiny_model_dir, ["--run", "nan", "--steps", "3", "--minibatches", "1", "--save-every", "1",
                                          "--eval-every", "0", "--reset-every", "0"])

@@ -1,5 +1,5 @@
 """Log-probs from the last hidden state, chunk by chunk, on completion positions only
-(train.completion_logprobs, prorl_kernels.linear_token_logprobs) against the full computation: the
+(learner.completion_logprobs, prorl_kernels.linear_token_logprobs) against the full computation: the
 model's own logits at every position, then log_softmax. The Triton per-chunk path is checked in
 tests/test_kernels.py (interpreted)."""
 
@@ -8,6 +8,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import grpo
+import learner
 import llama_forward
 import prorl_kernels
 import rollout
@@ -81,7 +82,7 @@ def test_chunked_logprobs_and_gradients_equal_the_full_computation(family, tied,
     c = settings.Config(temperature=1.3, dtype="fp32")
     targets = batch.mask[:, 1:]
     weights = torch.randn(targets.shape, generator=torch.Generator().manual_seed(2)) * targets
-    logp, entropy = train.completion_logprobs(model, batch, c)
+    logp, entropy = learner.completion_logprobs(model, batch, c)
     chunked = grads(model, logp, weights)
     full_logp, full_entropy = full_logprobs(model, batch, c.temperature)
     full = grads(model, full_logp, weights)
@@ -108,7 +109,7 @@ def test_only_completion_positions_reach_the_head(monkeypatch):
     monkeypatch.setattr(prorl_kernels, "linear_token_logprobs", recording)
     head_inputs = []
     model.lm_head.register_forward_hook(lambda module, args, out: head_inputs.append(args[0].shape))
-    train.completion_logprobs(model, batch, settings.Config())
+    learner.completion_logprobs(model, batch, settings.Config())
     completion_tokens = batch.tokens[batch.mask].tolist()  # row-major, as the labels are gathered
     assert rows == [(37, completion_tokens)]
     assert head_inputs == [
@@ -119,8 +120,8 @@ def test_only_completion_positions_reach_the_head(monkeypatch):
 def test_bf16_logprobs_stay_within_the_stated_bound_of_fp32():
     model, batch = tiny("qwen2", True), left_padded_batch()
     targets = batch.mask[:, 1:]
-    fp32, _ = train.completion_logprobs(model, batch, settings.Config(dtype="fp32"))
-    bf16, _ = train.completion_logprobs(model, batch, settings.Config(dtype="bf16"))
+    fp32, _ = learner.completion_logprobs(model, batch, settings.Config(dtype="fp32"))
+    bf16, _ = learner.completion_logprobs(model, batch, settings.Config(dtype="bf16"))
     assert (
         fp32.dtype == bf16.dtype == torch.float32
     )  # the log-softmax is fp32 whatever the matmuls ran in
@@ -161,7 +162,7 @@ def test_one_update_keeps_far_less_for_backward_than_full_logits(monkeypatch):
 
     def chunked():
         terms = grpo.LossTerms(None, None, adv, targets, weights)
-        train.policy_loss(model, batch, terms, grpo.LossSpec(), c)[0]
+        learner.policy_loss(model, batch, terms, grpo.LossSpec(), c)[0]
 
     def full():
         logits = model(
@@ -182,4 +183,4 @@ def test_one_update_keeps_far_less_for_backward_than_full_logits(monkeypatch):
 
 def test_a_bad_dtype_is_one_line_error():
     with pytest.raises(ValueError, match="--dtype must be auto, fp32 or bf16"):
-        settings.parse_config(["--dtype", "fp16"])
+        train.checked_config(["--dtype", "fp16"])

@@ -21,12 +21,12 @@ import torch.multiprocessing as mp
 import checkpoint
 import dist
 import grpo
+import learner
 import models
 import reset
 import rollout
 import settings
 import tasks
-import train
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["12+34=", "5 3 9 1 7=", "3 7 9>30:", "8+8=", "41 2 17="]
@@ -55,8 +55,8 @@ def run_updates(model_dir: str) -> tuple[dict[str, torch.Tensor], dict]:
         scores = torch.rand(len(PROMPTS), 3, generator=torch.Generator().manual_seed(step))  # the same on every rank
         adv = grpo.group_advantages(scores).flatten()
         local, rows = dist.my_share(batch)
-        ref_logp = train.batch_logprobs(reference, local, c)
-        stats = train.update(policy.train(), optimizer, local, adv[rows], ref_logp, c)
+        ref_logp = learner.batch_logprobs(reference, local, c)
+        stats = learner.update(policy.train(), optimizer, local, adv[rows], ref_logp, c)
     with dist.full_weights(policy):  # the whole weights as this rank holds them for sampling
         return {name: p.detach().clone() for name, p in policy.named_parameters()}, stats
 
@@ -86,12 +86,14 @@ def load_worker(rank: int, world: int, port: int, model_dir: str, out_dir: str) 
     sum(p.sum() for p in policy.parameters()).backward()
     optimizer.step()  # Adam state to save
     tracker, stream = reset.ResetTracker(), tasks.TaskMix("sort", seed=rank)
-    checkpoint.save(out_dir, 7, policy, reference, optimizer, tracker, stream, base={"sort": 0.5})
+    checkpoint.save(out_dir, 7, checkpoint.TrainState(policy, reference, optimizer, tracker, stream),
+                    base={"sort": 0.5})
     reads, real_load = [], torch.load
     torch.load = lambda file, *args, **kwargs: (reads.append(file) if str(file).endswith(checkpoint.FILE) else None) \
         or real_load(file, *args, **kwargs)  # (broadcast_object_list unpickles with torch.load too)
     fresh_policy, fresh_reference, fresh_optimizer = build()
-    saved = checkpoint.load(out_dir, fresh_policy, fresh_reference, fresh_optimizer, reset.ResetTracker(), stream)
+    fresh = checkpoint.TrainState(fresh_policy, fresh_reference, fresh_optimizer, reset.ResetTracker(), stream)
+    saved = checkpoint.load(out_dir, fresh)
     torch.load = real_load
     with dist.full_weights(policy), dist.full_weights(fresh_policy):
         same = all(torch.equal(p, q) for p, q in zip(policy.parameters(), fresh_policy.parameters(), strict=True))
@@ -117,7 +119,7 @@ def failure_worker(rank: int, world: int, port: int, model_dir: str, out_dir: st
 
     real_write, checkpoint.write_atomically = checkpoint.write_atomically, disk_full
     try:
-        checkpoint.save(out_dir, 1, policy, None, optimizer, tracker, stream)
+        checkpoint.save(out_dir, 1, checkpoint.TrainState(policy, None, optimizer, tracker, stream))
     except OSError as error:
         errors.append(str(error))
     checkpoint.write_atomically = real_write
@@ -125,7 +127,7 @@ def failure_worker(rank: int, world: int, port: int, model_dir: str, out_dir: st
         torch.save(["not", "a", "checkpoint"], Path(out_dir) / checkpoint.FILE)
     dist.barrier()
     try:
-        checkpoint.load(out_dir, policy, None, optimizer, tracker, stream)
+        checkpoint.load(out_dir, checkpoint.TrainState(policy, None, optimizer, tracker, stream))
     except ValueError as error:
         errors.append(str(error))
     (Path(out_dir) / f"errors{rank}.json").write_text(json.dumps(errors))

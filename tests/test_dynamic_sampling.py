@@ -6,6 +6,7 @@ needs groups that differ: the random model never solves a task."""
 import pytest
 import torch
 
+import grpo
 import models
 import rewards
 import rollout
@@ -89,7 +90,7 @@ def test_truncated_responses_score_zero_and_the_length_penalty_shapes_the_rest(t
     assert 0 < batch.truncated.sum() < len(batch.truncated)  # the random model stops on some rows only
     torch.testing.assert_close(scores.flatten(), (~batch.truncated).float())
     # step 1 is halfway through a 2-step on-phase: η = 0.1 + ½ · 0.2 · (1 + cos(π/2)) = 0.2
-    eta = rewards.length_penalty_coef(1, eta_min=0.1, eta_max=0.3, period=2)
+    eta = grpo.length_penalty_coef(1, eta_min=0.1, eta_max=0.3, period=2)
     lengths = batch.mask.sum(dim=1).view_as(scores)
-    shaped = rewards.apply_length_penalty(scores, lengths, 3, eta)
+    shaped = grpo.apply_length_penalty(scores, lengths, 3, eta)
     torch.testing.assert_close(shaped.flatten(), (~batch.truncated).float() - 0.2 * lengths.flatten() / 3)

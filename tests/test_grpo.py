@@ -221,7 +221,7 @@ def test_a_huge_log_ratio_outside_the_mask_cannot_make_the_gradient_nan(agg):
 
 @pytest.mark.parametrize("agg", AGGREGATIONS)
 def test_micro_batch_weights_recover_the_mini_batch_aggregate(agg):
-    # train.update sums Σ w·loss over micro-batches, w from the whole mini-batch's count: the sum must equal
+    # learner.update sums Σ w·loss over micro-batches, w from the whole mini-batch's count: the sum must equal
     # the aggregate of the mini-batch in one piece (computed here from its definition, not from the weights).
     torch.manual_seed(0)
     per_token = torch.randn(7, 5)

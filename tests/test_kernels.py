@@ -244,7 +244,7 @@ ref_loss = loss_taking_arguments(policy_loss_ref)
 
 
 def weights_of(mask: torch.Tensor, agg: str = "token-mean") -> torch.Tensor:
-    """The loss weights train.update passes for a batch taken in one piece."""
+    """The loss weights learner.update passes for a batch taken in one piece."""
     return grpo.loss_weights(mask, agg, grpo.loss_count(mask, agg))
 
 
@@ -297,7 +297,7 @@ def test_policy_loss_matches_reference_large_vocab(vocab_size, batch, seq_len, d
 @pytest.mark.usefixtures("triton_interpreter")
 @pytest.mark.parametrize("agg", AGGREGATIONS)
 def test_policy_loss_on_policy_and_without_reference_matches_reference(agg):
-    """train.update's two shortcuts: old_logp None (one update per batch: ρ = 1 with logp's gradient) and
+    """learner.update's two shortcuts: old_logp None (one update per batch: ρ = 1 with logp's gradient) and
     ref_logp None (no reference model: no KL, none logged)."""
     full, labels, _, ref_logp, adv, mask = policy_batch(4, 10, 17, torch.float32, seed=11)
     assert_policy_loss_matches(full, labels, None, ref_logp, adv, mask, agg, kl_kind="k2", kl_coef=0.1)

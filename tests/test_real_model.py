@@ -22,7 +22,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import evaluation
 import models
 import rollout
-import settings
 import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,7 +124,7 @@ def test_a_gguf_model_trains_a_step_and_resumes_without_converting_again(tmp_pat
 def test_a_missing_gguf_package_is_one_line(monkeypatch, gguf_file):
     monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` now raises ImportError
     with pytest.raises(ValueError) as error:
-        settings.parse_config(["--model", str(gguf_file)])
+        train.checked_config(["--model", str(gguf_file)])
     assert str(error.value) == (f"--model {gguf_file} needs the gguf package, which is not installed: "
                                 "pip install gguf")
 
@@ -135,7 +134,7 @@ def test_a_model_that_is_no_directory_gguf_file_or_hub_id_is_one_line(tmp_path):
                        ("./no/such/dir", "no such model directory, .gguf file or hub id (org/name)"),
                        (str(tmp_path), "no such model directory (expected a config.json inside)")]:
         with pytest.raises(ValueError, match=f"--model {spec}: {said}".replace("(", r"\(").replace(")", r"\)")):
-            settings.parse_config(["--model", spec])
+            train.checked_config(["--model", spec])
 
 
 def lay_out_hub_cache(hf_home: Path, repo_id: str, model_dir: Path) -> None:

@@ -19,8 +19,8 @@ import torch
 import checkpoint
 import curriculum
 import grpo
+import learner
 import models
-import rewards
 import sampling
 import settings
 import train
@@ -31,17 +31,18 @@ REPO = Path(__file__).resolve().parents[1]
 # ----------------------------------------------------------------------------- configuration errors
 
 def config_error(capsys, argv: list[str]) -> str:
-    """parse_config must refuse argv with one sentence: a SystemExit with one line on stderr, or a ValueError
-    (which train.py's __main__ prints as "error: <message>"). Returns that line."""
+    """train.checked_config must refuse argv with one sentence: a SystemExit with one line on stderr, or a
+    ValueError (which train.py's __main__ prints as "error: <message>"); settings' range checks and the
+    modules' own checks alike. Returns that line."""
     try:
-        settings.parse_config(argv)
+        train.checked_config(argv)
     except ValueError as error:
         message = str(error)
     except SystemExit as exit_info:
         assert exit_info.code not in (0, None)
         message = (exit_info.code if isinstance(exit_info.code, str) else "") + capsys.readouterr().err
     else:
-        pytest.fail(f"parse_config accepted {argv}")
+        pytest.fail(f"checked_config accepted {argv}")
     lines = [line for line in message.splitlines() if line.strip()]
     assert len(lines) == 1, "a config error should be one sentence, not a usage dump:\n" + "\n".join(lines)
     return lines[0]
@@ -113,7 +114,7 @@ def test_a_model_the_sampler_cannot_run_is_one_line_and_leaves_the_run_name_free
     with pytest.raises(ValueError, match="supports Llama and Qwen2 models, not 'gpt2'"):
         train.main(["--model", str(tmp_path / "gpt2"), "--run", "x"])
     assert not checkpoint.is_run(tmp_path / "runs" / "x")
-    settings.parse_config(["--run", "x"])  # the name is still free
+    assert checkpoint.new_run_dir("x", explicit=True) == Path("runs/x")  # the name is still free
 
 
 def test_flags_override_the_preset():
@@ -199,7 +200,7 @@ def capture_shaped_rewards(monkeypatch) -> list[dict]:
     """Record, at each step of train.main, the sampled batch, its scores, the reference's log-probs and the
     rewards handed to the advantage estimator."""
     steps = []
-    real_sample, real_logprobs, real_advantages = sampling.sample_groups, train.batch_logprobs, grpo.group_advantages
+    real_sample, real_logprobs, real_advantages = sampling.sample_groups, learner.batch_logprobs, grpo.group_advantages
 
     def sample(*args, **kwargs):
         batch, scores, stats = real_sample(*args, **kwargs)
@@ -218,7 +219,7 @@ def capture_shaped_rewards(monkeypatch) -> list[dict]:
         return real_advantages(shaped, estimator, k)
 
     monkeypatch.setattr(sampling, "sample_groups", sample)
-    monkeypatch.setattr(train, "batch_logprobs", logprobs)
+    monkeypatch.setattr(learner, "batch_logprobs", logprobs)
     monkeypatch.setattr(grpo, "group_advantages", advantages)
     return steps
 
@@ -244,7 +245,7 @@ def test_kl_in_reward_subtracts_beta_times_the_summed_kl_of_each_response(tmp_pa
     log_ratio = step["ref_logp"] - step["batch"].logprobs[:, 1:]  # the sampler's log-probs stand for π
     k3 = (torch.exp(log_ratio) - log_ratio - 1) * step["batch"].mask[:, 1:]
     lengths = step["batch"].mask.sum(dim=1).float()
-    eta = rewards.length_penalty_coef(1, 0.0, 0.05, 100)
+    eta = grpo.length_penalty_coef(1, 0.0, 0.05, 100)
     expected = step["scores"].flatten() - eta * lengths / 8 - 0.5 * k3.sum(dim=1)
     assert k3.sum() > 1e-4
     torch.testing.assert_close(step["shaped"].flatten(), expected)
@@ -330,12 +331,12 @@ def test_curriculum_passk_and_unlikeliness_run_in_the_loop(tmp_path, monkeypatch
         "--n", "4", "--dynamic-sampling", "false", "--advantage", "passk", "--passk-k", "2"])
     assert observed == [(4, (4, 4)), (4, (4, 4))]  # every group of each step
     assert [m["curriculum_level"] for m in metrics] == [2, 2]  # a random model never reaches the threshold
-    assert advantages[-2:] == [("passk", 2), ("passk", 2)]  # each step's (settings.validate checks the name first)
+    assert advantages[-2:] == [("passk", 2), ("passk", 2)]  # each step's (train.main checks the name first)
     with pytest.raises(ValueError, match="passk needs rewards of 0 or 1"):
         settings.parse_config(["--advantage", "passk", "--length-eta-max", "0.1"])
     with pytest.raises(ValueError, match="--level must be 1..3"):
-        settings.parse_config(["--level", "4"])
-    assert settings.parse_config(["--tasks", "chains", "--level", "5"]).level == 5
+        curriculum.prompt_stream(settings.parse_config(["--level", "4"]))
+    assert curriculum.prompt_stream(settings.parse_config(["--tasks", "chains", "--level", "5"])).weights
 
 
 def test_unlikeliness_ranks_each_group_by_the_sampler_logprobs(tmp_path, monkeypatch, tiny_model_dir):

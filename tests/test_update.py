@@ -1,4 +1,4 @@
-"""train.update: the PPO-style update (mini-batches, epochs, micro-batches, old and reference log-probs, the
+"""learner.update: the PPO-style update (mini-batches, epochs, micro-batches, old and reference log-probs, the
 clipped loss plus KL written out by hand, the logged statistics), and mixed precision (fp32 weights, bf16
 compute) on a tiny random model."""
 
@@ -9,6 +9,7 @@ import torch
 
 import dist
 import grpo
+import learner
 import llama_forward
 import models
 import rollout
@@ -33,8 +34,8 @@ def test_update_has_zero_kl_to_an_identical_reference(tiny_model, tiny_model_dir
     batch, adv = rollout_batch
     before = [p.clone() for p in policy.parameters()]
     c = settings.Config(minibatches=1, epochs=1, kl_coef=1e-3)
-    ref_logp = train.batch_logprobs(reference, batch, c)
-    stats = train.update(policy, torch.optim.AdamW(policy.parameters(), lr=1e-3), batch, adv, ref_logp, c)
+    ref_logp = learner.batch_logprobs(reference, batch, c)
+    stats = learner.update(policy, torch.optim.AdamW(policy.parameters(), lr=1e-3), batch, adv, ref_logp, c)
     assert stats["kl"] == 0.0 and stats["entropy"] > 0
     assert any(not torch.equal(p, q) for p, q in zip(before, policy.parameters()))
 
@@ -51,9 +52,9 @@ def test_update_steps_down_the_gradient_of_the_loss_written_out_by_hand(tiny_mod
     adv = torch.randn(16, generator=torch.Generator().manual_seed(0))
     c = settings.Config(micro_batch_rows=3, loss_agg=agg, kl_coef=0.1, kl_kind="k3", grad_clip=1e9, minibatches=1,
                      temperature=1.3)
-    ref_logp = train.batch_logprobs(reference, batch, c)
+    ref_logp = learner.batch_logprobs(reference, batch, c)
     before = [p.clone() for p in policy.parameters()]
-    train.update(policy, torch.optim.SGD(policy.parameters(), lr=1.0), batch, adv, ref_logp, c)
+    learner.update(policy, torch.optim.SGD(policy.parameters(), lr=1.0), batch, adv, ref_logp, c)
     step = torch.cat([(p - q).flatten() for p, q in zip(policy.parameters(), before)])
 
     fresh = models.load(tiny_model_dir)[0]
@@ -79,7 +80,7 @@ def test_minibatches_and_epochs_take_one_optimizer_step_each(tiny_model, rollout
     policy, _ = tiny_model
     batch, adv = rollout_batch
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
-    stats = train.update(policy, optimizer, batch, adv, None, settings.Config(minibatches=2, epochs=3, kl_coef=0.0))
+    stats = learner.update(policy, optimizer, batch, adv, None, settings.Config(minibatches=2, epochs=3, kl_coef=0.0))
     assert optimizer.state[next(policy.parameters())]["step"].item() == 6
     # after the first optimizer step the policy is no longer the one that produced old_logp
     assert stats["ratio_mean"] != 1.0 and stats["approx_kl"] > 0
@@ -93,7 +94,7 @@ def test_minibatches_are_near_equal_and_a_batch_with_no_tokens_takes_no_step(tin
     policy, _ = tiny_model
     batch, adv = rollout_batch
     rows, sizes = [0], []  # rows forwarded since the last optimizer step; rows of each step
-    real_logprobs = train.completion_logprobs
+    real_logprobs = learner.completion_logprobs
 
     def counting_logprobs(policy, micro, c):
         rows[0] += len(micro.tokens) if torch.is_grad_enabled() else 0  # the update's forwards, not old log-probs
@@ -108,16 +109,16 @@ def test_minibatches_are_near_equal_and_a_batch_with_no_tokens_takes_no_step(tin
         return real_step(*args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train, "completion_logprobs", counting_logprobs)
+        patch.setattr(learner, "completion_logprobs", counting_logprobs)
         patch.setattr(optimizer, "step", counting_step)
-        train.update(policy, optimizer, batch, adv, None, settings.Config(minibatches=6, epochs=1, kl_coef=0.0))
+        learner.update(policy, optimizer, batch, adv, None, settings.Config(minibatches=6, epochs=1, kl_coef=0.0))
     assert sizes == [3, 3, 3, 3, 2, 2]
     assert optimizer.state[next(policy.parameters())]["step"].item() == 6
     # every response truncated, and --overlong-filter: no token has a gradient, so nothing moves
     truncated = rollout.Rollout(batch.tokens, batch.attention_mask, batch.mask, batch.logprobs,
                                 torch.ones_like(batch.truncated), batch.prompt_len)
     before = [p.clone() for p in policy.parameters()]
-    stats = train.update(policy, optimizer, truncated, adv, None,
+    stats = learner.update(policy, optimizer, truncated, adv, None,
                          settings.Config(minibatches=2, epochs=1, kl_coef=0.0, overlong_filter=True))
     assert all(torch.equal(p, q) for p, q in zip(before, policy.parameters()))
     assert optimizer.state[next(policy.parameters())]["step"].item() == 6
@@ -130,7 +131,7 @@ def test_logged_stats_are_token_weighted_over_the_whole_update(tiny_model, rollo
     policy, _ = tiny_model
     batch, adv = rollout_batch
     entropies = []
-    real = train.completion_logprobs
+    real = learner.completion_logprobs
 
     def recording(policy, micro, c):
         if torch.is_grad_enabled():  # the update's forwards, not the pass that computes the old log-probs
@@ -144,8 +145,8 @@ def test_logged_stats_are_token_weighted_over_the_whole_update(tiny_model, rollo
         return real(policy, micro, c)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train, "completion_logprobs", recording)
-        stats = train.update(policy, torch.optim.SGD(policy.parameters(), lr=0.0), batch, adv, None,
+        patch.setattr(learner, "completion_logprobs", recording)
+        stats = learner.update(policy, torch.optim.SGD(policy.parameters(), lr=0.0), batch, adv, None,
                              settings.Config(minibatches=3, epochs=1, kl_coef=0.0, micro_batch_rows=2))
     seen = torch.cat(entropies)  # mini-batches of 6, 5 and 5 rows, of different token counts
     assert len(seen) == int(batch.mask[:, 1:].sum())
@@ -163,7 +164,7 @@ def test_old_logprobs_are_recomputed_not_taken_from_the_sampler(tiny_model, tiny
     for sampled in (batch, garbage):
         policy = models.load(tiny_model_dir)[0]
         torch.manual_seed(0)  # the same mini-batch shuffle
-        train.update(policy, torch.optim.AdamW(policy.parameters(), lr=1e-2), sampled, adv, None, c)
+        learner.update(policy, torch.optim.AdamW(policy.parameters(), lr=1e-2), sampled, adv, None, c)
         results.append(list(policy.parameters()))
     assert all(torch.equal(p, q) for p, q in zip(*results))
 
@@ -182,7 +183,7 @@ def test_activation_checkpointing_changes_memory_not_the_update(tiny_model_dir, 
         policy.model.layers[0].mlp.register_forward_pre_hook(lambda *args, runs=runs: runs.append(1))
         before = [p.clone() for p in policy.parameters()]
         c = settings.Config(kl_coef=0.0, grad_clip=1e9, minibatches=1, activation_checkpointing=checkpointing)
-        train.update(policy.train(), torch.optim.SGD(policy.parameters(), lr=1.0), batch, adv, None, c)
+        learner.update(policy.train(), torch.optim.SGD(policy.parameters(), lr=1.0), batch, adv, None, c)
         deltas.append(torch.cat([(p - q).flatten() for p, q in zip(policy.parameters(), before)]))
         assert len(runs) == (2 if checkpointing else 1)  # one micro-batch, on-policy: one forward
     assert deltas[0].abs().max() > 0
@@ -213,7 +214,7 @@ def test_micro_batches_change_memory_not_the_update(tiny_model_dir, rollout_batc
         policy = models.load(tiny_model_dir)[0]
         before = [p.clone() for p in policy.parameters()]
         c = settings.Config(micro_batch_rows=micro_batch_rows, loss_agg=agg, kl_coef=0.0, grad_clip=1e9, minibatches=1)
-        stats.append(train.update(policy, torch.optim.SGD(policy.parameters(), lr=1.0), batch, adv, None, c))
+        stats.append(learner.update(policy, torch.optim.SGD(policy.parameters(), lr=1.0), batch, adv, None, c))
         deltas.append(torch.cat([(p - q).flatten() for p, q in zip(policy.parameters(), before)]))  # Δθ = −∇loss
     assert deltas[0].abs().max() > 0
     torch.testing.assert_close(deltas[0], deltas[1], atol=1e-6, rtol=1e-4)
@@ -234,7 +235,7 @@ def test_bf16_compute_keeps_fp32_weights_that_move_at_the_presets_lr_and_saves_a
     dist.save_pretrained(policy, tokenizer, bf16_dir, torch.bfloat16)
     monkeypatch.setitem(llama_forward.SAMPLE_DTYPE, "cpu", torch.bfloat16)
     logits_dtypes, moved = [], []
-    real_update = train.update
+    real_update = learner.update
 
     def recording_update(policy, optimizer, *args):
         policy.lm_head.register_forward_hook(lambda module, inputs, output: logits_dtypes.append(output.dtype))
@@ -244,7 +245,7 @@ def test_bf16_compute_keeps_fp32_weights_that_move_at_the_presets_lr_and_saves_a
         moved.append(torch.cat([(p != q).flatten() for p, q in zip(policy.parameters(), before)]).float().mean())
         return stats
 
-    monkeypatch.setattr(train, "update", recording_update)
+    monkeypatch.setattr(learner, "update", recording_update)
     monkeypatch.chdir(tmp_path)
     train.main(["--model", str(bf16_dir), "--run", "mixed", "--steps", "1", "--lr", "2e-6", "--n", "4",
                 "--prompts-per-step", "4", "--max-new-tokens", "6", "--dynamic-sampling", "false",
@@ -265,10 +266,10 @@ def test_kl_clamp_bounds_the_per_token_kl_term(tiny_model, rollout_batch):
     batch, adv = rollout_batch
     reference = models.build_tiny_model(tokenizer, seed=1).eval()  # far from the policy: a large KL
     c = settings.Config(minibatches=1, kl_coef=0.1, kl_kind="k3")
-    ref_logp = train.batch_logprobs(reference, batch, c)
-    unclamped = train.update(policy, torch.optim.SGD(policy.parameters(), lr=0.0), batch, adv, ref_logp, c)["kl"]
+    ref_logp = learner.batch_logprobs(reference, batch, c)
+    unclamped = learner.update(policy, torch.optim.SGD(policy.parameters(), lr=0.0), batch, adv, ref_logp, c)["kl"]
     bound = unclamped / 2  # below the mean, so some tokens' KL must be cut
-    clamped = train.update(policy, torch.optim.SGD(policy.parameters(), lr=0.0), batch, adv, ref_logp,
+    clamped = learner.update(policy, torch.optim.SGD(policy.parameters(), lr=0.0), batch, adv, ref_logp,
                            settings.Config(minibatches=1, kl_coef=0.1, kl_kind="k3", kl_clamp=bound))["kl"]
     assert unclamped > bound >= clamped > 0
 
@@ -284,7 +285,7 @@ def test_overlong_filter_gives_truncated_responses_no_gradient(tiny_model_dir, r
         before = [p.clone() for p in policy.parameters()]
         rows = batch.truncated if only_truncated else torch.ones_like(batch.truncated)
         c = settings.Config(minibatches=1, kl_coef=0.0, grad_clip=1e9, overlong_filter=overlong_filter)
-        train.update(policy, torch.optim.SGD(policy.parameters(), lr=1.0), rollout.select_rows(batch, rows), adv[rows],
+        learner.update(policy, torch.optim.SGD(policy.parameters(), lr=1.0), rollout.select_rows(batch, rows), adv[rows],
                      None, c)
         steps.append(torch.cat([(p - q).flatten() for p, q in zip(policy.parameters(), before)]))
     assert steps[0].abs().max() == 0  # a batch of truncated responses only: nothing to learn from

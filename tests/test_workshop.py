@@ -22,6 +22,7 @@ import kl
 import models
 import prorl_kernels
 import settings
+import train
 
 GUIDE = REPO / "docs" / "workshop.md"
 
@@ -71,7 +72,7 @@ def test_every_command_in_the_guide_parses_with_todays_flags(monkeypatch):
         used = {arg for arg in args if arg.startswith("--")}
         if script == "train.py":
             assert used <= train_flags, f"{' '.join(argv)}: no such flag {used - train_flags}"
-            settings.parse_config(args)  # values too: a bad task, bug or preset name fails here
+            train.checked_config(args)  # values too: a bad task, bug or preset name fails here
         else:
             assert script in others, f"{script}: the guide runs a script this test does not know how to check"
             known = help_flags(others[script])
@@ -100,7 +101,7 @@ def test_no_bug_is_on_by_default():
 
 def test_an_unknown_bug_is_a_one_line_error():
     with pytest.raises(ValueError, match="--bug must be one of"):
-        settings.parse_config(["--bug", "kl-sing"])
+        train.checked_config(["--bug", "kl-sing"])
 
 
 def test_train_switches_the_configured_bug_on():
@@ -108,8 +109,8 @@ def test_train_switches_the_configured_bug_on():
 
 
 def loss_gradient(logits, old_logp, ref_logp, adv, kl_coef):
-    """The gradient of train.policy_loss's loss w.r.t. the logits, and its stats: token log-probs, then
-    grpo.token_loss weighed per token (old_logp None: on-policy, as train.policy_loss does it)."""
+    """The gradient of learner.policy_loss's loss w.r.t. the logits, and its stats: token log-probs, then
+    grpo.token_loss weighed per token (old_logp None: on-policy, as learner.policy_loss does it)."""
     logits = logits.clone().requires_grad_(True)
     labels, mask = torch.tensor([[0, 1, 2]]), torch.ones(1, 3, dtype=torch.bool)
     logp = torch.log_softmax(logits, dim=-1).gather(-1, labels[..., None])[..., 0]

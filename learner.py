@@ -1,0 +1,118 @@
+"""The policy update of one step: token log-probs from the last hidden state (completion positions only),
+the loss Σ w·(clipped surrogate + β·KL) per micro-batch, and AdamW steps over mini-batches and epochs.
+
+    update          epochs × mini-batches optimizer steps, each accumulated over micro-batches
+    policy_loss     one micro-batch: completion_logprobs, then grpo.token_loss (the RL math)
+    batch_logprobs  the same log-probs without gradient: the reference's and the old policy's
+"""
+
+import torch
+
+import dist
+import grpo
+import llama_forward
+import models
+import prorl_kernels
+import rollout
+import settings
+
+
+def last_hidden(model, batch: rollout.Rollout, compute: torch.dtype) -> torch.Tensor:
+    """The final norm's output [B, T, H], from the model's own forward (so FSDP's hooks gather and
+    reduce the head and embeddings) asked for no logits: the head runs on 0 positions."""
+    captured = {}
+    norm = model.get_decoder().norm
+    hook = norm.register_forward_hook(lambda module, args, out: captured.update(h=out))
+    no_positions = torch.zeros(0, dtype=torch.long, device=batch.tokens.device)
+    device = batch.tokens.device.type
+    try:
+        with torch.autocast(device, dtype=compute, enabled=compute != torch.float32):
+            model(input_ids=batch.tokens, attention_mask=batch.attention_mask.long(),
+                  position_ids=llama_forward.position_ids(batch.attention_mask),
+                  logits_to_keep=no_positions, use_cache=False)
+    finally:
+        hook.remove()
+    return captured["h"]
+
+
+def completion_logprobs(model, batch: rollout.Rollout, c: settings.Config):
+    """(logp, entropy), each [B, T−1] fp32 (position t scores token t+1, as mask[:, 1:]), on the
+    completion tokens only (0 elsewhere): the head and log-softmax see those positions alone, chunk
+    by chunk (prorl_kernels.linear_token_logprobs). Policy, old and reference log-probs come from here."""
+    compute = models.compute_dtype(batch.tokens.device, c.dtype)
+    targets = batch.mask[:, 1:]  # [B, T−1]
+    hidden = last_hidden(model, batch, compute)[:, :-1][targets]  # [completion tokens, H]
+    labels = batch.tokens[:, 1:][targets]
+    logp, entropy = prorl_kernels.linear_token_logprobs(hidden, model.lm_head.weight, labels,
+                                                        c.temperature, compute)
+    zeros = torch.zeros(targets.shape, device=logp.device)
+    return zeros.masked_scatter(targets, logp), zeros.masked_scatter(targets, entropy)
+
+
+@torch.no_grad()
+def batch_logprobs(model, batch: rollout.Rollout, c: settings.Config) -> torch.Tensor:
+    """Teacher-forced log-probs [B, T−1] of the whole batch without gradient, micro-batch by micro-batch."""
+    logprobs = []
+    for rows in torch.arange(len(batch.tokens)).split(c.micro_batch_rows):
+        logprobs.append(completion_logprobs(model, rollout.select_rows(batch, rows), c)[0])
+    return torch.cat(logprobs)
+
+
+def policy_loss(policy, part: rollout.Rollout, terms: grpo.LossTerms, spec: grpo.LossSpec,
+                c: settings.Config):
+    """One micro-batch's Σ_t w_t · (clipped surrogate + β·KL)_t and its statistics: log-probs from
+    the hidden state (completion tokens only), then grpo.token_loss on [B, T−1]. terms.old_logp None:
+    on-policy (ρ = 1, with logp's gradient)."""
+    logp, entropy = completion_logprobs(policy, part, c)
+    loss, stats = grpo.token_loss(logp, terms, spec)
+    stats["entropy"] = grpo.masked_mean(entropy, terms.mask)
+    return loss, stats
+
+
+def loss_spec(c: settings.Config) -> grpo.LossSpec:
+    """The loss's settings, checked (train.main builds one first, so a bad name fails before any work)."""
+    # with --kl-in-reward the KL is only logged here: it is in the reward instead
+    kl_coef = 0.0 if c.kl_in_reward else c.kl_coef
+    return grpo.LossSpec(c.clip_low, c.clip_high, kl_coef, c.kl_kind, c.kl_clamp or None, c.temperature,
+                         c.loss_agg)
+
+
+def update(policy, optimizer, batch: rollout.Rollout, adv: torch.Tensor, ref_logp: torch.Tensor | None,
+           c: settings.Config) -> dict:
+    """PPO-style update: `epochs` passes, each split into `minibatches` optimizer steps, each accumulated over
+    micro-batches of `micro_batch_rows` rows. Returns the step's statistics (token means)."""
+    mask = batch.mask[:, 1:]  # the loss is on completion tokens
+    if c.overlong_filter:  # DAPO: a truncated response is no evidence either way, so it gets no gradient
+        mask = mask & ~batch.truncated[:, None]
+    spec = loss_spec(c)
+    rows = torch.arange(len(adv))
+    # Old log-probs are recomputed by the policy before any update (not taken from the sampler), so the
+    # ratio is exactly 1 on the first mini-batch; a single update per batch needs no extra pass.
+    on_policy = c.minibatches == 1 and c.epochs == 1
+    old_logp = None if on_policy else batch_logprobs(policy, batch, c)  # [B, T−1] or None
+    totals, tokens, skipped = {}, 0.0, 0  # stats summed over tokens, and the tokens they cover
+    for _ in range(c.epochs):
+        # tensor_split, not chunk: exactly `minibatches` near-equal pieces (chunk can cut fewer, or leave a
+        # last piece of one row); every rank holds as many rows (dist.my_share), so all of them cut alike.
+        for minibatch in rows[torch.randperm(len(rows))].tensor_split(c.minibatches):
+            if not dist.any_true(bool(mask[minibatch].any())):  # no token to learn from, on any rank: AdamW
+                continue  # would still move the weights on its momentum, so there is no step at all
+            # once per mini-batch
+            count = dist.loss_denominator(grpo.loss_count(mask[minibatch], spec.agg))
+            terms = grpo.LossTerms(old_logp, ref_logp, adv, mask, grpo.loss_weights(mask, spec.agg, count))
+            finite = True
+            for micro in minibatch.split(c.micro_batch_rows):
+                loss, stats = policy_loss(policy, rollout.select_rows(batch, micro), terms.rows(micro), spec, c)
+                finite = finite and bool(torch.isfinite(loss))
+                loss.backward()  # Σ over micro-batches and ranks = the gradient of the whole mini-batch's loss
+                micro_tokens = float(mask[micro].sum())
+                for name, value in stats.items():
+                    totals[name] = totals.get(name, 0.0) + float(value) * micro_tokens
+                tokens += micro_tokens
+            grad_norm = dist.clip_grad_norm_(policy.parameters(), c.grad_clip)
+            ok = dist.all_true(finite and bool(torch.isfinite(grad_norm)))  # NaN/inf on any rank: skip, not poison
+            if ok:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            skipped += not ok
+    return {**dist.token_means(totals, tokens), **dist.reduce_metrics({"skipped_updates": skipped})}
