@@ -283,7 +283,7 @@ def ensure_tiny_base(path: str, seed: int = 0, log=print, **warmstart) -> str:
     log(f"building the tiny base model in {path}: {warmstart['steps']} supervised warm-start steps (about a minute)")
     tokenizer = build_tokenizer()
     model = build_tiny_model(tokenizer, seed)
-    warm_start(model, tokenizer, seed=seed, **warmstart)
+    warm_start(model, tokenizer, warmstart, seed)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     recipe_file.write_text(json.dumps(recipe))  # written last: a half-built base is never reused
@@ -292,9 +292,9 @@ def ensure_tiny_base(path: str, seed: int = 0, log=print, **warmstart) -> str:
     return path
 
 
-def warm_start(model, tokenizer, task_mix: str, level: int, steps: int, batch_size: int, lr: float, seed: int,
-               noise: float = 0.0, chain_coverage: float = 1.0):
-    """Supervised next-token training on (prompt, solution) pairs, loss on the solution tokens only.
+def warm_start(model, tokenizer, recipe: dict, seed: int):
+    """Supervised next-token training on (prompt, solution) pairs, loss on the solution tokens only; `recipe`
+    has WARMSTART's keys (task mix, level, steps, batch size, lr, noise, chain coverage).
 
     Deliberately short, and with a fraction `noise` of the solutions corrupted (one character replaced by
     a random digit), like a pretrained base that has also seen wrong worked answers: the base then puts
@@ -302,8 +302,10 @@ def warm_start(model, tokenizer, task_mix: str, level: int, steps: int, batch_si
     A chains problem is drawn from the chains that `chain_coverage` shows, whatever the level: the coverage
     places the edge of the base's competence (chains.shown_compositions).
     """
-    mix = tasks.TaskMix(task_mix, level=level, seed=seed + 10_000)  # a stream apart from RL's
-    shown = chains.shown_compositions(chain_coverage)
+    steps, lr, noise = recipe["steps"], recipe["lr"], recipe["noise"]
+    # a stream apart from RL's
+    mix = tasks.TaskMix(recipe["task_mix"], level=recipe["level"], seed=seed + 10_000)
+    shown = chains.shown_compositions(recipe["chain_coverage"])
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
@@ -311,7 +313,7 @@ def warm_start(model, tokenizer, task_mix: str, level: int, steps: int, batch_si
         for group in optimizer.param_groups:  # linear warmup, then cosine decay to 10%
             warmup = min(1.0, (step + 1) / 30)
             group["lr"] = lr * warmup * (0.55 + 0.45 * math.cos(math.pi * step / steps))
-        examples = [mix.sample() for _ in range(batch_size)]
+        examples = [mix.sample() for _ in range(recipe["batch_size"])]
         examples = [shown_chain(rng, shown) if ex["task"] == "chains" else ex for ex in examples]
         examples = [corrupt(ex, rng) if rng.random() < noise else ex for ex in examples]
         input_ids, labels = supervised_batch(tokenizer, examples)

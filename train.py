@@ -240,20 +240,25 @@ def main(argv: list[str]) -> None:
     trained = held_out_pass1(policy, tokenizer, test_set, c)
     trained_counts = boundary_counts(policy, tokenizer, boundary_set, c, "trained")
     if dist.is_main():
-        report(run_dir, model_dir, saved, trained, trained_counts, boundary_set, test_set, c)
+        scores = {**saved, "trained": trained, "trained_counts": trained_counts}
+        report(run_dir, model_dir, scores, test_set, boundary_set, c)
 
 
-def report(run_dir, model_dir, saved, trained, trained_counts, boundary_set, test_set, c) -> None:
-    """The base-vs-trained table (result.md), the pass@k boundary and the training curves."""
+def report(run_dir, model_dir, scores: dict, test_set, boundary_set, c: settings.Config) -> None:
+    """The base-vs-trained table (result.md), the pass@k boundary and the training curves. scores: the
+    pass@1 reports "base" and "trained", and the boundary counts "base_counts" and "trained_counts"."""
     if boundary_set:
-        evaluation.write_boundary(run_dir, {"base": saved["base_counts"], "trained": trained_counts}, boundary_set,
-                                  c.boundary_n, settings={"base": model_dir, "trained": str(run_dir / "final")})
-        print(evaluation.pass1_gain(saved["base_counts"], trained_counts, c.boundary_n))
+        counts = {"base": scores["base_counts"], "trained": scores["trained_counts"]}
+        models_compared = {"base": model_dir, "trained": str(run_dir / "final")}
+        evaluation.write_boundary(run_dir, counts, boundary_set, c.boundary_n, settings=models_compared)
+        print(evaluation.pass1_gain(counts["base"], counts["trained"], c.boundary_n))
     curves.plot_training(run_dir)
     sizes = f"held-out problems: {evaluation.problem_counts(test_set)}; {c.eval_samples} samples each"
-    print(evaluation.write_result(run_dir, saved["base"], trained, f"{sizes}, T={c.eval_temperature}"))
-    print(f"wrote {run_dir}/: result.md, metrics.jsonl, training.png, " + ("boundary.md, boundary.png (pass@k at "
-          "T=0.6, top-p 0.95), " if boundary_set else "") + "checkpoint.pt, final/ (the trained model)")
+    print(evaluation.write_result(run_dir, scores["base"], scores["trained"],
+                                  f"{sizes}, T={c.eval_temperature}"))
+    boundary_files = "boundary.md, boundary.png (pass@k at T=0.6, top-p 0.95), " if boundary_set else ""
+    print(f"wrote {run_dir}/: result.md, metrics.jsonl, training.png, {boundary_files}checkpoint.pt, "
+          "final/ (the trained model)")
 
 
 if __name__ == "__main__":

@@ -102,8 +102,9 @@ def test_warm_start_draws_chains_only_from_the_shown_ones(monkeypatch):
 
     monkeypatch.setattr(models, "supervised_batch", recording_batch)
     tokenizer = models.build_tokenizer()
-    models.warm_start(models.build_tiny_model(tokenizer), tokenizer, task_mix="chains:1,sort:1", level=2, steps=2,
-                      batch_size=64, lr=1e-3, seed=0, chain_coverage=1.5)
+    recipe = {"task_mix": "chains:1,sort:1", "level": 2, "steps": 2, "batch_size": 64, "lr": 1e-3,
+              "noise": 0.0, "chain_coverage": 1.5}
+    models.warm_start(models.build_tiny_model(tokenizer), tokenizer, recipe, seed=0)
     drawn = [ex for ex in seen if ex["task"] == "chains"]
     assert 30 < len(drawn) < 98 and len(seen) == 128  # about half of the mix, and the sort half untouched
     assert all(tuple(ex["ops"]) in shown and not tasks.is_heldout(ex) for ex in drawn)
