@@ -31,6 +31,7 @@ from tqdm import tqdm
 import curves
 import models
 import sampling
+import settings
 import tasks
 
 # ProRL's evaluation sampling (Section 4): temperature 0.6, top-p 0.95, n samples per problem.
@@ -269,8 +270,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model", action="append", default=[],
                         help="local Hugging Face model directory; repeat it: the first is the base")
-    parser.add_argument("--tasks", default="sort,reverse,countdown", help="built-in names or JSONL paths, as train.py")
-    parser.add_argument("--level", type=int, default=1, help="difficulty of the built-in tasks (1-3)")
+    # as train.py's: the same fields of settings.Config
+    settings.add_options(parser, ("tasks", "level", "max_new_tokens", "device"))
     parser.add_argument("--problems", type=int, default=100, help="held-out problems per source")
     parser.add_argument("--whole-file", action="store_true",
                         help="evaluate every problem of a file in --tasks (up to --problems), not only its held-out "
@@ -278,14 +279,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--n", type=int, default=EVAL_SAMPLES, help="samples per problem (largest k)")
     parser.add_argument("--temperature", type=float, default=EVAL_TEMPERATURE, help="sampling temperature")
     parser.add_argument("--top-p", type=float, default=EVAL_TOP_P, help="nucleus sampling threshold")
-    parser.add_argument("--max-new-tokens", type=int, default=16,
-                        help="completion length limit (raise it for real models)")
     parser.add_argument("--max-rows", type=int, default=None,
                         help="rows decoded at once (default: up to 1024, as many as fit, as in train.py); lower it if "
                              "memory runs out. Another value draws other samples from the same seed")
     parser.add_argument("--out", default="runs/eval", help="directory for boundary.md, boundary.json, boundary.png")
     parser.add_argument("--seed", type=int, default=0, help="sampler seed (every model gets the same)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     parser.add_argument("--plot", metavar="RUN_DIR", help="instead: draw RUN_DIR/training.png from metrics.jsonl")
     args = parser.parse_args(argv)
     if not args.plot and not args.model:

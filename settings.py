@@ -124,14 +124,25 @@ class Parser(argparse.ArgumentParser):
         raise ValueError(message)
 
 
+def add_options(parser: argparse.ArgumentParser, names: tuple[str, ...] = (), given_only: bool = False):
+    """A --flag for each Config field in `names` (all when empty), with the field's type, default and help
+    line: train.py's command line and evaluation.py's share them. given_only: flags left out parse as None,
+    so that parse_config can tell which were given."""
+    for f in dataclasses.fields(Config):
+        if names and f.name not in names:
+            continue
+        kind = parse_bool if f.type is bool else f.type
+        default = f.default if given_only else "%(default)s"
+        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None if given_only else f.default,
+                            help=f"{f.metadata['help']} (default: {default})")
+
+
 def parse_config(argv: list[str]) -> Config:
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(Config):
-        kind = parse_bool if f.type is bool else f.type
-        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
-                            help=f"{f.metadata['help']} (default: {f.default})")
+    add_options(parser, given_only=True)
     args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    if args.get("resume"):  # the run's own settings, then the flags given now (e.g. more --steps)
+    # a resumed run's own settings, then the flags given now (e.g. more --steps)
+    if args.get("resume"):
         args = resumed_settings(args["resume"], args)
     preset = args.get("preset", "tiny")
     if preset not in PRESETS:
