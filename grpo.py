@@ -248,8 +248,9 @@ def token_loss(logp: torch.Tensor, terms: LossTerms, spec: LossSpec = LossSpec()
 @torch.no_grad()
 def surrogate_stats(logp, old_logp, ratio, clipped, mask) -> dict[str, torch.Tensor]:
     """CleanRL's diagnostics of the clipped surrogate, as means over the masked tokens."""
-    log_ratio = torch.where(mask.bool(), logp - old_logp.to(logp.dtype), 0.0)
-    return {"clipfrac": masked_mean(clipped.float(), mask), "approx_kl": masked_mean(0.5 * log_ratio**2, mask),
+    # log ρ = logp − old_logp, the importance ratio's log (kl.py's log_r is another ratio: π_ref / π)
+    log_rho = torch.where(mask.bool(), logp - old_logp.to(logp.dtype), 0.0)
+    return {"clipfrac": masked_mean(clipped.float(), mask), "approx_kl": masked_mean(0.5 * log_rho**2, mask),
             "ratio_mean": masked_mean(ratio, mask)}
 
 

@@ -1,9 +1,9 @@
 """KL(π ‖ π_ref) estimators from per-token log-probs of the sampled tokens (Schulman, "Approximating KL").
 
-With x ~ π and log_ratio = ref_logp − logp = log(π_ref(x) / π(x)):
-    k1 = −log_ratio                    unbiased, but negative on some tokens and high variance
-    k2 = ½ · log_ratio²                biased, low variance, ≥ 0; its gradient is that of KL (ProRL v2)
-    k3 = exp(log_ratio) − log_ratio − 1  unbiased and ≥ 0 (GRPO, ProRL)
+With x ~ π and r = π_ref(x) / π(x), so log_r = ref_logp − logp (Schulman's notation):
+    k1 = −log_r                        unbiased, but negative on some tokens and high variance
+    k2 = ½ · log_r²                    biased, low variance, ≥ 0; its gradient is that of KL (ProRL v2)
+    k3 = r − 1 − log_r                 unbiased and ≥ 0 (GRPO, ProRL)
 "Unbiased" is about the value. As a loss term what matters is the gradient: k1's is ∇log π, whose
 expectation under π is 0, so k1 regularises only when folded into the reward (--kl-in-reward); k2's
 expected gradient is that of KL(π‖π_ref); k3's is that of the reverse KL(π_ref‖π), which also pulls π
@@ -21,13 +21,13 @@ def unknown_kind(kind: str) -> str:
 
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:
     """Per-token KL estimate, same shape as logp."""
-    log_ratio = ref_logp - logp
+    log_r = ref_logp - logp
     if kind == "k1":
-        return -log_ratio
+        return -log_r
     if kind == "k2":
-        return 0.5 * log_ratio**2
+        return 0.5 * log_r**2
     if kind == "k3":
-        return torch.exp(log_ratio) - log_ratio - 1
+        return torch.exp(log_r) - log_r - 1
     raise ValueError(unknown_kind(kind))
 
 

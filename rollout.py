@@ -185,7 +185,7 @@ def decode_rows(
     completion_mask = torch.zeros(num_rows, max_new_tokens, dtype=torch.bool, device=device)
     stopped = torch.zeros(num_rows, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
-        token, token_logp = sample(logits, temperature, top_p, top_k, generator)
+        token, token_logp = sample_tokens(logits, temperature, top_p, top_k, generator)
         # Rows that already stopped keep decoding (the batch stays rectangular) but their tokens are
         # pads outside the mask: they get no log-prob and, in the trainer, no gradient.
         completion_mask[:, step] = ~stopped
@@ -203,7 +203,7 @@ def decode_rows(
 # Sampling
 
 
-def sample(
+def sample_tokens(
     logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits float32 [R, V] -> (token [R], its log-prob under softmax(logits / temperature) [R]).

@@ -67,16 +67,17 @@ def _policy_loss_fwd_kernel(
         dloss_dlogp = tl.where(is_clipped, 0.0, -adv * ratio)  # dρ/dlogp = ρ; a clipped ratio is constant
         clipped = is_clipped.to(tl.float32)
 
-        log_ratio = logp - ref_logp  # log π/π_ref
+        # kl.py's notation: r = π_ref / π, so d log_r / d logp = −1
+        log_r = ref_logp - logp
         if KL_KIND == 1:
-            kl = log_ratio
+            kl = -log_r
             dkl_dlogp = tl.full([], 1.0, tl.float32)
         elif KL_KIND == 2:
-            kl = 0.5 * log_ratio * log_ratio
-            dkl_dlogp = log_ratio
+            kl = 0.5 * log_r * log_r
+            dkl_dlogp = -log_r
         else:
-            kl = tl.exp(-log_ratio) + log_ratio - 1.0
-            dkl_dlogp = 1.0 - tl.exp(-log_ratio)
+            kl = tl.exp(log_r) - log_r - 1.0
+            dkl_dlogp = 1.0 - tl.exp(log_r)
         if USE_KL:  # β = 0: kl is only logged (an overflowing k3 must not turn the loss into 0·inf)
             loss += kl_coef * kl
             dloss_dlogp += kl_coef * dkl_dlogp
