@@ -63,3 +63,26 @@ def test_train_fits_a_screen_and_every_module_stays_short():
                for files in project_modules().values() for path in files}
     assert lengths["train.py"] < 300
     assert {name: n for name, n in lengths.items() if n > 400} == {}
+
+
+def reading_guide() -> dict[str, list[str]]:
+    """README's "How to read the code" table: {row: [module, ...]}."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## How to read the code"):text.index("## How one step flows")]
+    table = section[section.index("| read |"):]
+    rows = {}
+    for row in table.strip().splitlines()[2:]:
+        _, label, files, _ = row.split("|")
+        rows[label.strip()] = [name.rstrip("/").removesuffix(".py") for name in re.findall(r"`([\w/.]+)`", files)]
+    return rows
+
+
+def test_the_reading_guide_names_every_module_once_and_the_core_first():
+    rows = reading_guide()
+    named = [name for files in rows.values() for name in files]
+    assert sorted(named) == sorted(project_modules()), "each module in exactly one row of the reading guide"
+    core = rows["first: the RL core"]
+    assert core[0] == "train" and len(core) <= 8
+    # the core reads in the order a step runs: sample → score → RL math → update → reset
+    assert [core.index(m) for m in ("sampling", "rewards", "grpo", "learner", "reset")] == sorted(
+        core.index(m) for m in ("sampling", "rewards", "grpo", "learner", "reset"))
