@@ -1,11 +1,13 @@
-"""Deliberately broken variants of the RL math, for the workshop's bug hunt (docs/workshop.md) — and nothing else.
+"""Deliberately broken variants of the RL math, for the workshop's bug hunt (docs/workshop.md) — and
+nothing else.
 
     python train.py --bug kl-sign        # one of BUGS; the default "" switches none on
 
-`switch_on(name)` swaps one function of grpo.py or kl.py for a broken copy, for this process only; train.py calls
-it once after reading the config. The correct functions are never edited: a run without --bug uses them as they
-are (tests/test_workshop.py checks that, and that each bug breaks what it says below). Each broken copy is its
-original with one line changed, marked `# BUG:`; the exercise is to find it from the curves alone.
+`switch_on(name)` swaps one function of grpo.py or kl.py for a broken copy, for this process only;
+train.py calls it once after reading the config. The correct functions are never edited: a run
+without --bug uses them as they are (tests/test_workshop.py checks that, and that each bug breaks
+what it says below). Each broken copy is its original with one line changed, marked `# BUG:`; the
+exercise is to find it from the curves alone.
 """
 
 import torch
@@ -23,14 +25,14 @@ def kl_penalty_sign_flipped(logp, ref_logp, kind="k3", clamp=None, mask=None) ->
 
 
 def group_advantages_unnormalised(rewards: torch.Tensor, estimator: str = "grpo", k: int = 1) -> torch.Tensor:
-    """grpo.group_advantages without the group baseline or the std: A = r. No answer is compared with the rest
-    of its group, and a wrong answer (r = 0) is never pushed down."""
+    """grpo.group_advantages without the group baseline or the std: A = r. No answer is compared
+    with the rest of its group, and a wrong answer (r = 0) is never pushed down."""
     return rewards.float()  # BUG: was (r − group mean) / (group std + ε)
 
 
 def clipped_surrogate_unclipped(logp, old_logp, adv, mask, clip_low=0.2, clip_high=0.28):
-    """grpo.clipped_surrogate without the clip: later mini-batches of a step keep pushing tokens that earlier
-    ones already moved, however far the ratio went. clipfrac reads 0."""
+    """grpo.clipped_surrogate without the clip: later mini-batches of a step keep pushing tokens
+    that earlier ones already moved, however far the ratio went. clipfrac reads 0."""
     if adv.dim() == 1:
         adv = adv.unsqueeze(1)
     logp, old_logp = torch.where(mask.bool(), logp, 0.0), torch.where(mask.bool(), old_logp.to(logp.dtype), 0.0)
@@ -49,7 +51,8 @@ ORIGINALS = {(module, name): getattr(module, name) for module, name, _, _ in BUG
 
 
 def switch_on(name: str) -> None:
-    """Swap in the broken copy `name` (one of BUGS) for this process; "" leaves everything as it is."""
+    """Swap in the broken copy `name` (one of BUGS) for this process; "" leaves everything as it
+    is."""
     if not name:
         return
     module, function, broken, symptom = BUGS[name]

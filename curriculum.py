@@ -1,16 +1,18 @@
 """Edge curriculum: keep RL's prompts at the edge of the policy's competence (issue 15).
 
-Why the edge: RL expands what a model can solve only where it already succeeds rarely but not never. On
-synthetic dependency-graph problems (arXiv 2512.07783) RL on in-distribution depths raised pass@1 only, RL at
-the edge (base pass@128 > 0) raised pass@128 by up to 42 points, RL far beyond the edge did nothing; RL on
-depth-2 compositions of string functions generalised to deeper ones (arXiv 2509.25123).
+Why the edge: RL expands what a model can solve only where it already succeeds rarely but not never.
+On synthetic dependency-graph problems (arXiv 2512.07783) RL on in-distribution depths raised pass@1
+only, RL at the edge (base pass@128 > 0) raised pass@128 by up to 42 points, RL far beyond the edge
+did nothing; RL on depth-2 compositions of string functions generalised to deeper ones (arXiv
+2509.25123).
 
-The rule. Prompts come from the current level; a fraction `replay` comes from the easier levels instead
-(uniformly), so the atoms the deeper levels are built from are not forgotten. After each step the loop reports
-every sampled group's scores (observe); the pass rate of each group at the current level (its share of samples
-with score ≥ 1) enters a window of the last `window` such groups, and once the window is full and its mean
-reaches `threshold`, the level goes up by one and the window starts empty. Levels never go down; a threshold
-above 1 never promotes (a fixed level, e.g. the "hardest level only" arm).
+The rule. Prompts come from the current level; a fraction `replay` comes from the easier levels
+instead (uniformly), so the atoms the deeper levels are built from are not forgotten. After each
+step the loop reports every sampled group's scores (observe); the pass rate of each group at the
+current level (its share of samples with score ≥ 1) enters a window of the last `window` such
+groups, and once the window is full and its mean reaches `threshold`, the level goes up by one and
+the window starts empty. Levels never go down; a threshold above 1 never promotes (a fixed level,
+e.g. the "hardest level only" arm).
 
 Same interface as tasks.TaskMix (.sample(), .rng, .drawn, .weights), plus observe, stats and
 state_dict / load_state_dict for an exact resume.
@@ -23,7 +25,8 @@ import tasks
 
 
 class EdgeCurriculum:
-    """An endless stream of training problems of one procedural family, at the level the rule above picks."""
+    """An endless stream of training problems of one procedural family, at the level the rule above
+    picks."""
 
     def __init__(self, family: str, levels: int, start: int = 1, threshold: float = 0.5, replay: float = 0.25,
                  window: int = 32, seed: int = 0):
@@ -54,9 +57,9 @@ class EdgeCurriculum:
                 return {**example, "level": level}
 
     def observe(self, examples: list[dict], scores) -> bool:
-        """Record the pass rates of the groups at the current level; scores [P, N] (a tensor or lists), row i
-        those of examples[i]. Give every sampled group, before dynamic sampling drops the all-right ones, or
-        the pass rate is biased low. Returns True if the level went up."""
+        """Record the pass rates of the groups at the current level; scores [P, N] (a tensor or
+        lists), row i those of examples[i]. Give every sampled group, before dynamic sampling drops
+        the all-right ones, or the pass rate is biased low. Returns True if the level went up."""
         promoted = False
         for example, row in zip(examples, scores.tolist() if hasattr(scores, "tolist") else scores, strict=True):
             if example["level"] != self.level:

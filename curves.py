@@ -28,7 +28,8 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
-            if number < len(lines):  # a half-written last line is a run still writing it, not an error
+            # a half-written last line is a run still writing it, not an error
+            if number < len(lines):
                 raise ValueError(f"{path}:{number}: not valid JSON") from None
     if not records:
         raise ValueError(f"{path}: no steps logged yet")
@@ -36,7 +37,8 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 def training_series(records: list[dict]) -> tuple[dict[str, dict[str, tuple[list, list]]], list[tuple[int, str]]]:
-    """({panel: {key: (steps, values)}} for the keys present, [(step, reason) of each reference reset])."""
+    """({panel: {key: (steps, values)}} for the keys present, [(step, reason) of each reference
+    reset])."""
     panels = {}
     for title, keys in TRAINING_PANELS:
         keys = [found for key in keys for found in (
@@ -52,7 +54,8 @@ def training_series(records: list[dict]) -> tuple[dict[str, dict[str, tuple[list
 
 
 def plot_training(run_dir: str | Path) -> Path:
-    """Draw RUN_DIR/training.png from RUN_DIR/metrics.jsonl; reference resets are dashed vertical lines."""
+    """Draw RUN_DIR/training.png from RUN_DIR/metrics.jsonl; reference resets are dashed vertical
+    lines."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

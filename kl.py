@@ -1,4 +1,5 @@
-"""KL(π ‖ π_ref) estimators from per-token log-probs of the sampled tokens (Schulman, "Approximating KL").
+"""KL(π ‖ π_ref) estimators from per-token log-probs of the sampled tokens (Schulman, "Approximating
+KL").
 
 With x ~ π and log_ratio = ref_logp − logp = log(π_ref(x) / π(x)):
     k1 = −log_ratio                    unbiased, but negative on some tokens and high variance
@@ -6,8 +7,8 @@ With x ~ π and log_ratio = ref_logp − logp = log(π_ref(x) / π(x)):
     k3 = exp(log_ratio) − log_ratio − 1  unbiased and ≥ 0 (GRPO, ProRL)
 "Unbiased" is about the value. As a loss term what matters is the gradient: k1's is ∇log π, whose
 expectation under π is 0, so k1 regularises only when folded into the reward (--kl-in-reward); k2's
-expected gradient is that of KL(π‖π_ref); k3's is that of the reverse KL(π_ref‖π), which also pulls π
-towards π_ref.
+expected gradient is that of KL(π‖π_ref); k3's is that of the reverse KL(π_ref‖π), which also pulls
+π towards π_ref.
 """
 
 import torch
@@ -29,10 +30,12 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") ->
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3", clamp: float | None = None,
                mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The per-token KL term of the loss; `clamp` bounds it (as verl does) so one wild token can't dominate.
+    """The per-token KL term of the loss; `clamp` bounds it (as verl does) so one wild token can't
+    dominate.
 
-    Outside `mask` (prompt, pads) it is exactly 0 and passes no gradient: both log-probs are set to 0 first,
-    so that exp of a huge log-ratio there cannot turn the zero gradient into 0·inf = NaN."""
+    Outside `mask` (prompt, pads) it is exactly 0 and passes no gradient: both log-probs are set to
+    0 first, so that exp of a huge log-ratio there cannot turn the zero gradient into 0·inf =
+    NaN."""
     if mask is not None:
         logp, ref_logp = torch.where(mask.bool(), logp, 0.0), torch.where(mask.bool(), ref_logp, 0.0)
     kl = kl_estimate(logp, ref_logp, kind)

@@ -1,4 +1,5 @@
-"""Data as it is published -> our examples (the schema at the top of tasks.py), each layout recognised by its fields.
+"""Data as it is published -> our examples (the schema at the top of tasks.py), each layout
+recognised by its fields.
 
   layout          fields that identify it                          published as (examples)
   prorl           task, prompt                                     this project's JSONL
@@ -13,10 +14,11 @@
   reasoning-gym   question, answer, metadata                       reasoning-gym dataset dumps
   math            problem, answer                                  MATH-500, AIME, AMC, DeepScaleR
 
-A file is .jsonl, .json (an array, or one object a line), .csv or .parquet; field names match in any case.
-Data files are hostile input: a record that cannot be scored is skipped and the reason counted, never guessed
-at, and nothing in one is ever executed or unpickled here. (LiveCodeBench's private tests are pickles: they are
-read by PlainUnpickler, which builds lists, dicts and strings and refuses everything else.)
+A file is .jsonl, .json (an array, or one object a line), .csv or .parquet; field names match in any
+case. Data files are hostile input: a record that cannot be scored is skipped and the reason
+counted, never guessed at, and nothing in one is ever executed or unpickled here. (LiveCodeBench's
+private tests are pickles: they are read by PlainUnpickler, which builds lists, dicts and strings
+and refuses everything else.)
 """
 
 import base64
@@ -39,7 +41,8 @@ WRITE_A_PROGRAM = "\n\nWrite a complete Python program that reads standard input
 WRITE_A_FUNCTION = "\n\nWrite the function `{}` in a ```python code block; it is called directly, so read no input."
 LETTERS = "ABCDEFGHIJ"  # MCQ options, in the order the dataset lists them
 MAX_TIME_LIMIT = 60  # seconds per test, the most tasks.check_example accepts
-MAX_UNPICKLED_BYTES = 2**28  # a compressed test file may expand this far, no further (a zip bomb stops here)
+# a compressed test file may expand this far, no further (a zip bomb stops here)
+MAX_UNPICKLED_BYTES = 2**28
 
 
 class Skip(Exception):
@@ -69,7 +72,8 @@ def read_records(path: Path) -> list:
             return json.loads(text)
         except (json.JSONDecodeError, RecursionError) as error:
             raise ValueError(f"{path}: not a valid JSON array ({getattr(error, 'msg', 'nested too deep')})") from None
-    records = []  # "\n" only: splitlines() would also cut at U+2028, which JSON strings may hold raw
+    # "\n" only: splitlines() would also cut at U+2028, which JSON strings may hold raw
+    records = []
     for number, line in enumerate(text.split("\n"), start=1):
         try:
             records += [json.loads(line)] if line.strip() else []
@@ -79,7 +83,8 @@ def read_records(path: Path) -> list:
 
 
 def detect(record, path: Path) -> str:
-    """The name of the layout whose fields `record` has (the first in LAYOUTS), or a one-line error."""
+    """The name of the layout whose fields `record` has (the first in LAYOUTS), or a one-line
+    error."""
     fields = {str(key).lower() for key in record} if isinstance(record, dict) else set()
     for name, (required, _) in LAYOUTS.items():
         if required <= fields:
@@ -106,7 +111,8 @@ def convert(records: list, layout: str) -> tuple[list[dict], Counter, Counter]:
 
 
 def summary(path: Path, layout: str, examples: list[dict], skipped: Counter, notes: Counter) -> str:
-    """The one start-up line that says what a file gave: layout, examples per task, what was skipped and why."""
+    """The one start-up line that says what a file gave: layout, examples per task, what was skipped
+    and why."""
     per_task = Counter(example["task"] for example in examples)
     line = f"{path}: {layout} layout, {len(examples)} examples ({', '.join(f'{t} {n}' for t, n in per_task.items())})"
     if skipped:
@@ -125,7 +131,8 @@ def text(value) -> str:
 
 
 def answer_text(value) -> str:
-    """A final answer as a string: "42", 42 and 42.0 all give "42" (AIME's answers come all three ways)."""
+    """A final answer as a string: "42", 42 and 42.0 all give "42" (AIME's answers come all three
+    ways)."""
     if isinstance(value, list) and len(value) == 1:
         value = value[0]
     if isinstance(value, float) and value.is_integer():
@@ -138,7 +145,8 @@ def answer_text(value) -> str:
 
 
 def plain(value):
-    """`value` if it is JSON-like data (None, bool, int, float, str, lists and dicts of them), else Skip."""
+    """`value` if it is JSON-like data (None, bool, int, float, str, lists and dicts of them), else
+    Skip."""
     if isinstance(value, (list, tuple)):
         return [plain(v) for v in value]
     if isinstance(value, dict) and all(isinstance(k, str) for k in value):
@@ -161,8 +169,9 @@ def chat_messages(value) -> list[dict]:
 
 
 def prompt_fields(value) -> dict:
-    """{"prompt": text} for a text prompt; for chat messages also {"messages": ...}, rendered by the model's chat
-    template (models.encode_prompt), and a plain "prompt" (the contents joined) for the held-out hash and logs."""
+    """{"prompt": text} for a text prompt; for chat messages also {"messages": ...}, rendered by the
+    model's chat template (models.encode_prompt), and a plain "prompt" (the contents joined) for the
+    held-out hash and logs."""
     if isinstance(value, str):
         return {"prompt": value}
     messages = chat_messages(value)
@@ -170,8 +179,9 @@ def prompt_fields(value) -> dict:
 
 
 def limits(record: dict) -> dict:
-    """"time_limit" in seconds (2, 2.5, "2 seconds", "1000 ms"; at most MAX_TIME_LIMIT) and "memory_limit_mb"
-    (256, "256 megabytes"; recorded: sandbox.py enforces its own MEMORY_MB), where the record gives them."""
+    """"time_limit" in seconds (2, 2.5, "2 seconds", "1000 ms"; at most MAX_TIME_LIMIT) and
+    "memory_limit_mb" (256, "256 megabytes"; recorded: sandbox.py enforces its own MEMORY_MB), where
+    the record gives them."""
     found, time, memory = {}, record.get("time_limit"), record.get("memory_limit")
     if isinstance(time, str) and (number := re.match(r"\s*(\d+(?:\.\d+)?)\s*(ms|millisecond)?", time)):
         time = float(number[1]) / (1000 if number[2] else 1)
@@ -189,10 +199,11 @@ def limits(record: dict) -> dict:
 def code_tests(spec: dict, in_class: bool = False) -> dict:
     """{"tests", "entry_point"?} from APPS/TACO/verl's {"inputs", "outputs"[, "fn_name"]}.
 
-    Call-based tests (fn_name) become {"call": "f(1, [2])", "output": "3"}: each argument the repr of a JSON
-    value, so the call is a literal expression, evaluated only in the sandbox. APPS wraps a return value in a
-    one-element list ([3] for 3), as its own checker unwraps it, so do we. LeetCode-style problems define the
-    function in `class Solution`, so their calls are Solution().f(...).
+    Call-based tests (fn_name) become {"call": "f(1, [2])", "output": "3"}: each argument the repr
+    of a JSON value, so the call is a literal expression, evaluated only in the sandbox. APPS wraps
+    a return value in a one-element list ([3] for 3), as its own checker unwraps it, so do we.
+    LeetCode-style problems define the function in `class Solution`, so their calls are
+    Solution().f(...).
     """
     inputs, outputs, name = spec["inputs"], spec["outputs"], spec.get("fn_name")
     if not (isinstance(inputs, list) and isinstance(outputs, list) and inputs and len(inputs) == len(outputs)):
@@ -219,15 +230,17 @@ def stdin_text(value) -> str:
 
 
 class PlainUnpickler(pickle.Unpickler):
-    """Unpickles lists, dicts, tuples, strings, bytes and numbers (they need no import) and refuses anything that
-    names a class or function: that is how a pickle runs code (__reduce__ -> os.system)."""
+    """Unpickles lists, dicts, tuples, strings, bytes and numbers (they need no import) and refuses
+    anything that names a class or function: that is how a pickle runs code (__reduce__ ->
+    os.system)."""
 
     def find_class(self, module, name):
         raise pickle.UnpicklingError(f"refused {module}.{name}")
 
 
 def private_tests(value) -> list:
-    """LiveCodeBench's private tests: a JSON list, or base64(zlib(pickle(JSON text))), read without running code."""
+    """LiveCodeBench's private tests: a JSON list, or base64(zlib(pickle(JSON text))), read without
+    running code."""
     if isinstance(value, str) and value.lstrip().startswith("["):
         return json.loads(value)
     inflater = zlib.decompressobj()
@@ -238,10 +251,11 @@ def private_tests(value) -> list:
     return json.loads(loaded) if isinstance(loaded, (str, bytes)) else loaded
 
 
-# ----------------------------------------------------------------------------- one converter per layout
+# ------------------------------------------------------------------------- one converter per layout
 
 def from_verl(r: dict, notes: Counter) -> dict:
-    """verl's RL parquet: the chat prompt as it is; math answers and code tests from reward_model.ground_truth."""
+    """verl's RL parquet: the chat prompt as it is; math answers and code tests from
+    reward_model.ground_truth."""
     ability, truth = str(r.get("ability") or "").lower(), (r["reward_model"] or {}).get("ground_truth")
     if ability == "math":
         example = {"task": "math", "answer": answer_text(truth)}
@@ -253,8 +267,9 @@ def from_verl(r: dict, notes: Counter) -> dict:
 
 
 def instruction_constraints(ids, kwargs) -> list[dict]:
-    """IFEval's aligned instruction_id_list and kwargs as constraints; null kwargs dropped (HF's IFEval fills
-    every kwarg of every instruction, mostly with nulls); an id we cannot check skips the whole example."""
+    """IFEval's aligned instruction_id_list and kwargs as constraints; null kwargs dropped (HF's
+    IFEval fills every kwarg of every instruction, mostly with nulls); an id we cannot check skips
+    the whole example."""
     if not (isinstance(ids, list) and ids and isinstance(kwargs, list) and len(kwargs) == len(ids)):
         raise Skip("instruction ids and kwargs that do not align")
     constraints = []
@@ -278,13 +293,15 @@ def from_ifeval(r: dict, notes: Counter) -> dict:
 
 
 def from_nemotron(r: dict, notes: Counter) -> dict:
-    args = json_field(r["args"]) or {}  # {"instruction_id_list", "instruction_kwargs"}: IFEval's two lists
+    # {"instruction_id_list", "instruction_kwargs"}: IFEval's two lists
+    args = json_field(r["args"]) or {}
     return {"task": "ifeval", **prompt_fields(r["input"]),
             "constraints": instruction_constraints(args.get("instruction_id_list"), args.get("instruction_kwargs"))}
 
 
 def from_apps(r: dict, notes: Counter) -> dict:
-    """APPS / TACO: input_output is JSON text {"inputs", "outputs"[, "fn_name"]}; TACO gives limits as text."""
+    """APPS / TACO: input_output is JSON text {"inputs", "outputs"[, "fn_name"]}; TACO gives limits
+    as text."""
     if not r["input_output"]:
         raise Skip("no tests")
     starter = r.get("starter_code") or ""
@@ -295,8 +312,9 @@ def from_apps(r: dict, notes: Counter) -> dict:
 
 
 def from_livecodebench(r: dict, notes: Counter) -> dict:
-    """Public tests as JSON; private ones through private_tests (a pickle it refuses is counted, not run).
-    Functional tests give one JSON argument a line and call Solution().func_name, as LiveCodeBench does."""
+    """Public tests as JSON; private ones through private_tests (a pickle it refuses is counted, not
+    run). Functional tests give one JSON argument a line and call Solution().func_name, as
+    LiveCodeBench does."""
     cases = json_field(r["public_test_cases"])
     if r.get("private_test_cases"):
         try:
@@ -324,8 +342,8 @@ def from_livecodebench(r: dict, notes: Counter) -> dict:
 
 
 def from_codeforces(r: dict, notes: Counter) -> dict:
-    """open-r1/codeforces: official tests compared line by line, so a problem that needs its own checker (several
-    right outputs) or talks to an interactor is skipped; limits from the record."""
+    """open-r1/codeforces: official tests compared line by line, so a problem that needs its own
+    checker (several right outputs) or talks to an interactor is skipped; limits from the record."""
     if r.get("interaction_format"):
         raise Skip("an interactive problem")
     if r.get("generated_checker"):
@@ -360,8 +378,9 @@ def from_mmlu_pro(r: dict, notes: Counter) -> dict:
 
 
 def from_gpqa(r: dict, notes: Counter) -> dict:
-    """GPQA lists the right answer first: shuffle the four seeded by the question's own text (Random seeds a str
-    by its SHA-512), so every run and machine gives each question the same order and the same right letter."""
+    """GPQA lists the right answer first: shuffle the four seeded by the question's own text (Random
+    seeds a str by its SHA-512), so every run and machine gives each question the same order and the
+    same right letter."""
     options = [text(r["correct answer"])] + [text(r[f"incorrect answer {i}"]) for i in (1, 2, 3)]
     order = list(range(4))
     random.Random(text(r["question"])).shuffle(order)
@@ -381,7 +400,8 @@ def from_math(r: dict, notes: Counter) -> dict:
     return {"task": "math", "prompt": text(r["problem"]) + IN_BOXED, "answer": answer_text(r["answer"])}
 
 
-# name -> (fields that identify it, lower case; converter). Order matters: the first whose fields a record has wins.
+# name -> (fields that identify it, lower case; converter). Order matters: the first whose fields a
+# record has wins.
 LAYOUTS = {
     "prorl": ({"task", "prompt"}, None),
     "verl": ({"data_source", "prompt", "reward_model"}, from_verl),

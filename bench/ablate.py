@@ -1,4 +1,5 @@
-"""Ablation on the built-in tasks: what do the KL penalty, reference resets, and rollouts per prompt buy?
+"""Ablation on the built-in tasks: what do the KL penalty, reference resets, and rollouts per prompt
+buy?
 
     python bench/ablate.py                      # 5 runs of the tiny preset, 60 steps each (CPU: tens of minutes)
     python bench/ablate.py --quick              # a smoke test of the script itself: minutes, numbers meaningless
@@ -25,13 +26,15 @@ import sys
 import time
 from pathlib import Path
 
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, not bench/
+# the repository, not bench/
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import evaluation
 import train
 
 
 def variants(steps: int, samples_per_step: int) -> list[tuple[str, str, list[str]]]:
-    """(name, what changes, train.py flags) of each run; every run samples `samples_per_step` completions per step."""
+    """(name, what changes, train.py flags) of each run; every run samples `samples_per_step`
+    completions per step."""
     def group_flags(n: int) -> list[str]:
         return ["--n", str(n), "--prompts-per-step", str(max(1, samples_per_step // n))]
     reset_every = str(max(1, steps // 3))
@@ -71,13 +74,15 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=evaluation.HelpFormatter,
-                                     allow_abbrev=False)  # an abbreviation must not swallow a flag meant for train.py
+                                     # an abbreviation must not swallow a flag meant for train.py
+                                     allow_abbrev=False)
     parser.add_argument("--steps", type=int, default=60, help="RL steps of every run")
     parser.add_argument("--samples-per-step", type=int, default=1024, help="prompts × N, the same for every run")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 2 steps, 64 samples per step, 10 held-out problems per task")
     parser.add_argument("--only", default="", help="comma-separated run names (default: all)")
-    args, train_flags = parser.parse_known_args(argv)  # the rest (--model, --tasks, --seed, ...) go to train.py
+    # the rest (--model, --tasks, --seed, ...) go to train.py
+    args, train_flags = parser.parse_known_args(argv)
     if args.quick:
         args.steps, args.samples_per_step = 2, 64
         train_flags = ["--eval-problems", "10", "--val-problems", "5", "--eval-samples", "2"] + train_flags
@@ -93,9 +98,11 @@ def main(argv: list[str]) -> None:
     for name, change, flags in runs:
         print(f"\n=== ablate-{name}: {change}", flush=True)
         start = time.time()
-        shutil.rmtree(Path("runs") / f"ablate-{name}", ignore_errors=True)  # a rerun replaces the ablation's runs
+        # a rerun replaces the ablation's runs
+        shutil.rmtree(Path("runs") / f"ablate-{name}", ignore_errors=True)
         train.main(["--boundary-problems", "0", "--steps", str(args.steps), "--eval-every", str(max(1, args.steps // 6)),
-                    "--run", f"ablate-{name}"] + flags + train_flags)  # later flags win: the user's come last
+                    # later flags win: the user's come last
+                    "--run", f"ablate-{name}"] + flags + train_flags)
         run_dir = Path("runs") / f"ablate-{name}"
         config = json.loads((run_dir / "config.json").read_text())
         rows.append({"name": name, "change": change, "groups": f"{config['prompts_per_step']} × {config['n']}",

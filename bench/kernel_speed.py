@@ -1,16 +1,18 @@
-"""Benchmark the log-prob and fused policy-loss kernels at a 152k vocabulary (Qwen), bf16, in one run.
+"""Benchmark the log-prob and fused policy-loss kernels at a 152k vocabulary (Qwen), bf16, in one
+run.
 
     python bench/kernel_speed.py
 
 For tokens ∈ {4096, 16384} it times forward and forward+backward of eager PyTorch (the references in
-kernels/reference.py), `torch.compile` of the same code, Liger-Kernel where installed, and ours, and prints
-one table: milliseconds, achieved bandwidth against the bytes a one-read kernel must move (forward reads the
-logits once; backward reads them once and writes the gradient), the % of the device's peak HBM bandwidth,
-speed-ups, and peak memory beyond the inputs. The logits are a [B, T+1, V] model output and the ops get
-`logits[:, :-1]`, as in train.py; the gradient is taken w.r.t. that slice.
+kernels/reference.py), `torch.compile` of the same code, Liger-Kernel where installed, and ours, and
+prints one table: milliseconds, achieved bandwidth against the bytes a one-read kernel must move
+(forward reads the logits once; backward reads them once and writes the gradient), the % of the
+device's peak HBM bandwidth, speed-ups, and peak memory beyond the inputs. The logits are a [B, T+1,
+V] model output and the ops get `logits[:, :-1]`, as in train.py; the gradient is taken w.r.t. that
+slice.
 
-Without a GPU it runs the reference only, on fewer tokens, and says so: it never prints GPU figures it did
-not measure.
+Without a GPU it runs the reference only, on fewer tokens, and says so: it never prints GPU figures
+it did not measure.
 """
 
 import argparse
@@ -33,7 +35,8 @@ TEMPERATURE = 0.7
 SPEC = grpo.LossSpec(clip_low=0.2, clip_high=0.28, kl_coef=0.001, kl_kind="k3", temperature=TEMPERATURE)
 GPU_TOKENS = (4096, 16384)
 CPU_TOKENS = (512, 1024)
-# Peak HBM bandwidth in GB/s (vendor datasheets), matched against torch.cuda.get_device_name in order.
+# Peak HBM bandwidth in GB/s (vendor datasheets), matched against torch.cuda.get_device_name in
+# order.
 PEAK_GBPS = (
     ("H200", 4800),
     ("H100 NVL", 3900),
@@ -67,7 +70,8 @@ def make_batch(tokens: int, device: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- the contenders
-# Each returns (forward, forward_backward): forward() → the op's output, forward_backward() → d/d logits.
+# Each returns (forward, forward_backward): forward() → the op's output, forward_backward() → d/d
+# logits.
 
 
 def logprobs_op(fn):
@@ -116,8 +120,8 @@ def ours_loss(logits, labels, old_logp, ref_logp, adv, mask):
 
 
 def liger_ops() -> dict:
-    """Liger-Kernel's GRPO loss (and its forward-only selective log-softmax), if installed. It takes the
-    whole [B, T+1, V] logits and drops the last position itself."""
+    """Liger-Kernel's GRPO loss (and its forward-only selective log-softmax), if installed. It takes
+    the whole [B, T+1, V] logits and drops the last position itself."""
     try:
         from liger_kernel.ops.grpo_loss import fused_selective_log_softmax
         from liger_kernel.transformers.grpo_loss import triton_grpo_loss
@@ -189,7 +193,8 @@ def time_ms(fn, device: str, warmup: int = 3, iters: int = 10) -> float:
 
 
 def peak_extra_bytes(fn) -> int:
-    """Peak CUDA memory allocated while fn() runs (its result included), beyond what was allocated before."""
+    """Peak CUDA memory allocated while fn() runs (its result included), beyond what was allocated
+    before."""
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -231,7 +236,8 @@ def measure(op: str, impl: str, pair: tuple, batch: dict, device: str) -> dict:
                 row["extra_bytes"] = peak_extra_bytes(lambda: forward_backward(batch))
     except torch.cuda.OutOfMemoryError:
         row["error"] = "out of memory"
-    except (RuntimeError, AssertionError, TypeError, ValueError) as error:  # reported, not fatal (an old Liger)
+    # reported, not fatal (an old Liger)
+    except (RuntimeError, AssertionError, TypeError, ValueError) as error:
         row["error"] = f"{type(error).__name__}: {error}"[:60]
     finally:
         if device == "cuda":

@@ -1,14 +1,15 @@
-"""One real training step of train.py on a randomly initialised model, with its time split and peak memory.
+"""One real training step of train.py on a randomly initialised model, with its time split and peak
+memory.
 
     python bench/step.py                  # CPU: a scaled-down Qwen2 (2 layers, full 152k vocabulary)
     python bench/step.py --shape 1.5b     # GPU: Qwen2.5-1.5B's shape in bf16, the prorl-v2 preset
 
 It writes the random model (and the built-in character tokenizer: ids past its vocabulary decode to
 nothing, so rewards are 0 and dynamic sampling is off) to runs/bench-step/<shape>/model, runs
-`train.main` for one step of `--preset prorl-v2` on the built-in countdown task, and prints the step's
-line of metrics.jsonl: generation (gen_s), reference log-probs (ref_s), the update (update_s; with the
-preset's 4 mini-batches it includes recomputing the old log-probs), the whole step, and on CUDA the peak
-GPU memory. Weights are random (no download): speed does not depend on their values.
+`train.main` for one step of `--preset prorl-v2` on the built-in countdown task, and prints the
+step's line of metrics.jsonl: generation (gen_s), reference log-probs (ref_s), the update (update_s;
+with the preset's 4 mini-batches it includes recomputing the old log-probs), the whole step, and on
+CUDA the peak GPU memory. Weights are random (no download): speed does not depend on their values.
 """
 
 import argparse
@@ -18,7 +19,8 @@ import shutil
 import sys
 import time
 
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, not bench/
+# the repository, not bench/
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
@@ -26,14 +28,16 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 import models
 import train
 
-SHAPES = {  # Qwen2 configs; "small" keeps the real vocabulary so the logits are as wide as a real run's
+# Qwen2 configs; "small" keeps the real vocabulary so the logits are as wide as a real run's
+SHAPES = {
     "small": {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2, "num_attention_heads": 4,
               "num_key_value_heads": 2},
     "1.5b": {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
              "num_key_value_heads": 2},
 }
 # (prompts per step, samples per prompt, new tokens, rows per forward/backward) by shape
-SIZES = {"small": (4, 4, 32, 8), "1.5b": (64, 16, 1024, 4)}  # 1.5b: ~1k-token rows, 4 fit beside fp32 Adam state
+# 1.5b: ~1k-token rows, 4 fit beside fp32 Adam state
+SIZES = {"small": (4, 4, 32, 8), "1.5b": (64, 16, 1024, 4)}
 
 
 def build(shape: str, directory: str, dtype: torch.dtype) -> None:
@@ -61,8 +65,10 @@ def main() -> None:
     device = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"{time.strftime('%Y-%m-%d')}  {device}, torch {torch.__version__}: one prorl-v2 step, random Qwen2 "
           f"'{args.shape}', {prompts} prompts x N={n}, {new_tokens} new tokens, {micro_rows} rows per micro-batch")
-    shutil.rmtree(os.path.join("runs", run, "train"), ignore_errors=True)  # a rerun replaces the last one
-    train.checkpoint.save = lambda *args, **kwargs: None  # the step is what is timed; at 1.5B a checkpoint is 25 GB
+    # a rerun replaces the last one
+    shutil.rmtree(os.path.join("runs", run, "train"), ignore_errors=True)
+    # the step is what is timed; at 1.5B a checkpoint is 25 GB
+    train.checkpoint.save = lambda *args, **kwargs: None
     train.main(["--preset", "prorl-v2", "--model", model_dir, "--run", f"{run}/train", "--tasks", "countdown",
                 "--steps", "1", "--prompts-per-step", str(prompts), "--n", str(n), "--max-new-tokens", str(new_tokens),
                 "--micro-batch-rows", str(micro_rows), "--dynamic-sampling", "false", "--eval-every", "0",

@@ -1,15 +1,17 @@
-"""Does RL expand the reasoning boundary, or only sharpen it? The chains experiment (issue 15), arms side by side.
+"""Does RL expand the reasoning boundary, or only sharpen it? The chains experiment (issue 15), arms
+side by side.
 
     python experiments/boundary.py                                  # the headline: control vs edge, seeds 0 and 1
     python experiments/boundary.py --arms control,easy,edge,hard,edge-explore --seeds 0,1,2   # the full sweep
 
-One base, warm-started on the chains task family up to a set composition depth (--coverage, chains.py), then one
-RL run per arm and seed from that base (train.py with the arm's flags). Every model is measured the same way:
-n samples per held-out problem at ProRL's evaluation settings (T=0.6, top-p 0.95), unbiased pass@k for
-k = 1 ... n per split: each depth's held-out problems (of chains RL may train on) and the held-out chains
-(compositions never shown to the warm-start or to RL). Writes <out>/boundary.json (every count), boundary.md
-(the table: pass@k, the trained − base difference at k = n with a 95% bootstrap interval over problems, and the
-problems newly solved and newly lost against the base) and boundary.png (pass@k curves, base vs arms).
+One base, warm-started on the chains task family up to a set composition depth (--coverage,
+chains.py), then one RL run per arm and seed from that base (train.py with the arm's flags). Every
+model is measured the same way: n samples per held-out problem at ProRL's evaluation settings
+(T=0.6, top-p 0.95), unbiased pass@k for k = 1 ... n per split: each depth's held-out problems (of
+chains RL may train on) and the held-out chains (compositions never shown to the warm-start or to
+RL). Writes <out>/boundary.json (every count), boundary.md (the table: pass@k, the trained − base
+difference at k = n with a 95% bootstrap interval over problems, and the problems newly solved and
+newly lost against the base) and boundary.png (pass@k curves, base vs arms).
 """
 
 import argparse
@@ -19,7 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository's modules, not experiments/'s
+# the repository's modules, not experiments/'s
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
 
@@ -109,8 +112,9 @@ def table(result: dict, n: int) -> str:
 
 
 def summary(result: dict, n: int) -> str:
-    """One row per split: pass@1 / pass@n of the base and of each arm (mean over its seeds), then each seed's
-    Δpass@n with its 95% interval, the lower bound first (above 0: that seed expanded the boundary there)."""
+    """One row per split: pass@1 / pass@n of the base and of each arm (mean over its seeds), then
+    each seed's Δpass@n with its 95% interval, the lower bound first (above 0: that seed expanded
+    the boundary there)."""
     arms = list(dict.fromkeys(run.rsplit("-s", 1)[0] for run in result["runs"]))
     lines = ["| split | base | " + " | ".join(arms) + " |", "|" + "---|" * (len(arms) + 2)]
     for split, base in result["base"].items():
@@ -142,7 +146,8 @@ def plot(result: dict, n: int, path: Path) -> None:
         for run, by_split in result["runs"].items():
             arm = run.rsplit("-s", 1)[0]
             trained = curve(by_split[split], n)
-            labelled = arm in ax.get_legend_handles_labels()[1]  # one legend entry per arm, not per seed
+            # one legend entry per arm, not per seed
+            labelled = arm in ax.get_legend_handles_labels()[1]
             ax.plot(list(trained), list(trained.values()), color=colours[arm], alpha=0.7, label=None if labelled else arm)
         ax.set_xscale("log", base=2)
         ax.set_ylim(-0.02, 1.02)
@@ -168,7 +173,8 @@ def main(argv: list[str]) -> None:
     saved = out / "boundary.json"
     result = json.loads(saved.read_text()) if saved.is_file() else {}
     settings = {k: v for k, v in vars(args).items() if k not in ("arms", "seeds", "out")}
-    training = {k: v for k, v in settings.items() if k not in ("problems", "n")}  # what the trained models depend on
+    # what the trained models depend on
+    training = {k: v for k, v in settings.items() if k not in ("problems", "n")}
     if result.get("settings") != settings:  # other settings: measure everything again
         trained_before = result.get("seconds", {}) if result.get("training", training) == training else {}
         result = {"settings": settings, "training": training, "base": counts_of(base_dir, sets, args.n), "runs": {},
@@ -179,7 +185,8 @@ def main(argv: list[str]) -> None:
             if run in result["runs"]:
                 continue  # measured by an earlier invocation with the same settings
             final = f"runs/{out.name}/{run}/final"
-            if run in result["seconds"] and Path(final, "config.json").is_file():  # trained alike: measure only
+            # trained alike: measure only
+            if run in result["seconds"] and Path(final, "config.json").is_file():
                 result["runs"][run] = counts_of(final, sets, args.n)
                 saved.write_text(json.dumps(result))
                 continue

@@ -1,4 +1,5 @@
-"""Smoke tests of the benchmarks that train: bench/ablate.py and bench/step.py run end to end on the tiny model."""
+"""Smoke tests of the benchmarks that train: bench/ablate.py and bench/step.py run end to end on the
+tiny model."""
 
 import json
 import subprocess
@@ -8,7 +9,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-# ----------------------------------------------------------------------------- bench/ablate.py, smoke
+# --------------------------------------------------------------------------- bench/ablate.py, smoke
 
 def test_ablation_script_runs_each_variant_in_its_own_dir_and_tabulates_them(tmp_path, monkeypatch, tiny_model_dir):
     monkeypatch.syspath_prepend(str(REPO / "bench"))
@@ -39,11 +40,12 @@ def test_step_benchmark_runs_one_prorl_v2_step_and_prints_its_time_split(tmp_pat
     assert (config["advantage"], config["kl_kind"], config["n"], config["max_new_tokens"]) == ("reinforce_pp", "k2", 2, 4)
 
 
-# ----------------------------------------------------------------------------- experiments/boundary.py, smoke
+# ------------------------------------------------------------------- experiments/boundary.py, smoke
 
 def test_boundary_experiment_runs_its_arms_and_reports_each_split(tmp_path, monkeypatch):
-    """A tiny run of the chains experiment: every arm × seed trains from one base, and the table holds every
-    split with the base and each run; the counts it tabulates are those of pass@k's definition (c ≤ n)."""
+    """A tiny run of the chains experiment: every arm × seed trains from one base, and the table
+    holds every split with the base and each run; the counts it tabulates are those of pass@k's
+    definition (c ≤ n)."""
     monkeypatch.syspath_prepend(str(REPO / "experiments"))
     monkeypatch.chdir(tmp_path)
     import boundary

@@ -1,4 +1,5 @@
-"""The edge curriculum (curriculum.py): the promotion rule on hand-worked sequences, replay, exact resume."""
+"""The edge curriculum (curriculum.py): the promotion rule on hand-worked sequences, replay, exact
+resume."""
 
 import pickle
 from collections import Counter
@@ -15,8 +16,9 @@ def at(level: int) -> dict:
 
 
 def test_promotion_on_a_hand_worked_sequence():
-    """window 2, threshold 0.5. Pass rates at level 1: 0.25 (window not full), then 0.5 (mean 0.375 < 0.5),
-    then 0.75 (mean of the last two 0.625 ≥ 0.5) → level 2 and an empty window. A score of 0.5 is not a pass."""
+    """window 2, threshold 0.5. Pass rates at level 1: 0.25 (window not full), then 0.5 (mean 0.375
+    < 0.5), then 0.75 (mean of the last two 0.625 ≥ 0.5) → level 2 and an empty window. A score of
+    0.5 is not a pass."""
     stream = curriculum.EdgeCurriculum("chains", levels=3, threshold=0.5, replay=0.0, window=2)
     assert not stream.observe([at(1)], torch.tensor([[1.0, 0, 0, 0]]))
     assert stream.level == 1 and stream.stats() == {"curriculum_level": 1, "curriculum_pass_rate": 0.25}
@@ -27,12 +29,14 @@ def test_promotion_on_a_hand_worked_sequence():
 
 
 def test_only_groups_at_the_current_level_count_and_the_top_level_stays():
-    """Replayed level-1 groups, and level-2 groups sampled before a mid-batch promotion, are not counted."""
+    """Replayed level-1 groups, and level-2 groups sampled before a mid-batch promotion, are not
+    counted."""
     stream = curriculum.EdgeCurriculum("chains", levels=3, start=2, threshold=0.5, replay=0.0, window=2)
     right, wrong = [1.0, 1.0], [0.0, 0.0]
     stream.observe([at(1), at(1), at(2)], [right, right, wrong])  # window [0]
     assert stream.level == 2 and list(stream.window) == [0.0]
-    stream.observe([at(2), at(2), at(2)], [right, right, right])  # [0, 1] → 0.5: promote; the next two now lie below
+    # [0, 1] → 0.5: promote; the next two now lie below
+    stream.observe([at(2), at(2), at(2)], [right, right, right])
     assert stream.level == 3 and list(stream.window) == []
     for _ in range(5):
         assert not stream.observe([at(3)], [right])
@@ -47,7 +51,8 @@ def test_a_threshold_above_one_never_promotes():
 
 
 def test_replay_draws_easier_levels_uniformly_and_nothing_held_out():
-    """replay 0.25 at level 3: 3/4 of the prompts at level 3, 1/8 at each of levels 1 and 2 (±4σ, n = 4000)."""
+    """replay 0.25 at level 3: 3/4 of the prompts at level 3, 1/8 at each of levels 1 and 2 (±4σ, n
+    = 4000)."""
     stream = curriculum.EdgeCurriculum("chains", levels=5, start=3, replay=0.25, seed=0)
     examples = [stream.sample() for _ in range(4000)]
     counts = Counter(ex["level"] for ex in examples)

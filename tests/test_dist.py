@@ -1,9 +1,12 @@
 """dist.py: torchrun + FSDP2 on CPU with the gloo backend, two processes.
 
-1. The update: two ranks, each with half the rows of one global batch (15 rows: one rank gets a padding row),
-   FSDP2-sharded policy and reference, end with the same weights on both ranks, and with the weights a single
-   process gets from the whole batch (within fp32 tolerance): the token-mean is over the global batch.
-2. train.py under torchrun: two ranks run the whole loop (sampling on gathered weights, evaluation, a reset,
+1. The update: two ranks, each with half the rows of one global batch (15 rows: one rank gets a
+padding row),
+   FSDP2-sharded policy and reference, end with the same weights on both ranks, and with the weights
+   a single process gets from the whole batch (within fp32 tolerance): the token-mean is over the
+   global batch.
+2. train.py under torchrun: two ranks run the whole loop (sampling on gathered weights, evaluation,
+a reset,
    a checkpoint), and only rank 0 writes the logs.
 """
 
@@ -39,20 +42,22 @@ def free_port() -> int:
 
 
 def run_updates(model_dir: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """Three RL updates (two epochs each, micro-batches of 3 rows, KL to a reference) on fixed batches;
-    returns the whole policy weights and the last update's logged statistics. Single-process outside a
-    process group, sharded inside one."""
+    """Three RL updates (two epochs each, micro-batches of 3 rows, KL to a reference) on fixed
+    batches; returns the whole policy weights and the last update's logged statistics.
+    Single-process outside a process group, sharded inside one."""
     policy = dist.shard(models.load(model_dir)[0])
     reference = dist.shard(models.load(model_dir)[0].eval().requires_grad_(False))
     tokenizer = models.build_tokenizer()
     prompts = [models.encode_prompt(tokenizer, text) for text in PROMPTS]
-    with dist.full_weights(policy):  # every rank generates the same global batches from the same weights
+    # every rank generates the same global batches from the same weights
+    with dist.full_weights(policy):
         batches = [rollout.generate(policy, prompts, n=3, max_new_tokens=6, seed=s, pad_id=tokenizer.pad_token_id)
                    for s in range(3)]
     optimizer = torch.optim.SGD(policy.parameters(), lr=1.0)
     c = settings.Config(minibatches=1, epochs=2, micro_batch_rows=3, kl_coef=0.1, grad_clip=1.0)
     for step, batch in enumerate(batches):
-        scores = torch.rand(len(PROMPTS), 3, generator=torch.Generator().manual_seed(step))  # the same on every rank
+        # the same on every rank
+        scores = torch.rand(len(PROMPTS), 3, generator=torch.Generator().manual_seed(step))
         adv = grpo.group_advantages(scores).flatten()
         local, rows = dist.my_share(batch)
         ref_logp = train.batch_logprobs(reference, local, c)
@@ -71,8 +76,8 @@ def update_worker(rank: int, world: int, port: int, model_dir: str, out_dir: str
 
 
 def load_worker(rank: int, world: int, port: int, model_dir: str, out_dir: str) -> None:
-    """Save a sharded policy, reference and Adam state, then load them into fresh shards, counting the
-    reads of checkpoint.pt: rank 0 reads it, the others are sent their shards."""
+    """Save a sharded policy, reference and Adam state, then load them into fresh shards, counting
+    the reads of checkpoint.pt: rank 0 reads it, the others are sent their shards."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -103,7 +108,8 @@ def load_worker(rank: int, world: int, port: int, model_dir: str, out_dir: str) 
 
 
 def failure_worker(rank: int, world: int, port: int, model_dir: str, out_dir: str) -> None:
-    """A save that fails on rank 0 (a full disk), then a checkpoint.pt that is not one: every rank gets the error."""
+    """A save that fails on rank 0 (a full disk), then a checkpoint.pt that is not one: every rank
+    gets the error."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -112,7 +118,8 @@ def failure_worker(rank: int, world: int, port: int, model_dir: str, out_dir: st
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
     tracker, stream, errors = reset.ResetTracker(), tasks.TaskMix("sort", seed=rank), []
 
-    def disk_full(path, write):  # rank 0 writes; torch.save itself is left alone (collectives pickle with it)
+    # rank 0 writes; torch.save itself is left alone (collectives pickle with it)
+    def disk_full(path, write):
         raise RuntimeError("unexpected pos 64 vs 0")
 
     real_write, checkpoint.write_atomically = checkpoint.write_atomically, disk_full
@@ -158,9 +165,11 @@ def test_two_ranks_end_with_identical_weights_equal_to_one_process(tmp_path, tin
         assert torch.equal(ranks[0][name], ranks[1][name]), name
         torch.testing.assert_close(ranks[0][name], single[name], rtol=1e-4, atol=1e-5, msg=name)
     moved = max((single[name] - start[name].detach()).abs().max().item() for name in single)
-    assert moved > 1e-2  # far above the tolerance: the comparison is not between two unchanged models
-    # The logged statistics are the global token means, as one process logs them (the ranks hold 8 rows
-    # each, one a padding row, with different token counts: a plain mean of the ranks' means is off).
+    # far above the tolerance: the comparison is not between two unchanged models
+    assert moved > 1e-2
+    # The logged statistics are the global token means, as one process logs them (the ranks hold 8
+    # rows each, one a padding row, with different token counts: a plain mean of the ranks' means is
+    # off).
     assert rank_stats[0] == rank_stats[1] and set(rank_stats[0]) == set(stats)
     for name in ("kl", "entropy", "clipfrac", "ratio_mean", "approx_kl"):
         assert rank_stats[0][name] == pytest.approx(stats[name], rel=1e-4, abs=1e-7), name
@@ -169,7 +178,8 @@ def test_two_ranks_end_with_identical_weights_equal_to_one_process(tmp_path, tin
 def torchrun_train(cwd: Path, model_dir: str, argv: list[str]) -> subprocess.CompletedProcess:
     """train.py on two CPU ranks (gloo), with the small settings of these tests."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-               str(free_port()), str(REPO / "train.py"), "--",  # "--": torchrun's parser would claim --n and --run
+               # "--": torchrun's parser would claim --n and --run
+               str(free_port()), str(REPO / "train.py"), "--",
                "--model", model_dir, "--prompts-per-step", "4", "--n", "4", "--max-new-tokens", "6",
                "--dynamic-sampling", "false", "--advantage", "reinforce_pp", "--kl-in-reward", "true",
                "--length-eta-max", "0.05", "--eval-every", "1", "--eval-problems", "2", "--val-problems", "2",
@@ -195,8 +205,8 @@ def test_train_py_under_torchrun_on_two_cpu_ranks(tmp_path, tiny_model_dir):
 
 
 def test_a_run_on_two_ranks_stopped_and_resumed_is_the_straight_run(tmp_path, tiny_model_dir):
-    """3 steps straight, and 2 steps then --resume to 3 (a reset every 2 steps, Adam state, both ranks'
-    RNGs and prompt streams): the same metrics and the same final weights, bit for bit."""
+    """3 steps straight, and 2 steps then --resume to 3 (a reset every 2 steps, Adam state, both
+    ranks' RNGs and prompt streams): the same metrics and the same final weights, bit for bit."""
     timing = {"gen_s", "ref_s", "update_s", "step_s", "tokens_per_s"}
     runs = {}
     for name, steps in (("straight", ["--steps", "3"]), ("resumed", ["--steps", "2"])):

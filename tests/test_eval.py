@@ -1,6 +1,6 @@
-"""evaluation.py against independent computations: pass@k by hand and by enumerating every k-subset, the
-boundary report by hand, and the sampling pipeline against a model whose next-token distribution is
-known exactly (uniform), so the chance that a sample is right can be worked out on paper.
+"""evaluation.py against independent computations: pass@k by hand and by enumerating every k-subset,
+the boundary report by hand, and the sampling pipeline against a model whose next-token distribution
+is known exactly (uniform), so the chance that a sample is right can be worked out on paper.
 """
 
 import itertools
@@ -35,23 +35,28 @@ def test_pass_at_k_hand_values():
 
 
 def test_pass_at_k_equals_brute_force_enumeration():
-    """pass@k is the fraction of k-subsets of the n samples that hold a right one: count them all."""
+    """pass@k is the fraction of k-subsets of the n samples that hold a right one: count them
+    all."""
     for n in range(1, 8):
         for c in range(n + 1):
             right = [True] * c + [False] * (n - c)
             for k in range(1, n + 1):
                 subsets = list(itertools.combinations(range(n), k))
                 hits = sum(any(right[i] for i in subset) for subset in subsets)
-                # Exactly equal, not approximately: the estimator is rounded once from exact integers.
+                # Exactly equal, not approximately: the estimator is rounded once from exact
+                # integers.
                 assert evaluation.pass_at_k(n, c, k) == float(Fraction(hits, len(subsets))), (n, c, k)
 
 
 def test_pass_at_k_edge_cases():
     n = 16
-    assert all(evaluation.pass_at_k(n, 0, k) == 0.0 for k in range(1, n + 1))  # nothing right: never
+    # nothing right: never
+    assert all(evaluation.pass_at_k(n, 0, k) == 0.0 for k in range(1, n + 1))
     assert all(evaluation.pass_at_k(n, n, k) == 1.0 for k in range(1, n + 1))  # all right: always
-    assert evaluation.pass_at_k(n, 5, 12) == 1.0  # k > n − c = 11: every 12-subset holds a right one
-    assert evaluation.pass_at_k(n, 5, 11) == 1 - 1 / math.comb(16, 11)  # k = n − c: one subset misses
+    # k > n − c = 11: every 12-subset holds a right one
+    assert evaluation.pass_at_k(n, 5, 12) == 1.0
+    # k = n − c: one subset misses
+    assert evaluation.pass_at_k(n, 5, 11) == 1 - 1 / math.comb(16, 11)
     for bad in [(4, 5, 1), (4, -1, 1), (4, 1, 0), (4, 1, 5)]:
         with pytest.raises(ValueError):
             evaluation.pass_at_k(*bad)
@@ -162,7 +167,8 @@ def test_read_metrics_errors_are_one_sentence(tmp_path):
 # ----------------------------------------------------------------------------- sampling
 
 def test_correct_counts_counts_full_rewards_in_chunks(monkeypatch):
-    """Plumbing: chunks of `chunk` problems, seed + first index each, partial credit is not a pass."""
+    """Plumbing: chunks of `chunk` problems, seed + first index each, partial credit is not a
+    pass."""
     calls = []
 
     def fake_rollout_and_score(policy, tokenizer, examples, n, max_new_tokens, temperature, top_p, seed, max_rows):
@@ -174,14 +180,16 @@ def test_correct_counts_counts_full_rewards_in_chunks(monkeypatch):
     assert counts == [2] * 7
     assert calls == [(3, 100), (3, 103), (1, 106)]
     calls.clear()
-    evaluation.correct_counts(None, None, [{}] * 300, n=16, seed=0)  # by default 4096 // n problems at a time
+    # by default 4096 // n problems at a time
+    evaluation.correct_counts(None, None, [{}] * 300, n=16, seed=0)
     assert [size for size, _ in calls] == [256, 44]
 
 
 @pytest.fixture(scope="module")
 def uniform_model_dir(tmp_path_factory) -> str:
-    """The built-in tiny architecture with its final norm zeroed: every logit is 0, so each next token
-    is uniform over the V-token vocabulary whatever the prompt, and rightness has a closed form."""
+    """The built-in tiny architecture with its final norm zeroed: every logit is 0, so each next
+    token is uniform over the V-token vocabulary whatever the prompt, and rightness has a closed
+    form."""
     tokenizer = models.build_tokenizer()
     model = models.build_tiny_model(tokenizer, seed=0)
     torch.nn.init.zeros_(model.model.norm.weight)
@@ -192,8 +200,9 @@ def uniform_model_dir(tmp_path_factory) -> str:
 
 
 def test_correct_counts_match_the_closed_form_rate(uniform_model_dir):
-    """Asked for the empty answer, a sample is right iff it emits only 'silent' tokens (pad, bos, unk are
-    skipped when decoding, a space is stripped: 4 of V) and then EOS (1 of V), within T tokens:
+    """Asked for the empty answer, a sample is right iff it emits only 'silent' tokens (pad, bos,
+    unk are skipped when decoding, a space is stripped: 4 of V) and then EOS (1 of V), within T
+    tokens:
         P(right) = Σ_{j<T} (4/V)^j · (1/V)."""
     policy, tokenizer = models.load(uniform_model_dir)
     max_new_tokens, n = 3, 64
@@ -205,7 +214,8 @@ def test_correct_counts_match_the_closed_form_rate(uniform_model_dir):
     samples = len(examples) * n
     expected, sigma = samples * p_right, math.sqrt(samples * p_right * (1 - p_right))
     assert abs(sum(counts) - expected) < 4 * sigma, (sum(counts), expected, sigma)
-    # evaluate() (train.py's validation) draws the same samples with the same seed: pass@1 = mean of c/n.
+    # evaluate() (train.py's validation) draws the same samples with the same seed: pass@1 = mean of
+    # c/n.
     report = evaluation.evaluate(policy, tokenizer, examples, n, max_new_tokens, ks=(1, 4))
     assert report["sources"]["add"][1] == pytest.approx(sum(counts) / samples)
     assert report["overall"] == report["families"]["add"] == report["sources"]["add"]
@@ -219,16 +229,20 @@ def test_cli_same_model_twice_gives_identical_counts(uniform_model_dir, tmp_path
                      "--problems", "3", "--n", "8", "--max-new-tokens", "4", "--out", str(out)])
     saved = json.loads((out / "boundary.json").read_text())
     assert saved["ks"] == [1, 2, 4, 8] and saved["settings"]["temperature"] == 0.6
-    assert [p["task"] for p in saved["problems"]] == ["add"] * 3 + ["sort"] * 3  # held-out problems, per family
-    assert saved["correct"]["base"] == saved["correct"]["trained"]  # same weights, same seed: same samples
+    # held-out problems, per family
+    assert [p["task"] for p in saved["problems"]] == ["add"] * 3 + ["sort"] * 3
+    # same weights, same seed: same samples
+    assert saved["correct"]["base"] == saved["correct"]["trained"]
     assert all(0 <= c <= 8 for c in saved["correct"]["base"])
     assert "(+0.000)" in (out / "boundary.md").read_text() and (out / "boundary.png").is_file()
     assert "trained: 100%" in capsys.readouterr().err  # the progress bar
 
 
 def test_cli_samples_each_model_given(uniform_model_dir, tiny_model_dir, tmp_path, monkeypatch):
-    """Two different models: each one's counts are those of sampling that model directly, same settings."""
-    # Neither model sorts; call a completion right when its length is even, so counts follow the samples.
+    """Two different models: each one's counts are those of sampling that model directly, same
+    settings."""
+    # Neither model sorts; call a completion right when its length is even, so counts follow the
+    # samples.
     monkeypatch.setitem(rewards.VERIFIERS, "sort", lambda example, completion: float(len(completion) % 2 == 0))
     out = tmp_path / "report"
     evaluation.main(["--model", uniform_model_dir, "--model", tiny_model_dir, "--tasks", "sort", "--problems", "4",

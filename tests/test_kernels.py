@@ -1,7 +1,8 @@
-"""The Triton kernels against their PyTorch references, run by Triton's CPU interpreter (TRITON_INTERPRET=1).
+"""The Triton kernels against their PyTorch references, run by Triton's CPU interpreter
+(TRITON_INTERPRET=1).
 
-Every test but the CPU-dispatch one runs the Triton code (asserted through `prorl_kernels.backend`); the
-references themselves are checked by hand values and by fp64 gradcheck.
+Every test but the CPU-dispatch one runs the Triton code (asserted through `prorl_kernels.backend`);
+the references themselves are checked by hand values and by fp64 gradcheck.
 """
 
 import importlib
@@ -27,17 +28,18 @@ VOCAB_ROWS = [(17, 48), (32000, 4), (50257, 3), (151936, 2)]
 
 
 def interpreter_usable() -> bool:
-    """Triton's interpreter needs TRITON_INTERPRET=1 set before `triton.language` is first imported: its
-    standard library (tl.max, tl.sum, ...) is decorated at import time."""
+    """Triton's interpreter needs TRITON_INTERPRET=1 set before `triton.language` is first imported:
+    its standard library (tl.max, tl.sum, ...) is decorated at import time."""
     language = sys.modules.get("triton.language")
     return language is None or type(language.standard.max).__name__ == "InterpretedFunction"
 
 
 @pytest.fixture
 def triton_interpreter(monkeypatch):
-    """Run the kernels with Triton's CPU interpreter. If this process imported triton.language before the
-    variable was set (conftest's transformers import does), skip: `test_triton_tests_in_a_fresh_process`
-    runs these tests again in a process that sets it first."""
+    """Run the kernels with Triton's CPU interpreter. If this process imported triton.language
+    before the variable was set (conftest's transformers import does), skip:
+    `test_triton_tests_in_a_fresh_process` runs these tests again in a process that sets it
+    first."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     if not interpreter_usable():
         pytest.skip("triton.language was imported without TRITON_INTERPRET=1 (run in a fresh process instead)")
@@ -45,7 +47,8 @@ def triton_interpreter(monkeypatch):
     import prorl_kernels.policy_loss
 
     if type(prorl_kernels.logprobs._token_logprobs_fwd_kernel).__name__ != "InterpretedFunction":
-        importlib.reload(prorl_kernels.logprobs)  # imported earlier without the interpreter: decorate again
+        # imported earlier without the interpreter: decorate again
+        importlib.reload(prorl_kernels.logprobs)
         importlib.reload(prorl_kernels.policy_loss)
 
 
@@ -60,17 +63,17 @@ def use_triton(request, monkeypatch):
 
 
 def assert_grads_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """A gradient in the logits' dtype against the fp64 reference: fp32 to fp32 rounding; bf16 to the last
-    of its 8 significant bits (2^-7 relative: Triton's interpreter truncates fp32 → bf16 where a GPU
-    rounds to nearest, 2^-8)."""
+    """A gradient in the logits' dtype against the fp64 reference: fp32 to fp32 rounding; bf16 to
+    the last of its 8 significant bits (2^-7 relative: Triton's interpreter truncates fp32 → bf16
+    where a GPU rounds to nearest, 2^-8)."""
     tolerance = {torch.float32: (1e-5, 1e-7), torch.bfloat16: (2**-7, 1e-7)}[actual.dtype]
     torch.testing.assert_close(actual.double(), expected, rtol=tolerance[0], atol=tolerance[1])
 
 
 def logprobs_and_grad(fn, logits, labels, temperature, grad_out, dtype=None):
-    """(logp, entropy, d(Σ grad_out·logp)/d logits) from `fn` on a fresh leaf copy of `logits`, in `dtype`.
-    The reference runs in fp64 on the same values: the kernel's blockwise sums are more accurate than
-    an fp32 log_softmax over 152k entries, so fp64 is the fair yardstick."""
+    """(logp, entropy, d(Σ grad_out·logp)/d logits) from `fn` on a fresh leaf copy of `logits`, in
+    `dtype`. The reference runs in fp64 on the same values: the kernel's blockwise sums are more
+    accurate than an fp32 log_softmax over 152k entries, so fp64 is the fair yardstick."""
     logits = logits.detach().to(dtype or logits.dtype).requires_grad_()
     logp, entropy = fn(logits, labels, temperature, return_entropy=True)
     (logp * grad_out.to(logp.dtype)).sum().backward()
@@ -102,7 +105,8 @@ def test_token_logprobs_matches_reference(vocab_size, rows, dtype):
     logp, entropy, grad = logprobs_and_grad(prorl_kernels.token_logprobs, logits, labels, 0.7, grad_out)
     logp_ref, entropy_ref, grad_ref = reference_logprobs_and_grad(logits, labels, 0.7, grad_out)
 
-    assert type(logp.grad_fn).__name__ == "TokenLogprobsBackward"  # the Triton autograd Function ran
+    # the Triton autograd Function ran
+    assert type(logp.grad_fn).__name__ == "TokenLogprobsBackward"
     assert logp.dtype == torch.float32 and grad.dtype == dtype
     assert_close_to_fp64(logp, logp_ref)
     assert_close_to_fp64(entropy, entropy_ref)
@@ -137,7 +141,8 @@ def test_token_logprobs_extreme_logits(vocab_size, dtype):
     logits = torch.zeros(6, vocab_size)  # row 0: all tied
     logits[1] = -1e4
     logits[1, 3] = 1e4  # one huge margin
-    logits[2] = 1e4 * torch.sign(torch.randn(vocab_size, generator=torch.Generator().manual_seed(2)))  # ±1e4
+    # ±1e4
+    logits[2] = 1e4 * torch.sign(torch.randn(vocab_size, generator=torch.Generator().manual_seed(2)))
     logits[3] = -1e30  # very negative, with some −inf, and the label at 0
     logits[3, 10:20] = -inf
     logits[3, 5] = 0.0
@@ -214,8 +219,9 @@ def test_token_logprobs_without_entropy_and_empty():
 
 
 def policy_batch(batch, seq_len, vocab_size, dtype, seed, adv_per_token=False):
-    """Logits [B, T+1, V] (the loss gets the [:, :-1] slice) and the [B, T] tensors around them. old_logp
-    and ref_logp are the true log-probs plus noise, so ratios land on both sides of the clip range."""
+    """Logits [B, T+1, V] (the loss gets the [:, :-1] slice) and the [B, T] tensors around them.
+    old_logp and ref_logp are the true log-probs plus noise, so ratios land on both sides of the
+    clip range."""
     gen = torch.Generator().manual_seed(seed)
     full = (2 * torch.randn(batch, seq_len + 1, vocab_size, generator=gen)).to(dtype)
     labels = torch.randint(0, vocab_size, (batch, seq_len), generator=gen)
@@ -232,8 +238,8 @@ def policy_batch(batch, seq_len, vocab_size, dtype, seed, adv_per_token=False):
 
 
 def loss_taking_arguments(fn):
-    """fn(logits, labels, grpo.LossTerms, grpo.LossSpec) called with the tensors and the spec's fields
-    as arguments, as the tests below write them."""
+    """fn(logits, labels, grpo.LossTerms, grpo.LossSpec) called with the tensors and the spec's
+    fields as arguments, as the tests below write them."""
     def call(logits, labels, old_logp, ref_logp, adv, mask, weights, **spec):
         return fn(logits, labels, grpo.LossTerms(old_logp, ref_logp, adv, mask, weights), grpo.LossSpec(**spec))
     return call
@@ -249,7 +255,8 @@ def weights_of(mask: torch.Tensor, agg: str = "token-mean") -> torch.Tensor:
 
 
 def loss_and_grad(fn, full, *args, dtype=None, **kwargs):
-    """(loss, stats, d loss / d full) with the loss computed on the slice full[:, :-1], in `dtype`."""
+    """(loss, stats, d loss / d full) with the loss computed on the slice full[:, :-1], in
+    `dtype`."""
     full = full.detach().to(dtype or full.dtype).requires_grad_()
     loss, stats = fn(full[:, :-1], *args, **kwargs)
     if fn is fused_loss and prorl_kernels.backend(full) == "triton":
@@ -297,8 +304,8 @@ def test_policy_loss_matches_reference_large_vocab(vocab_size, batch, seq_len, d
 @pytest.mark.usefixtures("triton_interpreter")
 @pytest.mark.parametrize("agg", AGGREGATIONS)
 def test_policy_loss_on_policy_and_without_reference_matches_reference(agg):
-    """train.update's two shortcuts: old_logp None (one update per batch: ρ = 1 with logp's gradient) and
-    ref_logp None (no reference model: no KL, none logged)."""
+    """train.update's two shortcuts: old_logp None (one update per batch: ρ = 1 with logp's
+    gradient) and ref_logp None (no reference model: no KL, none logged)."""
     full, labels, _, ref_logp, adv, mask = policy_batch(4, 10, 17, torch.float32, seed=11)
     assert_policy_loss_matches(full, labels, None, ref_logp, adv, mask, agg, kl_kind="k2", kl_coef=0.1)
     stats = assert_policy_loss_matches(full, labels, None, None, adv, mask, agg, kl_coef=0.1)
@@ -384,7 +391,8 @@ def test_policy_loss_ignores_masked_tokens(use_triton):
     torch.testing.assert_close(loss2, loss)
     torch.testing.assert_close(grad2, grad)
     assert (grad2[:, :-1][~mask] == 0).all()
-    if use_triton:  # the kernel never reads a masked row: even nan logits there leave everything finite
+    # the kernel never reads a masked row: even nan logits there leave everything finite
+    if use_triton:
         padded[:, :-1][~mask] = float("nan")
         args = (labels, old_logp, ref_logp, adv, mask, weights)
         loss3, _, grad3 = loss_and_grad(fused_loss, padded, *args, **kwargs)
@@ -412,7 +420,7 @@ def test_policy_loss_rejects_bad_config(use_triton):
         fused_loss(*args, temperature=0.0)
 
 
-# ----------------------------------------------------------------------------- references and dispatch
+# -------------------------------------------------------------------------- references and dispatch
 
 
 def test_references_pass_gradcheck_in_fp64():
@@ -444,7 +452,8 @@ def test_references_pass_gradcheck_in_fp64():
 def test_linear_token_logprobs_matches_the_unchunked_computation(vocab_size, rows, dtype,
                                                                  use_triton):
     """Chunks of 2 positions (the last one partial), on Triton (interpreted) and on the reference,
-    against all the logits at once in fp64: logp, entropy, the gradients of hidden states and head."""
+    against all the logits at once in fp64: logp, entropy, the gradients of hidden states and
+    head."""
     gen = torch.Generator().manual_seed(vocab_size)
     hidden = torch.randn(rows, 24, generator=gen)
     weight = torch.randn(vocab_size, 24, generator=gen) / 3
@@ -511,8 +520,9 @@ for fn, extra, constexprs in kernels:
 
 
 def test_cuda_kernels_compile_for_h100():
-    """The interpreter skips Triton's type checks and code generation; compile the CUDA path for sm_90
-    (no GPU needed, only Triton's bundled ptxas) so a kernel that cannot build on a GPU fails here."""
+    """The interpreter skips Triton's type checks and code generation; compile the CUDA path for
+    sm_90 (no GPU needed, only Triton's bundled ptxas) so a kernel that cannot build on a GPU fails
+    here."""
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
     command = [sys.executable, "-c", COMPILE_FOR_H100]
@@ -521,13 +531,14 @@ def test_cuda_kernels_compile_for_h100():
 
 
 def test_triton_tests_in_a_fresh_process():
-    """When this process could not interpret Triton (see `triton_interpreter`), run the Triton tests in a
-    child that sets TRITON_INTERPRET=1 before anything imports triton."""
+    """When this process could not interpret Triton (see `triton_interpreter`), run the Triton tests
+    in a child that sets TRITON_INTERPRET=1 before anything imports triton."""
     if interpreter_usable():
         pytest.skip("the Triton tests run in this process")
     env = os.environ | {"TRITON_INTERPRET": "1"}
     skip_here = "not fresh_process and not compile_for_h100"  # those two need no interpreter
-    options = ["-o", "addopts=", "-q", "-p", "no:cacheprovider", "-k", skip_here]  # addopts reset: a known summary
+    # addopts reset: a known summary
+    options = ["-o", "addopts=", "-q", "-p", "no:cacheprovider", "-k", skip_here]
     command = [sys.executable, "-m", "pytest", __file__, *options]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=False, timeout=900)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]

@@ -1,5 +1,6 @@
-"""Published layouts -> our examples: a few records written in each layout (parquet with pyarrow, here), the
-examples tasks.load_source makes of them, and that a right completion scores 1 and a wrong one 0."""
+"""Published layouts -> our examples: a few records written in each layout (parquet with pyarrow,
+here), the examples tasks.load_source makes of them, and that a right completion scores 1 and a
+wrong one 0."""
 
 import base64
 import csv
@@ -52,7 +53,8 @@ def test_verl_parquet_keeps_chat_messages_and_reads_math_and_code(tmp_path, caps
                                                "ability 'chemistry', which has no verifier here 1")
     assert rewards.score(math, "So \\boxed{42}.") == 1.0 and rewards.score(math, "So \\boxed{41}.") == 0.0
     assert rewards.score(program, code("a, b = map(int, input().split())\nprint(a + b)")) == 1.0
-    assert rewards.score(program, code("print(3)")) == 0.5  # ProRL's code reward: the fraction of tests passed
+    # ProRL's code reward: the fraction of tests passed
+    assert rewards.score(program, code("print(3)")) == 0.5
 
 
 def test_chat_messages_go_through_the_models_chat_template():
@@ -66,7 +68,8 @@ def test_chat_messages_go_through_the_models_chat_template():
 
 
 def test_ifeval_and_ifbench_rows(tmp_path, capsys):
-    nulls = {"num_words": None, "relation": None, "keywords": None}  # HF's IFEval fills every kwarg, mostly null
+    # HF's IFEval fills every kwarg, mostly null
+    nulls = {"num_words": None, "relation": None, "keywords": None}
     path = write(tmp_path / "ifeval.jsonl", [
         {"key": 1, "prompt": "Describe tea in under 5 words, no commas.",
          "instruction_id_list": ["length_constraints:number_words", "punctuation:no_comma"],
@@ -82,9 +85,11 @@ def test_ifeval_and_ifbench_rows(tmp_path, capsys):
     line = capsys.readouterr().out
     assert "ifeval layout, 1 examples (ifeval 1); skipped 2:" in line
     assert "an instruction we cannot check (language:response_language) 1" in line
-    assert "an instruction we cannot check (count:emoji) 1" in line  # IFBench's: skipped, never scored as passed
+    # IFBench's: skipped, never scored as passed
+    assert "an instruction we cannot check (count:emoji) 1" in line
     assert rewards.score(example, "Hot leaves in water.") == 1.0
-    assert rewards.score(example, "Tea, hot leaves in water.") == 0.0  # a comma, and 5 words is not under 5
+    # a comma, and 5 words is not under 5
+    assert rewards.score(example, "Tea, hot leaves in water.") == 0.0
 
 
 def test_nemotron_instruction_following(tmp_path):
@@ -122,7 +127,8 @@ def test_apps_and_taco_stdin_and_call_based(tmp_path):
 
 
 class RunsCode:
-    """What a hostile dataset pickles: unpickling it calls os.system, which would create the marker file."""
+    """What a hostile dataset pickles: unpickling it calls os.system, which would create the marker
+    file."""
 
     def __init__(self, marker):
         self.marker = marker
@@ -196,7 +202,8 @@ def test_gpqa_csv_shuffles_the_four_answers_with_a_fixed_seed_per_question(tmp_p
             writer.writerow({"Question": f"Question {q}?", "Correct Answer": f" right{q}\n", "Incorrect Answer 1": "w1",
                              "Incorrect Answer 2": "w2", "Incorrect Answer 3": "w3", "Subdomain": "x"})
     examples = tasks.load_source(str(path))
-    assert examples == tasks.load_source(str(path))  # the same letters on every load, run and machine
+    # the same letters on every load, run and machine
+    assert examples == tasks.load_source(str(path))
     for q, example in enumerate(examples):  # the right answer sits at the letter the example names
         assert f"({example['answer']}) right{q}\n" in example["prompt"]
         options = sorted(line[4:] for line in example["prompt"].split("\n")[1:5])

@@ -1,5 +1,5 @@
-"""reset.py: when to reset the reference policy (schedule, stalled validation, KL spike) and what a reset does
-(π_ref ← π, so the KL is exactly 0 again; optionally Adam starts over)."""
+"""reset.py: when to reset the reference policy (schedule, stalled validation, KL spike) and what a
+reset does (π_ref ← π, so the KL is exactly 0 again; optionally Adam starts over)."""
 
 import torch
 

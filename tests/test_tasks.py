@@ -1,4 +1,5 @@
-"""Built-in tasks: every generated solution verifies, wrong answers don't, and the held-out split holds."""
+"""Built-in tasks: every generated solution verifies, wrong answers don't, and the held-out split
+holds."""
 
 import random
 

@@ -1,6 +1,6 @@
-"""train.update: the PPO-style update (mini-batches, epochs, micro-batches, old and reference log-probs, the
-clipped loss plus KL written out by hand, the logged statistics), and mixed precision (fp32 weights, bf16
-compute) on a tiny random model."""
+"""train.update: the PPO-style update (mini-batches, epochs, micro-batches, old and reference
+log-probs, the clipped loss plus KL written out by hand, the logged statistics), and mixed precision
+(fp32 weights, bf16 compute) on a tiny random model."""
 
 import json
 
@@ -41,8 +41,9 @@ def test_update_has_zero_kl_to_an_identical_reference(tiny_model, tiny_model_dir
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
 def test_update_steps_down_the_gradient_of_the_loss_written_out_by_hand(tiny_model_dir, agg):
-    """One SGD step (lr 1) of update() — micro-batches of 3 rows, k3 KL to another model, T = 1.3 — equals
-    minus the gradient of the clipped loss + β·k3 written out here from log_softmax, for the whole batch."""
+    """One SGD step (lr 1) of update() — micro-batches of 3 rows, k3 KL to another model, T = 1.3 —
+    equals minus the gradient of the clipped loss + β·k3 written out here from log_softmax, for the
+    whole batch."""
     policy, tokenizer = models.load(tiny_model_dir)
     reference = models.build_tiny_model(tokenizer, seed=1).eval()
     prompts = [models.encode_prompt(tokenizer, text) for text in ("12+34=", "5 3 9 1 7=", "3 7 9>30:", "8+8=")]
@@ -87,16 +88,17 @@ def test_minibatches_and_epochs_take_one_optimizer_step_each(tiny_model, rollout
 
 
 def test_minibatches_are_near_equal_and_a_batch_with_no_tokens_takes_no_step(tiny_model, rollout_batch):
-    """16 rows in 6 mini-batches: 6 optimizer steps of 3, 3, 3, 3, 2 and 2 rows (chunk cut 5 of 3 and one
-    of 1); and a mini-batch whose tokens are all masked out takes no step (AdamW's momentum would move the
-    weights anyway)."""
+    """16 rows in 6 mini-batches: 6 optimizer steps of 3, 3, 3, 3, 2 and 2 rows (chunk cut 5 of 3
+    and one of 1); and a mini-batch whose tokens are all masked out takes no step (AdamW's momentum
+    would move the weights anyway)."""
     policy, _ = tiny_model
     batch, adv = rollout_batch
     rows, sizes = [0], []  # rows forwarded since the last optimizer step; rows of each step
     real_logprobs = train.completion_logprobs
 
     def counting_logprobs(policy, micro, c):
-        rows[0] += len(micro.tokens) if torch.is_grad_enabled() else 0  # the update's forwards, not old log-probs
+        # the update's forwards, not old log-probs
+        rows[0] += len(micro.tokens) if torch.is_grad_enabled() else 0
         return real_logprobs(policy, micro, c)
 
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
@@ -126,14 +128,16 @@ def test_minibatches_are_near_equal_and_a_batch_with_no_tokens_takes_no_step(tin
 
 def test_logged_stats_are_token_weighted_over_the_whole_update(tiny_model, rollout_batch):
     """The logged entropy is the mean over every token the update saw, whatever the mini-batches'
-    sizes: with one epoch and no KL, it equals the token mean of the entropies of the policy's forwards."""
+    sizes: with one epoch and no KL, it equals the token mean of the entropies of the policy's
+    forwards."""
     policy, _ = tiny_model
     batch, adv = rollout_batch
     entropies = []
     real = train.completion_logprobs
 
     def recording(policy, micro, c):
-        if torch.is_grad_enabled():  # the update's forwards, not the pass that computes the old log-probs
+        # the update's forwards, not the pass that computes the old log-probs
+        if torch.is_grad_enabled():
             with torch.no_grad():  # the entropy of the full logits, apart from the trainer's path
                 positions = llama_forward.position_ids(micro.attention_mask)
                 logits = policy(input_ids=micro.tokens, position_ids=positions,
@@ -169,9 +173,10 @@ def test_old_logprobs_are_recomputed_not_taken_from_the_sampler(tiny_model, tiny
 
 
 def test_activation_checkpointing_changes_memory_not_the_update(tiny_model_dir, rollout_batch):
-    """--activation-checkpointing recomputes each layer in backward: the same SGD step, and each decoder layer
-    really runs twice (its forward, then again in backward) instead of once (its MLP is counted: a recompute
-    stops once it has what backward needs, so the layer's own forward hook never fires a second time)."""
+    """--activation-checkpointing recomputes each layer in backward: the same SGD step, and each
+    decoder layer really runs twice (its forward, then again in backward) instead of once (its MLP
+    is counted: a recompute stops once it has what backward needs, so the layer's own forward hook
+    never fires a second time)."""
     batch, adv = rollout_batch
     deltas = []
     for checkpointing in (False, True):
@@ -205,8 +210,10 @@ def test_the_activation_checkpointing_flag_checkpoints_the_policy(tmp_path, monk
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
 def test_micro_batches_change_memory_not_the_update(tiny_model_dir, rollout_batch, agg):
     batch, adv = rollout_batch
-    batch = rollout.select_rows(batch, slice(None))  # responses of 1 to 6 tokens, so rows weigh differently
-    last = batch.prompt_len + torch.arange(len(batch.mask)) % 6  # the last completion column each row keeps
+    # responses of 1 to 6 tokens, so rows weigh differently
+    batch = rollout.select_rows(batch, slice(None))
+    # the last completion column each row keeps
+    last = batch.prompt_len + torch.arange(len(batch.mask)) % 6
     batch.mask = batch.mask & (torch.arange(batch.mask.shape[1])[None] <= last[:, None])
     deltas, stats = [], []
     for micro_batch_rows in (3, 16):
@@ -214,21 +221,22 @@ def test_micro_batches_change_memory_not_the_update(tiny_model_dir, rollout_batc
         before = [p.clone() for p in policy.parameters()]
         c = settings.Config(micro_batch_rows=micro_batch_rows, loss_agg=agg, kl_coef=0.0, grad_clip=1e9, minibatches=1)
         stats.append(train.update(policy, torch.optim.SGD(policy.parameters(), lr=1.0), batch, adv, None, c))
-        deltas.append(torch.cat([(p - q).flatten() for p, q in zip(policy.parameters(), before)]))  # Δθ = −∇loss
+        # Δθ = −∇loss
+        deltas.append(torch.cat([(p - q).flatten() for p, q in zip(policy.parameters(), before)]))
     assert deltas[0].abs().max() > 0
     torch.testing.assert_close(deltas[0], deltas[1], atol=1e-6, rtol=1e-4)
     # the logged statistics are means over the batch's tokens, however the rows are split
     assert stats[0]["entropy"] == pytest.approx(stats[1]["entropy"], rel=1e-5)
 
 
-# ----------------------------------------------------------------------------- mixed precision (bf16 on CUDA)
+# ------------------------------------------------------------------- mixed precision (bf16 on CUDA)
 
 def test_bf16_compute_keeps_fp32_weights_that_move_at_the_presets_lr_and_saves_as_the_checkpoint_came(
         tmp_path, monkeypatch, tiny_model_dir):
-    """With bf16 compute (CUDA's; forced here on CPU) the forwards run in bf16 and the sampler samples bf16
-    copies, but the weights AdamW updates are fp32: at ProRL's lr of 2e-6 nearly every weight moves (a bf16
-    weight near 0.02 moves in steps of 1e-4, so in bf16 almost none would). final/ is saved in the dtype the
-    checkpoint came in (bf16 here), not in the fp32 of training."""
+    """With bf16 compute (CUDA's; forced here on CPU) the forwards run in bf16 and the sampler
+    samples bf16 copies, but the weights AdamW updates are fp32: at ProRL's lr of 2e-6 nearly every
+    weight moves (a bf16 weight near 0.02 moves in steps of 1e-4, so in bf16 almost none would).
+    final/ is saved in the dtype the checkpoint came in (bf16 here), not in the fp32 of training."""
     bf16_dir = tmp_path / "bf16"
     policy, tokenizer = models.load(tiny_model_dir)
     dist.save_pretrained(policy, tokenizer, bf16_dir, torch.bfloat16)
@@ -276,7 +284,8 @@ def test_kl_clamp_bounds_the_per_token_kl_term(tiny_model, rollout_batch):
 def test_overlong_filter_gives_truncated_responses_no_gradient(tiny_model_dir, rollout_batch):
     batch, _ = rollout_batch
     batch = rollout.select_rows(batch, slice(None))
-    batch.truncated = torch.arange(len(batch.truncated)) % 2 == 0  # say half the responses hit the limit
+    # say half the responses hit the limit
+    batch.truncated = torch.arange(len(batch.truncated)) % 2 == 0
     adv = batch.truncated.float() * 2 - 1  # +1 on truncated responses, −1 on the others
     steps = []
     for overlong_filter, only_truncated in ((True, True), (False, True), (True, False)):
