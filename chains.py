@@ -47,7 +47,8 @@ HELDOUT_COMPOSITION_PERCENT = 20
 
 def compositions(depth: int) -> list[tuple[str, ...]]:
     """Every chain of `depth` operations in which no operation follows itself, in a fixed order."""
-    return [ops for ops in product(OPERATIONS, repeat=depth) if all(a != b for a, b in pairwise(ops))]
+    return [ops
+            for ops in product(OPERATIONS, repeat=depth) if all(a != b for a, b in pairwise(ops))]
 
 
 def is_heldout_composition(ops: tuple[str, ...]) -> bool:
@@ -67,12 +68,14 @@ def shown_compositions(coverage: float) -> list[tuple[str, ...]]:
     """The chains the warm-start shows at this coverage (see the top of this file); never a held-out
     one."""
     if not 1 <= coverage <= MAX_DEPTH:
-        raise ValueError(f"chain coverage must be in [1, {MAX_DEPTH}] (1 = atoms only), not {coverage}")
+        raise ValueError(f"chain coverage must be in [1, {MAX_DEPTH}] (1 = atoms only), not "
+                         f"{coverage}")
     full = math.floor(coverage)
     shown = [ops for depth in range(1, full + 1) for ops in split(depth)[0]]
     if full < MAX_DEPTH:
         # a hashed order, so the shown part of a depth is not all the chains starting with "asc"
-        partial = sorted(split(full + 1)[0], key=lambda ops: zlib.crc32(("shown " + " ".join(ops)).encode()))
+        partial = sorted(split(full + 1)[0],
+                         key=lambda ops: zlib.crc32(("shown " + " ".join(ops)).encode()))
         shown += partial[:round((coverage - full) * len(partial))]
     return shown
 
@@ -96,8 +99,8 @@ def make_chain(rng: random.Random, ops: tuple[str, ...]) -> dict:
     digits = [rng.randrange(10) for _ in range(LENGTH)]
     steps = apply_chain(digits, ops)
     solution = " ".join(map(written, steps))
-    return {"task": "chains", "prompt": f"{written(digits)}:{' '.join(ops)}=", "digits": digits, "ops": list(ops),
-            "answer": written(steps[-1]), "solution": solution, "level": len(ops)}
+    return {"task": "chains", "prompt": f"{written(digits)}:{' '.join(ops)}=", "digits": digits,
+            "ops": list(ops), "answer": written(steps[-1]), "solution": solution, "level": len(ops)}
 
 
 def make_chains(rng: random.Random, level: int) -> dict:

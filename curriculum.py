@@ -28,10 +28,11 @@ class EdgeCurriculum:
     """An endless stream of training problems of one procedural family, at the level the rule above
     picks."""
 
-    def __init__(self, family: str, levels: int, start: int = 1, threshold: float = 0.5, replay: float = 0.25,
-                 window: int = 32, seed: int = 0):
+    def __init__(self, family: str, levels: int, start: int = 1, threshold: float = 0.5,
+                 replay: float = 0.25, window: int = 32, seed: int = 0):
         if not tasks.is_procedural(family):
-            raise ValueError(f"--curriculum needs a procedural family with levels (e.g. chains), not '{family}'")
+            raise ValueError("--curriculum needs a procedural family with levels (e.g. chains), "
+                             f"not '{family}'")
         if not 1 <= start <= levels:
             raise ValueError(f"--curriculum-start must be between 1 and {levels}, not {start}")
         if not 0 <= replay < 1:
@@ -61,7 +62,9 @@ class EdgeCurriculum:
         lists), row i those of examples[i]. Give every sampled group, before dynamic sampling drops
         the all-right ones, or the pass rate is biased low. Returns True if the level went up."""
         promoted = False
-        for example, row in zip(examples, scores.tolist() if hasattr(scores, "tolist") else scores, strict=True):
+        for example, row in zip(examples,
+                                scores.tolist() if hasattr(scores, "tolist")
+                                else scores, strict=True):
             if example["level"] != self.level:
                 continue  # a replayed easier problem, or one sampled before the last promotion
             self.window.append(sum(score >= 1 for score in row) / len(row))
@@ -78,7 +81,8 @@ class EdgeCurriculum:
                 "curriculum_pass_rate": sum(self.window) / len(self.window) if self.window else 0.0}
 
     def state_dict(self) -> dict:
-        return {"level": self.level, "window": list(self.window), "rng": self.rng.getstate(), "drawn": self.drawn}
+        return {"level": self.level, "window": list(self.window), "rng": self.rng.getstate(),
+                "drawn": self.drawn}
 
     def load_state_dict(self, state: dict) -> None:
         self.level, self.drawn = state["level"], state["drawn"]

@@ -20,7 +20,8 @@ TRAINING_PANELS = [
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
-        raise ValueError(f"--plot {run_dir}: no metrics.jsonl there (is it a run directory of train.py?)")
+        raise ValueError(f"--plot {run_dir}: no metrics.jsonl there (is it a run directory of "
+                         "train.py?)")
     lines = path.read_text().split("\n")
     lines = lines[:-1] if lines and not lines[-1] else lines  # the newline that ends the last line
     records = []
@@ -36,7 +37,8 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return records
 
 
-def training_series(records: list[dict]) -> tuple[dict[str, dict[str, tuple[list, list]]], list[tuple[int, str]]]:
+def training_series(records: list[dict]) -> tuple[dict[str, dict[str, tuple[list, list]]],
+                                                  list[tuple[int, str]]]:
     """({panel: {key: (steps, values)}} for the keys present, [(step, reason) of each reference
     reset])."""
     panels = {}
@@ -44,7 +46,8 @@ def training_series(records: list[dict]) -> tuple[dict[str, dict[str, tuple[list
         keys = [found for key in keys for found in (
             dict.fromkeys(k for r in records for k in r if k.startswith(key))
             if key.endswith("/") else [key])]
-        series = {key: ([r["step"] for r in records if key in r], [r[key] for r in records if key in r])
+        series = {key: ([r["step"] for r in records if key in r],
+                        [r[key] for r in records if key in r])
                   for key in keys}
         series = {key: xy for key, xy in series.items() if xy[0]}
         if series:
@@ -70,10 +73,11 @@ def plot_training(run_dir: str | Path) -> Path:
             sparse = len(steps) < 0.5 * max(len(s) for s, _ in series.values())  # e.g. val_pass1
             ax.plot(steps, values, label=key, marker="o" if sparse else None, markersize=4)
         for number, (step, reason) in enumerate(resets):
-            ax.axvline(step, color="gray", linestyle="--", linewidth=1, label="reset" if number == 0 else None)
+            ax.axvline(step, color="gray", linestyle="--", linewidth=1,
+                       label="reset" if number == 0 else None)
             if ax is axes[0]:
-                ax.annotate(reason, (step, 1), xycoords=("data", "axes fraction"), rotation=90, fontsize=7,
-                            va="top", ha="right", color="gray")
+                ax.annotate(reason, (step, 1), xycoords=("data", "axes fraction"), rotation=90,
+                            fontsize=7, va="top", ha="right", color="gray")
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.xaxis.get_major_locator().set_params(integer=True)

@@ -197,7 +197,8 @@ def token_means(sums: dict[str, float], tokens: float) -> dict[str, float]:
     the same names)."""
     names = sorted(sums)
     if world_size() > 1:
-        values = torch.tensor([sums[k] for k in names] + [tokens], dtype=torch.float64, device=collective_device())
+        values = torch.tensor([sums[k] for k in names] + [tokens], dtype=torch.float64,
+                              device=collective_device())
         torch_dist.all_reduce(values)
         *total_sums, tokens = values.tolist()
         sums = dict(zip(names, total_sums, strict=True))
@@ -211,8 +212,8 @@ def reduce_metrics(metrics: dict) -> dict:
         return metrics
     floats = sorted(k for k, v in metrics.items() if isinstance(v, float))
     ints = sorted(k for k, v in metrics.items() if isinstance(v, int) and not isinstance(v, bool))
-    values = torch.tensor([float(metrics[k]) for k in floats] + [float(-metrics[k]) for k in ints], dtype=torch.float64,
-                          device=collective_device())
+    values = torch.tensor([float(metrics[k]) for k in floats] + [float(-metrics[k]) for k in ints],
+                          dtype=torch.float64, device=collective_device())
     sums, mins = values.clone(), values.clone()
     torch_dist.all_reduce(sums)
     torch_dist.all_reduce(mins, op=torch_dist.ReduceOp.MIN)  # −max: min of the negated integers
@@ -235,7 +236,8 @@ def save_pretrained(model: torch.nn.Module, tokenizer, path, dtype: torch.dtype 
         get_model_state_dict,
     )
 
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(model,
+                                 options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     # one cast per storage: tied weights (embedding = lm_head) stay one tensor
     if dtype is not None:
         cast = {}
@@ -247,7 +249,8 @@ def save_pretrained(model: torch.nn.Module, tokenizer, path, dtype: torch.dtype 
         if dtype is not None:
             config = Path(path) / "config.json"
             settings, name = json.loads(config.read_text()), str(dtype).split(".")[-1]
-            settings.update({key: name for key in ("dtype", "torch_dtype") if key in settings} or {"dtype": name})
+            settings.update({key: name for key in ("dtype", "torch_dtype") if key in settings}
+                            or {"dtype": name})
             config.write_text(json.dumps(settings, indent=2) + "\n")
         tokenizer.save_pretrained(path)
     barrier()

@@ -28,8 +28,8 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") ->
     raise ValueError(f"unknown KL estimator '{kind}' ({', '.join(KINDS)})")
 
 
-def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3", clamp: float | None = None,
-               mask: torch.Tensor | None = None) -> torch.Tensor:
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3",
+               clamp: float | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """The per-token KL term of the loss; `clamp` bounds it (as verl does) so one wild token can't
     dominate.
 
@@ -37,6 +37,7 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3", cla
     0 first, so that exp of a huge log-ratio there cannot turn the zero gradient into 0·inf =
     NaN."""
     if mask is not None:
-        logp, ref_logp = torch.where(mask.bool(), logp, 0.0), torch.where(mask.bool(), ref_logp, 0.0)
+        logp, ref_logp = torch.where(mask.bool(), logp, 0.0), torch.where(mask.bool(),
+                                                                          ref_logp, 0.0)
     kl = kl_estimate(logp, ref_logp, kind)
     return kl.clamp(min=-clamp, max=clamp) if clamp else kl

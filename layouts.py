@@ -57,7 +57,8 @@ def read_records(path: Path) -> list:
         try:
             return pyarrow.parquet.read_table(path).to_pylist()
         except (OSError, ValueError, pyarrow.ArrowException) as error:
-            raise ValueError(f"{path}: cannot read it as parquet ({str(error).splitlines()[0][:200]})") from None
+            raise ValueError(f"{path}: cannot read it as parquet "
+                             f"({str(error).splitlines()[0][:200]})") from None
     try:
         text = path.read_text(encoding="utf-8")
     except (UnicodeDecodeError, OSError) as error:
@@ -71,14 +72,16 @@ def read_records(path: Path) -> list:
         try:
             return json.loads(text)
         except (json.JSONDecodeError, RecursionError) as error:
-            raise ValueError(f"{path}: not a valid JSON array ({getattr(error, 'msg', 'nested too deep')})") from None
+            raise ValueError(f"{path}: not a valid JSON array "
+                             f"({getattr(error, 'msg', 'nested too deep')})") from None
     # "\n" only: splitlines() would also cut at U+2028, which JSON strings may hold raw
     records = []
     for number, line in enumerate(text.split("\n"), start=1):
         try:
             records += [json.loads(line)] if line.strip() else []
         except (json.JSONDecodeError, RecursionError) as error:
-            raise ValueError(f"{path}:{number}: not valid JSON ({getattr(error, 'msg', 'too deep')})") from None
+            raise ValueError(f"{path}:{number}: not valid JSON "
+                             f"({getattr(error, 'msg', 'too deep')})") from None
     return records
 
 
@@ -101,7 +104,8 @@ def convert(records: list, layout: str) -> tuple[list[dict], Counter, Counter]:
         fields = {str(key).lower(): value for key, value in record.items()} if isinstance(record, dict) else {}
         try:
             if not required <= set(fields):
-                raise Skip(f"not a {layout} record (missing {', '.join(sorted(required - set(fields)))})")
+                raise Skip(f"not a {layout} record (missing "
+                           f"{', '.join(sorted(required - set(fields)))})")
             examples.append(to_example(fields, notes))
         except Skip as reason:
             skipped[str(reason)] += 1
@@ -162,8 +166,9 @@ def json_field(value):
 
 
 def chat_messages(value) -> list[dict]:
-    if not (isinstance(value, list) and value and all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                                      and isinstance(m.get("content"), str) for m in value)):
+    if not (isinstance(value, list) and value
+            and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                    and isinstance(m.get("content"), str) for m in value)):
         raise Skip("a prompt that is neither text nor chat messages")
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
@@ -206,10 +211,12 @@ def code_tests(spec: dict, in_class: bool = False) -> dict:
     Solution().f(...).
     """
     inputs, outputs, name = spec["inputs"], spec["outputs"], spec.get("fn_name")
-    if not (isinstance(inputs, list) and isinstance(outputs, list) and inputs and len(inputs) == len(outputs)):
+    if not (isinstance(inputs, list) and isinstance(outputs, list) and inputs
+            and len(inputs) == len(outputs)):
         raise Skip("no tests")
     if name is None:
-        return {"tests": [{"input": stdin_text(i), "output": stdin_text(o)} for i, o in zip(inputs, outputs)]}
+        return {"tests": [{"input": stdin_text(i), "output": stdin_text(o)}
+                          for i, o in zip(inputs, outputs)]}
     if not (isinstance(name, str) and name.isidentifier()):
         raise Skip("a function name that is not a Python name")
     callee = f"Solution().{name}" if in_class else name
@@ -218,7 +225,8 @@ def code_tests(spec: dict, in_class: bool = False) -> dict:
         if not isinstance(args, list):
             raise Skip("call arguments that are not a list")
         value = value[0] if isinstance(value, list) and len(value) == 1 else value
-        tests.append({"call": f"{callee}({', '.join(repr(plain(a)) for a in args)})", "output": repr(plain(value))})
+        tests.append({"call": f"{callee}({', '.join(repr(plain(a)) for a in args)})",
+                      "output": repr(plain(value))})
     return {"tests": tests, "entry_point": name}
 
 
@@ -296,7 +304,8 @@ def from_nemotron(r: dict, notes: Counter) -> dict:
     # {"instruction_id_list", "instruction_kwargs"}: IFEval's two lists
     args = json_field(r["args"]) or {}
     return {"task": "ifeval", **prompt_fields(r["input"]),
-            "constraints": instruction_constraints(args.get("instruction_id_list"), args.get("instruction_kwargs"))}
+            "constraints": instruction_constraints(args.get("instruction_id_list"),
+                                                   args.get("instruction_kwargs"))}
 
 
 def from_apps(r: dict, notes: Counter) -> dict:
@@ -306,7 +315,8 @@ def from_apps(r: dict, notes: Counter) -> dict:
         raise Skip("no tests")
     starter = r.get("starter_code") or ""
     tests = code_tests(json_field(r["input_output"]), in_class="class Solution" in starter)
-    prompt = text(r["question"]) + (f"\n\nStart from:\n```python\n{starter}\n```" if starter else "")
+    prompt = text(r["question"]) + (f"\n\nStart from:\n```python\n{starter}\n```"
+                                    if starter else "")
     ask = WRITE_A_FUNCTION.format(tests["entry_point"]) if "entry_point" in tests else WRITE_A_PROGRAM
     return {"task": "code", "prompt": prompt + ask, **tests, **limits(r)}
 
@@ -319,7 +329,8 @@ def from_livecodebench(r: dict, notes: Counter) -> dict:
     if r.get("private_test_cases"):
         try:
             cases = cases + private_tests(r["private_test_cases"])
-        except (pickle.UnpicklingError, ValueError, TypeError, EOFError, zlib.error, IndexError, KeyError) as error:
+        except (pickle.UnpicklingError, ValueError, TypeError, EOFError, zlib.error,
+                IndexError, KeyError) as error:
             reason = "refused: names code" if isinstance(error, pickle.UnpicklingError) else "unreadable"
             notes[f"private tests {reason}, public ones kept"] += 1
     metadata = json_field(r.get("metadata") or "{}")
@@ -329,7 +340,8 @@ def from_livecodebench(r: dict, notes: Counter) -> dict:
         case = plain(case)
         if case.get("testtype") == "functional":
             args = [json.loads(line) for line in text(case["input"]).split("\n") if line.strip()]
-            spec = {"inputs": [args], "outputs": [json.loads(text(case["output"]))], "fn_name": name}
+            spec = {"inputs": [args], "outputs": [json.loads(text(case["output"]))],
+                    "fn_name": name}
             tests += code_tests(spec, in_class=True)["tests"]
         else:
             tests.append({"input": text(case["input"]), "output": text(case["output"])})
@@ -350,20 +362,25 @@ def from_codeforces(r: dict, notes: Counter) -> dict:
         raise Skip("a problem that needs its own output checker")
     if r.get("input_mode", "stdio") != "stdio":
         raise Skip("a problem that reads a file, not stdin")
-    tests = [{"input": text(t["input"]), "output": text(t["output"])} for t in (r["official_tests"] or [])]
+    tests = [{"input": text(t["input"]), "output": text(t["output"])}
+             for t in (r["official_tests"] or [])]
     if not tests:
         raise Skip("no tests")
-    parts = [r.get("title"), r.get("description"), r.get("input_format") and "Input\n" + r["input_format"],
+    parts = [r.get("title"), r.get("description"),
+             r.get("input_format") and "Input\n" + r["input_format"],
              r.get("output_format") and "Output\n" + r["output_format"]]
     for example in (r.get("examples") or [])[:3]:
-        parts.append(f"Example input\n{text(example['input'])}\nExample output\n{text(example['output'])}")
-    return {"task": "code", "prompt": "\n\n".join(text(p) for p in parts if p) + WRITE_A_PROGRAM, "tests": tests,
-            **limits(r)}
+        parts.append(f"Example input\n{text(example['input'])}\nExample "
+                     f"output\n{text(example['output'])}")
+    return {"task": "code", "prompt": "\n\n".join(text(p) for p in parts if p) + WRITE_A_PROGRAM,
+            "tests": tests, **limits(r)}
 
 
 def mcq(question: str, options: list, answer: str) -> dict:
-    lines = "\n".join(f"({letter}) {text(option).strip()}" for letter, option in zip(LETTERS, options))
-    return {"task": "mcq", "prompt": f"{text(question).strip()}\n{lines}{PICK_A_LETTER}", "answer": answer}
+    lines = "\n".join(f"({letter}) {text(option).strip()}"
+                      for letter, option in zip(LETTERS, options))
+    return {"task": "mcq", "prompt": f"{text(question).strip()}\n{lines}{PICK_A_LETTER}",
+            "answer": answer}
 
 
 def from_mmlu_pro(r: dict, notes: Counter) -> dict:
@@ -392,12 +409,13 @@ def from_reasoning_gym(r: dict, notes: Counter) -> dict:
     if not isinstance(metadata.get("source_dataset"), str):
         raise Skip("no metadata.source_dataset")
     entry = {"question": text(r["question"]), "answer": r["answer"], "metadata": metadata}
-    return {"task": "logic", "prompt": entry["question"] + ANSWER_IN_TAGS, "dataset": metadata["source_dataset"],
-            "entry": entry}
+    return {"task": "logic", "prompt": entry["question"] + ANSWER_IN_TAGS,
+            "dataset": metadata["source_dataset"], "entry": entry}
 
 
 def from_math(r: dict, notes: Counter) -> dict:
-    return {"task": "math", "prompt": text(r["problem"]) + IN_BOXED, "answer": answer_text(r["answer"])}
+    return {"task": "math", "prompt": text(r["problem"]) + IN_BOXED,
+            "answer": answer_text(r["answer"])}
 
 
 # name -> (fields that identify it, lower case; converter). Order matters: the first whose fields a
@@ -410,7 +428,8 @@ LAYOUTS = {
     "livecodebench": ({"question_content", "public_test_cases"}, from_livecodebench),
     "codeforces": ({"official_tests"}, from_codeforces),
     "apps": ({"question", "input_output"}, from_apps),
-    "gpqa": ({"question", "correct answer"} | {f"incorrect answer {i}" for i in (1, 2, 3)}, from_gpqa),
+    "gpqa": ({"question", "correct answer"}
+             | {f"incorrect answer {i}" for i in (1, 2, 3)}, from_gpqa),
     "mmlu-pro": ({"question", "options", "answer"}, from_mmlu_pro),
     "reasoning-gym": ({"question", "answer", "metadata"}, from_reasoning_gym),
     "math": ({"problem", "answer"}, from_math),

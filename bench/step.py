@@ -30,10 +30,10 @@ import train
 
 # Qwen2 configs; "small" keeps the real vocabulary so the logits are as wide as a real run's
 SHAPES = {
-    "small": {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "num_key_value_heads": 2},
-    "1.5b": {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
-             "num_key_value_heads": 2},
+    "small": {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2},
+    "1.5b": {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+             "num_attention_heads": 12, "num_key_value_heads": 2},
 }
 # (prompts per step, samples per prompt, new tokens, rows per forward/backward) by shape
 # 1.5b: ~1k-token rows, 4 fit beside fp32 Adam state
@@ -42,7 +42,8 @@ SIZES = {"small": (4, 4, 32, 8), "1.5b": (64, 16, 1024, 4)}
 
 def build(shape: str, directory: str, dtype: torch.dtype) -> None:
     tokenizer = models.build_tokenizer()
-    config = Qwen2Config(vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=True,
+    config = Qwen2Config(vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
+                         tie_word_embeddings=True,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, **SHAPES[shape])
     torch.manual_seed(0)
@@ -51,9 +52,12 @@ def build(shape: str, directory: str, dtype: torch.dtype) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=SHAPES, default="1.5b" if torch.cuda.is_available() else "small")
-    parser.add_argument("--sizes", type=int, nargs=4, metavar=("PROMPTS", "N", "NEW_TOKENS", "MICRO_ROWS"),
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=SHAPES,
+                        default="1.5b" if torch.cuda.is_available() else "small")
+    parser.add_argument("--sizes", type=int, nargs=4,
+                        metavar=("PROMPTS", "N", "NEW_TOKENS", "MICRO_ROWS"),
                         help="override the shape's default batch")
     args = parser.parse_args()
     prompts, n, new_tokens, micro_rows = args.sizes or SIZES[args.shape]
@@ -63,20 +67,27 @@ def main() -> None:
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         build(args.shape, model_dir, torch.bfloat16 if cuda else torch.float32)
     device = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{time.strftime('%Y-%m-%d')}  {device}, torch {torch.__version__}: one prorl-v2 step, random Qwen2 "
-          f"'{args.shape}', {prompts} prompts x N={n}, {new_tokens} new tokens, {micro_rows} rows per micro-batch")
+    print(f"{time.strftime('%Y-%m-%d')}  {device}, torch {torch.__version__}: one prorl-v2 step, "
+          "random Qwen2 "
+          f"'{args.shape}', {prompts} prompts x N={n}, {new_tokens} new tokens, {micro_rows} rows "
+          "per micro-batch")
     # a rerun replaces the last one
     shutil.rmtree(os.path.join("runs", run, "train"), ignore_errors=True)
     # the step is what is timed; at 1.5B a checkpoint is 25 GB
     train.checkpoint.save = lambda *args, **kwargs: None
-    train.main(["--preset", "prorl-v2", "--model", model_dir, "--run", f"{run}/train", "--tasks", "countdown",
-                "--steps", "1", "--prompts-per-step", str(prompts), "--n", str(n), "--max-new-tokens", str(new_tokens),
-                "--micro-batch-rows", str(micro_rows), "--dynamic-sampling", "false", "--eval-every", "0",
-                "--eval-problems", "1", "--val-problems", "1", "--eval-samples", "1", "--boundary-problems", "0"])
+    train.main(["--preset", "prorl-v2", "--model", model_dir, "--run", f"{run}/train", "--tasks",
+                "countdown",
+                "--steps", "1", "--prompts-per-step", str(prompts), "--n", str(n),
+                "--max-new-tokens", str(new_tokens),
+                "--micro-batch-rows", str(micro_rows), "--dynamic-sampling", "false",
+                "--eval-every", "0",
+                "--eval-problems", "1", "--val-problems", "1", "--eval-samples", "1",
+                "--boundary-problems", "0"])
     with open(os.path.join("runs", run, "train", "metrics.jsonl")) as f:
         step = json.loads(f.readlines()[-1])
-    print("  " + "  ".join(f"{key} {step[key]:.2f}" for key in ("gen_s", "ref_s", "update_s", "step_s")
-                           if key in step) + f"  trained tokens/s {step['tokens_per_s']:.0f}")
+    print("  "
+          + "  ".join(f"{key} {step[key]:.2f}" for key in ("gen_s", "ref_s", "update_s", "step_s")
+                      if key in step) + f"  trained tokens/s {step['tokens_per_s']:.0f}")
     if "peak_gb" in step:
         print(f"  peak GPU memory {step['peak_gb']:.1f} GB")
 

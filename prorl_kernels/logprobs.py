@@ -159,7 +159,8 @@ def grad_buffer(rows: torch.Tensor, copied: bool) -> torch.Tensor:
     if copied:
         torch.autograd.graph.increment_version(rows)
         return rows
-    return torch.empty(rows.shape[:-1].numel(), rows.shape[-1], dtype=rows.dtype, device=rows.device)
+    return torch.empty(rows.shape[:-1].numel(), rows.shape[-1], dtype=rows.dtype,
+                       device=rows.device)
 
 
 def logits_backward(
@@ -173,8 +174,8 @@ def logits_backward(
     inner, stride_outer, stride_inner = layout
     with device_guard(rows):
         _token_logprobs_bwd_kernel[(num_rows,)](
-            rows, inner, stride_outer, stride_inner, labels, lse, row_grad.float().contiguous(), grad,
-            vocab_size, inv_temperature, **launch_config(vocab_size),
+            rows, inner, stride_outer, stride_inner, labels, lse, row_grad.float().contiguous(),
+            grad, vocab_size, inv_temperature, **launch_config(vocab_size),
         )
     return grad
 
@@ -199,7 +200,8 @@ class TokenLogprobs(torch.autograd.Function):
             with device_guard(logits):
                 _token_logprobs_fwd_kernel[(num_rows,)](
                     rows, inner, stride_outer, stride_inner, labels, logp, lse, entropy,
-                    vocab_size, 1.0 / temperature, WITH_ENTROPY=return_entropy, **launch_config(vocab_size),
+                    vocab_size, 1.0 / temperature, WITH_ENTROPY=return_entropy,
+                    **launch_config(vocab_size),
                 )
         ctx.save_for_backward(rows, labels, lse)
         ctx.layout, ctx.copied, ctx.inv_temperature = (inner, stride_outer, stride_inner), copied, 1.0 / temperature
@@ -213,12 +215,14 @@ class TokenLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy):
         rows, labels, lse = ctx.saved_tensors
         grad = grad_buffer(rows, ctx.copied)
-        logits_backward(rows, ctx.layout, labels, lse, grad_logp.reshape(-1), grad, ctx.inv_temperature)
+        logits_backward(rows, ctx.layout, labels, lse, grad_logp.reshape(-1), grad,
+                        ctx.inv_temperature)
         return grad.view(ctx.logits_shape), None, None, None
 
 
 def token_logprobs_triton(
-    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, return_entropy: bool = False
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+    return_entropy: bool = False
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Triton `token_logprobs`; see `prorl_kernels.token_logprobs`."""
     logp, entropy = TokenLogprobs.apply(logits, labels, float(temperature), return_entropy)

@@ -11,12 +11,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 # --------------------------------------------------------------------------- bench/ablate.py, smoke
 
-def test_ablation_script_runs_each_variant_in_its_own_dir_and_tabulates_them(tmp_path, monkeypatch, tiny_model_dir):
+def test_ablation_script_runs_each_variant_in_its_own_dir_and_tabulates_them(tmp_path, monkeypatch,
+                                                                             tiny_model_dir):
     monkeypatch.syspath_prepend(str(REPO / "bench"))
     monkeypatch.chdir(tmp_path)
     import ablate
 
-    ablate.main(["--quick", "--only", "no-kl,n4,n32", "--model", tiny_model_dir, "--max-new-tokens", "8"])
+    ablate.main(["--quick", "--only", "no-kl,n4,n32", "--model", tiny_model_dir,
+                 "--max-new-tokens", "8"])
     configs = {name: json.loads((tmp_path / "runs" / f"ablate-{name}" / "config.json").read_text())
                for name in ("no-kl", "n4", "n32")}
     assert configs["no-kl"]["kl_coef"] == 0.0
@@ -30,8 +32,10 @@ def test_ablation_script_runs_each_variant_in_its_own_dir_and_tabulates_them(tmp
 
 def test_step_benchmark_runs_one_prorl_v2_step_and_prints_its_time_split(tmp_path):
     for _ in range(2):  # a rerun replaces the first run's directory
-        done = subprocess.run([sys.executable, str(REPO / "bench" / "step.py"), "--sizes", "2", "2", "4", "4"],
-                              cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+        done = subprocess.run([sys.executable, str(REPO / "bench" / "step.py"), "--sizes", "2",
+                               "2", "4", "4"],
+                              cwd=tmp_path, capture_output=True, text=True,
+                              timeout=300, check=False)
         assert done.returncode == 0, done.stderr[-2000:]
     split = dict(zip(*[iter(done.stdout.strip().splitlines()[-1].split()[:8])] * 2, strict=True))
     assert set(split) == {"gen_s", "ref_s", "update_s", "step_s"}
@@ -50,13 +54,15 @@ def test_boundary_experiment_runs_its_arms_and_reports_each_split(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     import boundary
 
-    boundary.main(["--arms", "control,edge-explore", "--seeds", "0,1", "--steps", "1", "--problems", "2", "--n", "4",
+    boundary.main(["--arms", "control,edge-explore", "--seeds", "0,1", "--steps", "1", "--problems",
+                   "2", "--n", "4",
                    "--warmstart-steps", "2", "--prompts-per-step", "2", "--out", "runs/bx"])
     result = json.loads((tmp_path / "runs" / "bx" / "boundary.json").read_text())
     assert set(result["runs"]) == {"control-s0", "control-s1", "edge-explore-s0", "edge-explore-s1"}
     splits = list(result["base"])
     assert len(splits) == 8 and all(set(run) == set(splits) for run in result["runs"].values())
-    assert all(0 <= c <= 4 and len(counts) == 2 for counts in result["base"].values() for c in counts)
+    assert all(0 <= c <= 4
+               and len(counts) == 2 for counts in result["base"].values() for c in counts)
     config = json.loads((tmp_path / "runs" / "bx" / "edge-explore-s1" / "config.json").read_text())
     assert (config["advantage"], config["seed"], config["curriculum"], config["level"]) == ("passk", 1, True, 3)
     summary, per_run = (tmp_path / "runs" / "bx" / "boundary.md").read_text().split("Per run:")
@@ -73,7 +79,8 @@ def test_peer_benchmark_alternates_arms_and_prints_medians_and_ratios(tmp_path, 
     command = [sys.executable, str(REPO / "bench" / "peer.py"), "--model", tiny_model_dir,
                "--prompts", "2", "--n", "2", "--new-tokens", "4", "--steps", "2",
                "--arms", f"ours,before:{REPO}"]
-    run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, check=False, timeout=600)
+    run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True,
+                         check=False, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     steps = [line for line in run.stdout.splitlines() if line.startswith("step ")]
     labels = [line.split(":")[0] for line in steps]  # "step 0 before:/path: ..." → "step 0 before"

@@ -78,7 +78,8 @@ def test_composition_counts_and_the_held_out_split():
 def test_heldout_problems_of_trainable_chains_follow_the_prompt_hash():
     examples = tasks.heldout("chains", 10, level=2)
     assert len({ex["prompt"] for ex in examples}) == 10
-    assert all(tasks.is_heldout(ex) and not chains.is_heldout_composition(tuple(ex["ops"])) for ex in examples)
+    assert all(tasks.is_heldout(ex)
+               and not chains.is_heldout_composition(tuple(ex["ops"])) for ex in examples)
 
 
 def test_coverage_places_the_edge():
@@ -90,7 +91,8 @@ def test_coverage_places_the_edge():
     half = chains.shown_compositions(1.5)
     assert len(half) == 5 + 8 and set(half) < set(chains.shown_compositions(2))
     assert len(chains.shown_compositions(2.25)) == 5 + 17 + 15
-    assert not any(chains.is_heldout_composition(ops) for ops in chains.shown_compositions(chains.MAX_DEPTH))
+    assert not any(chains.is_heldout_composition(ops)
+                   for ops in chains.shown_compositions(chains.MAX_DEPTH))
     with pytest.raises(ValueError, match="coverage"):
         chains.shown_compositions(0.5)
 
@@ -108,8 +110,8 @@ def test_warm_start_draws_chains_only_from_the_shown_ones(monkeypatch):
 
     monkeypatch.setattr(models, "supervised_batch", recording_batch)
     tokenizer = models.build_tokenizer()
-    models.warm_start(models.build_tiny_model(tokenizer), tokenizer, task_mix="chains:1,sort:1", level=2, steps=2,
-                      batch_size=64, lr=1e-3, seed=0, chain_coverage=1.5)
+    models.warm_start(models.build_tiny_model(tokenizer), tokenizer, task_mix="chains:1,sort:1",
+                      level=2, steps=2, batch_size=64, lr=1e-3, seed=0, chain_coverage=1.5)
     drawn = [ex for ex in seen if ex["task"] == "chains"]
     # about half of the mix, and the sort half untouched
     assert 30 < len(drawn) < 98 and len(seen) == 128
@@ -130,10 +132,11 @@ def test_tokenizer_keeps_old_ids_and_spells_every_chain():
 def test_a_chains_base_is_one_call_with_its_recipe_recorded(tmp_path):
     """ensure_tiny_base's keywords override WARMSTART's entries and enter the recipe that decides
     reuse."""
-    path = models.ensure_tiny_base(str(tmp_path / "chains"), log=lambda line: None, task_mix="chains",
-                                   chain_coverage=1.5, steps=2, batch_size=8)
+    path = models.ensure_tiny_base(str(tmp_path / "chains"), log=lambda line: None,
+                                   task_mix="chains", chain_coverage=1.5, steps=2, batch_size=8)
     recipe = json.loads((tmp_path / "chains" / "recipe.json").read_text())["warmstart"]
-    assert recipe == {**models.WARMSTART, "task_mix": "chains", "chain_coverage": 1.5, "steps": 2, "batch_size": 8}
+    assert recipe == {**models.WARMSTART, "task_mix": "chains", "chain_coverage": 1.5, "steps": 2,
+                      "batch_size": 8}
     policy, tokenizer = models.load(path)
     assert policy.config.vocab_size == len(tokenizer) == len(models.build_tokenizer())
     with pytest.raises(ValueError, match="unknown warm-start setting"):

@@ -20,8 +20,10 @@ import models
 import settings
 import train
 
-ARGS = ["--prompts-per-step", "4", "--n", "4", "--max-new-tokens", "6", "--dynamic-sampling", "false",
-        "--length-eta-max", "0.05", "--minibatches", "2", "--lr", "1e-2", "--eval-every", "2", "--reset-every", "3",
+ARGS = ["--prompts-per-step", "4", "--n", "4", "--max-new-tokens", "6", "--dynamic-sampling",
+        "false",
+        "--length-eta-max", "0.05", "--minibatches", "2", "--lr", "1e-2", "--eval-every", "2",
+        "--reset-every", "3",
         "--kl-coef", "1e-2", "--eval-problems", "2", "--val-problems", "2", "--eval-samples", "1",
         "--boundary-problems", "0"]
 # wall-clock: the only values allowed to differ
@@ -74,7 +76,8 @@ class Killed(BaseException):
     """The process dying: not an Exception, so nothing on the way up handles it."""
 
 
-def test_killed_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, tiny_model_dir, straight, monkeypatch):
+def test_killed_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, tiny_model_dir,
+                                                                   straight, monkeypatch):
     saves, real_save = [], torch.save
 
     def dies_during_the_third_save(state, file):
@@ -93,7 +96,8 @@ def test_killed_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, tin
     # never renamed into place
     assert (run_dir / "checkpoint.pt.tmp").read_bytes() == b"half a checkpoint"
     assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["step"] == 2
-    assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert [json.loads(line)["step"]
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
     # step 3 is redone, its old line dropped
     train_run(tmp_path, tiny_model_dir, ["--resume", str(run_dir)])
@@ -111,7 +115,8 @@ def test_resume_needs_a_run_directory(tmp_path):
         settings.parse_config(["--resume", str(tmp_path)])
 
 
-def test_a_run_stopped_before_its_first_checkpoint_resumes_from_its_start(tmp_path, tiny_model_dir, straight,
+def test_a_run_stopped_before_its_first_checkpoint_resumes_from_its_start(tmp_path, tiny_model_dir,
+                                                                          straight,
                                                                           monkeypatch, capsys):
     real_sample = train.sampling.sample_groups
 
@@ -133,7 +138,8 @@ def test_a_run_stopped_before_its_first_checkpoint_resumes_from_its_start(tmp_pa
     assert_same_run(result(run_dir), straight)
 
 
-def test_sigterm_saves_the_step_and_stops_and_resume_is_the_straight_run(tmp_path, tiny_model_dir, straight,
+def test_sigterm_saves_the_step_and_stops_and_resume_is_the_straight_run(tmp_path, tiny_model_dir,
+                                                                         straight,
                                                                          monkeypatch, capsys):
     real_sample = train.sampling.sample_groups
 
@@ -151,23 +157,28 @@ def test_sigterm_saves_the_step_and_stops_and_resume_is_the_straight_run(tmp_pat
     assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["step"] == 2
     assert not (run_dir / "final").exists()  # it stopped there: no final model, no report
     said = capsys.readouterr().out
-    assert said.endswith("stopped by a signal after step 2, checkpoint saved: --resume runs/p continues\n")
+    assert said.endswith("stopped by a signal after step 2, checkpoint saved: --resume runs/p "
+                         "continues\n")
     train_run(tmp_path, tiny_model_dir, ["--resume", str(run_dir)])
     assert_same_run(result(run_dir), straight)
 
 
-def test_a_failed_save_warns_and_training_goes_on_but_the_last_one_must_succeed(tmp_path, tiny_model_dir,
+def test_a_failed_save_warns_and_training_goes_on_but_the_last_one_must_succeed(tmp_path,
+                                                                                tiny_model_dir,
                                                                                monkeypatch, capsys):
     real_save = torch.save
 
     def disk_full_at_step_2_and_4(state, file):
         if state["step"] in (2, 4):
             file.write(b"some bytes")
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 128 vs 64")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 128 vs "
+                               "64")
         real_save(state, file)
 
     monkeypatch.setattr(torch, "save", disk_full_at_step_2_and_4)
-    with pytest.raises(ValueError, match=r"^step 4: .*checkpoint.pt not written \(\[enforce fail.*any earlier one is intact$"):
+    with pytest.raises(ValueError,
+                       match=r"^step 4: .*checkpoint.pt not written \(\[enforce fail.*any earlier "
+                             r"one is intact$"):
         train_run(tmp_path, tiny_model_dir, ["--run", "full", "--steps", "4", "--save-every", "1"])
     assert "warning: step 2: " in capsys.readouterr().out
     run_dir = tmp_path / "runs" / "full"
@@ -176,30 +187,36 @@ def test_a_failed_save_warns_and_training_goes_on_but_the_last_one_must_succeed(
     assert not (run_dir / "checkpoint.pt.tmp").exists()  # the half-written file was removed
 
 
-def test_resumed_runs_take_new_lr_and_reset_flags_and_refuse_changes_that_break_the_run(tmp_path, tiny_model_dir,
+def test_resumed_runs_take_new_lr_and_reset_flags_and_refuse_changes_that_break_the_run(tmp_path,
+                                                                                        tiny_model_dir,
                                                                                        monkeypatch):
     train_run(tmp_path, tiny_model_dir, ["--run", "f", "--steps", "2"])
     run_dir = str(tmp_path / "runs" / "f")
-    for flag, value in [("--tasks", "add"), ("--preset", "prorl"), ("--model", "elsewhere"), ("--seed", "1"),
+    for flag, value in [("--tasks", "add"), ("--preset", "prorl"), ("--model", "elsewhere"),
+                        ("--seed", "1"),
                         ("--eval-problems", "3"), ("--max-new-tokens", "8"), ("--kl-coef", "0")]:
         with pytest.raises(ValueError, match=f"--resume {run_dir}: {flag} cannot "):
             settings.parse_config(["--resume", run_dir, flag, value])
-    assert settings.parse_config(["--resume", run_dir, "--kl-coef", "0.05", "--tasks", "sort,reverse,countdown"]).kl_coef == 0.05
+    assert settings.parse_config(["--resume", run_dir, "--kl-coef", "0.05", "--tasks",
+                                  "sort,reverse,countdown"]).kl_coef == 0.05
     lrs = []
 
     def record(run_dir, step, policy, reference, optimizer, *args, **kwargs):
         lrs.append(optimizer.param_groups[0]["lr"])
 
     monkeypatch.setattr(checkpoint, "save", record)
-    train_run(tmp_path, tiny_model_dir, ["--resume", run_dir, "--steps", "4", "--lr", "5e-3", "--reset-every", "0"])
+    train_run(tmp_path, tiny_model_dir,
+              ["--resume", run_dir, "--steps", "4", "--lr", "5e-3", "--reset-every", "0"])
     assert lrs == [5e-3]
-    metrics = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line)
+               for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     # the saved tracker's reset_every=3 is not used
     assert [m.get("reset") for m in metrics] == [None] * 4
 
 
 def test_open_metrics_keeps_the_lines_up_to_the_checkpoint(tmp_path):
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3)))
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n"
+                                                    for s in (1, 2, 3)))
     with checkpoint.open_metrics(tmp_path, 2) as file:
         file.write(json.dumps({"step": 3, "again": True}) + "\n")
     assert (tmp_path / "metrics.jsonl").read_text().splitlines() == ['{"step": 1}', '{"step": 2}',
@@ -208,7 +225,8 @@ def test_open_metrics_keeps_the_lines_up_to_the_checkpoint(tmp_path):
     with checkpoint.open_metrics(tmp_path, 2):
         pass
     assert (tmp_path / "metrics.jsonl").read_text().splitlines() == ['{"step": 1}', '{"step": 2}']
-    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n[1]\n"text"\n{"no step": 1}\n{"step": 2}\n')
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n[1]\n"text"\n{"no step": 1}\n{"step": '
+                                            '2}\n')
     # lines that are not a step's record are dropped, not fatal
     with checkpoint.open_metrics(tmp_path, 2):
         pass
@@ -220,7 +238,8 @@ def test_open_metrics_keeps_the_lines_up_to_the_checkpoint(tmp_path):
 
 # -------------------------------------------------------------- guards: a NaN loss skips one update
 
-def test_a_nan_loss_skips_that_update_is_logged_and_training_goes_on(tmp_path, tiny_model_dir, monkeypatch):
+def test_a_nan_loss_skips_that_update_is_logged_and_training_goes_on(tmp_path,
+                                                                     tiny_model_dir, monkeypatch):
     # One optimizer step per RL step (one mini-batch, one micro-batch), so loss call k is step k's
     # loss.
     calls, real_policy_loss = [], train.policy_loss
@@ -237,9 +256,11 @@ def test_a_nan_loss_skips_that_update_is_logged_and_training_goes_on(tmp_path, t
 
     monkeypatch.setattr(train, "policy_loss", nan_at_step_2)
     monkeypatch.setattr(checkpoint, "save", record)
-    train_run(tmp_path, tiny_model_dir, ["--run", "nan", "--steps", "3", "--minibatches", "1", "--save-every", "1",
-                                         "--eval-every", "0", "--reset-every", "0"])
-    metrics = [json.loads(line) for line in (tmp_path / "runs" / "nan" / "metrics.jsonl").read_text().splitlines()]
+    train_run(tmp_path, tiny_model_dir,
+              ["--run", "nan", "--steps", "3", "--minibatches", "1", "--save-every", "1",
+               "--eval-every", "0", "--reset-every", "0"])
+    metrics = [json.loads(line)
+               for line in (tmp_path / "runs" / "nan" / "metrics.jsonl").read_text().splitlines()]
     assert calls == [1, 2, 3]
     assert [m["skipped_updates"] for m in metrics] == [0, 1, 0]
     # step 2 changed nothing

@@ -68,8 +68,8 @@ def test_the_docs_name_the_scripts_a_reader_runs():
 
 
 def run_help(argv: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *argv, "--help"], cwd=REPO, capture_output=True, text=True,
-                          timeout=240, check=False)
+    return subprocess.run([sys.executable, *argv, "--help"], cwd=REPO, capture_output=True,
+                          text=True, timeout=240, check=False)
 
 
 @pytest.fixture(scope="module")

@@ -21,17 +21,20 @@ def test_promotion_on_a_hand_worked_sequence():
     0.5 is not a pass."""
     stream = curriculum.EdgeCurriculum("chains", levels=3, threshold=0.5, replay=0.0, window=2)
     assert not stream.observe([at(1)], torch.tensor([[1.0, 0, 0, 0]]))
-    assert stream.level == 1 and stream.stats() == {"curriculum_level": 1, "curriculum_pass_rate": 0.25}
+    assert stream.level == 1 and stream.stats() == {"curriculum_level": 1,
+                                                    "curriculum_pass_rate": 0.25}
     assert not stream.observe([at(1)], [[1.0, 1.0, 0.5, 0]])  # 2 passes of 4: the 0.5 is not one
     assert stream.level == 1 and stream.stats()["curriculum_pass_rate"] == 0.375
     assert stream.observe([at(1)], [[1.0, 1.0, 1.0, 0]])
-    assert stream.level == 2 and stream.stats() == {"curriculum_level": 2, "curriculum_pass_rate": 0.0}
+    assert stream.level == 2 and stream.stats() == {"curriculum_level": 2,
+                                                    "curriculum_pass_rate": 0.0}
 
 
 def test_only_groups_at_the_current_level_count_and_the_top_level_stays():
     """Replayed level-1 groups, and level-2 groups sampled before a mid-batch promotion, are not
     counted."""
-    stream = curriculum.EdgeCurriculum("chains", levels=3, start=2, threshold=0.5, replay=0.0, window=2)
+    stream = curriculum.EdgeCurriculum("chains", levels=3, start=2, threshold=0.5,
+                                       replay=0.0, window=2)
     right, wrong = [1.0, 1.0], [0.0, 0.0]
     stream.observe([at(1), at(1), at(2)], [right, right, wrong])  # window [0]
     assert stream.level == 2 and list(stream.window) == [0.0]
@@ -44,7 +47,8 @@ def test_only_groups_at_the_current_level_count_and_the_top_level_stays():
 
 
 def test_a_threshold_above_one_never_promotes():
-    stream = curriculum.EdgeCurriculum("chains", levels=3, start=2, threshold=1.01, replay=0.0, window=1)
+    stream = curriculum.EdgeCurriculum("chains", levels=3, start=2, threshold=1.01,
+                                       replay=0.0, window=1)
     for _ in range(10):
         stream.observe([at(2)], [[1.0, 1.0]])
     assert stream.level == 2
@@ -65,13 +69,15 @@ def test_replay_draws_easier_levels_uniformly_and_nothing_held_out():
 
 
 def test_state_dict_resumes_the_same_stream_exactly():
-    stream = curriculum.EdgeCurriculum("chains", levels=5, threshold=0.5, replay=0.3, window=3, seed=7)
+    stream = curriculum.EdgeCurriculum("chains", levels=5, threshold=0.5, replay=0.3,
+                                       window=3, seed=7)
     for _ in range(4):
         examples = [stream.sample() for _ in range(4)]
         stream.observe(examples, [[1.0, 0.0]] * 4)
     state = pickle.loads(pickle.dumps(stream.state_dict()))  # as a checkpoint stores it
     expected = [stream.sample()["prompt"] for _ in range(20)]
-    resumed = curriculum.EdgeCurriculum("chains", levels=5, threshold=0.5, replay=0.3, window=3, seed=123)
+    resumed = curriculum.EdgeCurriculum("chains", levels=5, threshold=0.5, replay=0.3,
+                                        window=3, seed=123)
     resumed.load_state_dict(state)
     assert resumed.level == state["level"] > 1 and list(resumed.window) == state["window"]
     assert [resumed.sample()["prompt"] for _ in range(20)] == expected and resumed.drawn == stream.drawn

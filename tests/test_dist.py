@@ -51,7 +51,8 @@ def run_updates(model_dir: str) -> tuple[dict[str, torch.Tensor], dict]:
     prompts = [models.encode_prompt(tokenizer, text) for text in PROMPTS]
     # every rank generates the same global batches from the same weights
     with dist.full_weights(policy):
-        batches = [rollout.generate(policy, prompts, n=3, max_new_tokens=6, seed=s, pad_id=tokenizer.pad_token_id)
+        batches = [rollout.generate(policy, prompts, n=3, max_new_tokens=6, seed=s,
+                                    pad_id=tokenizer.pad_token_id)
                    for s in range(3)]
     optimizer = torch.optim.SGD(policy.parameters(), lr=1.0)
     c = settings.Config(minibatches=1, epochs=2, micro_batch_rows=3, kl_coef=0.1, grad_clip=1.0)
@@ -67,8 +68,8 @@ def run_updates(model_dir: str) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def update_worker(rank: int, world: int, port: int, model_dir: str, out_dir: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.setup("cpu")
     torch.save(run_updates(model_dir), Path(out_dir) / f"rank{rank}.pt")
@@ -78,8 +79,8 @@ def update_worker(rank: int, world: int, port: int, model_dir: str, out_dir: str
 def load_worker(rank: int, world: int, port: int, model_dir: str, out_dir: str) -> None:
     """Save a sharded policy, reference and Adam state, then load them into fresh shards, counting
     the reads of checkpoint.pt: rank 0 reads it, the others are sent their shards."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.setup("cpu")
 
@@ -93,25 +94,30 @@ def load_worker(rank: int, world: int, port: int, model_dir: str, out_dir: str) 
     tracker, stream = reset.ResetTracker(), tasks.TaskMix("sort", seed=rank)
     checkpoint.save(out_dir, 7, policy, reference, optimizer, tracker, stream, base={"sort": 0.5})
     reads, real_load = [], torch.load
-    torch.load = lambda file, *args, **kwargs: (reads.append(file) if str(file).endswith(checkpoint.FILE) else None) \
+    torch.load = lambda file, *args, **kwargs: (reads.append(file)
+                                                if str(file).endswith(checkpoint.FILE) else None) \
         or real_load(file, *args, **kwargs)  # (broadcast_object_list unpickles with torch.load too)
     fresh_policy, fresh_reference, fresh_optimizer = build()
-    saved = checkpoint.load(out_dir, fresh_policy, fresh_reference, fresh_optimizer, reset.ResetTracker(), stream)
+    saved = checkpoint.load(out_dir, fresh_policy, fresh_reference, fresh_optimizer,
+                            reset.ResetTracker(), stream)
     torch.load = real_load
     with dist.full_weights(policy), dist.full_weights(fresh_policy):
-        same = all(torch.equal(p, q) for p, q in zip(policy.parameters(), fresh_policy.parameters(), strict=True))
+        same = all(torch.equal(p, q)
+                   for p, q in zip(policy.parameters(), fresh_policy.parameters(), strict=True))
     moments = [(s["exp_avg"].full_tensor(), fresh_optimizer.state[q]["exp_avg"].full_tensor())
                for (p, s), q in zip(optimizer.state.items(), fresh_optimizer.state, strict=True)]
-    torch.save({"reads": len(reads), "same_weights": same, "step": saved["step"], "base": saved["base"],
-                "same_moments": all(torch.equal(a, b) for a, b in moments)}, Path(out_dir) / f"load{rank}.pt")
+    torch.save({"reads": len(reads), "same_weights": same, "step": saved["step"],
+                "base": saved["base"],
+                "same_moments": all(torch.equal(a, b) for a, b in moments)},
+               Path(out_dir) / f"load{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
 def failure_worker(rank: int, world: int, port: int, model_dir: str, out_dir: str) -> None:
     """A save that fails on rank 0 (a full disk), then a checkpoint.pt that is not one: every rank
     gets the error."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.setup("cpu")
     policy = dist.shard(models.load(model_dir)[0])
@@ -139,7 +145,8 @@ def failure_worker(rank: int, world: int, port: int, model_dir: str, out_dir: st
     torch.distributed.destroy_process_group()
 
 
-def test_a_failed_save_or_an_unreadable_checkpoint_is_an_error_on_every_rank(tmp_path, tiny_model_dir):
+def test_a_failed_save_or_an_unreadable_checkpoint_is_an_error_on_every_rank(tmp_path,
+                                                                             tiny_model_dir):
     mp.spawn(failure_worker, args=(2, free_port(), tiny_model_dir, str(tmp_path)), nprocs=2)
     for rank in range(2):
         save_error, load_error = json.loads((tmp_path / f"errors{rank}.json").read_text())
@@ -151,7 +158,8 @@ def test_only_rank_0_reads_the_checkpoint_the_others_receive_their_shards(tmp_pa
     mp.spawn(load_worker, args=(2, free_port(), tiny_model_dir, str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"load{r}.pt") for r in range(2)]
     assert [r["reads"] for r in ranks] == [1, 0]
-    assert all(r["same_weights"] and r["same_moments"] and r["step"] == 7 and r["base"] == {"sort": 0.5}
+    assert all(r["same_weights"] and r["same_moments"] and r["step"] == 7
+               and r["base"] == {"sort": 0.5}
                for r in ranks)
 
 
@@ -177,21 +185,25 @@ def test_two_ranks_end_with_identical_weights_equal_to_one_process(tmp_path, tin
 
 def torchrun_train(cwd: Path, model_dir: str, argv: list[str]) -> subprocess.CompletedProcess:
     """train.py on two CPU ranks (gloo), with the small settings of these tests."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-port",
                # "--": torchrun's parser would claim --n and --run
                str(free_port()), str(REPO / "train.py"), "--",
                "--model", model_dir, "--prompts-per-step", "4", "--n", "4", "--max-new-tokens", "6",
-               "--dynamic-sampling", "false", "--advantage", "reinforce_pp", "--kl-in-reward", "true",
-               "--length-eta-max", "0.05", "--eval-every", "1", "--eval-problems", "2", "--val-problems", "2",
+               "--dynamic-sampling", "false", "--advantage", "reinforce_pp", "--kl-in-reward",
+               "true",
+               "--length-eta-max", "0.05", "--eval-every", "1", "--eval-problems", "2",
+               "--val-problems", "2",
                "--eval-samples", "1", "--boundary-problems", "1", "--boundary-n", "2", *argv]
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300, check=False,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300,
+                            check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
 def test_train_py_under_torchrun_on_two_cpu_ranks(tmp_path, tiny_model_dir):
-    result = torchrun_train(tmp_path, tiny_model_dir, ["--run", "d", "--steps", "2", "--reset-every", "1"])
+    result = torchrun_train(tmp_path, tiny_model_dir,
+                            ["--run", "d", "--steps", "2", "--reset-every", "1"])
     run_dir = tmp_path / "runs" / "d"
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]  # one line per step: rank 1 wrote nothing
@@ -210,12 +222,15 @@ def test_a_run_on_two_ranks_stopped_and_resumed_is_the_straight_run(tmp_path, ti
     timing = {"gen_s", "ref_s", "update_s", "step_s", "tokens_per_s"}
     runs = {}
     for name, steps in (("straight", ["--steps", "3"]), ("resumed", ["--steps", "2"])):
-        torchrun_train(tmp_path, tiny_model_dir, ["--run", name, "--reset-every", "2", "--minibatches", "2", *steps])
+        torchrun_train(tmp_path, tiny_model_dir,
+                       ["--run", name, "--reset-every", "2", "--minibatches", "2", *steps])
     torchrun_train(tmp_path, tiny_model_dir, ["--resume", "runs/resumed", "--steps", "3"])
     for name in ("straight", "resumed"):
         lines = (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()
-        runs[name] = ([{k: v for k, v in json.loads(line).items() if k not in timing} for line in lines],
+        runs[name] = ([{k: v for k, v in json.loads(line).items() if k not in timing}
+                       for line in lines],
                       models.load(str(tmp_path / "runs" / name / "final"))[0].state_dict())
     assert [m["step"] for m in runs["resumed"][0]] == [1, 2, 3] and runs["resumed"][0] == runs["straight"][0]
     assert [m.get("reset") for m in runs["straight"][0]] == [None, "schedule", None]
-    assert all(torch.equal(runs["resumed"][1][k], runs["straight"][1][k]) for k in runs["straight"][1])
+    assert all(torch.equal(runs["resumed"][1][k], runs["straight"][1][k])
+               for k in runs["straight"][1])

@@ -32,7 +32,8 @@ def scripted_rewards(monkeypatch):
 
 
 def collect(policy, tokenizer, stream: tasks.TaskMix, c: settings.Config):
-    return sampling.sample_groups(policy, tokenizer, stream, c.prompts_per_step, c.n, c.max_new_tokens, c.temperature,
+    return sampling.sample_groups(policy, tokenizer, stream, c.prompts_per_step, c.n,
+                                  c.max_new_tokens, c.temperature,
                               c.top_p, rounds=c.max_sampling_rounds if c.dynamic_sampling else 1,
                               dynamic_sampling=c.dynamic_sampling)
 
@@ -53,8 +54,8 @@ def test_dynamic_sampling_refills_from_fresh_prompts(tiny_model, scripted_reward
     batch, group_rewards, stats = collect(policy, tokenizer, stream, c)
     assert group_rewards.tolist() == [[1, 0, 0, 0], [0, 1, 1, 1]]
     assert stream.drawn == 4  # two rounds of two prompts; the third round was not needed
-    assert stats == pytest.approx({"reward": 8 / 16, "pass_rate": 8 / 16, "kept_frac": 2 / 4, "response_len": 1.0,
-                                   "sampling_rounds": 2})
+    assert stats == pytest.approx({"reward": 8 / 16, "pass_rate": 8 / 16, "kept_frac": 2 / 4,
+                                   "response_len": 1.0, "sampling_rounds": 2})
     # the batch holds exactly the kept groups' rows, in order: B's four samples, then D's
     group_b, group_d = scored_prompts[4], scored_prompts[12]
     assert batch.tokens.shape[0] == 8
@@ -95,4 +96,5 @@ def test_truncated_responses_score_zero_and_the_length_penalty_shapes_the_rest(t
     eta = rewards.length_penalty_coef(1, eta_min=0.1, eta_max=0.3, period=2)
     lengths = batch.mask.sum(dim=1).view_as(scores)
     shaped = rewards.apply_length_penalty(scores, lengths, 3, eta)
-    torch.testing.assert_close(shaped.flatten(), (~batch.truncated).float() - 0.2 * lengths.flatten() / 3)
+    torch.testing.assert_close(shaped.flatten(),
+                               (~batch.truncated).float() - 0.2 * lengths.flatten() / 3)

@@ -85,7 +85,8 @@ def test_ks_up_to():
 
 # ----------------------------------------------------------------------------- the boundary report
 
-EXAMPLES = [{"task": "add", "prompt": "1+1="}, {"task": "add", "prompt": "2+2="}, {"task": "sort", "prompt": "2 1="}]
+EXAMPLES = [{"task": "add", "prompt": "1+1="}, {"task": "add", "prompt": "2+2="},
+            {"task": "sort", "prompt": "2 1="}]
 COUNTS = {"base": [0, 4, 2], "trained": [1, 4, 4]}  # n = 4
 
 
@@ -119,7 +120,8 @@ def test_boundary_table_shows_gains_against_the_first_model():
 
 
 def test_write_boundary_writes_markdown_json_and_png(tmp_path):
-    table = evaluation.write_boundary(tmp_path / "out", COUNTS, EXAMPLES, 4, settings={"temperature": 0.6})
+    table = evaluation.write_boundary(tmp_path / "out", COUNTS, EXAMPLES, 4,
+                                      settings={"temperature": 0.6})
     markdown = (tmp_path / "out" / "boundary.md").read_text()
     assert table in markdown and "add 2, sort 1" in markdown and "temperature 0.6" in markdown
     saved = json.loads((tmp_path / "out" / "boundary.json").read_text())
@@ -134,7 +136,8 @@ def test_write_boundary_writes_markdown_json_and_png(tmp_path):
 # ----------------------------------------------------------------------------- training curves
 
 def write_metrics(run_dir: Path, extra_line: str = "") -> None:
-    records = [{"step": s, "reward": 0.1 * s, "kl": 0.01 * s, "resets": int(s >= 4)} for s in range(1, 7)]
+    records = [{"step": s, "reward": 0.1 * s, "kl": 0.01 * s, "resets": int(s >= 4)}
+               for s in range(1, 7)]
     for record in records:
         if record["step"] in (3, 6):
             record["val_pass1"] = 0.2
@@ -171,7 +174,8 @@ def test_correct_counts_counts_full_rewards_in_chunks(monkeypatch):
     pass."""
     calls = []
 
-    def fake_rollout_and_score(policy, tokenizer, examples, n, max_new_tokens, temperature, top_p, seed, max_rows):
+    def fake_rollout_and_score(policy, tokenizer, examples, n, max_new_tokens, temperature, top_p,
+                               seed, max_rows):
         calls.append((len(examples), seed))
         return None, torch.tensor([[1.0, 0.5, 1.0, 0.0]] * len(examples))  # 2 passes per problem
 
@@ -207,7 +211,8 @@ def test_correct_counts_match_the_closed_form_rate(uniform_model_dir):
     policy, tokenizer = models.load(uniform_model_dir)
     max_new_tokens, n = 3, 64
     examples = [{"task": "add", "prompt": f"{i}+{i}=", "answer": ""} for i in range(32)]
-    counts = evaluation.correct_counts(policy, tokenizer, examples, n, max_new_tokens, temperature=1.0, top_p=1.0)
+    counts = evaluation.correct_counts(policy, tokenizer, examples, n, max_new_tokens,
+                                       temperature=1.0, top_p=1.0)
     vocab = policy.config.vocab_size
     assert vocab == len(tokenizer) and {" ", "<pad>", "<bos>", "<unk>", "<eos>"} <= set(tokenizer.get_vocab())
     p_right = sum((4 / vocab) ** j * (1 / vocab) for j in range(max_new_tokens))
@@ -225,7 +230,8 @@ def test_correct_counts_match_the_closed_form_rate(uniform_model_dir):
 
 def test_cli_same_model_twice_gives_identical_counts(uniform_model_dir, tmp_path, capsys):
     out = tmp_path / "report"
-    evaluation.main(["--model", uniform_model_dir, "--model", uniform_model_dir, "--tasks", "add,sort",
+    evaluation.main(["--model", uniform_model_dir, "--model", uniform_model_dir, "--tasks",
+                     "add,sort",
                      "--problems", "3", "--n", "8", "--max-new-tokens", "4", "--out", str(out)])
     saved = json.loads((out / "boundary.json").read_text())
     assert saved["ks"] == [1, 2, 4, 8] and saved["settings"]["temperature"] == 0.6
@@ -243,15 +249,17 @@ def test_cli_samples_each_model_given(uniform_model_dir, tiny_model_dir, tmp_pat
     settings."""
     # Neither model sorts; call a completion right when its length is even, so counts follow the
     # samples.
-    monkeypatch.setitem(rewards.VERIFIERS, "sort", lambda example, completion: float(len(completion) % 2 == 0))
+    monkeypatch.setitem(rewards.VERIFIERS, "sort",
+                        lambda example, completion: float(len(completion) % 2 == 0))
     out = tmp_path / "report"
-    evaluation.main(["--model", uniform_model_dir, "--model", tiny_model_dir, "--tasks", "sort", "--problems", "4",
-                     "--n", "8", "--max-new-tokens", "12", "--out", str(out)])
+    evaluation.main(["--model", uniform_model_dir, "--model", tiny_model_dir, "--tasks", "sort",
+                     "--problems", "4", "--n", "8", "--max-new-tokens", "12", "--out", str(out)])
     saved = json.loads((out / "boundary.json").read_text())
     examples = tasks.heldout("sort", 4)
     for name, path in (("base", uniform_model_dir), ("trained", tiny_model_dir)):
         policy, tokenizer = models.load(path)
-        assert saved["correct"][name] == evaluation.correct_counts(policy.eval(), tokenizer, examples, 8, 12)
+        assert saved["correct"][name] == evaluation.correct_counts(policy.eval(), tokenizer,
+                                                                   examples, 8, 12)
     assert saved["correct"]["base"] != saved["correct"]["trained"]
 
 
@@ -264,12 +272,13 @@ def test_cli_user_errors(uniform_model_dir, tmp_path):
         evaluation.main(["--plot", str(tmp_path)])
     # From the shell: one line on stderr, no traceback.
     missing = tmp_path / "missing"
-    result = subprocess.run([sys.executable, "evaluation.py", "--model", str(missing)], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120, check=False)
+    result = subprocess.run([sys.executable, "evaluation.py", "--model", str(missing)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 1
     expected = f"error: --model {missing}: no such model directory (expected a config.json inside)"
     assert result.stderr.strip().splitlines() == [expected]
 
 
 def test_gains_are_signed_and_never_minus_zero():
-    assert [evaluation.signed(g) for g in (0.1234, -0.05, -0.0002, 0.0)] == ["+0.123", "-0.050", "+0.000", "+0.000"]
+    assert [evaluation.signed(g) for g in (0.1234, -0.05, -0.0002, 0.0)] == ["+0.123", "-0.050",
+                                                                             "+0.000", "+0.000"]

@@ -20,7 +20,8 @@ def test_passk_advantage_on_hand_worked_groups():
     rewards = torch.tensor([[0.0, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1], [1, 1, 1, 1], [0, 0, 0, 0]])
     adv = grpo.group_advantages(rewards, "passk", k=2)
     s5 = 1 / math.sqrt(5)
-    expected = torch.tensor([[-1 / 3, 1, -1 / 3, -1 / 3], [s5, -s5, s5, -s5], [0.0] * 4, [0.0] * 4, [0.0] * 4])
+    expected = torch.tensor([[-1 / 3, 1, -1 / 3, -1 / 3], [s5, -s5, s5, -s5], [0.0] * 4,
+                             [0.0] * 4, [0.0] * 4])
     torch.testing.assert_close(adv, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -28,8 +29,8 @@ def test_passk_with_k_1_is_grpo_and_every_group_sums_to_zero():
     """k = 1: R̄ = c/N, A₊ = (1 − R̄)/σ and A₋ = −R̄/σ, GRPO's advantages for 0/1 rewards. For any
     k, c·A₊ + N_neg·A₋ = 0, since N_neg·C(N_neg−1, k−1)/C(N−1, k−1) = N·C(N_neg, k)/C(N, k)."""
     rewards = (torch.rand(64, 16, generator=torch.Generator().manual_seed(0)) < 0.3).float()
-    torch.testing.assert_close(grpo.group_advantages(rewards, "passk", k=1), grpo.group_advantages(rewards, "grpo"),
-                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(grpo.group_advantages(rewards, "passk", k=1),
+                               grpo.group_advantages(rewards, "grpo"), atol=1e-4, rtol=1e-4)
     for k in (2, 4, 8, 16):
         assert grpo.group_advantages(rewards, "passk", k=k).sum(dim=1).abs().max() < 1e-4
 

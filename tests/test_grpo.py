@@ -22,7 +22,8 @@ def test_grpo_advantage_by_hand():
     # Group 2: mean 0.25, std sqrt((0.75² + 3·0.25²)/4) = sqrt(3)/4 → A = 0.75/(√3/4) = √3,
     # −0.25/(√3/4) = −1/√3
     rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
-    expected = torch.tensor([[1.0, -1.0, -1.0, 1.0], [math.sqrt(3), -1 / math.sqrt(3), -1 / math.sqrt(3), -1 / math.sqrt(3)]])
+    expected = torch.tensor([[1.0, -1.0, -1.0, 1.0],
+                             [math.sqrt(3), -1 / math.sqrt(3), -1 / math.sqrt(3), -1 / math.sqrt(3)]])
     torch.testing.assert_close(grpo.group_advantages(rewards, "grpo"), expected, atol=1e-5, rtol=0)
 
 
@@ -34,7 +35,8 @@ def test_reinforce_pp_advantage_by_hand():
     rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
     scale = math.sqrt(7 / 32)
     expected = torch.tensor([[0.5, -0.5, -0.5, 0.5], [0.75, -0.25, -0.25, -0.25]]) / scale
-    torch.testing.assert_close(grpo.group_advantages(rewards, "reinforce_pp"), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(grpo.group_advantages(rewards, "reinforce_pp"), expected,
+                               atol=1e-5, rtol=0)
 
 
 def test_reinforce_pp_is_whitened_over_the_batch():
@@ -62,7 +64,8 @@ def test_rloo_equals_the_leave_one_out_definition():
 def test_an_all_equal_group_has_zero_advantage(estimator):
     # All right, all wrong, or all equally penalised: nothing to prefer, whatever the other groups
     # hold.
-    rewards = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0], [0.3, 0.3, 0.3, 0.3], [1.0, 0.0, 1.0, 0.0]])
+    rewards = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0], [0.3, 0.3, 0.3, 0.3],
+                            [1.0, 0.0, 1.0, 0.0]])
     adv = grpo.group_advantages(rewards, estimator)
     torch.testing.assert_close(adv[:3], torch.zeros(3, 4), atol=1e-6, rtol=0)
     assert adv[3].abs().min() > 0.5
@@ -106,8 +109,8 @@ def ratios_case(ratios, adv, clip_low=0.2, clip_high=0.28):
     """policy_loss for one response whose tokens have the given ratios π/π_old, all unmasked."""
     ratio = torch.tensor([ratios])
     old_logp = torch.full_like(ratio, -1.0)
-    return grpo.policy_loss(old_logp + ratio.log(), old_logp, torch.tensor([adv]), torch.ones_like(ratio, dtype=torch.bool),
-                            clip_low, clip_high)
+    return grpo.policy_loss(old_logp + ratio.log(), old_logp, torch.tensor([adv]),
+                            torch.ones_like(ratio, dtype=torch.bool), clip_low, clip_high)
 
 
 def test_policy_loss_positive_advantage_by_hand():
@@ -144,7 +147,8 @@ def test_clipped_tokens_get_no_gradient_and_the_others_get_minus_a_times_ratio()
     ratio = torch.tensor([[1.0, 1.5, 0.5, 1.1]])
     old_logp = torch.zeros_like(ratio)
     logp = ratio.log().requires_grad_()
-    loss, _ = grpo.policy_loss(logp, old_logp, torch.tensor([1.0]), torch.ones_like(ratio, dtype=torch.bool))
+    loss, _ = grpo.policy_loss(logp, old_logp, torch.tensor([1.0]),
+                               torch.ones_like(ratio, dtype=torch.bool))
     loss.backward()
     torch.testing.assert_close(logp.grad, torch.tensor([[-1.0, 0.0, -0.5, -1.1]]) / 4)
 
@@ -169,7 +173,8 @@ def test_per_token_advantages_are_used_token_by_token():
     loss = grpo.policy_loss(logp, old_logp, adv, torch.ones(1, 3, dtype=torch.bool))[0]
     assert loss.item() == pytest.approx(-2 * math.exp(0.1) / 3)
     # [B] advantages are the same as that value on every token of the row
-    by_row = grpo.policy_loss(logp, old_logp, torch.tensor([2.0]), torch.ones(1, 3, dtype=torch.bool))[0]
+    by_row = grpo.policy_loss(logp, old_logp, torch.tensor([2.0]),
+                              torch.ones(1, 3, dtype=torch.bool))[0]
     assert by_row.item() == pytest.approx(-2 * math.exp(0.1))
 
 
@@ -242,7 +247,8 @@ def test_micro_batch_weights_recover_the_mini_batch_aggregate(agg):
                       for rows in torch.arange(7).split(3))
     per_seq_sum, seq_tokens = (per_token * mask).sum(1), mask.sum(1)
     whole = {"token-mean": per_seq_sum.sum() / mask.sum(),
-             "seq-mean-token-mean": (per_seq_sum / seq_tokens.clamp(min=1)).sum() / (seq_tokens > 0).sum(),
+             "seq-mean-token-mean": (per_seq_sum / seq_tokens.clamp(min=1)).sum()
+             / (seq_tokens > 0).sum(),
              "seq-mean-token-sum": per_seq_sum.sum() / (seq_tokens > 0).sum()}[agg]
     assert accumulated.item() == pytest.approx(whole.item(), abs=1e-6)
     assert grpo.aggregate(per_token, mask, agg).item() == pytest.approx(whole.item(), abs=1e-6)

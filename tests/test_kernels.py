@@ -42,7 +42,8 @@ def triton_interpreter(monkeypatch):
     first."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     if not interpreter_usable():
-        pytest.skip("triton.language was imported without TRITON_INTERPRET=1 (run in a fresh process instead)")
+        pytest.skip("triton.language was imported without TRITON_INTERPRET=1 (run in a fresh "
+                    "process instead)")
     import prorl_kernels.logprobs
     import prorl_kernels.policy_loss
 
@@ -81,7 +82,8 @@ def logprobs_and_grad(fn, logits, labels, temperature, grad_out, dtype=None):
 
 
 def reference_logprobs_and_grad(logits, labels, temperature, grad_out):
-    return logprobs_and_grad(token_logprobs_ref, logits, labels, temperature, grad_out, torch.float64)
+    return logprobs_and_grad(token_logprobs_ref, logits, labels, temperature, grad_out,
+                             torch.float64)
 
 
 def assert_close_to_fp64(actual: torch.Tensor, expected: torch.Tensor, tol: float = 1e-5) -> None:
@@ -102,7 +104,8 @@ def test_token_logprobs_matches_reference(vocab_size, rows, dtype):
     grad_out[0] = 0.0  # a masked token: its row's gradient must come out exactly zero
     assert prorl_kernels.backend(logits) == "triton"
 
-    logp, entropy, grad = logprobs_and_grad(prorl_kernels.token_logprobs, logits, labels, 0.7, grad_out)
+    logp, entropy, grad = logprobs_and_grad(prorl_kernels.token_logprobs, logits, labels,
+                                            0.7, grad_out)
     logp_ref, entropy_ref, grad_ref = reference_logprobs_and_grad(logits, labels, 0.7, grad_out)
 
     # the Triton autograd Function ran
@@ -123,8 +126,10 @@ def test_token_logprobs_temperatures(temperature):
     logits = torch.randn(6, 17, generator=torch.Generator().manual_seed(1))
     labels = torch.arange(6)
     grad_out = torch.ones(6)
-    logp, entropy, grad = logprobs_and_grad(prorl_kernels.token_logprobs, logits, labels, temperature, grad_out)
-    logp_ref, entropy_ref, grad_ref = reference_logprobs_and_grad(logits, labels, temperature, grad_out)
+    logp, entropy, grad = logprobs_and_grad(prorl_kernels.token_logprobs, logits, labels,
+                                            temperature, grad_out)
+    logp_ref, entropy_ref, grad_ref = reference_logprobs_and_grad(logits, labels,
+                                                                  temperature, grad_out)
     assert_close_to_fp64(logp, logp_ref)
     assert_close_to_fp64(entropy, entropy_ref)
     assert_grads_close(grad, grad_ref)
@@ -155,8 +160,10 @@ def test_token_logprobs_extreme_logits(vocab_size, dtype):
     temperature = 0.9
     grad_out = torch.ones(6)
 
-    logp, entropy, grad = logprobs_and_grad(prorl_kernels.token_logprobs, logits, labels, temperature, grad_out)
-    logp_ref, entropy_ref, grad_ref = reference_logprobs_and_grad(logits, labels, temperature, grad_out)
+    logp, entropy, grad = logprobs_and_grad(prorl_kernels.token_logprobs, logits, labels,
+                                            temperature, grad_out)
+    logp_ref, entropy_ref, grad_ref = reference_logprobs_and_grad(logits, labels,
+                                                                  temperature, grad_out)
 
     assert torch.isfinite(logp).all() and torch.isfinite(entropy).all() and torch.isfinite(grad).all()
     assert (logp <= 0).all()
@@ -165,8 +172,10 @@ def test_token_logprobs_extreme_logits(vocab_size, dtype):
     assert_grads_close(grad, grad_ref)
     # Hand values: uniform row → logp = −log V, H = log V; one huge margin → logp = 0, H = 0;
     # two tied maxima → logp = −log 2, H = log 2, gradient ±½/T on the pair and 0 elsewhere.
-    torch.testing.assert_close(logp[[0, 1, 3, 4, 5]], torch.tensor([-math.log(vocab_size), 0, 0, -math.log(2), 0]))
-    torch.testing.assert_close(entropy[[0, 1, 3, 4]], torch.tensor([math.log(vocab_size), 0, 0, math.log(2)]))
+    torch.testing.assert_close(logp[[0, 1, 3, 4, 5]],
+                               torch.tensor([-math.log(vocab_size), 0, 0, -math.log(2), 0]))
+    torch.testing.assert_close(entropy[[0, 1, 3, 4]],
+                               torch.tensor([math.log(vocab_size), 0, 0, math.log(2)]))
     expected_row4 = torch.zeros(vocab_size)
     expected_row4[7], expected_row4[8] = 0.5 / temperature, -0.5 / temperature
     assert_grads_close(grad[4], expected_row4.double())
@@ -182,7 +191,8 @@ def test_token_logprobs_leading_shapes_and_slices():
     sliced = full[:, :-1]  # what train.py passes: not contiguous, but each row is
     assert not sliced.is_contiguous()
     assert prorl_kernels.logprobs.as_rows(sliced)[-1] is False  # read in place, no copy
-    logp, entropy, grad = logprobs_and_grad(prorl_kernels.token_logprobs, sliced, labels, 1.0, grad_out)
+    logp, entropy, grad = logprobs_and_grad(prorl_kernels.token_logprobs, sliced, labels,
+                                            1.0, grad_out)
     logp_ref, entropy_ref, grad_ref = reference_logprobs_and_grad(sliced, labels, 1.0, grad_out)
     assert logp.shape == (2, 5) and entropy.shape == (2, 5) and grad.shape == (2, 5, 50257)
     assert_close_to_fp64(logp, logp_ref)
@@ -192,7 +202,8 @@ def test_token_logprobs_leading_shapes_and_slices():
     # A 1-D row and a row-major-free layout (V not the fastest dim): the latter is copied once and
     # that copy becomes the gradient buffer.
     row = torch.randn(17, generator=gen)
-    torch.testing.assert_close(prorl_kernels.token_logprobs(row, torch.tensor(4)), token_logprobs_ref(row, torch.tensor(4)))
+    torch.testing.assert_close(prorl_kernels.token_logprobs(row, torch.tensor(4)),
+                               token_logprobs_ref(row, torch.tensor(4)))
     transposed = torch.randn(17, 8, generator=gen).t().requires_grad_()  # [8, 17], stride (1, 8)
     assert prorl_kernels.logprobs.as_rows(transposed)[-1] is True
     logp = prorl_kernels.token_logprobs(transposed, torch.arange(8))
@@ -241,7 +252,8 @@ def loss_taking_arguments(fn):
     """fn(logits, labels, grpo.LossTerms, grpo.LossSpec) called with the tensors and the spec's
     fields as arguments, as the tests below write them."""
     def call(logits, labels, old_logp, ref_logp, adv, mask, weights, **spec):
-        return fn(logits, labels, grpo.LossTerms(old_logp, ref_logp, adv, mask, weights), grpo.LossSpec(**spec))
+        return fn(logits, labels, grpo.LossTerms(old_logp, ref_logp, adv, mask, weights),
+                  grpo.LossSpec(**spec))
     return call
 
 
@@ -265,12 +277,14 @@ def loss_and_grad(fn, full, *args, dtype=None, **kwargs):
     return loss, stats, full.grad
 
 
-def assert_policy_loss_matches(full, labels, old_logp, ref_logp, adv, mask, agg="token-mean", **kwargs):
+def assert_policy_loss_matches(full, labels, old_logp, ref_logp, adv, mask,
+                               agg="token-mean", **kwargs):
     """The fused kernel against `policy_loss_ref` run in fp64 on the same values."""
     args = (labels, old_logp, ref_logp, adv, mask, weights_of(mask, agg))
     assert prorl_kernels.backend(full) == "triton"
     loss, stats, grad = loss_and_grad(fused_loss, full, *args, **kwargs)
-    loss_ref, stats_ref, grad_ref = loss_and_grad(ref_loss, full, *args, dtype=torch.float64, **kwargs)
+    loss_ref, stats_ref, grad_ref = loss_and_grad(ref_loss, full, *args,
+                                                  dtype=torch.float64, **kwargs)
     assert loss.dtype == torch.float32 and grad.dtype == full.dtype
     assert_close_to_fp64(loss, loss_ref)
     expected = {"clipfrac", "entropy", "ratio_mean", "approx_kl"} | ({"kl"} if ref_logp is not None else set())
@@ -289,7 +303,8 @@ def assert_policy_loss_matches(full, labels, old_logp, ref_logp, adv, mask, agg=
 @pytest.mark.parametrize("kl_kind", ["k1", "k2", "k3"])
 def test_policy_loss_matches_reference_small_vocab(kl_kind, agg, dtype):
     batch = policy_batch(4, 12, 17, dtype, seed=5, adv_per_token=kl_kind == "k2")
-    stats = assert_policy_loss_matches(*batch, kl_kind=kl_kind, kl_coef=0.05, temperature=0.8, agg=agg)
+    stats = assert_policy_loss_matches(*batch, kl_kind=kl_kind, kl_coef=0.05,
+                                       temperature=0.8, agg=agg)
     assert 0 < stats["clipfrac"] < 1  # both branches of the clipped surrogate were exercised
 
 
@@ -298,7 +313,8 @@ def test_policy_loss_matches_reference_small_vocab(kl_kind, agg, dtype):
 @pytest.mark.parametrize("vocab_size,batch,seq_len", [(32000, 2, 2), (50257, 1, 3), (151936, 1, 2)])
 def test_policy_loss_matches_reference_large_vocab(vocab_size, batch, seq_len, dtype):
     data = policy_batch(batch, seq_len, vocab_size, dtype, seed=vocab_size)
-    assert_policy_loss_matches(*data, kl_kind="k3", kl_coef=0.1, temperature=0.8, agg="seq-mean-token-mean")
+    assert_policy_loss_matches(*data, kl_kind="k3", kl_coef=0.1, temperature=0.8,
+                               agg="seq-mean-token-mean")
 
 
 @pytest.mark.usefixtures("triton_interpreter")
@@ -307,7 +323,8 @@ def test_policy_loss_on_policy_and_without_reference_matches_reference(agg):
     """train.update's two shortcuts: old_logp None (one update per batch: ρ = 1 with logp's
     gradient) and ref_logp None (no reference model: no KL, none logged)."""
     full, labels, _, ref_logp, adv, mask = policy_batch(4, 10, 17, torch.float32, seed=11)
-    assert_policy_loss_matches(full, labels, None, ref_logp, adv, mask, agg, kl_kind="k2", kl_coef=0.1)
+    assert_policy_loss_matches(full, labels, None, ref_logp, adv, mask, agg,
+                               kl_kind="k2", kl_coef=0.1)
     stats = assert_policy_loss_matches(full, labels, None, None, adv, mask, agg, kl_coef=0.1)
     assert stats["clipfrac"] == 0 and stats["ratio_mean"] == pytest.approx(1.0)
     # on-policy is the same loss as passing the log-probs themselves as old_logp
@@ -365,12 +382,13 @@ def test_policy_loss_kl_hand_values(kl_kind, expected_kl, use_triton):
     logp = torch.full((1, 1), -math.log(2))
     ones = torch.ones(1, 1)
     loss, stats = fused_loss(
-        logits, torch.zeros(1, 1, dtype=torch.long), logp, logp - 1, 0 * ones, ones.bool(), weights_of(ones.bool()),
-        kl_kind=kl_kind, kl_coef=0.1)
+        logits, torch.zeros(1, 1, dtype=torch.long), logp, logp - 1, 0 * ones, ones.bool(),
+        weights_of(ones.bool()), kl_kind=kl_kind, kl_coef=0.1)
     loss.backward()
     torch.testing.assert_close(loss, torch.tensor(0.1 * expected_kl))
     torch.testing.assert_close(stats["kl"], torch.tensor(expected_kl))
-    torch.testing.assert_close(kl_estimate_ref(logp, logp - 1, kl_kind), torch.full((1, 1), expected_kl))
+    torch.testing.assert_close(kl_estimate_ref(logp, logp - 1, kl_kind),
+                               torch.full((1, 1), expected_kl))
     # d kl/d logp at log-ratio 1: k1 → 1, k2 → 1, k3 → 1 − e^(−1); times d logp/d logits = ±½.
     dkl = {"k1": 1.0, "k2": 1.0, "k3": 1 - math.exp(-1)}[kl_kind]
     torch.testing.assert_close(logits.grad, 0.1 * dkl * torch.tensor([[[0.5, -0.5]]]))
@@ -403,7 +421,8 @@ def test_policy_loss_ignores_masked_tokens(use_triton):
 def test_aggregation_hand_values():
     per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0], [7.0, 7.0, 7.0]])
     mask = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0]]).bool()  # the last sequence is empty
-    expected = {"token-mean": 10 / 4, "seq-mean-token-mean": (2 + 4) / 2, "seq-mean-token-sum": (6 + 4) / 2}
+    expected = {"token-mean": 10 / 4, "seq-mean-token-mean": (2 + 4) / 2,
+                "seq-mean-token-sum": (6 + 4) / 2}
     for agg, value in expected.items():
         torch.testing.assert_close(grpo.aggregate(per_token, mask, agg), torch.tensor(value))
         torch.testing.assert_close((weights_of(mask, agg) * per_token).sum(), torch.tensor(value))
@@ -526,7 +545,8 @@ def test_cuda_kernels_compile_for_h100():
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
     command = [sys.executable, "-c", COMPILE_FOR_H100]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=False, timeout=300)
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                            check=False, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -540,6 +560,7 @@ def test_triton_tests_in_a_fresh_process():
     # addopts reset: a known summary
     options = ["-o", "addopts=", "-q", "-p", "no:cacheprovider", "-k", skip_here]
     command = [sys.executable, "-m", "pytest", __file__, *options]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=False, timeout=900)
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                            check=False, timeout=900)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]

@@ -22,7 +22,8 @@ def test_tokenizer_is_character_level_and_round_trips():
 def test_supervised_batch_puts_loss_on_the_answer_only():
     tokenizer = models.build_tokenizer()
     input_ids, labels = models.supervised_batch(tokenizer, [{"prompt": "1+2=", "solution": "3"},
-                                                               {"prompt": "10+20=", "solution": "30"}])
+                                                               {"prompt": "10+20=",
+                                                                "solution": "30"}])
     vocab = tokenizer.get_vocab()
     # row 0: <bos> 1 + 2 = 3 <eos>, right-padded to row 1's 10 tokens; only "3" and <eos> are
     # predicted
@@ -64,7 +65,8 @@ def test_warm_start_lowers_the_loss_on_held_out_problems():
             return policy(input_ids=input_ids, labels=labels).loss.item()
 
     before = loss()
-    models.warm_start(policy, tokenizer, task_mix="add,sort,countdown", level=1, steps=40, batch_size=32,
+    models.warm_start(policy, tokenizer, task_mix="add,sort,countdown", level=1, steps=40,
+                      batch_size=32,
                          lr=3e-3, seed=0)
     assert loss() < 0.75 * before
 
@@ -105,7 +107,8 @@ def test_stop_ids_include_the_generation_configs_end_of_turn_and_a_model_without
     tokenizer.eos_token = None
     tokenizer.pad_token = None
     tokenizer.save_pretrained(tmp_path / "no-eos")
-    with pytest.raises(ValueError, match="no-eos: its tokenizer and configs name no end-of-sequence token"):
+    with pytest.raises(ValueError,
+                       match="no-eos: its tokenizer and configs name no end-of-sequence token"):
         models.load(str(tmp_path / "no-eos"))
 
 

@@ -41,7 +41,8 @@ def test_stalled_validation_resets_after_patience_evaluations_without_a_gain():
 
 def test_kl_threshold_resets_on_a_spike_only():
     tracker = reset.ResetTracker(kl_threshold=0.1)
-    assert [tracker.should_reset(kl=value) for value in (0.05, 0.1, 0.11, 0.02)] == [None, None, "kl", None]
+    assert [tracker.should_reset(kl=value) for value in (0.05, 0.1, 0.11, 0.02)] == [None,
+                                                                                     None, "kl", None]
 
 
 def test_all_triggers_off_never_reset():
@@ -80,7 +81,8 @@ def full_logits(model, batch) -> torch.Tensor:
 def kl_on_a_rollout(policy, reference, tokenizer, kind: str) -> torch.Tensor:
     """Per-token KL(π ‖ π_ref) on the completion tokens of a small rollout of the policy."""
     prompts = [models.encode_prompt(tokenizer, text) for text in ("12+34=", "5 3 9 1 7=")]
-    batch = rollout.generate(policy, prompts, n=3, max_new_tokens=6, seed=0, pad_id=tokenizer.pad_token_id)
+    batch = rollout.generate(policy, prompts, n=3, max_new_tokens=6, seed=0,
+                             pad_id=tokenizer.pad_token_id)
     with torch.no_grad():
         logp = token_logprobs_ref(full_logits(policy, batch), batch.tokens[:, 1:])
         ref_logp = token_logprobs_ref(full_logits(reference, batch), batch.tokens[:, 1:])

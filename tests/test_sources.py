@@ -205,7 +205,8 @@ def test_the_benchmark_like_files_read_as_published_and_their_answers_score():
     """data/benchmarks/: an AIME-like file in AIME 2024's fields (ID, Problem, Solution, Answer) and
     a MATH-500-like one in MATH-500's; README's table evaluates the two together."""
     labelled = tasks.label_sources({f"data/benchmarks/{name}.jsonl": tasks.load_source(
-        str(tasks.DATA_DIR / "benchmarks" / f"{name}.jsonl")) for name in ("aime_like", "math500_like")})
+        str(tasks.DATA_DIR / "benchmarks" / f"{name}.jsonl"))
+                                    for name in ("aime_like", "math500_like")})
     assert [ex["source"] for ex in labelled] == ["aime_like"] * 12 + ["math500_like"] * 12
     for example in labelled:
         assert example["task"] == "math" and example["prompt"].endswith("\\boxed{}.")

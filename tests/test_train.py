@@ -89,13 +89,16 @@ def test_bad_config_is_one_line(capsys, argv, message):
 def test_device_cuda_without_one_is_one_line(capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA device")
-    assert "--device cuda: this machine has no CUDA device" in config_error(capsys, ["--device", "cuda"])
+    assert "--device cuda: this machine has no CUDA device" in config_error(capsys,
+                                                                            ["--device", "cuda"])
 
 
 def test_a_new_run_never_overwrites_an_earlier_one(tmp_path, monkeypatch, capsys, tiny_model_dir):
     monkeypatch.chdir(tmp_path)
-    fast = ["--model", tiny_model_dir, "--steps", "1", "--prompts-per-step", "2", "--n", "2", "--max-new-tokens", "4",
-            "--eval-problems", "1", "--val-problems", "1", "--eval-samples", "1", "--boundary-problems", "0"]
+    fast = ["--model", tiny_model_dir, "--steps", "1", "--prompts-per-step", "2", "--n", "2",
+            "--max-new-tokens", "4",
+            "--eval-problems", "1", "--val-problems", "1", "--eval-samples", "1",
+            "--boundary-problems", "0"]
     train.main(fast)  # the default name: runs/tiny-s0
     first = (tmp_path / "runs" / "tiny-s0" / "checkpoint.pt").read_bytes()
     train.main(fast)  # again: a run of its own beside the first
@@ -133,19 +136,26 @@ def test_flags_override_the_preset():
 # differently, so the update runs. (prorl-v2 has a length penalty of its own.)
 PRESET_RUNS = {
     "prorl": (["--n", "4", "--length-eta-max", "0.05", "--dynamic-sampling", "false"],
-              {"advantage": "grpo", "clip_low": 0.2, "clip_high": 0.4, "temperature": 1.2, "kl_kind": "k3",
+              {"advantage": "grpo", "clip_low": 0.2, "clip_high": 0.4, "temperature": 1.2,
+               "kl_kind": "k3",
                "kl_coef": 1e-4, "reset_patience": 3, "reset_optimizer": True, "minibatches": 4}),
     "prorl-v2": (["--n", "4", "--dynamic-sampling", "false"],
-                 {"advantage": "reinforce_pp", "clip_high": 0.28, "kl_kind": "k2", "reset_every": 300,
-                  "reset_optimizer": False, "length_eta_max": 0.1, "length_period": 200, "length_off_steps": 100}),
+                 {"advantage": "reinforce_pp", "clip_high": 0.28, "kl_kind": "k2",
+                  "reset_every": 300,
+                  "reset_optimizer": False, "length_eta_max": 0.1, "length_period": 200,
+                  "length_off_steps": 100}),
     "brorl": (["--n", "16", "--length-eta-max", "0.05", "--dynamic-sampling", "false"],
-              {"advantage": "reinforce_pp", "n": 16, "lr_scale_from_batch": 256 * 16, "kl_kind": "k2"}),
+              {"advantage": "reinforce_pp", "n": 16, "lr_scale_from_batch": 256 * 16,
+               "kl_kind": "k2"}),
 }
-STEP_KEYS = {"step", "reward", "pass_rate", "kept_frac", "response_len", "clipfrac", "approx_kl", "ratio_mean",
-             "kl", "entropy", "val_pass1", "resets", "gen_s", "ref_s", "update_s", "step_s", "tokens_per_s"}
+STEP_KEYS = {"step", "reward", "pass_rate", "kept_frac", "response_len", "clipfrac", "approx_kl",
+             "ratio_mean",
+             "kl", "entropy", "val_pass1", "resets", "gen_s", "ref_s", "update_s", "step_s",
+             "tokens_per_s"}
 
 
-def run_train(tmp_path, monkeypatch, model_dir: str, argv: list[str]) -> tuple[dict, list[dict], list[float]]:
+def run_train(tmp_path, monkeypatch, model_dir: str, argv: list[str]) -> tuple[dict,
+                                                                               list[dict], list[float]]:
     """train.main in tmp_path → (config.json, metrics.jsonl records, the learning rate AdamW was
     built with)."""
     monkeypatch.chdir(tmp_path)
@@ -157,8 +167,10 @@ def run_train(tmp_path, monkeypatch, model_dir: str, argv: list[str]) -> tuple[d
             super().__init__(params, lr=lr, **kwargs)
 
     monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
-    train.main(["--model", model_dir, "--run", "e2e", "--max-new-tokens", "8", "--eval-problems", "5",
-                "--val-problems", "5", "--eval-samples", "2", "--boundary-problems", "2", "--boundary-n", "4"] + argv)
+    train.main(["--model", model_dir, "--run", "e2e", "--max-new-tokens", "8", "--eval-problems",
+                "5",
+                "--val-problems", "5", "--eval-samples", "2", "--boundary-problems", "2",
+                "--boundary-n", "4"] + argv)
     run_dir = tmp_path / "runs" / "e2e"
     config = json.loads((run_dir / "config.json").read_text())
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -195,7 +207,8 @@ def test_scheduled_reset_makes_the_next_steps_kl_exactly_zero(tmp_path, monkeypa
     # = π_ref (0), step 2 after one update (> 0), reset after step 2, step 3 back at π = π_ref
     # (exactly 0).
     _, metrics, _ = run_train(tmp_path, monkeypatch, tiny_model_dir,
-                              ["--steps", "3", "--prompts-per-step", "8", "--n", "4", "--eval-every", "0", "--minibatches", "1",
+                              ["--steps", "3", "--prompts-per-step", "8", "--n", "4",
+                               "--eval-every", "0", "--minibatches", "1",
                                "--lr", "1e-2", "--reset-every", "2", "--length-eta-max", "0.1",
                                "--dynamic-sampling", "false"])
     assert metrics[0]["kl"] == 0.0 and metrics[1]["kl"] > 0 and metrics[2]["kl"] == 0.0
@@ -233,11 +246,14 @@ def capture_shaped_rewards(monkeypatch) -> list[dict]:
     return steps
 
 
-def test_the_loop_shapes_rewards_with_the_length_penalty_of_its_step(tmp_path, monkeypatch, tiny_model_dir):
+def test_the_loop_shapes_rewards_with_the_length_penalty_of_its_step(tmp_path, monkeypatch,
+                                                                     tiny_model_dir):
     steps = capture_shaped_rewards(monkeypatch)
     run_train(tmp_path, monkeypatch, tiny_model_dir,
-              ["--steps", "2", "--prompts-per-step", "4", "--n", "4", "--eval-every", "0", "--dynamic-sampling", "false",
-               "--length-eta-max", "0.3", "--length-eta-min", "0.1", "--length-period", "2", "--kl-coef", "0"])
+              ["--steps", "2", "--prompts-per-step", "4", "--n", "4", "--eval-every", "0",
+               "--dynamic-sampling", "false",
+               "--length-eta-max", "0.3", "--length-eta-min", "0.1", "--length-period", "2",
+               "--kl-coef", "0"])
     # η(step 1) = η_max = 0.3; η(step 2) = 0.1 + ½·0.2·(1 + cos(π/2)) = 0.2; shaped = score −
     # η·len/max_new_tokens
     for step, eta in zip(steps, (0.3, 0.2), strict=True):
@@ -245,12 +261,14 @@ def test_the_loop_shapes_rewards_with_the_length_penalty_of_its_step(tmp_path, m
         torch.testing.assert_close(step["shaped"], step["scores"] - eta * lengths / 8)
 
 
-def test_kl_in_reward_subtracts_beta_times_the_summed_kl_of_each_response(tmp_path, monkeypatch, tiny_model_dir):
+def test_kl_in_reward_subtracts_beta_times_the_summed_kl_of_each_response(tmp_path, monkeypatch,
+                                                                          tiny_model_dir):
     steps = capture_shaped_rewards(monkeypatch)
     run_train(tmp_path, monkeypatch, tiny_model_dir,
-              ["--steps", "2", "--prompts-per-step", "4", "--n", "4", "--eval-every", "0", "--dynamic-sampling", "false",
-               "--length-eta-max", "0.05", "--kl-in-reward", "true", "--kl-coef", "0.5", "--kl-kind", "k3",
-               "--minibatches", "1", "--lr", "5e-2"])
+              ["--steps", "2", "--prompts-per-step", "4", "--n", "4", "--eval-every", "0",
+               "--dynamic-sampling", "false",
+               "--length-eta-max", "0.05", "--kl-in-reward", "true", "--kl-coef", "0.5",
+               "--kl-kind", "k3", "--minibatches", "1", "--lr", "5e-2"])
     step = steps[1]  # after one update π ≠ π_ref, so the KL is not 0
     # the sampler's log-probs stand for π
     log_ratio = step["ref_logp"] - step["batch"].logprobs[:, 1:]
@@ -264,21 +282,23 @@ def test_kl_in_reward_subtracts_beta_times_the_summed_kl_of_each_response(tmp_pa
 
 def test_a_kl_spike_resets_the_reference(tmp_path, monkeypatch, tiny_model_dir):
     _, metrics, _ = run_train(tmp_path, monkeypatch, tiny_model_dir,
-                              ["--steps", "3", "--prompts-per-step", "4", "--n", "4", "--eval-every", "0",
-                               "--dynamic-sampling", "false", "--length-eta-max", "0.1", "--minibatches", "1",
-                               "--lr", "5e-2", "--reset-kl", "1e-9"])
+                              ["--steps", "3", "--prompts-per-step", "4", "--n", "4",
+                               "--eval-every", "0",
+                               "--dynamic-sampling", "false", "--length-eta-max", "0.1",
+                               "--minibatches", "1", "--lr", "5e-2", "--reset-kl", "1e-9"])
     assert metrics[0]["kl"] == 0.0 and metrics[0].get("reset") is None  # π = π_ref at step 1
     assert metrics[1]["kl"] > 1e-9 and metrics[1]["reset"] == "kl"
     assert metrics[2]["kl"] == 0.0  # measured right after the reset, before step 3's update
 
 
-def test_stalled_validation_resets_right_after_the_evaluation_that_shows_it(tmp_path, monkeypatch, tiny_model_dir):
+def test_stalled_validation_resets_right_after_the_evaluation_that_shows_it(tmp_path, monkeypatch,
+                                                                            tiny_model_dir):
     # The random model scores 0 on every validation: step 1 sets the best (0), step 2 does not beat
     # it, which with patience 1 is a stall, so π_ref is reset at the end of step 2, not one step
     # later.
     _, metrics, _ = run_train(tmp_path, monkeypatch, tiny_model_dir,
-                              ["--steps", "2", "--prompts-per-step", "2", "--n", "2", "--eval-every", "1",
-                               "--reset-patience", "1"])
+                              ["--steps", "2", "--prompts-per-step", "2", "--n", "2",
+                               "--eval-every", "1", "--reset-patience", "1"])
     assert [m["val_pass1"] for m in metrics] == [0.0, 0.0]
     assert [m.get("reset") for m in metrics] == [None, "stalled"]
 
@@ -289,12 +309,14 @@ def test_log_to_an_uninstalled_package_is_one_line(capsys, monkeypatch):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
-    assert config_error(capsys, ["--log", "wandb"]) == ("--log wandb needs the wandb package, which is not "
+    assert config_error(capsys, ["--log", "wandb"]) == ("--log wandb needs the wandb package, "
+                                                        "which is not "
                                                         "installed: pip install wandb")
     assert "--log must be tensorboard or wandb" in config_error(capsys, ["--log", "mlflow"])
 
 
-def test_log_tensorboard_gets_every_numeric_metric_of_every_step(tmp_path, monkeypatch, tiny_model_dir):
+def test_log_tensorboard_gets_every_numeric_metric_of_every_step(tmp_path, monkeypatch,
+                                                                 tiny_model_dir):
     """TensorBoard receives the numbers metrics.jsonl holds, step by step (a stand-in SummaryWriter
     records them, so the test needs no tensorboard install)."""
     scalars = []
@@ -311,10 +333,13 @@ def test_log_tensorboard_gets_every_numeric_metric_of_every_step(tmp_path, monke
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: object() if name == "tensorboard" else real_find_spec(name, *a))
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=RecordingWriter))
-    _, metrics, _ = run_train(tmp_path, monkeypatch, tiny_model_dir, ["--steps", "2", "--prompts-per-step", "4",
-                                                                      "--n", "4", "--log", "tensorboard"])
+                        lambda name, *a: object() if name == "tensorboard"
+                        else real_find_spec(name, *a))
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard",
+                        types.SimpleNamespace(SummaryWriter=RecordingWriter))
+    _, metrics, _ = run_train(tmp_path, monkeypatch, tiny_model_dir,
+                              ["--steps", "2", "--prompts-per-step", "4",
+                               "--n", "4", "--log", "tensorboard"])
     expected = [(m["step"], k, v) for m in metrics for k, v in m.items()
                 if k != "step" and isinstance(v, (int, float))]
     assert scalars == expected and {step for step, _, _ in scalars} == {1, 2}
@@ -339,7 +364,8 @@ def test_curriculum_passk_and_unlikeliness_run_in_the_loop(tmp_path, monkeypatch
     monkeypatch.setattr(curriculum.EdgeCurriculum, "observe", observing)
     monkeypatch.setattr(grpo, "group_advantages", recording)
     _, metrics, _ = run_train(tmp_path, monkeypatch, tiny_model_dir, [
-        "--tasks", "chains", "--level", "2", "--curriculum", "true", "--steps", "2", "--prompts-per-step", "4",
+        "--tasks", "chains", "--level", "2", "--curriculum", "true", "--steps", "2",
+        "--prompts-per-step", "4",
         "--n", "4", "--dynamic-sampling", "false", "--advantage", "passk", "--passk-k", "2"])
     assert observed == [(4, (4, 4)), (4, (4, 4))]  # every group of each step
     # a random model never reaches the threshold
@@ -353,7 +379,8 @@ def test_curriculum_passk_and_unlikeliness_run_in_the_loop(tmp_path, monkeypatch
     assert settings.parse_config(["--tasks", "chains", "--level", "5"]).level == 5
 
 
-def test_unlikeliness_ranks_each_group_by_the_sampler_logprobs(tmp_path, monkeypatch, tiny_model_dir):
+def test_unlikeliness_ranks_each_group_by_the_sampler_logprobs(tmp_path, monkeypatch,
+                                                               tiny_model_dir):
     calls = []
     real = grpo.unlikeliness_rewards
 
@@ -362,6 +389,7 @@ def test_unlikeliness_ranks_each_group_by_the_sampler_logprobs(tmp_path, monkeyp
         return real(rewards, seq_logp, beta)
 
     monkeypatch.setattr(grpo, "unlikeliness_rewards", recording)
-    run_train(tmp_path, monkeypatch, tiny_model_dir, ["--steps", "1", "--prompts-per-step", "4", "--n", "4",
-                                                      "--dynamic-sampling", "false", "--unlikeliness", "0.25"])
+    run_train(tmp_path, monkeypatch, tiny_model_dir,
+              ["--steps", "1", "--prompts-per-step", "4", "--n", "4",
+               "--dynamic-sampling", "false", "--unlikeliness", "0.25"])
     assert calls == [((4, 4), (4, 4), 0.25, True)]

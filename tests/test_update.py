@@ -21,8 +21,10 @@ from prorl_kernels.reference import token_logprobs_ref
 @pytest.fixture
 def rollout_batch(tiny_model):
     policy, tokenizer = tiny_model
-    prompts = [models.encode_prompt(tokenizer, text) for text in ("12+34=", "5 3 9 1 7=", "3 7 9>30:", "8+8=")]
-    batch = rollout.generate(policy, prompts, n=4, max_new_tokens=6, seed=0, pad_id=tokenizer.pad_token_id)
+    prompts = [models.encode_prompt(tokenizer, text)
+               for text in ("12+34=", "5 3 9 1 7=", "3 7 9>30:", "8+8=")]
+    batch = rollout.generate(policy, prompts, n=4, max_new_tokens=6, seed=0,
+                             pad_id=tokenizer.pad_token_id)
     adv = grpo.group_advantages(torch.rand(4, 4, generator=torch.Generator().manual_seed(0))).flatten()
     return batch, adv
 
@@ -34,7 +36,8 @@ def test_update_has_zero_kl_to_an_identical_reference(tiny_model, tiny_model_dir
     before = [p.clone() for p in policy.parameters()]
     c = settings.Config(minibatches=1, epochs=1, kl_coef=1e-3)
     ref_logp = train.batch_logprobs(reference, batch, c)
-    stats = train.update(policy, torch.optim.AdamW(policy.parameters(), lr=1e-3), batch, adv, ref_logp, c)
+    stats = train.update(policy, torch.optim.AdamW(policy.parameters(), lr=1e-3), batch,
+                         adv, ref_logp, c)
     assert stats["kl"] == 0.0 and stats["entropy"] > 0
     assert any(not torch.equal(p, q) for p, q in zip(before, policy.parameters()))
 
@@ -46,11 +49,13 @@ def test_update_steps_down_the_gradient_of_the_loss_written_out_by_hand(tiny_mod
     whole batch."""
     policy, tokenizer = models.load(tiny_model_dir)
     reference = models.build_tiny_model(tokenizer, seed=1).eval()
-    prompts = [models.encode_prompt(tokenizer, text) for text in ("12+34=", "5 3 9 1 7=", "3 7 9>30:", "8+8=")]
+    prompts = [models.encode_prompt(tokenizer, text)
+               for text in ("12+34=", "5 3 9 1 7=", "3 7 9>30:", "8+8=")]
     batch = rollout.generate(policy, prompts, n=4, max_new_tokens=6, temperature=1.3, seed=0,
                              pad_id=tokenizer.pad_token_id)
     adv = torch.randn(16, generator=torch.Generator().manual_seed(0))
-    c = settings.Config(micro_batch_rows=3, loss_agg=agg, kl_coef=0.1, kl_kind="k3", grad_clip=1e9, minibatches=1,
+    c = settings.Config(micro_batch_rows=3, loss_agg=agg, kl_coef=0.1, kl_kind="k3", grad_clip=1e9,
+                        minibatches=1,
                      temperature=1.3)
     ref_logp = train.batch_logprobs(reference, batch, c)
     before = [p.clone() for p in policy.parameters()]
@@ -68,7 +73,8 @@ def test_update_steps_down_the_gradient_of_the_loss_written_out_by_hand(tiny_mod
     mask = batch.mask[:, 1:].float()
     seq_sum, seq_tokens = (per_token * mask).sum(1), mask.sum(1)
     loss = {"token-mean": seq_sum.sum() / mask.sum(),
-            "seq-mean-token-mean": (seq_sum / seq_tokens.clamp(min=1)).sum() / (seq_tokens > 0).sum(),
+            "seq-mean-token-mean": (seq_sum / seq_tokens.clamp(min=1)).sum()
+            / (seq_tokens > 0).sum(),
             "seq-mean-token-sum": seq_sum.sum() / (seq_tokens > 0).sum()}[agg]
     loss.backward()
     gradient = torch.cat([p.grad.flatten() for p in fresh.parameters()])
@@ -80,14 +86,16 @@ def test_minibatches_and_epochs_take_one_optimizer_step_each(tiny_model, rollout
     policy, _ = tiny_model
     batch, adv = rollout_batch
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
-    stats = train.update(policy, optimizer, batch, adv, None, settings.Config(minibatches=2, epochs=3, kl_coef=0.0))
+    stats = train.update(policy, optimizer, batch, adv, None,
+                         settings.Config(minibatches=2, epochs=3, kl_coef=0.0))
     assert optimizer.state[next(policy.parameters())]["step"].item() == 6
     # after the first optimizer step the policy is no longer the one that produced old_logp
     assert stats["ratio_mean"] != 1.0 and stats["approx_kl"] > 0
     assert "kl" not in stats  # β = 0: no reference, no KL
 
 
-def test_minibatches_are_near_equal_and_a_batch_with_no_tokens_takes_no_step(tiny_model, rollout_batch):
+def test_minibatches_are_near_equal_and_a_batch_with_no_tokens_takes_no_step(tiny_model,
+                                                                             rollout_batch):
     """16 rows in 6 mini-batches: 6 optimizer steps of 3, 3, 3, 3, 2 and 2 rows (chunk cut 5 of 3
     and one of 1); and a mini-batch whose tokens are all masked out takes no step (AdamW's momentum
     would move the weights anyway)."""
@@ -112,7 +120,8 @@ def test_minibatches_are_near_equal_and_a_batch_with_no_tokens_takes_no_step(tin
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train, "completion_logprobs", counting_logprobs)
         patch.setattr(optimizer, "step", counting_step)
-        train.update(policy, optimizer, batch, adv, None, settings.Config(minibatches=6, epochs=1, kl_coef=0.0))
+        train.update(policy, optimizer, batch, adv, None,
+                     settings.Config(minibatches=6, epochs=1, kl_coef=0.0))
     assert sizes == [3, 3, 3, 3, 2, 2]
     assert optimizer.state[next(policy.parameters())]["step"].item() == 6
     # every response truncated, and --overlong-filter: no token has a gradient, so nothing moves
@@ -150,13 +159,15 @@ def test_logged_stats_are_token_weighted_over_the_whole_update(tiny_model, rollo
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train, "completion_logprobs", recording)
         stats = train.update(policy, torch.optim.SGD(policy.parameters(), lr=0.0), batch, adv, None,
-                             settings.Config(minibatches=3, epochs=1, kl_coef=0.0, micro_batch_rows=2))
+                             settings.Config(minibatches=3, epochs=1, kl_coef=0.0,
+                                             micro_batch_rows=2))
     seen = torch.cat(entropies)  # mini-batches of 6, 5 and 5 rows, of different token counts
     assert len(seen) == int(batch.mask[:, 1:].sum())
     assert stats["entropy"] == pytest.approx(seen.mean().item(), rel=1e-5)
 
 
-def test_old_logprobs_are_recomputed_not_taken_from_the_sampler(tiny_model, tiny_model_dir, rollout_batch):
+def test_old_logprobs_are_recomputed_not_taken_from_the_sampler(tiny_model, tiny_model_dir,
+                                                                rollout_batch):
     # Two identical policies updated on the same batch, one whose sampler log-probs are garbage: the
     # update must not read them, so both end with the same weights.
     batch, adv = rollout_batch
@@ -184,17 +195,21 @@ def test_activation_checkpointing_changes_memory_not_the_update(tiny_model_dir, 
         if checkpointing:  # as train.main does for --activation-checkpointing
             models.enable_activation_checkpointing(policy)
         runs = []
-        policy.model.layers[0].mlp.register_forward_pre_hook(lambda *args, runs=runs: runs.append(1))
+        policy.model.layers[0].mlp.register_forward_pre_hook(lambda
+                                                             *args, runs=runs: runs.append(1))
         before = [p.clone() for p in policy.parameters()]
-        c = settings.Config(kl_coef=0.0, grad_clip=1e9, minibatches=1, activation_checkpointing=checkpointing)
-        train.update(policy.train(), torch.optim.SGD(policy.parameters(), lr=1.0), batch, adv, None, c)
+        c = settings.Config(kl_coef=0.0, grad_clip=1e9, minibatches=1,
+                            activation_checkpointing=checkpointing)
+        train.update(policy.train(), torch.optim.SGD(policy.parameters(), lr=1.0),
+                     batch, adv, None, c)
         deltas.append(torch.cat([(p - q).flatten() for p, q in zip(policy.parameters(), before)]))
         assert len(runs) == (2 if checkpointing else 1)  # one micro-batch, on-policy: one forward
     assert deltas[0].abs().max() > 0
     torch.testing.assert_close(deltas[0], deltas[1], atol=1e-6, rtol=1e-4)
 
 
-def test_the_activation_checkpointing_flag_checkpoints_the_policy(tmp_path, monkeypatch, tiny_model_dir):
+def test_the_activation_checkpointing_flag_checkpoints_the_policy(tmp_path, monkeypatch,
+                                                                  tiny_model_dir):
     class Enabled(Exception):
         pass
 
@@ -219,8 +234,10 @@ def test_micro_batches_change_memory_not_the_update(tiny_model_dir, rollout_batc
     for micro_batch_rows in (3, 16):
         policy = models.load(tiny_model_dir)[0]
         before = [p.clone() for p in policy.parameters()]
-        c = settings.Config(micro_batch_rows=micro_batch_rows, loss_agg=agg, kl_coef=0.0, grad_clip=1e9, minibatches=1)
-        stats.append(train.update(policy, torch.optim.SGD(policy.parameters(), lr=1.0), batch, adv, None, c))
+        c = settings.Config(micro_batch_rows=micro_batch_rows, loss_agg=agg, kl_coef=0.0,
+                            grad_clip=1e9, minibatches=1)
+        stats.append(train.update(policy, torch.optim.SGD(policy.parameters(), lr=1.0),
+                                  batch, adv, None, c))
         # Δθ = −∇loss
         deltas.append(torch.cat([(p - q).flatten() for p, q in zip(policy.parameters(), before)]))
     assert deltas[0].abs().max() > 0
@@ -254,10 +271,11 @@ def test_bf16_compute_keeps_fp32_weights_that_move_at_the_presets_lr_and_saves_a
 
     monkeypatch.setattr(train, "update", recording_update)
     monkeypatch.chdir(tmp_path)
-    train.main(["--model", str(bf16_dir), "--run", "mixed", "--steps", "1", "--lr", "2e-6", "--n", "4",
+    train.main(["--model", str(bf16_dir), "--run", "mixed", "--steps", "1", "--lr", "2e-6", "--n",
+                "4",
                 "--prompts-per-step", "4", "--max-new-tokens", "6", "--dynamic-sampling", "false",
-                "--length-eta-max", "0.05", "--eval-problems", "2", "--val-problems", "2", "--eval-samples", "1",
-                "--boundary-problems", "0", "--minibatches", "1"])
+                "--length-eta-max", "0.05", "--eval-problems", "2", "--val-problems", "2",
+                "--eval-samples", "1", "--boundary-problems", "0", "--minibatches", "1"])
     assert set(logits_dtypes) == {torch.bfloat16} and moved[0] > 0.9
     final = tmp_path / "runs" / "mixed" / "final"
     assert json.loads((final / "config.json").read_text())["dtype"] == "bfloat16"
@@ -274,9 +292,11 @@ def test_kl_clamp_bounds_the_per_token_kl_term(tiny_model, rollout_batch):
     reference = models.build_tiny_model(tokenizer, seed=1).eval()  # far from the policy: a large KL
     c = settings.Config(minibatches=1, kl_coef=0.1, kl_kind="k3")
     ref_logp = train.batch_logprobs(reference, batch, c)
-    unclamped = train.update(policy, torch.optim.SGD(policy.parameters(), lr=0.0), batch, adv, ref_logp, c)["kl"]
+    unclamped = train.update(policy, torch.optim.SGD(policy.parameters(), lr=0.0), batch,
+                             adv, ref_logp, c)["kl"]
     bound = unclamped / 2  # below the mean, so some tokens' KL must be cut
-    clamped = train.update(policy, torch.optim.SGD(policy.parameters(), lr=0.0), batch, adv, ref_logp,
+    clamped = train.update(policy, torch.optim.SGD(policy.parameters(), lr=0.0), batch, adv,
+                           ref_logp,
                            settings.Config(minibatches=1, kl_coef=0.1, kl_kind="k3", kl_clamp=bound))["kl"]
     assert unclamped > bound >= clamped > 0
 
@@ -292,9 +312,10 @@ def test_overlong_filter_gives_truncated_responses_no_gradient(tiny_model_dir, r
         policy = models.load(tiny_model_dir)[0]
         before = [p.clone() for p in policy.parameters()]
         rows = batch.truncated if only_truncated else torch.ones_like(batch.truncated)
-        c = settings.Config(minibatches=1, kl_coef=0.0, grad_clip=1e9, overlong_filter=overlong_filter)
-        train.update(policy, torch.optim.SGD(policy.parameters(), lr=1.0), rollout.select_rows(batch, rows), adv[rows],
-                     None, c)
+        c = settings.Config(minibatches=1, kl_coef=0.0, grad_clip=1e9,
+                            overlong_filter=overlong_filter)
+        train.update(policy, torch.optim.SGD(policy.parameters(), lr=1.0),
+                     rollout.select_rows(batch, rows), adv[rows], None, c)
         steps.append(torch.cat([(p - q).flatten() for p, q in zip(policy.parameters(), before)]))
     assert steps[0].abs().max() == 0  # a batch of truncated responses only: nothing to learn from
     assert steps[1].abs().max() > 0  # without the filter they are rewarded like the rest

@@ -28,7 +28,8 @@ GUIDE = REPO / "docs" / "workshop.md"
 
 def guide_commands() -> list[list[str]]:
     """Every `python ...` command of the guide's code blocks, as argv lists."""
-    return [shlex.split(command, comments=True) for command in code_block_commands(GUIDE.read_text())]
+    return [shlex.split(command, comments=True)
+            for command in code_block_commands(GUIDE.read_text())]
 
 
 def help_flags(parse_args) -> set[str]:
@@ -66,7 +67,8 @@ def test_every_command_in_the_guide_parses_with_todays_flags(monkeypatch):
     monkeypatch.setattr(checkpoint, "is_run", lambda path: False)
     monkeypatch.setattr(models, "check_model_spec", lambda spec: None)  # DIR, $GGUF: placeholders
     train_flags = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(settings.Config)}
-    others = {"evaluation.py": evaluation.parse_args, "experiments/boundary.py": script_parser("experiments/boundary.py")}
+    others = {"evaluation.py": evaluation.parse_args,
+              "experiments/boundary.py": script_parser("experiments/boundary.py")}
     for argv in commands:
         script, args = argv[1], argv[2:]
         used = {arg for arg in args if arg.startswith("--")}
@@ -94,7 +96,8 @@ def test_no_bug_is_on_by_default():
     assert settings.Config().bug == ""
     assert settings.parse_config([]).bug == ""
     bugs.switch_on("")
-    for module, name in [(kl, "kl_penalty"), (grpo, "group_advantages"), (grpo, "clipped_surrogate")]:
+    for module, name in [(kl, "kl_penalty"), (grpo, "group_advantages"),
+                         (grpo, "clipped_surrogate")]:
         function = getattr(module, name)
         # the original, not a copy
         assert function.__module__ == module.__name__ and function.__name__ == name
