@@ -3,8 +3,10 @@ recognised by its fields.
 
   layout          fields that identify it                          published as (examples)
   prorl           task, prompt                                     this project's JSONL
-  verl            data_source, prompt (chat), reward_model         verl / OpenRLHF RL parquet: Eurus-2-RL-Data
-  nemotron-if     input (chat), args                               Llama-Nemotron RL instruction following
+  verl            data_source, prompt (chat), reward_model         verl / OpenRLHF RL parquet:
+                                                                   Eurus-2-RL-Data
+  nemotron-if     input (chat), args                               Llama-Nemotron RL instruction
+                                                                   following
   ifeval          prompt, instruction_id_list, kwargs              IFEval, IFBench
   livecodebench   question_content, public_test_cases              LiveCodeBench code_generation
   codeforces      official_tests                                   open-r1/codeforces
@@ -37,8 +39,10 @@ import ifeval
 ANSWER_IN_TAGS = "\n\nGive only your final answer, inside <answer></answer> tags."
 IN_BOXED = "\n\nPut your final answer in \\boxed{}."
 PICK_A_LETTER = '\n\nAnswer with the letter of the correct option, as in "The answer is (B)".'
-WRITE_A_PROGRAM = "\n\nWrite a complete Python program that reads standard input, in a ```python code block."
-WRITE_A_FUNCTION = "\n\nWrite the function `{}` in a ```python code block; it is called directly, so read no input."
+WRITE_A_PROGRAM = ("\n\nWrite a complete Python program that reads standard input, in a "
+                   "```python code block.")
+WRITE_A_FUNCTION = ("\n\nWrite the function `{}` in a ```python code block; it is called directly, "
+                    "so read no input.")
 LETTERS = "ABCDEFGHIJ"  # MCQ options, in the order the dataset lists them
 MAX_TIME_LIMIT = 60  # seconds per test, the most tasks.check_example accepts
 # a compressed test file may expand this far, no further (a zip bomb stops here)
@@ -62,7 +66,8 @@ def read_records(path: Path) -> list:
     try:
         text = path.read_text(encoding="utf-8")
     except (UnicodeDecodeError, OSError) as error:
-        raise ValueError(f"{path}: cannot read it as UTF-8 text ({error.__class__.__name__})") from None
+        raise ValueError(f"{path}: cannot read it as UTF-8 text "
+                         f"({error.__class__.__name__})") from None
     if path.suffix.lower() == ".csv":
         try:
             return list(csv.DictReader(io.StringIO(text, newline="")))
@@ -101,7 +106,8 @@ def convert(records: list, layout: str) -> tuple[list[dict], Counter, Counter]:
     required, to_example = LAYOUTS[layout]
     examples, skipped, notes = [], Counter(), Counter()
     for record in records:
-        fields = {str(key).lower(): value for key, value in record.items()} if isinstance(record, dict) else {}
+        fields = ({str(key).lower(): value for key, value in record.items()}
+                  if isinstance(record, dict) else {})
         try:
             if not required <= set(fields):
                 raise Skip(f"not a {layout} record (missing "
@@ -109,7 +115,8 @@ def convert(records: list, layout: str) -> tuple[list[dict], Counter, Counter]:
             examples.append(to_example(fields, notes))
         except Skip as reason:
             skipped[str(reason)] += 1
-        except (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError) as error:
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError,
+                RecursionError) as error:
             skipped[f"malformed ({error.__class__.__name__})"] += 1
     return examples, skipped, notes
 
@@ -118,9 +125,11 @@ def summary(path: Path, layout: str, examples: list[dict], skipped: Counter, not
     """The one start-up line that says what a file gave: layout, examples per task, what was skipped
     and why."""
     per_task = Counter(example["task"] for example in examples)
-    line = f"{path}: {layout} layout, {len(examples)} examples ({', '.join(f'{t} {n}' for t, n in per_task.items())})"
+    line = (f"{path}: {layout} layout, {len(examples)} examples "
+            f"({', '.join(f'{t} {n}' for t, n in per_task.items())})")
     if skipped:
-        line += f"; skipped {sum(skipped.values())}: " + ", ".join(f"{why} {n}" for why, n in skipped.most_common())
+        line += f"; skipped {sum(skipped.values())}: " + ", ".join(
+            f"{why} {n}" for why, n in skipped.most_common())
     if notes:
         line += "; " + ", ".join(f"{what} {n}" for what, n in notes.most_common())
     return line
@@ -188,7 +197,8 @@ def limits(record: dict) -> dict:
     "memory_limit_mb" (256, "256 megabytes"; recorded: sandbox.py enforces its own MEMORY_MB), where
     the record gives them."""
     found, time, memory = {}, record.get("time_limit"), record.get("memory_limit")
-    if isinstance(time, str) and (number := re.match(r"\s*(\d+(?:\.\d+)?)\s*(ms|millisecond)?", time)):
+    if (isinstance(time, str)
+            and (number := re.match(r"\s*(\d+(?:\.\d+)?)\s*(ms|millisecond)?", time))):
         time = float(number[1]) / (1000 if number[2] else 1)
     if isinstance(time, (int, float)) and not isinstance(time, bool) and 0 < time < float("inf"):
         found["time_limit"] = min(float(time), MAX_TIME_LIMIT)
@@ -264,7 +274,8 @@ def private_tests(value) -> list:
 def from_verl(r: dict, notes: Counter) -> dict:
     """verl's RL parquet: the chat prompt as it is; math answers and code tests from
     reward_model.ground_truth."""
-    ability, truth = str(r.get("ability") or "").lower(), (r["reward_model"] or {}).get("ground_truth")
+    ability, truth = (str(r.get("ability") or "").lower(),
+                      (r["reward_model"] or {}).get("ground_truth"))
     if ability == "math":
         example = {"task": "math", "answer": answer_text(truth)}
     elif ability in ("code", "coding"):
@@ -317,7 +328,8 @@ def from_apps(r: dict, notes: Counter) -> dict:
     tests = code_tests(json_field(r["input_output"]), in_class="class Solution" in starter)
     prompt = text(r["question"]) + (f"\n\nStart from:\n```python\n{starter}\n```"
                                     if starter else "")
-    ask = WRITE_A_FUNCTION.format(tests["entry_point"]) if "entry_point" in tests else WRITE_A_PROGRAM
+    ask = (WRITE_A_FUNCTION.format(tests["entry_point"]) if "entry_point" in tests
+           else WRITE_A_PROGRAM)
     return {"task": "code", "prompt": prompt + ask, **tests, **limits(r)}
 
 
@@ -331,7 +343,8 @@ def from_livecodebench(r: dict, notes: Counter) -> dict:
             cases = cases + private_tests(r["private_test_cases"])
         except (pickle.UnpicklingError, ValueError, TypeError, EOFError, zlib.error,
                 IndexError, KeyError) as error:
-            reason = "refused: names code" if isinstance(error, pickle.UnpicklingError) else "unreadable"
+            reason = ("refused: names code" if isinstance(error, pickle.UnpicklingError)
+                      else "unreadable")
             notes[f"private tests {reason}, public ones kept"] += 1
     metadata = json_field(r.get("metadata") or "{}")
     name = metadata.get("func_name") if isinstance(metadata, dict) else None
@@ -348,7 +361,8 @@ def from_livecodebench(r: dict, notes: Counter) -> dict:
     if not tests:
         raise Skip("no tests")
     starter = r.get("starter_code") or ""
-    ask = (f"\n\nStart from:\n```python\n{starter}\n```" + WRITE_A_FUNCTION.format(name)) if name else WRITE_A_PROGRAM
+    ask = (f"\n\nStart from:\n```python\n{starter}\n```" + WRITE_A_FUNCTION.format(name) if name
+           else WRITE_A_PROGRAM)
     return {"task": "code", "prompt": text(r["question_content"]) + ask, "tests": tests,
             **({"entry_point": name} if name else {})}
 

@@ -8,29 +8,31 @@ Built-in families (each with difficulty levels 1..3):
   add        "47+38="         -> "85"                  one right answer
   sort       "52 7 31 88 4="  -> "4 7 31 52 88"          one right answer
   reverse    "52 7 31 88<"    -> "88 31 7 52"            one right answer
-  countdown  "3 7 9>30:"      -> "3*9+7" (or "9*3+7")  many right answers: the tiny model's pass@8 is far
-                                                       above its pass@1, the regime where RL gains
-                                                       most
-  chains     "31415:rev inc="  -> "51413 62524"        a written step per list operation; levels 1..5 are
-                                                       chain depths (chains.py, with its held-out
-                                                       chains)
+  countdown  "3 7 9>30:"      -> "3*9+7" (or "9*3+7")  many right answers: the tiny model's
+                                                       pass@8 is far above its pass@1, the regime
+                                                       where RL gains most
+  chains     "31415:rev inc="  -> "51413 62524"        a written step per list operation; levels
+                                                       1..5 are chain depths (chains.py, with its
+                                                       held-out chains)
 
 Sources, as named in `--tasks` (comma-separated SOURCE[:WEIGHT], weights normalised, default 1):
   add, sort, reverse, countdown, chains  the built-in families above
   math, code, logic, mcq, ifeval       ProRL's domains: the small sample files data/<domain>.jsonl
-  rg:NAME                              any reasoning-gym dataset, generated on the fly (offline), as "logic"
+  rg:NAME                              any reasoning-gym dataset, generated on the fly (offline),
+                                       as "logic"
   path/to/file.jsonl                   your own examples
-  path/to/file.{jsonl,json,csv,parquet}  a dataset as published (verl parquet, IFEval, APPS, AIME, ...): its layout
-                                       is recognised by its fields and converted (layouts.py); one
-                                       line says how
+  path/to/file.{jsonl,json,csv,parquet}  a dataset as published (verl parquet, IFEval, APPS, AIME,
+                                       ...): its layout is recognised by its fields and converted
+                                       (layouts.py); one line says how
   e.g.  --tasks math:0.3,code:0.2,rg:basic_arithmetic:0.2,mcq:0.1,ifeval:0.2
 
 JSONL schema: one example per line, a JSON object with "task" and "prompt", and per task:
   math    "answer": the final answer, LaTeX or plain ("\\frac{1}{2}", "1/2")
-  code    "tests": [{"input": stdin, "output": stdout}, ...] or [{"call": "f(1, 2)", "output": "3"}, ...];
-          optional "entry_point" (the function's name), "time_limit" (seconds per test) and
-          "memory_limit_mb"
-  logic   "dataset": a reasoning-gym dataset name, "entry": one of its entries (question, answer, metadata)
+  code    "tests": [{"input": stdin, "output": stdout}, ...]
+          or [{"call": "f(1, 2)", "output": "3"}, ...]; optional "entry_point" (the function's
+          name), "time_limit" (seconds per test) and "memory_limit_mb"
+  logic   "dataset": a reasoning-gym dataset name, "entry": one of its entries (question, answer,
+          metadata)
   mcq     "answer": the right option's letter, A to J
   ifeval  "constraints": [{"kind": "max_words", "n": 50}, ...], kinds as in ifeval.CHECKS
   add, sort, reverse, countdown, chains: as the built-in generators make them
@@ -162,8 +164,8 @@ def parse_mix(spec: str) -> dict[str, float]:
         name, _, weight = part[len(prefix):].partition(":")
         name = prefix + name
         if name in weights:
-            raise ValueError(f"task '{name}' is named twice in '{spec}': give it once, with its "
-                             "weight")
+            raise ValueError(f"task '{name}' is named twice in '{spec}': "
+                             "give it once, with its weight")
         try:
             weights[name] = float(weight) if weight else 1.0
         except ValueError:
@@ -196,8 +198,8 @@ class TaskMix:
                 # e.g. a file of a handful of problems: better than no training at all
                 if not self.files[name]:
                     warnings.warn(f"{name}: all {len(examples)} problems fall in the held-out "
-                                  "split, so training "
-                                  "uses them too and their held-out scores are not held out", stacklevel=2)
+                                  "split, so training uses them too and their held-out scores are "
+                                  "not held out", stacklevel=2)
                     self.files[name] = examples
         for name in self.weights:
             if name.startswith(REASONING_GYM):
@@ -238,11 +240,9 @@ class TaskMix:
 
 def no_heldout_error(source: str) -> ValueError:
     """What to tell a user whose tasks have nothing to evaluate on."""
-    return ValueError(f"--tasks {source}: none of its problems falls in the held-out split (a "
-                      "fixed "
-                      f"{HELDOUT_PERCENT}%, chosen by a hash of each prompt), so there is nothing "
-                      "to evaluate on: "
-                      "add problems (of 50, ~5 are)")
+    return ValueError(f"--tasks {source}: none of its problems falls in the held-out split "
+                      f"(a fixed {HELDOUT_PERCENT}%, chosen by a hash of each prompt), so there is "
+                      "nothing to evaluate on: add problems (of 50, ~5 are)")
 
 
 def label_sources(problems: dict[str, list[dict]]) -> list[dict]:
@@ -296,16 +296,16 @@ def load_source(name: str) -> list[dict]:
     (layouts.py)."""
     path = DOMAINS.get(name, Path(name))
     if not path.is_file():
-        raise ValueError(f"unknown task '{name}': not a built-in task ({', '.join(BUILTIN)}), a "
-                         "domain "
-                         f"({', '.join(DOMAINS)}), {REASONING_GYM}NAME, nor a .jsonl, .json, .csv "
-                         "or .parquet file")
+        raise ValueError(f"unknown task '{name}': not a built-in task ({', '.join(BUILTIN)}), "
+                         f"a domain ({', '.join(DOMAINS)}), {REASONING_GYM}NAME, "
+                         "nor a .jsonl, .json, .csv or .parquet file")
     records = layouts.read_records(path)
     if not records:
         raise ValueError(f"{path}: no examples")
     layout = layouts.detect(records[0], path)
     if layout == "prorl":
-        examples, skipped, notes = load_jsonl(path) if path.suffix == ".jsonl" else checked(records, path), {}, {}
+        examples, skipped, notes = (load_jsonl(path) if path.suffix == ".jsonl"
+                                    else checked(records, path)), {}, {}
     else:
         examples, skipped, notes = layouts.convert(records, layout)
         examples = [example for example in examples if schema_error(example, skipped) is None]
@@ -349,7 +349,8 @@ def load_jsonl(path: str | Path) -> list[dict]:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (UnicodeDecodeError, OSError) as error:
-        raise ValueError(f"{path}: cannot read it as UTF-8 text ({error.__class__.__name__})") from None
+        raise ValueError(f"{path}: cannot read it as UTF-8 text "
+                         f"({error.__class__.__name__})") from None
     # "\n" only: splitlines() would also cut at U+2028, U+2029 or \x85, which JSON strings may hold
     # raw
     for number, line in enumerate(text.split("\n"), start=1):
@@ -371,12 +372,14 @@ def load_jsonl(path: str | Path) -> list[dict]:
 
 def check_example(example: dict) -> None:
     """Raise ValueError, in one sentence, unless `example` has what its task's verifier needs."""
-    if not isinstance(example, dict) or not isinstance(example.get("prompt"), str) or "task" not in example:
+    if (not isinstance(example, dict) or not isinstance(example.get("prompt"), str)
+            or "task" not in example):
         raise ValueError("an example needs at least 'task' and 'prompt' fields")
     try:
         example["prompt"].encode("utf-8")
     except UnicodeEncodeError:
-        raise ValueError("the prompt holds a lone surrogate (\\ud800-\\udfff), which is not text") from None
+        raise ValueError("the prompt holds a lone surrogate (\\ud800-\\udfff), "
+                         "which is not text") from None
     if "messages" in example:  # a chat prompt, rendered by the model's chat template
         try:
             layouts.chat_messages(example["messages"])
@@ -415,17 +418,21 @@ def check_example(example: dict) -> None:
             raise ValueError("'tests' must be a non-empty list")
         for test in tests:
             if not (isinstance(test, dict) and isinstance(test.get("output"), str)
-                    and (isinstance(test.get("input"), str)) != (isinstance(test.get("call"), str))):
+                    and (isinstance(test.get("input"), str))
+                    != (isinstance(test.get("call"), str))):
                 raise ValueError("a code test needs 'output' and either 'input' or 'call', all "
                                  f"strings: {test!r}")
         if not isinstance(example.get("entry_point", ""), str):
             raise ValueError("'entry_point' must be the name of a function, a string")
         limit = example.get("time_limit", 1)
-        if not (isinstance(limit, (int, float)) and not isinstance(limit, bool) and 0 < limit <= 60):
+        if not (isinstance(limit, (int, float)) and not isinstance(limit, bool)
+                and 0 < limit <= 60):
             raise ValueError(f"'time_limit' must be a number of seconds in (0, 60], not {limit!r}")
         memory = example.get("memory_limit_mb", 64)
-        if not (isinstance(memory, (int, float)) and not isinstance(memory, bool) and memory >= 16):
-            raise ValueError(f"'memory_limit_mb' must be a number of megabytes ≥ 16, not {memory!r}")
+        if not (isinstance(memory, (int, float)) and not isinstance(memory, bool)
+                and memory >= 16):
+            raise ValueError("'memory_limit_mb' must be a number of megabytes ≥ 16, "
+                             f"not {memory!r}")
     if task == "logic":
         if not (isinstance(example["entry"], dict)
                 and {"question", "answer", "metadata"} <= set(example["entry"])):

@@ -310,8 +310,7 @@ def test_log_to_an_uninstalled_package_is_one_line(capsys, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
     assert config_error(capsys, ["--log", "wandb"]) == ("--log wandb needs the wandb package, "
-                                                        "which is not "
-                                                        "installed: pip install wandb")
+                                                        "which is not installed: pip install wandb")
     assert "--log must be tensorboard or wandb" in config_error(capsys, ["--log", "mlflow"])
 
 
