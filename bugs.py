@@ -25,7 +25,8 @@ def kl_penalty_sign_flipped(logp, ref_logp, kind="k3", clamp=None, mask=None) ->
     return -(kl_value.clamp(min=-clamp, max=clamp) if clamp else kl_value)  # BUG: the minus sign
 
 
-def group_advantages_unnormalised(rewards: torch.Tensor, estimator: str = "grpo", k: int = 1) -> torch.Tensor:
+def group_advantages_unnormalised(rewards: torch.Tensor, estimator: str = "grpo",
+                                  k: int = 1) -> torch.Tensor:
     """grpo.group_advantages without the group baseline or the std: A = r. No answer is compared
     with the rest of its group, and a wrong answer (r = 0) is never pushed down."""
     return rewards.float()  # BUG: was (r − group mean) / (group std + ε)
@@ -61,7 +62,8 @@ def switch_on(name: str) -> None:
         return
     module, function, broken, symptom = BUGS[name]
     setattr(module, function, broken)
-    print(f"WORKSHOP BUG ON: {name} ({module.__name__}.{function} is broken; look for: {symptom})", flush=True)
+    print(f"WORKSHOP BUG ON: {name} ({module.__name__}.{function} is broken; "
+          f"look for: {symptom})", flush=True)
 
 
 def switch_off() -> None:

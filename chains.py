@@ -13,9 +13,9 @@ is one of 10^5 digit strings, written out at every step, so at k = 256 guessing 
 no-ops), so depth d has 5·4^(d−1) chains.
 
 Two held-out splits, both fixed for every run and seed:
-  compositions  at depth ≥ 2, a chain is held out iff crc32("rev inc asc") % 100 < 20: shown neither by the
-                warm-start nor by RL, only evaluated, to test composing atoms in orders never
-                trained
+  compositions  at depth ≥ 2, a chain is held out iff crc32("rev inc asc") % 100 < 20: shown
+                neither by the warm-start nor by RL, only evaluated, to test composing atoms in
+                orders never trained
   problems      tasks.is_heldout (crc32 of the prompt), as for every built-in family
 
 The warm-start's coverage is one number (`coverage`): every trainable chain of depth ≤ ⌊coverage⌋

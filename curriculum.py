@@ -69,7 +69,8 @@ class EdgeCurriculum:
                 continue  # a replayed easier problem, or one sampled before the last promotion
             self.window.append(sum(score >= 1 for score in row) / len(row))
             full = len(self.window) == self.window.maxlen
-            if full and sum(self.window) / len(self.window) >= self.threshold and self.level < self.levels:
+            if (full and sum(self.window) / len(self.window) >= self.threshold
+                    and self.level < self.levels):
                 self.level += 1
                 self.window.clear()
                 promoted = True

@@ -6,16 +6,16 @@ them.
     train.py -- ...
 
 How a step is split (W ranks):
-  sampling     each rank samples prompts_per_step / W whole groups with the full policy weights (gathered
-               from the shards for the duration), so dynamic sampling and group statistics see whole
-               groups;
-  gather       the kept groups of all ranks are gathered on every rank (token ids are small), so advantages
-               (REINFORCE++'s batch-wide normalisation included) are computed on the whole batch,
-               alike everywhere;
-  update       the batch's rows are cut into W equal contiguous shares; each rank's forward/backward covers its
-               share, and FSDP2 reduce-scatters the gradients. The token-mean divides by the token
-               count of the whole batch (all-reduced), so the sum over ranks is the single-process
-               loss.
+  sampling     each rank samples prompts_per_step / W whole groups with the full policy weights
+               (gathered from the shards for the duration), so dynamic sampling and group
+               statistics see whole groups;
+  gather       the kept groups of all ranks are gathered on every rank (token ids are small), so
+               advantages (REINFORCE++'s batch-wide normalisation included) are computed on the
+               whole batch, alike everywhere;
+  update       the batch's rows are cut into W equal contiguous shares; each rank's
+               forward/backward covers its share, and FSDP2 reduce-scatters the gradients. The
+               token-mean divides by the token count of the whole batch (all-reduced), so the sum
+               over ranks is the single-process loss.
 Outside torchrun every function here is a no-op and the run is the plain single-process one.
 """
 
@@ -124,7 +124,8 @@ def broadcast_object(value):
     return box[0]
 
 
-def gather_groups(batch: rollout.Rollout, scores: torch.Tensor, pad_id: int) -> tuple[rollout.Rollout, torch.Tensor]:
+def gather_groups(batch: rollout.Rollout, scores: torch.Tensor,
+                  pad_id: int) -> tuple[rollout.Rollout, torch.Tensor]:
     """Every rank's kept groups, concatenated in rank order, on every rank: (rollout [G·N rows],
     scores [G, N])."""
     if world_size() == 1:
@@ -228,7 +229,8 @@ def collective_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
 
 
-def save_pretrained(model: torch.nn.Module, tokenizer, path, dtype: torch.dtype | None = None) -> None:
+def save_pretrained(model: torch.nn.Module, tokenizer, path,
+                    dtype: torch.dtype | None = None) -> None:
     """The whole model in Hugging Face format (a plain `--model` directory), written by rank 0, its
     floating tensors in `dtype` (default: as they are)."""
     from torch.distributed.checkpoint.state_dict import (

@@ -3,7 +3,8 @@ KL").
 
 With x ~ π and log_ratio = ref_logp − logp = log(π_ref(x) / π(x)):
     k1 = −log_ratio                    unbiased, but negative on some tokens and high variance
-    k2 = ½ · log_ratio²                biased, low variance, ≥ 0; its gradient is that of KL (ProRL v2)
+    k2 = ½ · log_ratio²                biased, low variance, ≥ 0; its gradient is that of KL
+                                       (ProRL v2)
     k3 = exp(log_ratio) − log_ratio − 1  unbiased and ≥ 0 (GRPO, ProRL)
 "Unbiased" is about the value. As a loss term what matters is the gradient: k1's is ∇log π, whose
 expectation under π is 0, so k1 regularises only when folded into the reward (--kl-in-reward); k2's

@@ -1,9 +1,12 @@
 """Ablation on the built-in tasks: what do the KL penalty, reference resets, and rollouts per prompt
 buy?
 
-    python bench/ablate.py                      # 5 runs of the tiny preset, 60 steps each (CPU: tens of minutes)
-    python bench/ablate.py --quick              # a smoke test of the script itself: minutes, numbers meaningless
-    python bench/ablate.py --steps 100 --only no-kl,kl+resets --model DIR   # any other flag goes to train.py
+    # 5 runs of the tiny preset, 60 steps each (CPU: tens of minutes)
+    python bench/ablate.py
+    # a smoke test of the script itself: minutes, numbers meaningless
+    python bench/ablate.py --quick
+    # any other flag goes to train.py
+    python bench/ablate.py --steps 100 --only no-kl,kl+resets --model DIR
 
 Every run trains the same base with the same seed and the same number of samples per step
 (prompts × N), one flag changed, in its own runs/ablate-<name>/, one after the other. Then it prints
@@ -92,7 +95,8 @@ def main(argv: list[str]) -> None:
     args, train_flags = parser.parse_known_args(argv)
     if args.quick:
         args.steps, args.samples_per_step = 2, 64
-        train_flags = ["--eval-problems", "10", "--val-problems", "5", "--eval-samples", "2"] + train_flags
+        train_flags = (["--eval-problems", "10", "--val-problems", "5", "--eval-samples", "2"]
+                       + train_flags)
     runs = variants(args.steps, args.samples_per_step)
     if args.only:
         wanted = args.only.split(",")

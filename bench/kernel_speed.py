@@ -47,14 +47,16 @@ PEAK_GBPS = (
     ("A100 80GB PCIe", 1935),
     ("A100", 1555),  # 40 GB, SXM4 and PCIe
 )
-TARGETS = "targets (H100): ours fwd ≥ 80% of peak; fwd+bwd ≥ 2.5× eager, ≥ 1.1× compile; extra ≤ 1× logits"
+TARGETS = ("targets (H100): ours fwd ≥ 80% of peak; fwd+bwd ≥ 2.5× eager, ≥ 1.1× compile; "
+           "extra ≤ 1× logits")
 
 
 def make_batch(tokens: int, device: str) -> dict:
     """A [B, T+1, V] bf16 logits tensor and the [B, T] tensors the loss needs (10% padding)."""
     gen = torch.Generator(device=device).manual_seed(0)
     batch = tokens // SEQ_LEN
-    logits = (2 * torch.randn(batch, SEQ_LEN + 1, VOCAB_SIZE, device=device, generator=gen)).to(torch.bfloat16)
+    logits = (2 * torch.randn(batch, SEQ_LEN + 1, VOCAB_SIZE, device=device,
+                              generator=gen)).to(torch.bfloat16)
     labels = torch.randint(0, VOCAB_SIZE, (batch, SEQ_LEN), device=device, generator=gen)
     with torch.no_grad():
         logp = prorl_kernels.token_logprobs(logits[:, :-1], labels, TEMPERATURE)
@@ -223,7 +225,8 @@ def check_ours(op: str, batch: dict) -> None:
     args = (batch["logits"][:, :-1], batch["labels"])
     if op == "loss":
         args += (batch["old_logp"], batch["ref_logp"], batch["adv"], batch["mask"])
-    ours, reference = (ours_logprobs, eager_logprobs) if op == "logprobs" else (ours_loss, eager_loss)
+    ours, reference = ((ours_logprobs, eager_logprobs) if op == "logprobs"
+                       else (ours_loss, eager_loss))
     with torch.no_grad():
         torch.testing.assert_close(ours(*args), reference(*args), rtol=1e-4, atol=1e-4)
 
@@ -257,8 +260,8 @@ def measure(op: str, impl: str, pair: tuple, batch: dict, device: str) -> dict:
 def fmt(value, spec: str) -> str:
     if value is None:
         return "—"
-    return format(value, ".2f") if spec == "gbps" and value < 10 else format(value,
-                                                                             ".0f" if spec == "gbps" else spec)
+    return (format(value, ".2f") if spec == "gbps" and value < 10
+            else format(value, ".0f" if spec == "gbps" else spec))
 
 
 def print_table(rows: list[dict], peak_gbps: float | None) -> None:
@@ -302,7 +305,8 @@ def print_verdict(rows: list[dict], peak_gbps: float | None) -> None:
         for tokens in sorted({r["tokens"] for r in rows}):
             by_impl = {r["impl"]: r for r in rows if (r["op"], r["tokens"]) == (op, tokens)
                        and "error" not in r}
-            ours, eager, compiled = by_impl.get("ours"), by_impl.get("eager"), by_impl.get("torch.compile")
+            ours, eager, compiled = (by_impl.get("ours"), by_impl.get("eager"),
+                                     by_impl.get("torch.compile"))
             if not ours:
                 print(f"{op}, {tokens} tokens: ours did not run")
                 continue
@@ -326,14 +330,14 @@ def main() -> None:
     peak_gbps = peak_bandwidth_gbps(device)
     if device == "cuda":
         name = torch.cuda.get_device_name()
-        peak = f"peak HBM {peak_gbps} GB/s" if peak_gbps else "peak HBM unknown for this device (add it to PEAK_GBPS)"
+        peak = (f"peak HBM {peak_gbps} GB/s" if peak_gbps
+                else "peak HBM unknown for this device (add it to PEAK_GBPS)")
         print(f"{name}, {peak}; torch {torch.__version__}; V = {VOCAB_SIZE}, bf16, temperature "
               f"{TEMPERATURE}")
         token_counts = GPU_TOKENS
     else:
         print(f"No CUDA device: running the PyTorch reference only, on CPU, at {CPU_TOKENS} tokens "
-              "instead of "
-              f"{GPU_TOKENS}. These are not GPU figures. V = {VOCAB_SIZE}, bf16.")
+              f"instead of {GPU_TOKENS}. These are not GPU figures. V = {VOCAB_SIZE}, bf16.")
         token_counts = CPU_TOKENS
     print("GB/s = bytes a one-read kernel must move / time: forward 1× the bf16 logits, "
           "forward+backward 3×.")

@@ -1,8 +1,8 @@
 """One real training step of train.py on a randomly initialised model, with its time split and peak
 memory.
 
-    python bench/step.py                  # CPU: a scaled-down Qwen2 (2 layers, full 152k vocabulary)
-    python bench/step.py --shape 1.5b     # GPU: Qwen2.5-1.5B's shape in bf16, the prorl-v2 preset
+    python bench/step.py                # CPU: a scaled-down Qwen2 (2 layers, full 152k vocabulary)
+    python bench/step.py --shape 1.5b   # GPU: Qwen2.5-1.5B's shape in bf16, the prorl-v2 preset
 
 It writes the random model (and the built-in character tokenizer: ids past its vocabulary decode to
 nothing, so rewards are 0 and dynamic sampling is off) to runs/bench-step/<shape>/model, runs

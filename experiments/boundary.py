@@ -1,8 +1,10 @@
 """Does RL expand the reasoning boundary, or only sharpen it? The chains experiment (issue 15), arms
 side by side.
 
-    python experiments/boundary.py                                  # the headline: control vs edge, seeds 0 and 1
-    python experiments/boundary.py --arms control,easy,edge,hard,edge-explore --seeds 0,1,2   # the full sweep
+    # the headline: control vs edge, seeds 0 and 1
+    python experiments/boundary.py
+    # the full sweep
+    python experiments/boundary.py --arms control,easy,edge,hard,edge-explore --seeds 0,1,2
 
 One base, warm-started on the chains task family up to a set composition depth (--coverage,
 chains.py), then one RL run per arm and seed from that base (train.py with the arm's flags). Every
@@ -96,7 +98,8 @@ def curve(counts: list[int], n: int) -> dict[int, float]:
             for k in evaluation.ks_up_to(n)}
 
 
-def bootstrap_difference(base: list[int], trained: list[int], n: int, k: int, resamples: int = 2000):
+def bootstrap_difference(base: list[int], trained: list[int], n: int, k: int,
+                         resamples: int = 2000):
     """95% interval of mean pass@k(trained) − mean pass@k(base), resampling problems (paired)."""
     gains = [evaluation.pass_at_k(n, t, k) - evaluation.pass_at_k(n, b, k)
              for b, t in zip(base, trained)]
@@ -107,7 +110,8 @@ def bootstrap_difference(base: list[int], trained: list[int], n: int, k: int, re
 
 def table(result: dict, n: int) -> str:
     ks = [k for k in (1, 16, n) if k <= n]
-    head = "| split | model | " + " | ".join(f"pass@{k}" for k in ks) + f" | Δpass@{n} [95% CI] | new / lost |"
+    head = ("| split | model | " + " | ".join(f"pass@{k}" for k in ks)
+            + f" | Δpass@{n} [95% CI] | new / lost |")
     lines = [head, "|" + "---|" * (len(ks) + 4)]
     for split, base in result["base"].items():
         base_curve = curve(base, n)
@@ -182,9 +186,9 @@ def main(argv: list[str]) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    base_dir = models.ensure_tiny_base(f"runs/base/tiny-chains-c{args.coverage}-w{args.warmstart_steps}-s0", seed=0,
-                                       task_mix="chains", chain_coverage=args.coverage,
-                                       steps=args.warmstart_steps, noise=0.0)
+    base_dir = models.ensure_tiny_base(
+        f"runs/base/tiny-chains-c{args.coverage}-w{args.warmstart_steps}-s0", seed=0,
+        task_mix="chains", chain_coverage=args.coverage, steps=args.warmstart_steps, noise=0.0)
     sets = splits(args.problems)
     saved = out / "boundary.json"
     result = json.loads(saved.read_text()) if saved.is_file() else {}
@@ -192,7 +196,8 @@ def main(argv: list[str]) -> None:
     # what the trained models depend on
     training = {k: v for k, v in settings.items() if k not in ("problems", "n")}
     if result.get("settings") != settings:  # other settings: measure everything again
-        trained_before = result.get("seconds", {}) if result.get("training", training) == training else {}
+        trained_before = (result.get("seconds", {}) if result.get("training", training) == training
+                          else {})
         result = {"settings": settings, "training": training,
                   "base": counts_of(base_dir, sets, args.n), "runs": {}, "seconds": trained_before}
     for arm in args.arms:
@@ -208,19 +213,17 @@ def main(argv: list[str]) -> None:
                 continue
             run_started = time.time()
             train.main(["--model", base_dir, "--tasks", "chains", "--run", f"{out.name}/{run}",
-                        "--seed", str(seed),
-                        "--steps", str(args.steps), "--prompts-per-step",
-                        str(args.prompts_per_step),
+                        "--seed", str(seed), "--steps", str(args.steps),
+                        "--prompts-per-step", str(args.prompts_per_step),
                         "--max-new-tokens", "32", "--eval-every", "0", "--eval-problems", "16",
-                        "--val-problems", "16",
-                        "--eval-samples", "4", "--boundary-problems", "0", "--save-every", "0"] + ARMS[arm])
+                        "--val-problems", "16", "--eval-samples", "4", "--boundary-problems", "0",
+                        "--save-every", "0"] + ARMS[arm])
             result["runs"][run] = counts_of(final, sets, args.n)
             result["seconds"][run] = time.time() - run_started
             saved.write_text(json.dumps(result))
     report = summary(result, args.n) + "\n\nPer run:\n\n" + table(result, args.n)
-    notes = "\n".join(f"- **{arm}**: {ARM_NOTES[arm]}"
-                      for arm in ARMS if any(r.startswith(arm + "-s")
-                                                                                  for r in result["runs"]))
+    notes = "\n".join(f"- **{arm}**: {ARM_NOTES[arm]}" for arm in ARMS
+                      if any(r.startswith(arm + "-s") for r in result["runs"]))
     (out / "boundary.md").write_text(f"{report}\n\n{notes}\n")
     plot(result, args.n, out / "boundary.png")
     print(report)

@@ -1,7 +1,8 @@
 """Triton: per-token log-probs (and entropy) reading the logits once, and their backward.
 
 Math, for one row z = logits / T of length V (reference: `reference.token_logprobs_ref`):
-    lse     = log Σ_v exp(z_v)              online over vocabulary blocks (Milakov & Gimelshein 2018)
+    lse     = log Σ_v exp(z_v)              online over vocabulary blocks
+                                            (Milakov & Gimelshein 2018)
     logp    = z_label − lse                 ≤ 0
     entropy = lse − Σ_v p_v z_v = log s − Σ_v e_v (z_v − m) / s
               with m = max z, e_v = exp(z_v − m), s = Σ_v e_v
@@ -37,7 +38,8 @@ def row_logsumexp(row_ptr, V, inv_temperature, WITH_ENTROPY: tl.constexpr, BLOCK
     t = tl.full([], 0.0, tl.float32)
     for start in tl.range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        z = tl.load(row_ptr + cols, mask=cols < V, other=-float("inf")).to(tl.float32) * inv_temperature
+        z = tl.load(row_ptr + cols, mask=cols < V,
+                    other=-float("inf")).to(tl.float32) * inv_temperature
         m_new = tl.maximum(m, tl.max(z, axis=0))
         delta = m - m_new  # ≤ 0
         alpha = tl.exp(delta)
@@ -105,7 +107,8 @@ def _token_logprobs_bwd_kernel(
         label = tl.load(labels_ptr + row).to(tl.int64)
         for start in tl.range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
-            z = tl.load(row_ptr + cols, mask=cols < V, other=-float("inf")).to(tl.float32) * inv_temperature
+            z = tl.load(row_ptr + cols, mask=cols < V,
+                        other=-float("inf")).to(tl.float32) * inv_temperature
             probs = tl.exp(z - lse)
             grad = coef * (tl.where(cols == label, 1.0, 0.0) - probs)
             tl.store(grad_row_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=cols < V)
@@ -204,7 +207,8 @@ class TokenLogprobs(torch.autograd.Function):
                     **launch_config(vocab_size),
                 )
         ctx.save_for_backward(rows, labels, lse)
-        ctx.layout, ctx.copied, ctx.inv_temperature = (inner, stride_outer, stride_inner), copied, 1.0 / temperature
+        ctx.layout, ctx.copied, ctx.inv_temperature = ((inner, stride_outer, stride_inner), copied,
+                                                       1.0 / temperature)
         ctx.logits_shape = logits.shape
         entropy = entropy.view(lead_shape) if return_entropy else None
         if return_entropy:
