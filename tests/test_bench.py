@@ -23,7 +23,8 @@ def test_ablation_script_runs_each_variant_in_its_own_dir_and_tabulates_them(tmp
                for name in ("no-kl", "n4", "n32")}
     assert configs["no-kl"]["kl_coef"] == 0.0
     # the same rollout budget, spent on more prompts or more samples per prompt
-    assert [(configs[k]["prompts_per_step"], configs[k]["n"]) for k in ("n4", "n32")] == [(16, 4), (2, 32)]
+    assert ([(configs[k]["prompts_per_step"], configs[k]["n"]) for k in ("n4", "n32")]
+            == [(16, 4), (2, 32)])
     rows = (tmp_path / "runs" / "ablate.md").read_text().splitlines()
     assert len(rows) == 2 + 3 and rows[2].startswith("| no-kl |") and "| 16 × 4 |" in rows[3]
 
@@ -39,9 +40,12 @@ def test_step_benchmark_runs_one_prorl_v2_step_and_prints_its_time_split(tmp_pat
         assert done.returncode == 0, done.stderr[-2000:]
     split = dict(zip(*[iter(done.stdout.strip().splitlines()[-1].split()[:8])] * 2, strict=True))
     assert set(split) == {"gen_s", "ref_s", "update_s", "step_s"}
-    assert sum(float(split[k]) for k in ("gen_s", "ref_s", "update_s")) <= float(split["step_s"]) + 0.02
-    config = json.loads((tmp_path / "runs" / "bench-step" / "small" / "train" / "config.json").read_text())
-    assert (config["advantage"], config["kl_kind"], config["n"], config["max_new_tokens"]) == ("reinforce_pp", "k2", 2, 4)
+    assert (sum(float(split[k]) for k in ("gen_s", "ref_s", "update_s"))
+            <= float(split["step_s"]) + 0.02)
+    config = json.loads((tmp_path / "runs" / "bench-step" / "small" / "train" / "config.json")
+                        .read_text())
+    assert ((config["advantage"], config["kl_kind"], config["n"], config["max_new_tokens"])
+            == ("reinforce_pp", "k2", 2, 4))
 
 
 # ------------------------------------------------------------------- experiments/boundary.py, smoke
@@ -64,9 +68,11 @@ def test_boundary_experiment_runs_its_arms_and_reports_each_split(tmp_path, monk
     assert all(0 <= c <= 4
                and len(counts) == 2 for counts in result["base"].values() for c in counts)
     config = json.loads((tmp_path / "runs" / "bx" / "edge-explore-s1" / "config.json").read_text())
-    assert (config["advantage"], config["seed"], config["curriculum"], config["level"]) == ("passk", 1, True, 3)
+    assert ((config["advantage"], config["seed"], config["curriculum"], config["level"])
+            == ("passk", 1, True, 3))
     summary, per_run = (tmp_path / "runs" / "bx" / "boundary.md").read_text().split("Per run:")
-    assert summary.splitlines()[0] == "| split | base | control | edge-explore |" and summary.count("\n| ") == 8
+    assert (summary.splitlines()[0] == "| split | base | control | edge-explore |"
+            and summary.count("\n| ") == 8)
     assert per_run.count("| base |") == 8 and per_run.count("| control-s1 |") == 8
     assert (tmp_path / "runs" / "bx" / "boundary.png").stat().st_size > 10_000
 

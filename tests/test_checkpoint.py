@@ -130,11 +130,13 @@ def test_a_run_stopped_before_its_first_checkpoint_resumes_from_its_start(tmp_pa
         train_run(tmp_path, tiny_model_dir, ["--run", "early", "--steps", "4", "--save-every", "0"])
     monkeypatch.setattr(train.sampling, "sample_groups", real_sample)
     run_dir = tmp_path / "runs" / "early"
-    assert not checkpoint.has_checkpoint(run_dir) and len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+    assert (not checkpoint.has_checkpoint(run_dir)
+            and len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2)
     with pytest.raises(ValueError, match="already holds a run: --resume runs/early continues it"):
         train_run(tmp_path, tiny_model_dir, ["--run", "early"])
     train_run(tmp_path, tiny_model_dir, ["--resume", str(run_dir)])
-    assert "stopped before its first checkpoint: starting it over from step 0" in capsys.readouterr().out
+    assert ("stopped before its first checkpoint: starting it over from step 0"
+            in capsys.readouterr().out)
     assert_same_run(result(run_dir), straight)
 
 

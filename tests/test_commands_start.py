@@ -83,5 +83,6 @@ def help_runs() -> dict[str, subprocess.CompletedProcess]:
 @pytest.mark.parametrize("command", [" ".join(argv) for argv in COMMANDS])
 def test_documented_command_starts(command, help_runs):
     run = help_runs[command]
-    assert run.returncode == 0, f"python {command} --help exited {run.returncode}: {run.stderr[-1500:]}"
+    assert run.returncode == 0, (f"python {command} --help exited {run.returncode}: "
+                                 f"{run.stderr[-1500:]}")
     assert "usage:" in run.stdout

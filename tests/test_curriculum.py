@@ -80,7 +80,8 @@ def test_state_dict_resumes_the_same_stream_exactly():
                                         window=3, seed=123)
     resumed.load_state_dict(state)
     assert resumed.level == state["level"] > 1 and list(resumed.window) == state["window"]
-    assert [resumed.sample()["prompt"] for _ in range(20)] == expected and resumed.drawn == stream.drawn
+    assert ([resumed.sample()["prompt"] for _ in range(20)] == expected
+            and resumed.drawn == stream.drawn)
 
 
 def test_settings_a_user_can_get_wrong_fail_in_one_sentence():

@@ -165,7 +165,8 @@ def test_only_rank_0_reads_the_checkpoint_the_others_receive_their_shards(tmp_pa
 
 def test_two_ranks_end_with_identical_weights_equal_to_one_process(tmp_path, tiny_model_dir):
     mp.spawn(update_worker, args=(2, free_port(), tiny_model_dir, str(tmp_path)), nprocs=2)
-    (ranks, rank_stats) = zip(*[torch.load(tmp_path / f"rank{r}.pt") for r in range(2)], strict=True)
+    (ranks, rank_stats) = zip(*[torch.load(tmp_path / f"rank{r}.pt") for r in range(2)],
+                              strict=True)
     single, stats = run_updates(tiny_model_dir)
     start = dict(models.load(tiny_model_dir)[0].named_parameters())
     assert set(ranks[0]) == set(single)
@@ -207,11 +208,13 @@ def test_train_py_under_torchrun_on_two_cpu_ranks(tmp_path, tiny_model_dir):
     run_dir = tmp_path / "runs" / "d"
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]  # one line per step: rank 1 wrote nothing
-    assert [m.get("reset") for m in metrics] == ["schedule", "schedule"] and metrics[-1]["resets"] == 2
+    assert ([m.get("reset") for m in metrics] == ["schedule", "schedule"]
+            and metrics[-1]["resets"] == 2)
     assert result.stdout.count("held-out pass@1") == 1  # the report is printed once
     saved = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     assert saved["step"] == 2 and saved["world_size"] == 2 and len(saved["ranks"]) == 2
-    assert saved["ranks"][0]["stream"]["drawn"] == saved["ranks"][1]["stream"]["drawn"] == 2 * 4 // 2
+    assert (saved["ranks"][0]["stream"]["drawn"]
+            == saved["ranks"][1]["stream"]["drawn"] == 2 * 4 // 2)
     trained = models.load(str(run_dir / "final"))[0].state_dict()
     assert all(torch.equal(trained[name], saved["policy"][name]) for name in saved["policy"])
 
@@ -230,7 +233,8 @@ def test_a_run_on_two_ranks_stopped_and_resumed_is_the_straight_run(tmp_path, ti
         runs[name] = ([{k: v for k, v in json.loads(line).items() if k not in timing}
                        for line in lines],
                       models.load(str(tmp_path / "runs" / name / "final"))[0].state_dict())
-    assert [m["step"] for m in runs["resumed"][0]] == [1, 2, 3] and runs["resumed"][0] == runs["straight"][0]
+    assert ([m["step"] for m in runs["resumed"][0]] == [1, 2, 3]
+            and runs["resumed"][0] == runs["straight"][0])
     assert [m.get("reset") for m in runs["straight"][0]] == [None, "schedule", None]
     assert all(torch.equal(runs["resumed"][1][k], runs["straight"][1][k])
                for k in runs["straight"][1])

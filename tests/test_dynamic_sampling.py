@@ -83,7 +83,8 @@ def test_when_no_group_is_informative_the_batch_is_empty(tiny_model, scripted_re
     assert stats["kept_frac"] == 0.0 and stream.drawn == 6  # it tried every round
 
 
-def test_truncated_responses_score_zero_and_the_length_penalty_shapes_the_rest(tiny_model, monkeypatch):
+def test_truncated_responses_score_zero_and_the_length_penalty_shapes_the_rest(
+        tiny_model, monkeypatch):
     policy, tokenizer = tiny_model
     # every answer "right"
     monkeypatch.setitem(rewards.VERIFIERS, "add", lambda example, completion: 1.0)

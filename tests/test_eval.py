@@ -45,7 +45,8 @@ def test_pass_at_k_equals_brute_force_enumeration():
                 hits = sum(any(right[i] for i in subset) for subset in subsets)
                 # Exactly equal, not approximately: the estimator is rounded once from exact
                 # integers.
-                assert evaluation.pass_at_k(n, c, k) == float(Fraction(hits, len(subsets))), (n, c, k)
+                assert evaluation.pass_at_k(n, c, k) == float(Fraction(hits, len(subsets))), (
+                    n, c, k)
 
 
 def test_pass_at_k_edge_cases():
@@ -144,14 +145,15 @@ def write_metrics(run_dir: Path, extra_line: str = "") -> None:
         if record["step"] == 4:
             record["reset"] = "stalled"
     run_dir.mkdir(exist_ok=True)
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + extra_line)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records)
+                                           + extra_line)
 
 
 def test_training_series_plots_what_is_present_and_marks_resets(tmp_path):
     write_metrics(tmp_path, extra_line='{"step": 7, "rew')  # a run still writing its last line
     panels, resets = curves.training_series(curves.read_metrics(tmp_path))
-    assert {title: set(series) for title, series in panels.items()} == {"reward": {"reward", "val_pass1"},
-                                                                        "KL": {"kl"}}
+    assert ({title: set(series) for title, series in panels.items()}
+            == {"reward": {"reward", "val_pass1"}, "KL": {"kl"}})
     assert panels["reward"]["val_pass1"] == ([3, 6], [0.2, 0.2])
     assert panels["KL"]["kl"][0] == [1, 2, 3, 4, 5, 6]
     assert resets == [(4, "stalled")]
@@ -214,7 +216,8 @@ def test_correct_counts_match_the_closed_form_rate(uniform_model_dir):
     counts = evaluation.correct_counts(policy, tokenizer, examples, n, max_new_tokens,
                                        temperature=1.0, top_p=1.0)
     vocab = policy.config.vocab_size
-    assert vocab == len(tokenizer) and {" ", "<pad>", "<bos>", "<unk>", "<eos>"} <= set(tokenizer.get_vocab())
+    assert (vocab == len(tokenizer)
+            and {" ", "<pad>", "<bos>", "<unk>", "<eos>"} <= set(tokenizer.get_vocab()))
     p_right = sum((4 / vocab) ** j * (1 / vocab) for j in range(max_new_tokens))
     samples = len(examples) * n
     expected, sigma = samples * p_right, math.sqrt(samples * p_right * (1 - p_right))

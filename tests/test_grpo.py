@@ -23,7 +23,8 @@ def test_grpo_advantage_by_hand():
     # −0.25/(√3/4) = −1/√3
     rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
     expected = torch.tensor([[1.0, -1.0, -1.0, 1.0],
-                             [math.sqrt(3), -1 / math.sqrt(3), -1 / math.sqrt(3), -1 / math.sqrt(3)]])
+                             [math.sqrt(3), -1 / math.sqrt(3), -1 / math.sqrt(3),
+                              -1 / math.sqrt(3)]])
     torch.testing.assert_close(grpo.group_advantages(rewards, "grpo"), expected, atol=1e-5, rtol=0)
 
 
@@ -115,7 +116,8 @@ def ratios_case(ratios, adv, clip_low=0.2, clip_high=0.28):
 
 def test_policy_loss_positive_advantage_by_hand():
     # A = +1, ε_low = 0.2, ε_high = 0.28: per token max(−ρ, −clip(ρ, 0.8, 1.28))
-    #   ρ = 1.0 → −1;  ρ = 1.5 → −1.28 (clipped);  ρ = 0.5 → −0.5 (the lower bound never binds for A > 0);  ρ = 1.1 → −1.1
+    #   ρ = 1.0 → −1;  ρ = 1.5 → −1.28 (clipped);
+    #   ρ = 0.5 → −0.5 (the lower bound never binds for A > 0);  ρ = 1.1 → −1.1
     loss, stats = ratios_case([1.0, 1.5, 0.5, 1.1], adv=1.0)
     assert loss.item() == pytest.approx(-(1.0 + 1.28 + 0.5 + 1.1) / 4)
     assert stats["clipfrac"].item() == pytest.approx(1 / 4)
@@ -126,7 +128,8 @@ def test_policy_loss_positive_advantage_by_hand():
 
 def test_policy_loss_negative_advantage_by_hand():
     # A = −1: per token max(ρ, clip(ρ, 0.8, 1.28))
-    #   ρ = 1.0 → 1;  ρ = 1.5 → 1.5 (the upper bound never binds for A < 0);  ρ = 0.5 → 0.8 (clipped);  ρ = 1.1 → 1.1
+    #   ρ = 1.0 → 1;  ρ = 1.5 → 1.5 (the upper bound never binds for A < 0);
+    #   ρ = 0.5 → 0.8 (clipped);  ρ = 1.1 → 1.1
     loss, stats = ratios_case([1.0, 1.5, 0.5, 1.1], adv=-1.0)
     assert loss.item() == pytest.approx((1.0 + 1.5 + 0.8 + 1.1) / 4)
     assert stats["clipfrac"].item() == pytest.approx(1 / 4)

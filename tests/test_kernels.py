@@ -147,7 +147,8 @@ def test_token_logprobs_extreme_logits(vocab_size, dtype):
     logits[1] = -1e4
     logits[1, 3] = 1e4  # one huge margin
     # ±1e4
-    logits[2] = 1e4 * torch.sign(torch.randn(vocab_size, generator=torch.Generator().manual_seed(2)))
+    logits[2] = (1e4
+                 * torch.sign(torch.randn(vocab_size, generator=torch.Generator().manual_seed(2))))
     logits[3] = -1e30  # very negative, with some −inf, and the label at 0
     logits[3, 10:20] = -inf
     logits[3, 5] = 0.0
@@ -165,7 +166,8 @@ def test_token_logprobs_extreme_logits(vocab_size, dtype):
     logp_ref, entropy_ref, grad_ref = reference_logprobs_and_grad(logits, labels,
                                                                   temperature, grad_out)
 
-    assert torch.isfinite(logp).all() and torch.isfinite(entropy).all() and torch.isfinite(grad).all()
+    assert (torch.isfinite(logp).all() and torch.isfinite(entropy).all()
+            and torch.isfinite(grad).all())
     assert (logp <= 0).all()
     assert_close_to_fp64(logp, logp_ref)
     assert_close_to_fp64(entropy, entropy_ref)
@@ -208,7 +210,8 @@ def test_token_logprobs_leading_shapes_and_slices():
     assert prorl_kernels.logprobs.as_rows(transposed)[-1] is True
     logp = prorl_kernels.token_logprobs(transposed, torch.arange(8))
     logp.sum().backward(retain_graph=True)
-    grad_ref = torch.autograd.grad(token_logprobs_ref(transposed, torch.arange(8)).sum(), transposed)[0]
+    grad_ref = torch.autograd.grad(token_logprobs_ref(transposed, torch.arange(8)).sum(),
+                                   transposed)[0]
     torch.testing.assert_close(transposed.grad, grad_ref)
     with pytest.raises(RuntimeError, match="inplace"):  # the copy now holds the gradient
         logp.sum().backward()
@@ -287,7 +290,8 @@ def assert_policy_loss_matches(full, labels, old_logp, ref_logp, adv, mask,
                                                   dtype=torch.float64, **kwargs)
     assert loss.dtype == torch.float32 and grad.dtype == full.dtype
     assert_close_to_fp64(loss, loss_ref)
-    expected = {"clipfrac", "entropy", "ratio_mean", "approx_kl"} | ({"kl"} if ref_logp is not None else set())
+    expected = ({"clipfrac", "entropy", "ratio_mean", "approx_kl"}
+                | ({"kl"} if ref_logp is not None else set()))
     assert stats.keys() == stats_ref.keys() == expected
     for name in stats:
         assert not stats[name].requires_grad
@@ -522,18 +526,22 @@ from prorl_kernels import logprobs, policy_loss
 layout = {"inner": "i32", "stride_outer": "i64", "stride_inner": "i64"}
 row_io = {"labels_ptr": "*i64", "lse_ptr": "*fp32", "V": "i32", "inv_temperature": "fp32"}
 kernels = [
-    (logprobs._token_logprobs_fwd_kernel, {"logp_ptr": "*fp32", "entropy_ptr": "*fp32"}, {"WITH_ENTROPY": True}),
+    (logprobs._token_logprobs_fwd_kernel, {"logp_ptr": "*fp32", "entropy_ptr": "*fp32"},
+     {"WITH_ENTROPY": True}),
     (logprobs._token_logprobs_bwd_kernel, {"row_grad_ptr": "*fp32", "grad_ptr": "*bf16"}, {}),
     (policy_loss._policy_loss_fwd_kernel,
-     {name + "_ptr": "*fp32" for name in "old_logp ref_logp adv mask logp entropy loss kl clipped dloss_dlogp".split()}
-     | {"ratio_low": "fp32", "ratio_high": "fp32", "kl_coef": "fp32"}, {"KL_KIND": 3, "USE_KL": True, "ON_POLICY": False}),
+     {name + "_ptr": "*fp32"
+      for name in "old_logp ref_logp adv mask logp entropy loss kl clipped dloss_dlogp".split()}
+     | {"ratio_low": "fp32", "ratio_high": "fp32", "kl_coef": "fp32"},
+     {"KL_KIND": 3, "USE_KL": True, "ON_POLICY": False}),
 ]
 for fn, extra, constexprs in kernels:
     constexprs = constexprs | {"BLOCK_V": 8192}
-    types = {"logits_ptr": "*bf16"} | layout | row_io | extra | {name: "constexpr" for name in constexprs}
+    types = ({"logits_ptr": "*bf16"} | layout | row_io | extra
+             | {name: "constexpr" for name in constexprs})
     signature = {name: types[name] for name in fn.arg_names}
-    compiled = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": 16})
+    compiled = triton.compile(ASTSource(fn, signature, constexprs),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": 16})
     assert compiled.asm["cubin"], fn.__name__
 """
 
@@ -543,7 +551,8 @@ def test_cuda_kernels_compile_for_h100():
     sm_90 (no GPU needed, only Triton's bundled ptxas) so a kernel that cannot build on a GPU fails
     here."""
     pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
+    env = ({k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+           | {"TRITON_DEFAULT_FP_FUSION": "1"})
     command = [sys.executable, "-c", COMPILE_FOR_H100]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
                             check=False, timeout=300)

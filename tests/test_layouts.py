@@ -42,8 +42,9 @@ def test_verl_parquet_keeps_chat_messages_and_reads_math_and_code(tmp_path, caps
          "extra_info": {"index": 0}},
         {"data_source": "taco", "prompt": [{"role": "user", "content": "Print a+b."}],
          "ability": "code",
-         "reward_model": {"style": "rule", "ground_truth": json.dumps({"inputs": ["1 2\n", "5 5\n"],
-                                                                       "outputs": ["3\n", "10\n"]})},
+         "reward_model": {"style": "rule",
+                          "ground_truth": json.dumps({"inputs": ["1 2\n", "5 5\n"],
+                                                      "outputs": ["3\n", "10\n"]})},
          "extra_info": {"index": 1}},
         {"data_source": "chem", "prompt": [{"role": "user", "content": "?"}],
          "ability": "chemistry",
@@ -59,7 +60,8 @@ def test_verl_parquet_keeps_chat_messages_and_reads_math_and_code(tmp_path, caps
     assert capsys.readouterr().out.strip() == (f"{path}: verl layout, 2 examples (math 1, code 1); "
                                                "skipped 1: "
                                                "ability 'chemistry', which has no verifier here 1")
-    assert rewards.score(math, "So \\boxed{42}.") == 1.0 and rewards.score(math, "So \\boxed{41}.") == 0.0
+    assert (rewards.score(math, "So \\boxed{42}.") == 1.0
+            and rewards.score(math, "So \\boxed{41}.") == 0.0)
     assert rewards.score(program, code("a, b = map(int, input().split())\nprint(a + b)")) == 1.0
     # ProRL's code reward: the fraction of tests passed
     assert rewards.score(program, code("print(3)")) == 0.5
@@ -69,11 +71,13 @@ def test_chat_messages_go_through_the_models_chat_template():
     tokenizer = models.build_tokenizer()
     messages = [{"role": "system", "content": "1"}, {"role": "user", "content": "2+3="}]
     plain = models.encode_prompt(tokenizer, messages)  # no template: BOS, then the contents joined
-    assert plain == [tokenizer.bos_token_id] + tokenizer("1\n\n2+3=", add_special_tokens=False)["input_ids"]
+    assert plain == ([tokenizer.bos_token_id]
+                     + tokenizer("1\n\n2+3=", add_special_tokens=False)["input_ids"])
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}:{% endfor %}"
     assert models.encode_prompt(tokenizer, messages) == tokenizer("1:2+3=:",
                                                                   add_special_tokens=False)["input_ids"]
-    assert models.encode_prompt(tokenizer, "2+3=") == tokenizer("2+3=:", add_special_tokens=False)["input_ids"]
+    assert (models.encode_prompt(tokenizer, "2+3=")
+            == tokenizer("2+3=:", add_special_tokens=False)["input_ids"])
 
 
 def test_ifeval_and_ifbench_rows(tmp_path, capsys):
@@ -106,7 +110,8 @@ def test_nemotron_instruction_following(tmp_path):
     path = write(tmp_path / "nemotron.jsonl", [{
         "input": [{"role": "system", "content": "Be brief."},
                   {"role": "user", "content": "Say hi in capitals."}],
-        "args": {"instruction_id_list": ["change_case:english_capital"], "instruction_kwargs": [{}]}}])
+        "args": {"instruction_id_list": ["change_case:english_capital"],
+                 "instruction_kwargs": [{}]}}])
     [example] = tasks.load_source(path)
     assert example["messages"][0] == {"role": "system", "content": "Be brief."}
     assert example["constraints"] == [{"kind": "change_case:english_capital"}]
@@ -137,9 +142,10 @@ def test_apps_and_taco_stdin_and_call_based(tmp_path):
     assert rewards.score(double, code("print(int(input()) + 1)")) == 0.0  # 3, not 4
     assert rewards.score(add, code("def add(a, b):\n    return a + b")) == 1.0
     assert rewards.score(add, code("def add(a, b):\n    return b + a")) == 0.5  # 'ba' != 'ab'
-    assert rewards.score(area,
-                         code("class Solution:\n    def area(self, h):\n        return min(h)")) == 0.0
-    assert rewards.score(area, code("class Solution:\n    def area(self, h):\n        return h[1]")) == 1.0
+    assert rewards.score(area, code("class Solution:\n    def area(self, h):\n"
+                                    "        return min(h)")) == 0.0
+    assert rewards.score(area, code("class Solution:\n    def area(self, h):\n"
+                                    "        return h[1]")) == 1.0
 
 
 class RunsCode:
@@ -157,7 +163,8 @@ def pickled(value) -> str:
     return base64.b64encode(zlib.compress(pickle.dumps(value))).decode()
 
 
-def test_livecodebench_private_tests_are_read_as_data_and_a_hostile_pickle_runs_nothing(tmp_path, capsys):
+def test_livecodebench_private_tests_are_read_as_data_and_a_hostile_pickle_runs_nothing(
+        tmp_path, capsys):
     marker = tmp_path / "ran"
     public = json.dumps([{"input": "3\n", "output": "9\n", "testtype": "stdin"}])
     private = json.dumps([{"input": "4\n", "output": "16\n", "testtype": "stdin"}])
@@ -198,8 +205,8 @@ def test_codeforces_limits_and_what_is_skipped(tmp_path, capsys):
     assert example["prompt"].startswith("Echo\n\nPrint n.\n\nInput\nn\n\nOutput\nn\n\nExample "
                                         "input\n5\n")
     assert "an interactive problem 1" in capsys.readouterr().out
-    assert rewards.score(example, code("print(input())")) == 1.0 and rewards.score(example,
-                                                                                   code("print(8)")) == 0.0
+    assert (rewards.score(example, code("print(input())")) == 1.0
+            and rewards.score(example, code("print(8)")) == 0.0)
 
 
 def test_mmlu_pro_options_in_letter_order(tmp_path):
@@ -257,7 +264,8 @@ def test_math_layouts_answers_as_string_int_or_float(tmp_path):
     assert first["prompt"] == "Find 200+4.\n\nPut your final answer in \\boxed{}."
     [half] = tasks.load_source(deepscaler)
     [two] = tasks.load_source(math500)
-    assert rewards.score(first, "\\boxed{204}") == 1.0 and rewards.score(first, "\\boxed{240}") == 0.0
+    assert (rewards.score(first, "\\boxed{204}") == 1.0
+            and rewards.score(first, "\\boxed{240}") == 0.0)
     assert rewards.score(half, "\\boxed{0.5}") == 1.0 and rewards.score(half, "\\boxed{2}") == 0.0
     assert rewards.score(two, "\\boxed{2}") == 1.0 and rewards.score(two, "\\boxed{3}") == 0.0
 
@@ -290,4 +298,5 @@ def test_evaluation_reads_a_whole_benchmark_file(tmp_path):
                  [{"problem": f"Find {i}.", "answer": str(i)} for i in range(30)])
     whole = evaluation.eval_problems(aime, 100, level=1, whole_file=True)
     assert [example["answer"] for example in whole] == [str(i) for i in range(30)]
-    assert evaluation.eval_problems(aime, 100, level=1, whole_file=False) == tasks.heldout(aime, 100)
+    assert (evaluation.eval_problems(aime, 100, level=1, whole_file=False)
+            == tasks.heldout(aime, 100))

@@ -28,7 +28,8 @@ def test_schedule_by_hand(step, expected):
 def test_eta_min_is_the_floor_of_the_on_phase():
     # η_min = 0.02, η_max = 0.1: halfway 0.02 + ½ · 0.08 · 1 = 0.06; the on-phase never goes below
     # 0.02
-    assert rewards.length_penalty_coef(50, eta_min=0.02, eta_max=0.1, period=100) == pytest.approx(0.06)
+    assert (rewards.length_penalty_coef(50, eta_min=0.02, eta_max=0.1, period=100)
+            == pytest.approx(0.06))
     coefs = [rewards.length_penalty_coef(t, eta_min=0.02, eta_max=0.1, period=100)
              for t in range(300)]
     assert min(coefs) >= 0.02 and max(coefs) == pytest.approx(0.1)

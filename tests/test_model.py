@@ -27,7 +27,8 @@ def test_supervised_batch_puts_loss_on_the_answer_only():
     vocab = tokenizer.get_vocab()
     # row 0: <bos> 1 + 2 = 3 <eos>, right-padded to row 1's 10 tokens; only "3" and <eos> are
     # predicted
-    assert input_ids[0].tolist() == [vocab[t] for t in ["<bos>", "1", "+", "2", "=", "3", "<eos>"] + ["<pad>"] * 3]
+    assert (input_ids[0].tolist()
+            == [vocab[t] for t in ["<bos>", "1", "+", "2", "=", "3", "<eos>"] + ["<pad>"] * 3])
     assert labels[0].tolist() == [-100] * 5 + [vocab["3"], vocab["<eos>"]] + [-100] * 3
     assert labels[1].tolist() == [-100] * 7 + [vocab["3"], vocab["0"], vocab["<eos>"]]
 
@@ -91,7 +92,8 @@ def test_load_reports_a_directory_without_weights_in_one_line(tmp_path):
     assert "\n" not in str(error.value)
 
 
-def test_stop_ids_include_the_generation_configs_end_of_turn_and_a_model_without_eos_is_refused(tmp_path):
+def test_stop_ids_include_the_generation_configs_end_of_turn_and_a_model_without_eos_is_refused(
+        tmp_path):
     """Chat checkpoints (Llama-3-Instruct) name their end-of-turn token only in
     generation_config.json."""
     tokenizer = models.build_tokenizer()

@@ -52,7 +52,8 @@ def shadowed(root: Path) -> dict[str, list[str]]:
 
 
 def test_no_module_of_ours_shadows_an_installed_one():
-    assert shadowed(ROOT) == {}, "rename these: an installed distribution provides a module of the same name"
+    assert shadowed(ROOT) == {}, ("rename these: an installed distribution provides a module of "
+                                  "the same name")
 
 
 def test_the_check_catches_a_package_folder(tmp_path):

@@ -41,11 +41,13 @@ def config_error(capsys, argv: list[str]) -> str:
         message = str(error)
     except SystemExit as exit_info:
         assert exit_info.code not in (0, None)
-        message = (exit_info.code if isinstance(exit_info.code, str) else "") + capsys.readouterr().err
+        message = ((exit_info.code if isinstance(exit_info.code, str) else "")
+                   + capsys.readouterr().err)
     else:
         pytest.fail(f"parse_config accepted {argv}")
     lines = [line for line in message.splitlines() if line.strip()]
-    assert len(lines) == 1, "a config error should be one sentence, not a usage dump:\n" + "\n".join(lines)
+    assert len(lines) == 1, ("a config error should be one sentence, not a usage dump:\n"
+                             + "\n".join(lines))
     return lines[0]
 
 
@@ -111,11 +113,13 @@ def test_a_new_run_never_overwrites_an_earlier_one(tmp_path, monkeypatch, capsys
         pytest.raises(ValueError, train.main, ["--resume", "runs/tiny-s0"]).value)
 
 
-def test_a_model_the_sampler_cannot_run_is_one_line_and_leaves_the_run_name_free(tmp_path, monkeypatch):
+def test_a_model_the_sampler_cannot_run_is_one_line_and_leaves_the_run_name_free(tmp_path,
+                                                                                 monkeypatch):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tokenizer = models.build_tokenizer()
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=1, n_head=2)).save_pretrained(tmp_path / "gpt2")
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=1,
+                               n_head=2)).save_pretrained(tmp_path / "gpt2")
     tokenizer.save_pretrained(tmp_path / "gpt2")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="supports Llama and Qwen2 models, not 'gpt2'"):
@@ -154,8 +158,8 @@ STEP_KEYS = {"step", "reward", "pass_rate", "kept_frac", "response_len", "clipfr
              "tokens_per_s"}
 
 
-def run_train(tmp_path, monkeypatch, model_dir: str, argv: list[str]) -> tuple[dict,
-                                                                               list[dict], list[float]]:
+def run_train(tmp_path, monkeypatch, model_dir: str,
+              argv: list[str]) -> tuple[dict, list[dict], list[float]]:
     """train.main in tmp_path → (config.json, metrics.jsonl records, the learning rate AdamW was
     built with)."""
     monkeypatch.chdir(tmp_path)
@@ -185,7 +189,8 @@ def test_preset_trains_end_to_end(tmp_path, monkeypatch, tiny_model_dir, preset)
     extra, expected_settings = PRESET_RUNS[preset]
     config, metrics, learning_rates = run_train(
         tmp_path, monkeypatch, tiny_model_dir,
-        ["--preset", preset, "--steps", "2", "--prompts-per-step", "4", "--eval-every", "1"] + extra)
+        ["--preset", preset, "--steps", "2", "--prompts-per-step", "4", "--eval-every", "1"]
+        + extra)
     assert {k: config[k] for k in expected_settings} == expected_settings
     assert [m["step"] for m in metrics] == [1, 2]
     for m in metrics:
@@ -202,7 +207,8 @@ def test_preset_trains_end_to_end(tmp_path, monkeypatch, tiny_model_dir, preset)
     assert all(f"| {family} |" in result for family in ("sort", "reverse", "countdown", "average"))
 
 
-def test_scheduled_reset_makes_the_next_steps_kl_exactly_zero(tmp_path, monkeypatch, tiny_model_dir):
+def test_scheduled_reset_makes_the_next_steps_kl_exactly_zero(tmp_path, monkeypatch,
+                                                               tiny_model_dir):
     # One mini-batch per step, so a step's KL is measured before its own update: step 1 starts at π
     # = π_ref (0), step 2 after one update (> 0), reset after step 2, step 3 back at π = π_ref
     # (exactly 0).
@@ -222,7 +228,8 @@ def capture_shaped_rewards(monkeypatch) -> list[dict]:
     """Record, at each step of train.main, the sampled batch, its scores, the reference's log-probs
     and the rewards handed to the advantage estimator."""
     steps = []
-    real_sample, real_logprobs, real_advantages = sampling.sample_groups, train.batch_logprobs, grpo.group_advantages
+    real_sample, real_logprobs, real_advantages = (sampling.sample_groups, train.batch_logprobs,
+                                                   grpo.group_advantages)
 
     def sample(*args, **kwargs):
         batch, scores, stats = real_sample(*args, **kwargs)

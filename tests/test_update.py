@@ -25,7 +25,8 @@ def rollout_batch(tiny_model):
                for text in ("12+34=", "5 3 9 1 7=", "3 7 9>30:", "8+8=")]
     batch = rollout.generate(policy, prompts, n=4, max_new_tokens=6, seed=0,
                              pad_id=tokenizer.pad_token_id)
-    adv = grpo.group_advantages(torch.rand(4, 4, generator=torch.Generator().manual_seed(0))).flatten()
+    adv = grpo.group_advantages(torch.rand(4, 4,
+                                           generator=torch.Generator().manual_seed(0))).flatten()
     return batch, adv
 
 
@@ -129,7 +130,8 @@ def test_minibatches_are_near_equal_and_a_batch_with_no_tokens_takes_no_step(tin
                                 torch.ones_like(batch.truncated), batch.prompt_len)
     before = [p.clone() for p in policy.parameters()]
     stats = train.update(policy, optimizer, truncated, adv, None,
-                         settings.Config(minibatches=2, epochs=1, kl_coef=0.0, overlong_filter=True))
+                         settings.Config(minibatches=2, epochs=1, kl_coef=0.0,
+                                         overlong_filter=True))
     assert all(torch.equal(p, q) for p, q in zip(before, policy.parameters()))
     assert optimizer.state[next(policy.parameters())]["step"].item() == 6
     assert stats == {"skipped_updates": 0}
@@ -248,7 +250,7 @@ def test_micro_batches_change_memory_not_the_update(tiny_model_dir, rollout_batc
 
 # ------------------------------------------------------------------- mixed precision (bf16 on CUDA)
 
-def test_bf16_compute_keeps_fp32_weights_that_move_at_the_presets_lr_and_saves_as_the_checkpoint_came(
+def test_bf16_compute_keeps_fp32_weights_moving_at_the_presets_lr_and_saves_as_it_came(
         tmp_path, monkeypatch, tiny_model_dir):
     """With bf16 compute (CUDA's; forced here on CPU) the forwards run in bf16 and the sampler
     samples bf16 copies, but the weights AdamW updates are fp32: at ProRL's lr of 2e-6 nearly every
@@ -262,11 +264,13 @@ def test_bf16_compute_keeps_fp32_weights_that_move_at_the_presets_lr_and_saves_a
     real_update = train.update
 
     def recording_update(policy, optimizer, *args):
-        policy.lm_head.register_forward_hook(lambda module, inputs, output: logits_dtypes.append(output.dtype))
+        policy.lm_head.register_forward_hook(
+            lambda module, inputs, output: logits_dtypes.append(output.dtype))
         before = [p.detach().clone() for p in policy.parameters()]
         stats = real_update(policy, optimizer, *args)
         assert all(p.dtype == torch.float32 for p in policy.parameters())
-        moved.append(torch.cat([(p != q).flatten() for p, q in zip(policy.parameters(), before)]).float().mean())
+        moved.append(torch.cat([(p != q).flatten()
+                                for p, q in zip(policy.parameters(), before)]).float().mean())
         return stats
 
     monkeypatch.setattr(train, "update", recording_update)
@@ -296,8 +300,8 @@ def test_kl_clamp_bounds_the_per_token_kl_term(tiny_model, rollout_batch):
                              adv, ref_logp, c)["kl"]
     bound = unclamped / 2  # below the mean, so some tokens' KL must be cut
     clamped = train.update(policy, torch.optim.SGD(policy.parameters(), lr=0.0), batch, adv,
-                           ref_logp,
-                           settings.Config(minibatches=1, kl_coef=0.1, kl_kind="k3", kl_clamp=bound))["kl"]
+                           ref_logp, settings.Config(minibatches=1, kl_coef=0.1, kl_kind="k3",
+                                                     kl_clamp=bound))["kl"]
     assert unclamped > bound >= clamped > 0
 
 

@@ -56,7 +56,8 @@ def test_the_guide_has_six_to_eight_exercises_with_their_figures():
     figures = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", text)
     assert figures, "the guide shows no figure"
     for figure in figures:
-        assert (GUIDE.parent / figure).is_file(), f"{figure} is shown in the guide but not committed"
+        assert (GUIDE.parent / figure).is_file(), (f"{figure} is shown in the guide but not "
+                                                   "committed")
 
 
 def test_every_command_in_the_guide_parses_with_todays_flags(monkeypatch):
@@ -76,7 +77,8 @@ def test_every_command_in_the_guide_parses_with_todays_flags(monkeypatch):
             assert used <= train_flags, f"{' '.join(argv)}: no such flag {used - train_flags}"
             settings.parse_config(args)  # values too: a bad task, bug or preset name fails here
         else:
-            assert script in others, f"{script}: the guide runs a script this test does not know how to check"
+            assert script in others, (f"{script}: the guide runs a script this test does not "
+                                      "know how to check")
             known = help_flags(others[script])
             assert used <= known, f"{' '.join(argv)}: no such flag {used - known}"
             others[script](args)
