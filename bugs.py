@@ -19,8 +19,8 @@ import kl
 def kl_penalty_sign_flipped(logp, ref_logp, kind="k3", clamp=None, mask=None) -> torch.Tensor:
     """kl.kl_penalty with its sign flipped: the loss now *rewards* moving away from π_ref."""
     if mask is not None:
-        logp, ref_logp = torch.where(mask.bool(), logp, 0.0), torch.where(mask.bool(),
-                                                                          ref_logp, 0.0)
+        logp, ref_logp = (torch.where(mask.bool(), logp, 0.0),
+                          torch.where(mask.bool(), ref_logp, 0.0))
     kl_value = kl.kl_estimate(logp, ref_logp, kind)
     return -(kl_value.clamp(min=-clamp, max=clamp) if clamp else kl_value)  # BUG: the minus sign
 
@@ -37,8 +37,8 @@ def clipped_surrogate_unclipped(logp, old_logp, adv, mask, clip_low=0.2, clip_hi
     that earlier ones already moved, however far the ratio went. clipfrac reads 0."""
     if adv.dim() == 1:
         adv = adv.unsqueeze(1)
-    logp, old_logp = torch.where(mask.bool(), logp, 0.0), torch.where(mask.bool(),
-                                                                      old_logp.to(logp.dtype), 0.0)
+    logp, old_logp = (torch.where(mask.bool(), logp, 0.0),
+                      torch.where(mask.bool(), old_logp.to(logp.dtype), 0.0))
     ratio = torch.exp(logp - old_logp)
     pg_loss1 = -adv * ratio
     pg_loss2 = -adv * ratio  # BUG: was −A · clamp(ratio, 1 − clip_low, 1 + clip_high)

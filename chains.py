@@ -47,8 +47,8 @@ HELDOUT_COMPOSITION_PERCENT = 20
 
 def compositions(depth: int) -> list[tuple[str, ...]]:
     """Every chain of `depth` operations in which no operation follows itself, in a fixed order."""
-    return [ops
-            for ops in product(OPERATIONS, repeat=depth) if all(a != b for a, b in pairwise(ops))]
+    return [ops for ops in product(OPERATIONS, repeat=depth)
+            if all(a != b for a, b in pairwise(ops))]
 
 
 def is_heldout_composition(ops: tuple[str, ...]) -> bool:

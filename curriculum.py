@@ -62,9 +62,8 @@ class EdgeCurriculum:
         lists), row i those of examples[i]. Give every sampled group, before dynamic sampling drops
         the all-right ones, or the pass rate is biased low. Returns True if the level went up."""
         promoted = False
-        for example, row in zip(examples,
-                                scores.tolist() if hasattr(scores, "tolist")
-                                else scores, strict=True):
+        for example, row in zip(examples, scores.tolist() if hasattr(scores, "tolist") else scores,
+                                strict=True):
             if example["level"] != self.level:
                 continue  # a replayed easier problem, or one sampled before the last promotion
             self.window.append(sum(score >= 1 for score in row) / len(row))

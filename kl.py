@@ -35,10 +35,10 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3",
     dominate.
 
     Outside `mask` (prompt, pads) it is exactly 0 and passes no gradient: both log-probs are set to
-    0 first, so that exp of a huge log-ratio there cannot turn the zero gradient into 0·inf =
-    NaN."""
+    0 first, so that exp of a huge log-ratio there cannot turn the zero gradient into
+    0·inf = NaN."""
     if mask is not None:
-        logp, ref_logp = torch.where(mask.bool(), logp, 0.0), torch.where(mask.bool(),
-                                                                          ref_logp, 0.0)
+        logp, ref_logp = (torch.where(mask.bool(), logp, 0.0),
+                          torch.where(mask.bool(), ref_logp, 0.0))
     kl = kl_estimate(logp, ref_logp, kind)
     return kl.clamp(min=-clamp, max=clamp) if clamp else kl

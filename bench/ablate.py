@@ -74,9 +74,8 @@ def table(rows: list[dict]) -> str:
         base, trained = row["result"]["average"]
         per_family = " | ".join(f"{row['result'][f][1]:.3f}" for f in families)
         lines.append(f"| {row['name']} | {row['change']} | {row['groups']} | {row['kept']:.2f} | "
-                     f"{base:.3f} | "
-                     f"{trained:.3f} | {trained - base:+.3f} | {per_family} | {row['seconds']:.0f} "
-                     "|")
+                     f"{base:.3f} | {trained:.3f} | {trained - base:+.3f} | {per_family} | "
+                     f"{row['seconds']:.0f} |")
     return "\n".join(lines)
 
 
@@ -112,8 +111,8 @@ def main(argv: list[str]) -> None:
         start = time.time()
         # a rerun replaces the ablation's runs
         shutil.rmtree(Path("runs") / f"ablate-{name}", ignore_errors=True)
-        train.main(["--boundary-problems", "0", "--steps", str(args.steps), "--eval-every",
-                    str(max(1, args.steps // 6)),
+        train.main(["--boundary-problems", "0", "--steps", str(args.steps),
+                    "--eval-every", str(max(1, args.steps // 6)),
                     # later flags win: the user's come last
                     "--run", f"ablate-{name}"] + flags + train_flags)
         run_dir = Path("runs") / f"ablate-{name}"

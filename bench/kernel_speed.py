@@ -7,8 +7,8 @@ For tokens ∈ {4096, 16384} it times forward and forward+backward of eager PyTo
 kernels/reference.py), `torch.compile` of the same code, Liger-Kernel where installed, and ours, and
 prints one table: milliseconds, achieved bandwidth against the bytes a one-read kernel must move
 (forward reads the logits once; backward reads them once and writes the gradient), the % of the
-device's peak HBM bandwidth, speed-ups, and peak memory beyond the inputs. The logits are a [B, T+1,
-V] model output and the ops get `logits[:, :-1]`, as in train.py; the gradient is taken w.r.t. that
+device's peak HBM bandwidth, speed-ups, and peak memory beyond the inputs. The logits are a
+[B, T+1, V] model output and the ops get `logits[:, :-1]`, as in train.py; the gradient is taken w.r.t. that
 slice.
 
 Without a GPU it runs the reference only, on fewer tokens, and says so: it never prints GPU figures

@@ -68,26 +68,23 @@ def main() -> None:
         build(args.shape, model_dir, torch.bfloat16 if cuda else torch.float32)
     device = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"{time.strftime('%Y-%m-%d')}  {device}, torch {torch.__version__}: one prorl-v2 step, "
-          "random Qwen2 "
-          f"'{args.shape}', {prompts} prompts x N={n}, {new_tokens} new tokens, {micro_rows} rows "
-          "per micro-batch")
+          f"random Qwen2 '{args.shape}', {prompts} prompts x N={n}, {new_tokens} new tokens, "
+          f"{micro_rows} rows per micro-batch")
     # a rerun replaces the last one
     shutil.rmtree(os.path.join("runs", run, "train"), ignore_errors=True)
     # the step is what is timed; at 1.5B a checkpoint is 25 GB
     train.checkpoint.save = lambda *args, **kwargs: None
-    train.main(["--preset", "prorl-v2", "--model", model_dir, "--run", f"{run}/train", "--tasks",
-                "countdown",
-                "--steps", "1", "--prompts-per-step", str(prompts), "--n", str(n),
-                "--max-new-tokens", str(new_tokens),
+    train.main(["--preset", "prorl-v2", "--model", model_dir, "--run", f"{run}/train",
+                "--tasks", "countdown", "--steps", "1", "--prompts-per-step", str(prompts),
+                "--n", str(n), "--max-new-tokens", str(new_tokens),
                 "--micro-batch-rows", str(micro_rows), "--dynamic-sampling", "false",
-                "--eval-every", "0",
-                "--eval-problems", "1", "--val-problems", "1", "--eval-samples", "1",
-                "--boundary-problems", "0"])
+                "--eval-every", "0", "--eval-problems", "1", "--val-problems", "1",
+                "--eval-samples", "1", "--boundary-problems", "0"])
     with open(os.path.join("runs", run, "train", "metrics.jsonl")) as f:
         step = json.loads(f.readlines()[-1])
-    print("  "
-          + "  ".join(f"{key} {step[key]:.2f}" for key in ("gen_s", "ref_s", "update_s", "step_s")
-                      if key in step) + f"  trained tokens/s {step['tokens_per_s']:.0f}")
+    print("  " + "  ".join(f"{key} {step[key]:.2f}"
+                           for key in ("gen_s", "ref_s", "update_s", "step_s") if key in step)
+          + f"  trained tokens/s {step['tokens_per_s']:.0f}")
     if "peak_gb" in step:
         print(f"  peak GPU memory {step['peak_gb']:.1f} GB")
 

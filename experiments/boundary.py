@@ -143,8 +143,8 @@ def summary(result: dict, n: int) -> str:
             gains = [bootstrap_difference(base, result["runs"][run][split], n, n) for run in runs]
             cells.append(f"{sum(c[1] for c in curves) / len(curves):.3f} / "
                          f"{sum(c[n] for c in curves) / len(curves):.3f}"
-                         + " ("
-                         + ", ".join(f"{mean:+.2f} [{low:+.2f}]" for mean, low, _ in gains) + ")")
+                         + " (" + ", ".join(f"{mean:+.2f} [{low:+.2f}]" for mean, low, _ in gains)
+                         + ")")
         lines.append(f"| {split} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

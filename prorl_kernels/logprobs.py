@@ -129,8 +129,8 @@ def as_rows(logits: torch.Tensor) -> tuple[torch.Tensor, int, int, int, bool]:
     """Address logits [..., V] as N rows without copying when possible.
 
     Returns (tensor, inner, stride_outer, stride_inner, copied): row r starts at element
-    (r // inner)·stride_outer + (r % inner)·stride_inner of `tensor`. `logits[:, :-1]` of a [B, T,
-    V] tensor fits as is; a layout whose last dim is not contiguous is copied (copied=True).
+    (r // inner)·stride_outer + (r % inner)·stride_inner of `tensor`. `logits[:, :-1]` of a
+    [B, T, V] tensor fits as is; a layout whose last dim is not contiguous is copied (copied=True).
     """
     vocab_size = logits.shape[-1]
     if logits.stride(-1) == 1:

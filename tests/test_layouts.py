@@ -58,8 +58,8 @@ def test_verl_parquet_keeps_chat_messages_and_reads_math_and_code(tmp_path, caps
     assert program["tests"] == [{"input": "1 2\n", "output": "3\n"},
                                 {"input": "5 5\n", "output": "10\n"}]
     assert capsys.readouterr().out.strip() == (f"{path}: verl layout, 2 examples (math 1, code 1); "
-                                               "skipped 1: "
-                                               "ability 'chemistry', which has no verifier here 1")
+                                               "skipped 1: ability 'chemistry', which has no "
+                                               "verifier here 1")
     assert (rewards.score(math, "So \\boxed{42}.") == 1.0
             and rewards.score(math, "So \\boxed{41}.") == 0.0)
     assert rewards.score(program, code("a, b = map(int, input().split())\nprint(a + b)")) == 1.0
@@ -216,12 +216,11 @@ def test_mmlu_pro_options_in_letter_order(tmp_path):
         {"question": "Bad", "options": ["x", "y"], "answer": "A", "answer_index": 1,
          "category": "math"}])
     [example] = tasks.load_source(path)
-    assert example["prompt"].startswith("2+2?\n(A) 3\n(B) 5\n(C) 4\n(D) 22\n\nAnswer with the "
-                                        "letter")
+    assert example["prompt"].startswith("2+2?\n(A) 3\n(B) 5\n(C) 4\n(D) 22\n\n"
+                                        "Answer with the letter")
     assert example["answer"] == "C"
-    assert rewards.score(example, "The answer is (C).") == 1.0 and rewards.score(example,
-                                                                                 "The answer is "
-                                                                                 "(D).") == 0.0
+    assert (rewards.score(example, "The answer is (C).") == 1.0
+            and rewards.score(example, "The answer is (D).") == 0.0)
 
 
 def test_gpqa_csv_shuffles_the_four_answers_with_a_fixed_seed_per_question(tmp_path):
