@@ -8,8 +8,8 @@ kernels/reference.py), `torch.compile` of the same code, Liger-Kernel where inst
 prints one table: milliseconds, achieved bandwidth against the bytes a one-read kernel must move
 (forward reads the logits once; backward reads them once and writes the gradient), the % of the
 device's peak HBM bandwidth, speed-ups, and peak memory beyond the inputs. The logits are a
-[B, T+1, V] model output and the ops get `logits[:, :-1]`, as in train.py; the gradient is taken w.r.t. that
-slice.
+[B, T+1, V] model output and the ops get `logits[:, :-1]`, as in train.py; the gradient is taken
+w.r.t. that slice.
 
 Without a GPU it runs the reference only, on fewer tokens, and says so: it never prints GPU figures
 it did not measure.
