@@ -392,10 +392,9 @@ def check_example(example: dict) -> None:
     if task not in rewards.VERIFIERS:
         raise ValueError(f"unknown task '{task}'; known: {', '.join(rewards.VERIFIERS)}")
     required = {"math": ["answer"], "code": ["tests"], "logic": ["dataset", "entry"],
-                "mcq": ["answer"],
-                "ifeval": ["constraints"], "add": ["answer"], "sort": ["answer"],
-                "reverse": ["answer"],
-                "countdown": ["numbers", "target"], "chains": ["digits", "ops"]}
+                "mcq": ["answer"], "ifeval": ["constraints"], "add": ["answer"], "sort": ["answer"],
+                "reverse": ["answer"], "countdown": ["numbers", "target"],
+                "chains": ["digits", "ops"]}
     missing = [field for field in required[task] if field not in example]
     if missing:
         raise ValueError(f"a '{task}' example needs the field(s) {', '.join(missing)}")

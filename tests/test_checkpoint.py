@@ -20,11 +20,10 @@ import models
 import settings
 import train
 
-ARGS = ["--prompts-per-step", "4", "--n", "4", "--max-new-tokens", "6", "--dynamic-sampling",
-        "false",
-        "--length-eta-max", "0.05", "--minibatches", "2", "--lr", "1e-2", "--eval-every", "2",
-        "--reset-every", "3",
-        "--kl-coef", "1e-2", "--eval-problems", "2", "--val-problems", "2", "--eval-samples", "1",
+ARGS = ["--prompts-per-step", "4", "--n", "4", "--max-new-tokens", "6",
+        "--dynamic-sampling", "false", "--length-eta-max", "0.05", "--minibatches", "2",
+        "--lr", "1e-2", "--eval-every", "2", "--reset-every", "3", "--kl-coef", "1e-2",
+        "--eval-problems", "2", "--val-problems", "2", "--eval-samples", "1",
         "--boundary-problems", "0"]
 # wall-clock: the only values allowed to differ
 TIMING = {"gen_s", "ref_s", "update_s", "step_s", "tokens_per_s"}

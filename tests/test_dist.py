@@ -107,8 +107,7 @@ def load_worker(rank: int, world: int, port: int, model_dir: str, out_dir: str) 
     moments = [(s["exp_avg"].full_tensor(), fresh_optimizer.state[q]["exp_avg"].full_tensor())
                for (p, s), q in zip(optimizer.state.items(), fresh_optimizer.state, strict=True)]
     torch.save({"reads": len(reads), "same_weights": same, "step": saved["step"],
-                "base": saved["base"],
-                "same_moments": all(torch.equal(a, b) for a, b in moments)},
+                "base": saved["base"], "same_moments": all(torch.equal(a, b) for a, b in moments)},
                Path(out_dir) / f"load{rank}.pt")
     torch.distributed.destroy_process_group()
 

@@ -37,9 +37,8 @@ def test_verl_parquet_keeps_chat_messages_and_reads_math_and_code(tmp_path, caps
     system = {"role": "system", "content": "Think step by step."}
     path = write(tmp_path / "eurus.parquet", [
         {"data_source": "numina_olympiads",
-         "prompt": [system, {"role": "user", "content": "What is 6 * 7?"}],
-         "ability": "math", "reward_model": {"style": "rule", "ground_truth": "42"},
-         "extra_info": {"index": 0}},
+         "prompt": [system, {"role": "user", "content": "What is 6 * 7?"}], "ability": "math",
+         "reward_model": {"style": "rule", "ground_truth": "42"}, "extra_info": {"index": 0}},
         {"data_source": "taco", "prompt": [{"role": "user", "content": "Print a+b."}],
          "ability": "code",
          "reward_model": {"style": "rule",
@@ -195,9 +194,8 @@ def test_livecodebench_private_tests_are_read_as_data_and_a_hostile_pickle_runs_
 def test_codeforces_limits_and_what_is_skipped(tmp_path, capsys):
     base = {"title": "Echo", "description": "Print n.", "input_format": "n", "output_format": "n",
             "examples": [{"input": "5\n", "output": "5\n"}],
-            "official_tests": [{"input": "7\n", "output": "7\n"}],
-            "time_limit": 2.0, "memory_limit": 256, "interaction_format": None,
-            "generated_checker": None}
+            "official_tests": [{"input": "7\n", "output": "7\n"}], "time_limit": 2.0,
+            "memory_limit": 256, "interaction_format": None, "generated_checker": None}
     path = write(tmp_path / "cf.parquet", [base, {**base, "interaction_format": "Ask queries."},
                                            {**base, "generated_checker": "def check(): ..."}])
     [example] = tasks.load_source(path)
@@ -232,9 +230,8 @@ def test_gpqa_csv_shuffles_the_four_answers_with_a_fixed_seed_per_question(tmp_p
         writer.writeheader()
         for q in range(6):
             writer.writerow({"Question": f"Question {q}?", "Correct Answer": f" right{q}\n",
-                             "Incorrect Answer 1": "w1",
-                             "Incorrect Answer 2": "w2", "Incorrect Answer 3": "w3",
-                             "Subdomain": "x"})
+                             "Incorrect Answer 1": "w1", "Incorrect Answer 2": "w2",
+                             "Incorrect Answer 3": "w3", "Subdomain": "x"})
     examples = tasks.load_source(str(path))
     # the same letters on every load, run and machine
     assert examples == tasks.load_source(str(path))

@@ -98,9 +98,8 @@ def test_device_cuda_without_one_is_one_line(capsys):
 def test_a_new_run_never_overwrites_an_earlier_one(tmp_path, monkeypatch, capsys, tiny_model_dir):
     monkeypatch.chdir(tmp_path)
     fast = ["--model", tiny_model_dir, "--steps", "1", "--prompts-per-step", "2", "--n", "2",
-            "--max-new-tokens", "4",
-            "--eval-problems", "1", "--val-problems", "1", "--eval-samples", "1",
-            "--boundary-problems", "0"]
+            "--max-new-tokens", "4", "--eval-problems", "1", "--val-problems", "1",
+            "--eval-samples", "1", "--boundary-problems", "0"]
     train.main(fast)  # the default name: runs/tiny-s0
     first = (tmp_path / "runs" / "tiny-s0" / "checkpoint.pt").read_bytes()
     train.main(fast)  # again: a run of its own beside the first
@@ -145,17 +144,15 @@ PRESET_RUNS = {
                "kl_coef": 1e-4, "reset_patience": 3, "reset_optimizer": True, "minibatches": 4}),
     "prorl-v2": (["--n", "4", "--dynamic-sampling", "false"],
                  {"advantage": "reinforce_pp", "clip_high": 0.28, "kl_kind": "k2",
-                  "reset_every": 300,
-                  "reset_optimizer": False, "length_eta_max": 0.1, "length_period": 200,
-                  "length_off_steps": 100}),
+                  "reset_every": 300, "reset_optimizer": False, "length_eta_max": 0.1,
+                  "length_period": 200, "length_off_steps": 100}),
     "brorl": (["--n", "16", "--length-eta-max", "0.05", "--dynamic-sampling", "false"],
               {"advantage": "reinforce_pp", "n": 16, "lr_scale_from_batch": 256 * 16,
                "kl_kind": "k2"}),
 }
 STEP_KEYS = {"step", "reward", "pass_rate", "kept_frac", "response_len", "clipfrac", "approx_kl",
-             "ratio_mean",
-             "kl", "entropy", "val_pass1", "resets", "gen_s", "ref_s", "update_s", "step_s",
-             "tokens_per_s"}
+             "ratio_mean", "kl", "entropy", "val_pass1", "resets", "gen_s", "ref_s", "update_s",
+             "step_s", "tokens_per_s"}
 
 
 def run_train(tmp_path, monkeypatch, model_dir: str,
@@ -171,10 +168,9 @@ def run_train(tmp_path, monkeypatch, model_dir: str,
             super().__init__(params, lr=lr, **kwargs)
 
     monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
-    train.main(["--model", model_dir, "--run", "e2e", "--max-new-tokens", "8", "--eval-problems",
-                "5",
-                "--val-problems", "5", "--eval-samples", "2", "--boundary-problems", "2",
-                "--boundary-n", "4"] + argv)
+    train.main(["--model", model_dir, "--run", "e2e", "--max-new-tokens", "8",
+                "--eval-problems", "5", "--val-problems", "5", "--eval-samples", "2",
+                "--boundary-problems", "2", "--boundary-n", "4"] + argv)
     run_dir = tmp_path / "runs" / "e2e"
     config = json.loads((run_dir / "config.json").read_text())
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -258,9 +254,8 @@ def test_the_loop_shapes_rewards_with_the_length_penalty_of_its_step(tmp_path, m
     steps = capture_shaped_rewards(monkeypatch)
     run_train(tmp_path, monkeypatch, tiny_model_dir,
               ["--steps", "2", "--prompts-per-step", "4", "--n", "4", "--eval-every", "0",
-               "--dynamic-sampling", "false",
-               "--length-eta-max", "0.3", "--length-eta-min", "0.1", "--length-period", "2",
-               "--kl-coef", "0"])
+               "--dynamic-sampling", "false", "--length-eta-max", "0.3", "--length-eta-min", "0.1",
+               "--length-period", "2", "--kl-coef", "0"])
     # η(step 1) = η_max = 0.3; η(step 2) = 0.1 + ½·0.2·(1 + cos(π/2)) = 0.2; shaped = score −
     # η·len/max_new_tokens
     for step, eta in zip(steps, (0.3, 0.2), strict=True):
@@ -273,9 +268,8 @@ def test_kl_in_reward_subtracts_beta_times_the_summed_kl_of_each_response(tmp_pa
     steps = capture_shaped_rewards(monkeypatch)
     run_train(tmp_path, monkeypatch, tiny_model_dir,
               ["--steps", "2", "--prompts-per-step", "4", "--n", "4", "--eval-every", "0",
-               "--dynamic-sampling", "false",
-               "--length-eta-max", "0.05", "--kl-in-reward", "true", "--kl-coef", "0.5",
-               "--kl-kind", "k3", "--minibatches", "1", "--lr", "5e-2"])
+               "--dynamic-sampling", "false", "--length-eta-max", "0.05", "--kl-in-reward", "true",
+               "--kl-coef", "0.5", "--kl-kind", "k3", "--minibatches", "1", "--lr", "5e-2"])
     step = steps[1]  # after one update π ≠ π_ref, so the KL is not 0
     # the sampler's log-probs stand for π
     log_ratio = step["ref_logp"] - step["batch"].logprobs[:, 1:]
