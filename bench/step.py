@@ -43,9 +43,9 @@ SIZES = {"small": (4, 4, 32, 8), "1.5b": (64, 16, 1024, 4)}
 def build(shape: str, directory: str, dtype: torch.dtype) -> None:
     tokenizer = models.build_tokenizer()
     config = Qwen2Config(vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6,
-                         tie_word_embeddings=True,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, **SHAPES[shape])
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         **SHAPES[shape])
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config, dtype=dtype).save_pretrained(directory)
     tokenizer.save_pretrained(directory)

@@ -33,10 +33,10 @@ def test_ablation_script_runs_each_variant_in_its_own_dir_and_tabulates_them(tmp
 
 def test_step_benchmark_runs_one_prorl_v2_step_and_prints_its_time_split(tmp_path):
     for _ in range(2):  # a rerun replaces the first run's directory
-        done = subprocess.run([sys.executable, str(REPO / "bench" / "step.py"), "--sizes", "2",
-                               "2", "4", "4"],
-                              cwd=tmp_path, capture_output=True, text=True,
-                              timeout=300, check=False)
+        done = subprocess.run([sys.executable, str(REPO / "bench" / "step.py"),
+                               "--sizes", "2", "2", "4", "4"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                              check=False)
         assert done.returncode == 0, done.stderr[-2000:]
     split = dict(zip(*[iter(done.stdout.strip().splitlines()[-1].split()[:8])] * 2, strict=True))
     assert set(split) == {"gen_s", "ref_s", "update_s", "step_s"}
@@ -58,9 +58,9 @@ def test_boundary_experiment_runs_its_arms_and_reports_each_split(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     import boundary
 
-    boundary.main(["--arms", "control,edge-explore", "--seeds", "0,1", "--steps", "1", "--problems",
-                   "2", "--n", "4",
-                   "--warmstart-steps", "2", "--prompts-per-step", "2", "--out", "runs/bx"])
+    boundary.main(["--arms", "control,edge-explore", "--seeds", "0,1", "--steps", "1",
+                   "--problems", "2", "--n", "4", "--warmstart-steps", "2",
+                   "--prompts-per-step", "2", "--out", "runs/bx"])
     result = json.loads((tmp_path / "runs" / "bx" / "boundary.json").read_text())
     assert set(result["runs"]) == {"control-s0", "control-s1", "edge-explore-s0", "edge-explore-s1"}
     splits = list(result["base"])

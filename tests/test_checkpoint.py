@@ -114,9 +114,8 @@ def test_resume_needs_a_run_directory(tmp_path):
         settings.parse_config(["--resume", str(tmp_path)])
 
 
-def test_a_run_stopped_before_its_first_checkpoint_resumes_from_its_start(tmp_path, tiny_model_dir,
-                                                                          straight,
-                                                                          monkeypatch, capsys):
+def test_a_run_stopped_before_its_first_checkpoint_resumes_from_its_start(
+        tmp_path, tiny_model_dir, straight, monkeypatch, capsys):
     real_sample = train.sampling.sample_groups
 
     def killed_at_step_3(*args, **kwargs):
@@ -139,9 +138,8 @@ def test_a_run_stopped_before_its_first_checkpoint_resumes_from_its_start(tmp_pa
     assert_same_run(result(run_dir), straight)
 
 
-def test_sigterm_saves_the_step_and_stops_and_resume_is_the_straight_run(tmp_path, tiny_model_dir,
-                                                                         straight,
-                                                                         monkeypatch, capsys):
+def test_sigterm_saves_the_step_and_stops_and_resume_is_the_straight_run(
+        tmp_path, tiny_model_dir, straight, monkeypatch, capsys):
     real_sample = train.sampling.sample_groups
 
     def preempted_during_step_2(*args, **kwargs):
@@ -164,9 +162,8 @@ def test_sigterm_saves_the_step_and_stops_and_resume_is_the_straight_run(tmp_pat
     assert_same_run(result(run_dir), straight)
 
 
-def test_a_failed_save_warns_and_training_goes_on_but_the_last_one_must_succeed(tmp_path,
-                                                                                tiny_model_dir,
-                                                                               monkeypatch, capsys):
+def test_a_failed_save_warns_and_training_goes_on_but_the_last_one_must_succeed(
+        tmp_path, tiny_model_dir, monkeypatch, capsys):
     real_save = torch.save
 
     def disk_full_at_step_2_and_4(state, file):
@@ -188,9 +185,8 @@ def test_a_failed_save_warns_and_training_goes_on_but_the_last_one_must_succeed(
     assert not (run_dir / "checkpoint.pt.tmp").exists()  # the half-written file was removed
 
 
-def test_resumed_runs_take_new_lr_and_reset_flags_and_refuse_changes_that_break_the_run(tmp_path,
-                                                                                        tiny_model_dir,
-                                                                                       monkeypatch):
+def test_resumed_runs_take_new_lr_and_reset_flags_and_refuse_changes_that_break_the_run(
+        tmp_path, tiny_model_dir, monkeypatch):
     train_run(tmp_path, tiny_model_dir, ["--run", "f", "--steps", "2"])
     run_dir = str(tmp_path / "runs" / "f")
     for flag, value in [("--tasks", "add"), ("--preset", "prorl"), ("--model", "elsewhere"),
@@ -239,8 +235,8 @@ def test_open_metrics_keeps_the_lines_up_to_the_checkpoint(tmp_path):
 
 # -------------------------------------------------------------- guards: a NaN loss skips one update
 
-def test_a_nan_loss_skips_that_update_is_logged_and_training_goes_on(tmp_path,
-                                                                     tiny_model_dir, monkeypatch):
+def test_a_nan_loss_skips_that_update_is_logged_and_training_goes_on(tmp_path, tiny_model_dir,
+                                                                     monkeypatch):
     # One optimizer step per RL step (one mini-batch, one micro-batch), so loss call k is step k's
     # loss.
     calls, real_policy_loss = [], train.policy_loss

@@ -186,15 +186,14 @@ def test_two_ranks_end_with_identical_weights_equal_to_one_process(tmp_path, tin
 def torchrun_train(cwd: Path, model_dir: str, argv: list[str]) -> subprocess.CompletedProcess:
     """train.py on two CPU ranks (gloo), with the small settings of these tests."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-               "--master-port",
+               "--master-port", str(free_port()),
                # "--": torchrun's parser would claim --n and --run
-               str(free_port()), str(REPO / "train.py"), "--",
+               str(REPO / "train.py"), "--",
                "--model", model_dir, "--prompts-per-step", "4", "--n", "4", "--max-new-tokens", "6",
-               "--dynamic-sampling", "false", "--advantage", "reinforce_pp", "--kl-in-reward",
-               "true",
-               "--length-eta-max", "0.05", "--eval-every", "1", "--eval-problems", "2",
-               "--val-problems", "2",
-               "--eval-samples", "1", "--boundary-problems", "1", "--boundary-n", "2", *argv]
+               "--dynamic-sampling", "false", "--advantage", "reinforce_pp",
+               "--kl-in-reward", "true", "--length-eta-max", "0.05", "--eval-every", "1",
+               "--eval-problems", "2", "--val-problems", "2", "--eval-samples", "1",
+               "--boundary-problems", "1", "--boundary-n", "2", *argv]
     result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300,
                             check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]

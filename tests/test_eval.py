@@ -233,9 +233,9 @@ def test_correct_counts_match_the_closed_form_rate(uniform_model_dir):
 
 def test_cli_same_model_twice_gives_identical_counts(uniform_model_dir, tmp_path, capsys):
     out = tmp_path / "report"
-    evaluation.main(["--model", uniform_model_dir, "--model", uniform_model_dir, "--tasks",
-                     "add,sort",
-                     "--problems", "3", "--n", "8", "--max-new-tokens", "4", "--out", str(out)])
+    evaluation.main(["--model", uniform_model_dir, "--model", uniform_model_dir,
+                     "--tasks", "add,sort", "--problems", "3", "--n", "8", "--max-new-tokens", "4",
+                     "--out", str(out)])
     saved = json.loads((out / "boundary.json").read_text())
     assert saved["ks"] == [1, 2, 4, 8] and saved["settings"]["temperature"] == 0.6
     # held-out problems, per family

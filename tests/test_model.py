@@ -67,8 +67,7 @@ def test_warm_start_lowers_the_loss_on_held_out_problems():
 
     before = loss()
     models.warm_start(policy, tokenizer, task_mix="add,sort,countdown", level=1, steps=40,
-                      batch_size=32,
-                         lr=3e-3, seed=0)
+                      batch_size=32, lr=3e-3, seed=0)
     assert loss() < 0.75 * before
 
 

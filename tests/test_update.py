@@ -56,8 +56,7 @@ def test_update_steps_down_the_gradient_of_the_loss_written_out_by_hand(tiny_mod
                              pad_id=tokenizer.pad_token_id)
     adv = torch.randn(16, generator=torch.Generator().manual_seed(0))
     c = settings.Config(micro_batch_rows=3, loss_agg=agg, kl_coef=0.1, kl_kind="k3", grad_clip=1e9,
-                        minibatches=1,
-                     temperature=1.3)
+                        minibatches=1, temperature=1.3)
     ref_logp = train.batch_logprobs(reference, batch, c)
     before = [p.clone() for p in policy.parameters()]
     train.update(policy, torch.optim.SGD(policy.parameters(), lr=1.0), batch, adv, ref_logp, c)
@@ -275,11 +274,11 @@ def test_bf16_compute_keeps_fp32_weights_moving_at_the_presets_lr_and_saves_as_i
 
     monkeypatch.setattr(train, "update", recording_update)
     monkeypatch.chdir(tmp_path)
-    train.main(["--model", str(bf16_dir), "--run", "mixed", "--steps", "1", "--lr", "2e-6", "--n",
-                "4",
-                "--prompts-per-step", "4", "--max-new-tokens", "6", "--dynamic-sampling", "false",
-                "--length-eta-max", "0.05", "--eval-problems", "2", "--val-problems", "2",
-                "--eval-samples", "1", "--boundary-problems", "0", "--minibatches", "1"])
+    train.main(["--model", str(bf16_dir), "--run", "mixed", "--steps", "1", "--lr", "2e-6",
+                "--n", "4", "--prompts-per-step", "4", "--max-new-tokens", "6",
+                "--dynamic-sampling", "false", "--length-eta-max", "0.05", "--eval-problems", "2",
+                "--val-problems", "2", "--eval-samples", "1", "--boundary-problems", "0",
+                "--minibatches", "1"])
     assert set(logits_dtypes) == {torch.bfloat16} and moved[0] > 0.9
     final = tmp_path / "runs" / "mixed" / "final"
     assert json.loads((final / "config.json").read_text())["dtype"] == "bfloat16"
