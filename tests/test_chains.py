@@ -83,8 +83,8 @@ def test_heldout_problems_of_trainable_chains_follow_the_prompt_hash():
 
 
 def test_coverage_places_the_edge():
-    """1 = the 5 atoms; 2 = atoms and the 17 trainable pairs; 1.5 = atoms and round(8.5) = 8 of the
-    pairs;
+    """1 = the 5 atoms; 2 = atoms and the 17 trainable pairs;
+    1.5 = atoms and round(8.5) = 8 of the pairs;
     2.25 = all of depth ≤ 2 and round(0.25 · 60) = 15 of the 60 trainable depth-3 chains."""
     assert chains.shown_compositions(1) == chains.compositions(1)
     assert len(chains.shown_compositions(2)) == 5 + 17

@@ -55,8 +55,8 @@ def test_a_threshold_above_one_never_promotes():
 
 
 def test_replay_draws_easier_levels_uniformly_and_nothing_held_out():
-    """replay 0.25 at level 3: 3/4 of the prompts at level 3, 1/8 at each of levels 1 and 2 (±4σ, n
-    = 4000)."""
+    """replay 0.25 at level 3: 3/4 of the prompts at level 3, 1/8 at each of levels 1 and 2
+    (±4σ, n = 4000)."""
     stream = curriculum.EdgeCurriculum("chains", levels=5, start=3, replay=0.25, seed=0)
     examples = [stream.sample() for _ in range(4000)]
     counts = Counter(ex["level"] for ex in examples)

@@ -1,13 +1,11 @@
 """dist.py: torchrun + FSDP2 on CPU with the gloo backend, two processes.
 
 1. The update: two ranks, each with half the rows of one global batch (15 rows: one rank gets a
-padding row),
-   FSDP2-sharded policy and reference, end with the same weights on both ranks, and with the weights
-   a single process gets from the whole batch (within fp32 tolerance): the token-mean is over the
-   global batch.
+   padding row), FSDP2-sharded policy and reference, end with the same weights on both ranks, and
+   with the weights a single process gets from the whole batch (within fp32 tolerance): the
+   token-mean is over the global batch.
 2. train.py under torchrun: two ranks run the whole loop (sampling on gathered weights, evaluation,
-a reset,
-   a checkpoint), and only rank 0 writes the logs.
+   a reset, a checkpoint), and only rank 0 writes the logs.
 """
 
 import json

@@ -54,9 +54,9 @@ def test_passk_needs_binary_rewards_and_k_within_the_group():
 
 
 def test_unlikeliness_reward_on_a_hand_worked_group():
-    """N = 4, β = 0.25, mean token log-probs [−1, −3, −0.5, −2]: ranks from least likely [2, 0, 3,
-    1]; rewards [1, 1, 0, 1] → [1·(1 − 0.25·2/4), 1·(1 − 0), 0, 1·(1 − 0.25·1/4)] = [0.875, 1, 0,
-    0.9375]."""
+    """N = 4, β = 0.25, mean token log-probs [−1, −3, −0.5, −2]: ranks from least likely
+    [2, 0, 3, 1]; rewards [1, 1, 0, 1] → [1·(1 − 0.25·2/4), 1·(1 − 0), 0, 1·(1 − 0.25·1/4)]
+    = [0.875, 1, 0, 0.9375]."""
     rewards = torch.tensor([[1.0, 1, 0, 1]])
     seq_logp = torch.tensor([[-1.0, -3, -0.5, -2]])
     torch.testing.assert_close(grpo.unlikeliness_rewards(rewards, seq_logp, beta=0.25),

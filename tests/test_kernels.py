@@ -147,8 +147,8 @@ def test_token_logprobs_extreme_logits(vocab_size, dtype):
     logits[1] = -1e4
     logits[1, 3] = 1e4  # one huge margin
     # ±1e4
-    logits[2] = (1e4
-                 * torch.sign(torch.randn(vocab_size, generator=torch.Generator().manual_seed(2))))
+    logits[2] = 1e4 * torch.sign(torch.randn(vocab_size,
+                                             generator=torch.Generator().manual_seed(2)))
     logits[3] = -1e30  # very negative, with some −inf, and the label at 0
     logits[3, 10:20] = -inf
     logits[3, 5] = 0.0
