@@ -1,16 +1,18 @@
 """Edge curriculum: keep RL's prompts at the edge of the policy's competence (issue 15).
 
-Why the edge: RL expands what a model can solve only where it already succeeds rarely but not never. On
-synthetic dependency-graph problems (arXiv 2512.07783) RL on in-distribution depths raised pass@1 only, RL at
-the edge (base pass@128 > 0) raised pass@128 by up to 42 points, RL far beyond the edge did nothing; RL on
-depth-2 compositions of string functions generalised to deeper ones (arXiv 2509.25123).
+Why the edge: RL expands what a model can solve only where it already succeeds rarely but not never.
+On synthetic dependency-graph problems (arXiv 2512.07783) RL on in-distribution depths raised pass@1
+only, RL at the edge (base pass@128 > 0) raised pass@128 by up to 42 points, RL far beyond the edge
+did nothing; RL on depth-2 compositions of string functions generalised to deeper ones (arXiv
+2509.25123).
 
-The rule. Prompts come from the current level; a fraction `replay` comes from the easier levels instead
-(uniformly), so the atoms the deeper levels are built from are not forgotten. After each step the loop reports
-every sampled group's scores (observe); the pass rate of each group at the current level (its share of samples
-with score ≥ 1) enters a window of the last `window` such groups, and once the window is full and its mean
-reaches `threshold`, the level goes up by one and the window starts empty. Levels never go down; a threshold
-above 1 never promotes (a fixed level, e.g. the "hardest level only" arm).
+The rule. Prompts come from the current level; a fraction `replay` comes from the easier levels
+instead (uniformly), so the atoms the deeper levels are built from are not forgotten. After each
+step the loop reports every sampled group's scores (observe); the pass rate of each group at the
+current level (its share of samples with score ≥ 1) enters a window of the last `window` such
+groups, and once the window is full and its mean reaches `threshold`, the level goes up by one and
+the window starts empty. Levels never go down; a threshold above 1 never promotes (a fixed level,
+e.g. the "hardest level only" arm).
 
 Same interface as tasks.TaskMix (.sample(), .rng, .drawn, .weights), plus observe, stats and
 state_dict / load_state_dict for an exact resume.
@@ -23,12 +25,14 @@ import tasks
 
 
 class EdgeCurriculum:
-    """An endless stream of training problems of one procedural family, at the level the rule above picks."""
+    """An endless stream of training problems of one procedural family, at the level the rule above
+    picks."""
 
-    def __init__(self, family: str, levels: int, start: int = 1, threshold: float = 0.5, replay: float = 0.25,
-                 window: int = 32, seed: int = 0):
+    def __init__(self, family: str, levels: int, start: int = 1, threshold: float = 0.5,
+                 replay: float = 0.25, window: int = 32, seed: int = 0):
         if not tasks.is_procedural(family):
-            raise ValueError(f"--curriculum needs a procedural family with levels (e.g. chains), not '{family}'")
+            raise ValueError("--curriculum needs a procedural family with levels (e.g. chains), "
+                             f"not '{family}'")
         if not 1 <= start <= levels:
             raise ValueError(f"--curriculum-start must be between 1 and {levels}, not {start}")
         if not 0 <= replay < 1:
@@ -54,16 +58,18 @@ class EdgeCurriculum:
                 return {**example, "level": level}
 
     def observe(self, examples: list[dict], scores) -> bool:
-        """Record the pass rates of the groups at the current level; scores [P, N] (a tensor or lists), row i
-        those of examples[i]. Give every sampled group, before dynamic sampling drops the all-right ones, or
-        the pass rate is biased low. Returns True if the level went up."""
+        """Record the pass rates of the groups at the current level; scores [P, N] (a tensor or
+        lists), row i those of examples[i]. Give every sampled group, before dynamic sampling drops
+        the all-right ones, or the pass rate is biased low. Returns True if the level went up."""
         promoted = False
-        for example, row in zip(examples, scores.tolist() if hasattr(scores, "tolist") else scores, strict=True):
+        for example, row in zip(examples, scores.tolist() if hasattr(scores, "tolist") else scores,
+                                strict=True):
             if example["level"] != self.level:
                 continue  # a replayed easier problem, or one sampled before the last promotion
             self.window.append(sum(score >= 1 for score in row) / len(row))
             full = len(self.window) == self.window.maxlen
-            if full and sum(self.window) / len(self.window) >= self.threshold and self.level < self.levels:
+            if (full and sum(self.window) / len(self.window) >= self.threshold
+                    and self.level < self.levels):
                 self.level += 1
                 self.window.clear()
                 promoted = True
@@ -75,7 +81,8 @@ class EdgeCurriculum:
                 "curriculum_pass_rate": sum(self.window) / len(self.window) if self.window else 0.0}
 
     def state_dict(self) -> dict:
-        return {"level": self.level, "window": list(self.window), "rng": self.rng.getstate(), "drawn": self.drawn}
+        return {"level": self.level, "window": list(self.window), "rng": self.rng.getstate(),
+                "drawn": self.drawn}
 
     def load_state_dict(self, state: dict) -> None:
         self.level, self.drawn = state["level"], state["drawn"]

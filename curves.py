@@ -20,7 +20,8 @@ TRAINING_PANELS = [
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
-        raise ValueError(f"--plot {run_dir}: no metrics.jsonl there (is it a run directory of train.py?)")
+        raise ValueError(f"--plot {run_dir}: no metrics.jsonl there (is it a run directory of "
+                         "train.py?)")
     lines = path.read_text().split("\n")
     lines = lines[:-1] if lines and not lines[-1] else lines  # the newline that ends the last line
     records = []
@@ -28,21 +29,25 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
-            if number < len(lines):  # a half-written last line is a run still writing it, not an error
+            # a half-written last line is a run still writing it, not an error
+            if number < len(lines):
                 raise ValueError(f"{path}:{number}: not valid JSON") from None
     if not records:
         raise ValueError(f"{path}: no steps logged yet")
     return records
 
 
-def training_series(records: list[dict]) -> tuple[dict[str, dict[str, tuple[list, list]]], list[tuple[int, str]]]:
-    """({panel: {key: (steps, values)}} for the keys present, [(step, reason) of each reference reset])."""
+def training_series(records: list[dict]) -> tuple[dict[str, dict[str, tuple[list, list]]],
+                                                  list[tuple[int, str]]]:
+    """({panel: {key: (steps, values)}} for the keys present, [(step, reason) of each reference
+    reset])."""
     panels = {}
     for title, keys in TRAINING_PANELS:
         keys = [found for key in keys for found in (
             dict.fromkeys(k for r in records for k in r if k.startswith(key))
             if key.endswith("/") else [key])]
-        series = {key: ([r["step"] for r in records if key in r], [r[key] for r in records if key in r])
+        series = {key: ([r["step"] for r in records if key in r],
+                        [r[key] for r in records if key in r])
                   for key in keys}
         series = {key: xy for key, xy in series.items() if xy[0]}
         if series:
@@ -52,7 +57,8 @@ def training_series(records: list[dict]) -> tuple[dict[str, dict[str, tuple[list
 
 
 def plot_training(run_dir: str | Path) -> Path:
-    """Draw RUN_DIR/training.png from RUN_DIR/metrics.jsonl; reference resets are dashed vertical lines."""
+    """Draw RUN_DIR/training.png from RUN_DIR/metrics.jsonl; reference resets are dashed vertical
+    lines."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -67,10 +73,11 @@ def plot_training(run_dir: str | Path) -> Path:
             sparse = len(steps) < 0.5 * max(len(s) for s, _ in series.values())  # e.g. val_pass1
             ax.plot(steps, values, label=key, marker="o" if sparse else None, markersize=4)
         for number, (step, reason) in enumerate(resets):
-            ax.axvline(step, color="gray", linestyle="--", linewidth=1, label="reset" if number == 0 else None)
+            ax.axvline(step, color="gray", linestyle="--", linewidth=1,
+                       label="reset" if number == 0 else None)
             if ax is axes[0]:
-                ax.annotate(reason, (step, 1), xycoords=("data", "axes fraction"), rotation=90, fontsize=7,
-                            va="top", ha="right", color="gray")
+                ax.annotate(reason, (step, 1), xycoords=("data", "axes fraction"), rotation=90,
+                            fontsize=7, va="top", ha="right", color="gray")
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.xaxis.get_major_locator().set_params(integer=True)

@@ -1,16 +1,21 @@
-"""Many GPUs, one or many nodes: PyTorch's own torchrun + FSDP2, and the few collectives RL adds to them.
+"""Many GPUs, one or many nodes: PyTorch's own torchrun + FSDP2, and the few collectives RL adds to
+them.
 
     torchrun --nproc-per-node 8 train.py -- ...                               # one node
-    torchrun --nnodes 2 --node-rank R --master-addr HOST --master-port 29500 --nproc-per-node 8 train.py -- ...
+    torchrun --nnodes 2 --node-rank R --master-addr HOST --master-port 29500 --nproc-per-node 8
+    train.py -- ...
 
 How a step is split (W ranks):
-  sampling     each rank samples prompts_per_step / W whole groups with the full policy weights (gathered
-               from the shards for the duration), so dynamic sampling and group statistics see whole groups;
-  gather       the kept groups of all ranks are gathered on every rank (token ids are small), so advantages
-               (REINFORCE++'s batch-wide normalisation included) are computed on the whole batch, alike everywhere;
-  update       the batch's rows are cut into W equal contiguous shares; each rank's forward/backward covers its
-               share, and FSDP2 reduce-scatters the gradients. The token-mean divides by the token count of
-               the whole batch (all-reduced), so the sum over ranks is the single-process loss.
+  sampling     each rank samples prompts_per_step / W whole groups with the full policy weights
+               (gathered from the shards for the duration), so dynamic sampling and group
+               statistics see whole groups;
+  gather       the kept groups of all ranks are gathered on every rank (token ids are small), so
+               advantages (REINFORCE++'s batch-wide normalisation included) are computed on the
+               whole batch, alike everywhere;
+  update       the batch's rows are cut into W equal contiguous shares; each rank's
+               forward/backward covers its share, and FSDP2 reduce-scatters the gradients. The
+               token-mean divides by the token count of the whole batch (all-reduced), so the sum
+               over ranks is the single-process loss.
 Outside torchrun every function here is a no-op and the run is the plain single-process one.
 """
 
@@ -68,21 +73,23 @@ def barrier() -> None:
 
 
 def main_first(make):
-    """make() on rank 0 first, then on the others (which then find its output cached, e.g. the tiny base)."""
+    """make() on rank 0 first, then on the others (which then find its output cached, e.g. the tiny
+    base)."""
     result = make() if is_main() else None
     barrier()
     return result if is_main() else make()
 
 
 def shard(model: torch.nn.Module, compute: torch.dtype = torch.float32) -> torch.nn.Module:
-    """FSDP2: each decoder layer, then the rest (embeddings, final norm, head), sharded across all ranks.
-    The shards keep the model's dtype (fp32); whole weights are gathered in `compute` (bf16 on CUDA), and
-    gradients are reduced in fp32."""
+    """FSDP2: each decoder layer, then the rest (embeddings, final norm, head), sharded across all
+    ranks. The shards keep the model's dtype (fp32); whole weights are gathered in `compute` (bf16
+    on CUDA), and gradients are reduced in fp32."""
     if world_size() == 1:
         return model
     mesh = init_device_mesh(next(model.parameters()).device.type, (world_size(),))
     mixed = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
-    for layer in model.model.layers:  # one all-gather per layer in forward: only one layer is ever whole
+    # one all-gather per layer in forward: only one layer is ever whole
+    for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=mixed)
     fully_shard(model, mesh=mesh, mp_policy=mixed)
     return model
@@ -90,7 +97,8 @@ def shard(model: torch.nn.Module, compute: torch.dtype = torch.float32) -> torch
 
 @contextmanager
 def full_weights(model: torch.nn.Module):
-    """Whole weights on every rank for the duration: the sampler (rollout.py) reads parameters directly."""
+    """Whole weights on every rank for the duration: the sampler (rollout.py) reads parameters
+    directly."""
     modules = [module for module in model.modules() if isinstance(module, FSDPModule)]
     for module in modules:
         module.unshard()
@@ -119,8 +127,10 @@ def broadcast_object(value):
     return box[0]
 
 
-def gather_groups(batch: rollout.Rollout, scores: torch.Tensor, pad_id: int) -> tuple[rollout.Rollout, torch.Tensor]:
-    """Every rank's kept groups, concatenated in rank order, on every rank: (rollout [G·N rows], scores [G, N])."""
+def gather_groups(batch: rollout.Rollout, scores: torch.Tensor,
+                  pad_id: int) -> tuple[rollout.Rollout, torch.Tensor]:
+    """Every rank's kept groups, concatenated in rank order, on every rank: (rollout [G·N rows],
+    scores [G, N])."""
     if world_size() == 1:
         return batch, scores
     device = batch.tokens.device
@@ -154,9 +164,10 @@ def gather_rows(local: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def loss_denominator(count: torch.Tensor) -> float:
-    """What a rank divides its share of the loss by (grpo.loss_weights): the mini-batch's count of tokens (or
-    responses) over all ranks, divided by W because FSDP2 averages the W ranks' gradients. The sum of all
-    ranks' backward passes is then the gradient of the single-process loss."""
+    """What a rank divides its share of the loss by (grpo.loss_weights): the mini-batch's count of
+    tokens (or responses) over all ranks, divided by W because FSDP2 averages the W ranks'
+    gradients. The sum of all ranks' backward passes is then the gradient of the single-process
+    loss."""
     if world_size() == 1:
         return float(count)
     total = count.float().reshape(1).to(collective_device())
@@ -165,7 +176,8 @@ def loss_denominator(count: torch.Tensor) -> float:
 
 
 def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
-    """Clip to a global gradient norm (over all ranks' shards); returns that norm as a plain tensor."""
+    """Clip to a global gradient norm (over all ranks' shards); returns that norm as a plain
+    tensor."""
     norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
@@ -185,11 +197,12 @@ def any_true(flag: bool) -> bool:
 
 
 def token_means(sums: dict[str, float], tokens: float) -> dict[str, float]:
-    """Token-weighted means over all ranks: Σ_ranks sums[name] / Σ_ranks tokens (each rank passes the
-    same names)."""
+    """Token-weighted means over all ranks: Σ_ranks sums[name] / Σ_ranks tokens (each rank passes
+    the same names)."""
     names = sorted(sums)
     if world_size() > 1:
-        values = torch.tensor([sums[k] for k in names] + [tokens], dtype=torch.float64, device=collective_device())
+        values = torch.tensor([sums[k] for k in names] + [tokens], dtype=torch.float64,
+                              device=collective_device())
         torch_dist.all_reduce(values)
         *total_sums, tokens = values.tolist()
         sums = dict(zip(names, total_sums, strict=True))
@@ -197,13 +210,14 @@ def token_means(sums: dict[str, float], tokens: float) -> dict[str, float]:
 
 
 def reduce_metrics(metrics: dict) -> dict:
-    """Floats averaged over ranks, integers (counts, rounds) their maximum; other values as they are."""
+    """Floats averaged over ranks, integers (counts, rounds) their maximum; other values as they
+    are."""
     if world_size() == 1:
         return metrics
     floats = sorted(k for k, v in metrics.items() if isinstance(v, float))
     ints = sorted(k for k, v in metrics.items() if isinstance(v, int) and not isinstance(v, bool))
-    values = torch.tensor([float(metrics[k]) for k in floats] + [float(-metrics[k]) for k in ints], dtype=torch.float64,
-                          device=collective_device())
+    values = torch.tensor([float(metrics[k]) for k in floats] + [float(-metrics[k]) for k in ints],
+                          dtype=torch.float64, device=collective_device())
     sums, mins = values.clone(), values.clone()
     torch_dist.all_reduce(sums)
     torch_dist.all_reduce(mins, op=torch_dist.ReduceOp.MIN)  # −max: min of the negated integers
@@ -218,25 +232,30 @@ def collective_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
 
 
-def save_pretrained(model: torch.nn.Module, tokenizer, path, dtype: torch.dtype | None = None) -> None:
-    """The whole model in Hugging Face format (a plain `--model` directory), written by rank 0, its floating
-    tensors in `dtype` (default: as they are)."""
+def save_pretrained(model: torch.nn.Module, tokenizer, path,
+                    dtype: torch.dtype | None = None) -> None:
+    """The whole model in Hugging Face format (a plain `--model` directory), written by rank 0, its
+    floating tensors in `dtype` (default: as they are)."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
     )
 
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if dtype is not None:  # one cast per storage: tied weights (embedding = lm_head) stay one tensor
+    state = get_model_state_dict(model,
+                                 options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # one cast per storage: tied weights (embedding = lm_head) stay one tensor
+    if dtype is not None:
         cast = {}
         state = {name: cast.setdefault(t.data_ptr(), t.to(dtype)) if t.is_floating_point() else t
                  for name, t in state.items()}
     if is_main():
         model.save_pretrained(path, state_dict=state)
-        if dtype is not None:  # config.json names the dtype of the model's parameters (fp32): say what was saved
+        # config.json names the dtype of the model's parameters (fp32): say what was saved
+        if dtype is not None:
             config = Path(path) / "config.json"
             settings, name = json.loads(config.read_text()), str(dtype).split(".")[-1]
-            settings.update({key: name for key in ("dtype", "torch_dtype") if key in settings} or {"dtype": name})
+            settings.update({key: name for key in ("dtype", "torch_dtype") if key in settings}
+                            or {"dtype": name})
             config.write_text(json.dumps(settings, indent=2) + "\n")
         tokenizer.save_pretrained(path)
     barrier()

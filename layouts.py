@@ -1,9 +1,12 @@
-"""Data as it is published -> our examples (the schema at the top of tasks.py), each layout recognised by its fields.
+"""Data as it is published -> our examples (the schema at the top of tasks.py), each layout
+recognised by its fields.
 
   layout          fields that identify it                          published as (examples)
   prorl           task, prompt                                     this project's JSONL
-  verl            data_source, prompt (chat), reward_model         verl / OpenRLHF RL parquet: Eurus-2-RL-Data
-  nemotron-if     input (chat), args                               Llama-Nemotron RL instruction following
+  verl            data_source, prompt (chat), reward_model         verl / OpenRLHF RL parquet:
+                                                                   Eurus-2-RL-Data
+  nemotron-if     input (chat), args                               Llama-Nemotron RL instruction
+                                                                   following
   ifeval          prompt, instruction_id_list, kwargs              IFEval, IFBench
   livecodebench   question_content, public_test_cases              LiveCodeBench code_generation
   codeforces      official_tests                                   open-r1/codeforces
@@ -13,37 +16,43 @@
   reasoning-gym   question, answer, metadata                       reasoning-gym dataset dumps
   math            problem, answer                                  MATH-500, AIME, AMC, DeepScaleR
 
-A file is .jsonl, .json (an array, or one object a line), .csv or .parquet; field names match in any case.
-Data files are hostile input: a record that cannot be scored is skipped and the reason counted, never guessed
-at, and nothing in one is ever executed or unpickled here. (LiveCodeBench's private tests are pickles: they are
-read by PlainUnpickler, which builds lists, dicts and strings and refuses everything else.)
+A file is .jsonl, .json (an array, or one object a line), .csv or .parquet; field names match in any
+case. Data files are hostile input: a record that cannot be scored is skipped and the reason
+counted, never guessed at, and nothing in one is ever executed or unpickled here. (LiveCodeBench's
+private tests are pickles: they are read by record_fields.PlainUnpickler, which builds lists,
+dicts and strings and refuses everything else.)
 """
 
-import base64
 import csv
 import io
 import json
 import pickle
 import random
-import re
 import zlib
 from collections import Counter
 from pathlib import Path
 
 import ifeval
+from record_fields import (
+    Skip,
+    answer_text,
+    code_tests,
+    json_field,
+    limits,
+    plain,
+    private_tests,
+    prompt_fields,
+    text,
+)
 
 ANSWER_IN_TAGS = "\n\nGive only your final answer, inside <answer></answer> tags."
 IN_BOXED = "\n\nPut your final answer in \\boxed{}."
 PICK_A_LETTER = '\n\nAnswer with the letter of the correct option, as in "The answer is (B)".'
-WRITE_A_PROGRAM = "\n\nWrite a complete Python program that reads standard input, in a ```python code block."
-WRITE_A_FUNCTION = "\n\nWrite the function `{}` in a ```python code block; it is called directly, so read no input."
+WRITE_A_PROGRAM = ("\n\nWrite a complete Python program that reads standard input, in a "
+                   "```python code block.")
+WRITE_A_FUNCTION = ("\n\nWrite the function `{}` in a ```python code block; it is called directly, "
+                    "so read no input.")
 LETTERS = "ABCDEFGHIJ"  # MCQ options, in the order the dataset lists them
-MAX_TIME_LIMIT = 60  # seconds per test, the most tasks.check_example accepts
-MAX_UNPICKLED_BYTES = 2**28  # a compressed test file may expand this far, no further (a zip bomb stops here)
-
-
-class Skip(Exception):
-    """A record that is read but cannot be scored; its message is the reason counted."""
 
 
 def read_records(path: Path) -> list:
@@ -54,11 +63,13 @@ def read_records(path: Path) -> list:
         try:
             return pyarrow.parquet.read_table(path).to_pylist()
         except (OSError, ValueError, pyarrow.ArrowException) as error:
-            raise ValueError(f"{path}: cannot read it as parquet ({str(error).splitlines()[0][:200]})") from None
+            raise ValueError(f"{path}: cannot read it as parquet "
+                             f"({str(error).splitlines()[0][:200]})") from None
     try:
         text = path.read_text(encoding="utf-8")
     except (UnicodeDecodeError, OSError) as error:
-        raise ValueError(f"{path}: cannot read it as UTF-8 text ({error.__class__.__name__})") from None
+        raise ValueError(f"{path}: cannot read it as UTF-8 text "
+                         f"({error.__class__.__name__})") from None
     if path.suffix.lower() == ".csv":
         try:
             return list(csv.DictReader(io.StringIO(text, newline="")))
@@ -68,18 +79,22 @@ def read_records(path: Path) -> list:
         try:
             return json.loads(text)
         except (json.JSONDecodeError, RecursionError) as error:
-            raise ValueError(f"{path}: not a valid JSON array ({getattr(error, 'msg', 'nested too deep')})") from None
-    records = []  # "\n" only: splitlines() would also cut at U+2028, which JSON strings may hold raw
+            raise ValueError(f"{path}: not a valid JSON array "
+                             f"({getattr(error, 'msg', 'nested too deep')})") from None
+    # "\n" only: splitlines() would also cut at U+2028, which JSON strings may hold raw
+    records = []
     for number, line in enumerate(text.split("\n"), start=1):
         try:
             records += [json.loads(line)] if line.strip() else []
         except (json.JSONDecodeError, RecursionError) as error:
-            raise ValueError(f"{path}:{number}: not valid JSON ({getattr(error, 'msg', 'too deep')})") from None
+            raise ValueError(f"{path}:{number}: not valid JSON "
+                             f"({getattr(error, 'msg', 'too deep')})") from None
     return records
 
 
 def detect(record, path: Path) -> str:
-    """The name of the layout whose fields `record` has (the first in LAYOUTS), or a one-line error."""
+    """The name of the layout whose fields `record` has (the first in LAYOUTS), or a one-line
+    error."""
     fields = {str(key).lower() for key in record} if isinstance(record, dict) else set()
     for name, (required, _) in LAYOUTS.items():
         if required <= fields:
@@ -93,156 +108,42 @@ def convert(records: list, layout: str) -> tuple[list[dict], Counter, Counter]:
     required, to_example = LAYOUTS[layout]
     examples, skipped, notes = [], Counter(), Counter()
     for record in records:
-        fields = {str(key).lower(): value for key, value in record.items()} if isinstance(record, dict) else {}
+        fields = ({str(key).lower(): value for key, value in record.items()}
+                  if isinstance(record, dict) else {})
         try:
             if not required <= set(fields):
-                raise Skip(f"not a {layout} record (missing {', '.join(sorted(required - set(fields)))})")
+                raise Skip(f"not a {layout} record (missing "
+                           f"{', '.join(sorted(required - set(fields)))})")
             examples.append(to_example(fields, notes))
         except Skip as reason:
             skipped[str(reason)] += 1
-        except (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError) as error:
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError,
+                RecursionError) as error:
             skipped[f"malformed ({error.__class__.__name__})"] += 1
     return examples, skipped, notes
 
 
 def summary(path: Path, layout: str, examples: list[dict], skipped: Counter, notes: Counter) -> str:
-    """The one start-up line that says what a file gave: layout, examples per task, what was skipped and why."""
+    """The one start-up line that says what a file gave: layout, examples per task, what was skipped
+    and why."""
     per_task = Counter(example["task"] for example in examples)
-    line = f"{path}: {layout} layout, {len(examples)} examples ({', '.join(f'{t} {n}' for t, n in per_task.items())})"
+    line = (f"{path}: {layout} layout, {len(examples)} examples "
+            f"({', '.join(f'{t} {n}' for t, n in per_task.items())})")
     if skipped:
-        line += f"; skipped {sum(skipped.values())}: " + ", ".join(f"{why} {n}" for why, n in skipped.most_common())
+        line += f"; skipped {sum(skipped.values())}: " + ", ".join(
+            f"{why} {n}" for why, n in skipped.most_common())
     if notes:
         line += "; " + ", ".join(f"{what} {n}" for what, n in notes.most_common())
     return line
 
 
-# ----------------------------------------------------------------------------- values
-
-def text(value) -> str:
-    if isinstance(value, str):
-        return value
-    raise Skip("a text field that is not text")
-
-
-def answer_text(value) -> str:
-    """A final answer as a string: "42", 42 and 42.0 all give "42" (AIME's answers come all three ways)."""
-    if isinstance(value, list) and len(value) == 1:
-        value = value[0]
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return repr(value)
-    if not (isinstance(value, str) and value.strip()):
-        raise Skip("no answer")
-    return value.strip()
-
-
-def plain(value):
-    """`value` if it is JSON-like data (None, bool, int, float, str, lists and dicts of them), else Skip."""
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-        return {k: plain(v) for k, v in value.items()}
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise Skip("a test value that is not plain data")
-
-
-def json_field(value):
-    """A field that holds JSON, as a string (the usual) or already parsed (some parquet exports)."""
-    return json.loads(value) if isinstance(value, str) else value
-
-
-def chat_messages(value) -> list[dict]:
-    if not (isinstance(value, list) and value and all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                                      and isinstance(m.get("content"), str) for m in value)):
-        raise Skip("a prompt that is neither text nor chat messages")
-    return [{"role": m["role"], "content": m["content"]} for m in value]
-
-
-def prompt_fields(value) -> dict:
-    """{"prompt": text} for a text prompt; for chat messages also {"messages": ...}, rendered by the model's chat
-    template (models.encode_prompt), and a plain "prompt" (the contents joined) for the held-out hash and logs."""
-    if isinstance(value, str):
-        return {"prompt": value}
-    messages = chat_messages(value)
-    return {"prompt": "\n\n".join(m["content"] for m in messages), "messages": messages}
-
-
-def limits(record: dict) -> dict:
-    """"time_limit" in seconds (2, 2.5, "2 seconds", "1000 ms"; at most MAX_TIME_LIMIT) and "memory_limit_mb"
-    (256, "256 megabytes"; recorded: sandbox.py enforces its own MEMORY_MB), where the record gives them."""
-    found, time, memory = {}, record.get("time_limit"), record.get("memory_limit")
-    if isinstance(time, str) and (number := re.match(r"\s*(\d+(?:\.\d+)?)\s*(ms|millisecond)?", time)):
-        time = float(number[1]) / (1000 if number[2] else 1)
-    if isinstance(time, (int, float)) and not isinstance(time, bool) and 0 < time < float("inf"):
-        found["time_limit"] = min(float(time), MAX_TIME_LIMIT)
-    if isinstance(memory, str) and (number := re.match(r"\s*(\d+)", memory)):
-        memory = int(number[1])
-    if isinstance(memory, int) and not isinstance(memory, bool) and memory > 0:
-        found["memory_limit_mb"] = memory
-    return found
-
-
-# ----------------------------------------------------------------------------- code tests
-
-def code_tests(spec: dict, in_class: bool = False) -> dict:
-    """{"tests", "entry_point"?} from APPS/TACO/verl's {"inputs", "outputs"[, "fn_name"]}.
-
-    Call-based tests (fn_name) become {"call": "f(1, [2])", "output": "3"}: each argument the repr of a JSON
-    value, so the call is a literal expression, evaluated only in the sandbox. APPS wraps a return value in a
-    one-element list ([3] for 3), as its own checker unwraps it, so do we. LeetCode-style problems define the
-    function in `class Solution`, so their calls are Solution().f(...).
-    """
-    inputs, outputs, name = spec["inputs"], spec["outputs"], spec.get("fn_name")
-    if not (isinstance(inputs, list) and isinstance(outputs, list) and inputs and len(inputs) == len(outputs)):
-        raise Skip("no tests")
-    if name is None:
-        return {"tests": [{"input": stdin_text(i), "output": stdin_text(o)} for i, o in zip(inputs, outputs)]}
-    if not (isinstance(name, str) and name.isidentifier()):
-        raise Skip("a function name that is not a Python name")
-    callee = f"Solution().{name}" if in_class else name
-    tests = []
-    for args, value in zip(inputs, outputs):
-        if not isinstance(args, list):
-            raise Skip("call arguments that are not a list")
-        value = value[0] if isinstance(value, list) and len(value) == 1 else value
-        tests.append({"call": f"{callee}({', '.join(repr(plain(a)) for a in args)})", "output": repr(plain(value))})
-    return {"tests": tests, "entry_point": name}
-
-
-def stdin_text(value) -> str:
-    """Test input/output as text; a list of lines (some APPS outputs) is joined."""
-    if isinstance(value, list) and all(isinstance(line, str) for line in value):
-        return "\n".join(value) + "\n"
-    return text(value)
-
-
-class PlainUnpickler(pickle.Unpickler):
-    """Unpickles lists, dicts, tuples, strings, bytes and numbers (they need no import) and refuses anything that
-    names a class or function: that is how a pickle runs code (__reduce__ -> os.system)."""
-
-    def find_class(self, module, name):
-        raise pickle.UnpicklingError(f"refused {module}.{name}")
-
-
-def private_tests(value) -> list:
-    """LiveCodeBench's private tests: a JSON list, or base64(zlib(pickle(JSON text))), read without running code."""
-    if isinstance(value, str) and value.lstrip().startswith("["):
-        return json.loads(value)
-    inflater = zlib.decompressobj()
-    raw = inflater.decompress(base64.b64decode(value), MAX_UNPICKLED_BYTES)
-    if inflater.unconsumed_tail:
-        raise pickle.UnpicklingError("larger than MAX_UNPICKLED_BYTES")
-    loaded = PlainUnpickler(io.BytesIO(raw)).load()
-    return json.loads(loaded) if isinstance(loaded, (str, bytes)) else loaded
-
-
-# ----------------------------------------------------------------------------- one converter per layout
+# ------------------------------------------------------------------------- one converter per layout
 
 def from_verl(r: dict, notes: Counter) -> dict:
-    """verl's RL parquet: the chat prompt as it is; math answers and code tests from reward_model.ground_truth."""
-    ability, truth = str(r.get("ability") or "").lower(), (r["reward_model"] or {}).get("ground_truth")
+    """verl's RL parquet: the chat prompt as it is; math answers and code tests from
+    reward_model.ground_truth."""
+    ability, truth = (str(r.get("ability") or "").lower(),
+                      (r["reward_model"] or {}).get("ground_truth"))
     if ability == "math":
         example = {"task": "math", "answer": answer_text(truth)}
     elif ability in ("code", "coding"):
@@ -253,8 +154,9 @@ def from_verl(r: dict, notes: Counter) -> dict:
 
 
 def instruction_constraints(ids, kwargs) -> list[dict]:
-    """IFEval's aligned instruction_id_list and kwargs as constraints; null kwargs dropped (HF's IFEval fills
-    every kwarg of every instruction, mostly with nulls); an id we cannot check skips the whole example."""
+    """IFEval's aligned instruction_id_list and kwargs as constraints; null kwargs dropped (HF's
+    IFEval fills every kwarg of every instruction, mostly with nulls); an id we cannot check skips
+    the whole example."""
     if not (isinstance(ids, list) and ids and isinstance(kwargs, list) and len(kwargs) == len(ids)):
         raise Skip("instruction ids and kwargs that do not align")
     constraints = []
@@ -278,31 +180,39 @@ def from_ifeval(r: dict, notes: Counter) -> dict:
 
 
 def from_nemotron(r: dict, notes: Counter) -> dict:
-    args = json_field(r["args"]) or {}  # {"instruction_id_list", "instruction_kwargs"}: IFEval's two lists
+    # {"instruction_id_list", "instruction_kwargs"}: IFEval's two lists
+    args = json_field(r["args"]) or {}
     return {"task": "ifeval", **prompt_fields(r["input"]),
-            "constraints": instruction_constraints(args.get("instruction_id_list"), args.get("instruction_kwargs"))}
+            "constraints": instruction_constraints(args.get("instruction_id_list"),
+                                                   args.get("instruction_kwargs"))}
 
 
 def from_apps(r: dict, notes: Counter) -> dict:
-    """APPS / TACO: input_output is JSON text {"inputs", "outputs"[, "fn_name"]}; TACO gives limits as text."""
+    """APPS / TACO: input_output is JSON text {"inputs", "outputs"[, "fn_name"]}; TACO gives limits
+    as text."""
     if not r["input_output"]:
         raise Skip("no tests")
     starter = r.get("starter_code") or ""
     tests = code_tests(json_field(r["input_output"]), in_class="class Solution" in starter)
-    prompt = text(r["question"]) + (f"\n\nStart from:\n```python\n{starter}\n```" if starter else "")
-    ask = WRITE_A_FUNCTION.format(tests["entry_point"]) if "entry_point" in tests else WRITE_A_PROGRAM
+    prompt = text(r["question"]) + (f"\n\nStart from:\n```python\n{starter}\n```"
+                                    if starter else "")
+    ask = (WRITE_A_FUNCTION.format(tests["entry_point"]) if "entry_point" in tests
+           else WRITE_A_PROGRAM)
     return {"task": "code", "prompt": prompt + ask, **tests, **limits(r)}
 
 
 def from_livecodebench(r: dict, notes: Counter) -> dict:
-    """Public tests as JSON; private ones through private_tests (a pickle it refuses is counted, not run).
-    Functional tests give one JSON argument a line and call Solution().func_name, as LiveCodeBench does."""
+    """Public tests as JSON; private ones through private_tests (a pickle it refuses is counted, not
+    run). Functional tests give one JSON argument a line and call Solution().func_name, as
+    LiveCodeBench does."""
     cases = json_field(r["public_test_cases"])
     if r.get("private_test_cases"):
         try:
             cases = cases + private_tests(r["private_test_cases"])
-        except (pickle.UnpicklingError, ValueError, TypeError, EOFError, zlib.error, IndexError, KeyError) as error:
-            reason = "refused: names code" if isinstance(error, pickle.UnpicklingError) else "unreadable"
+        except (pickle.UnpicklingError, ValueError, TypeError, EOFError, zlib.error,
+                IndexError, KeyError) as error:
+            reason = ("refused: names code" if isinstance(error, pickle.UnpicklingError)
+                      else "unreadable")
             notes[f"private tests {reason}, public ones kept"] += 1
     metadata = json_field(r.get("metadata") or "{}")
     name = metadata.get("func_name") if isinstance(metadata, dict) else None
@@ -311,41 +221,48 @@ def from_livecodebench(r: dict, notes: Counter) -> dict:
         case = plain(case)
         if case.get("testtype") == "functional":
             args = [json.loads(line) for line in text(case["input"]).split("\n") if line.strip()]
-            spec = {"inputs": [args], "outputs": [json.loads(text(case["output"]))], "fn_name": name}
+            spec = {"inputs": [args], "outputs": [json.loads(text(case["output"]))],
+                    "fn_name": name}
             tests += code_tests(spec, in_class=True)["tests"]
         else:
             tests.append({"input": text(case["input"]), "output": text(case["output"])})
     if not tests:
         raise Skip("no tests")
     starter = r.get("starter_code") or ""
-    ask = (f"\n\nStart from:\n```python\n{starter}\n```" + WRITE_A_FUNCTION.format(name)) if name else WRITE_A_PROGRAM
+    ask = (f"\n\nStart from:\n```python\n{starter}\n```" + WRITE_A_FUNCTION.format(name) if name
+           else WRITE_A_PROGRAM)
     return {"task": "code", "prompt": text(r["question_content"]) + ask, "tests": tests,
             **({"entry_point": name} if name else {})}
 
 
 def from_codeforces(r: dict, notes: Counter) -> dict:
-    """open-r1/codeforces: official tests compared line by line, so a problem that needs its own checker (several
-    right outputs) or talks to an interactor is skipped; limits from the record."""
+    """open-r1/codeforces: official tests compared line by line, so a problem that needs its own
+    checker (several right outputs) or talks to an interactor is skipped; limits from the record."""
     if r.get("interaction_format"):
         raise Skip("an interactive problem")
     if r.get("generated_checker"):
         raise Skip("a problem that needs its own output checker")
     if r.get("input_mode", "stdio") != "stdio":
         raise Skip("a problem that reads a file, not stdin")
-    tests = [{"input": text(t["input"]), "output": text(t["output"])} for t in (r["official_tests"] or [])]
+    tests = [{"input": text(t["input"]), "output": text(t["output"])}
+             for t in (r["official_tests"] or [])]
     if not tests:
         raise Skip("no tests")
-    parts = [r.get("title"), r.get("description"), r.get("input_format") and "Input\n" + r["input_format"],
+    parts = [r.get("title"), r.get("description"),
+             r.get("input_format") and "Input\n" + r["input_format"],
              r.get("output_format") and "Output\n" + r["output_format"]]
     for example in (r.get("examples") or [])[:3]:
-        parts.append(f"Example input\n{text(example['input'])}\nExample output\n{text(example['output'])}")
-    return {"task": "code", "prompt": "\n\n".join(text(p) for p in parts if p) + WRITE_A_PROGRAM, "tests": tests,
-            **limits(r)}
+        parts.append(f"Example input\n{text(example['input'])}\nExample "
+                     f"output\n{text(example['output'])}")
+    return {"task": "code", "prompt": "\n\n".join(text(p) for p in parts if p) + WRITE_A_PROGRAM,
+            "tests": tests, **limits(r)}
 
 
 def mcq(question: str, options: list, answer: str) -> dict:
-    lines = "\n".join(f"({letter}) {text(option).strip()}" for letter, option in zip(LETTERS, options))
-    return {"task": "mcq", "prompt": f"{text(question).strip()}\n{lines}{PICK_A_LETTER}", "answer": answer}
+    lines = "\n".join(f"({letter}) {text(option).strip()}"
+                      for letter, option in zip(LETTERS, options))
+    return {"task": "mcq", "prompt": f"{text(question).strip()}\n{lines}{PICK_A_LETTER}",
+            "answer": answer}
 
 
 def from_mmlu_pro(r: dict, notes: Counter) -> dict:
@@ -360,8 +277,9 @@ def from_mmlu_pro(r: dict, notes: Counter) -> dict:
 
 
 def from_gpqa(r: dict, notes: Counter) -> dict:
-    """GPQA lists the right answer first: shuffle the four seeded by the question's own text (Random seeds a str
-    by its SHA-512), so every run and machine gives each question the same order and the same right letter."""
+    """GPQA lists the right answer first: shuffle the four seeded by the question's own text (Random
+    seeds a str by its SHA-512), so every run and machine gives each question the same order and the
+    same right letter."""
     options = [text(r["correct answer"])] + [text(r[f"incorrect answer {i}"]) for i in (1, 2, 3)]
     order = list(range(4))
     random.Random(text(r["question"])).shuffle(order)
@@ -373,15 +291,17 @@ def from_reasoning_gym(r: dict, notes: Counter) -> dict:
     if not isinstance(metadata.get("source_dataset"), str):
         raise Skip("no metadata.source_dataset")
     entry = {"question": text(r["question"]), "answer": r["answer"], "metadata": metadata}
-    return {"task": "logic", "prompt": entry["question"] + ANSWER_IN_TAGS, "dataset": metadata["source_dataset"],
-            "entry": entry}
+    return {"task": "logic", "prompt": entry["question"] + ANSWER_IN_TAGS,
+            "dataset": metadata["source_dataset"], "entry": entry}
 
 
 def from_math(r: dict, notes: Counter) -> dict:
-    return {"task": "math", "prompt": text(r["problem"]) + IN_BOXED, "answer": answer_text(r["answer"])}
+    return {"task": "math", "prompt": text(r["problem"]) + IN_BOXED,
+            "answer": answer_text(r["answer"])}
 
 
-# name -> (fields that identify it, lower case; converter). Order matters: the first whose fields a record has wins.
+# name -> (fields that identify it, lower case; converter). Order matters: the first whose fields a
+# record has wins.
 LAYOUTS = {
     "prorl": ({"task", "prompt"}, None),
     "verl": ({"data_source", "prompt", "reward_model"}, from_verl),
@@ -390,7 +310,8 @@ LAYOUTS = {
     "livecodebench": ({"question_content", "public_test_cases"}, from_livecodebench),
     "codeforces": ({"official_tests"}, from_codeforces),
     "apps": ({"question", "input_output"}, from_apps),
-    "gpqa": ({"question", "correct answer"} | {f"incorrect answer {i}" for i in (1, 2, 3)}, from_gpqa),
+    "gpqa": ({"question", "correct answer"}
+             | {f"incorrect answer {i}" for i in (1, 2, 3)}, from_gpqa),
     "mmlu-pro": ({"question", "options", "answer"}, from_mmlu_pro),
     "reasoning-gym": ({"question", "answer", "metadata"}, from_reasoning_gym),
     "math": ({"problem", "answer"}, from_math),

@@ -8,11 +8,13 @@ import torch
 
 
 class ResetTracker:
-    """Decides, after each step, whether to reset. State: steps since the last reset, best validation."""
+    """Decides, after each step, whether to reset. State: steps since the last reset, best
+    validation."""
 
     def __init__(self, every: int = 0, patience: int = 0, kl_threshold: float = 0.0):
         self.every = every  # reset every `every` steps (0: never)
-        self.patience = patience  # reset when validation has not improved for this many evaluations (0: never)
+        # reset when validation has not improved for this many evaluations (0: never)
+        self.patience = patience
         self.kl_threshold = kl_threshold  # reset when the step's mean KL exceeds this (0: never)
         self.steps_since_reset = 0
         self.best_validation = float("-inf")
@@ -40,13 +42,15 @@ class ResetTracker:
         self.steps_since_reset, self.evals_without_gain = 0, 0
         self.count += 1
 
-    STATE = ("steps_since_reset", "best_validation", "evals_without_gain", "count")  # the thresholds are config
+    # the thresholds are config
+    STATE = ("steps_since_reset", "best_validation", "evals_without_gain", "count")
 
     def state_dict(self) -> dict:
         return {name: getattr(self, name) for name in self.STATE}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore the counters; the thresholds stay those this tracker was built with (a resumed run's flags)."""
+        """Restore the counters; the thresholds stay those this tracker was built with (a resumed
+        run's flags)."""
         for name in self.STATE:
             setattr(self, name, state[name])
 

@@ -1,16 +1,18 @@
-"""Benchmark the log-prob and fused policy-loss kernels at a 152k vocabulary (Qwen), bf16, in one run.
+"""Benchmark the log-prob and fused policy-loss kernels at a 152k vocabulary (Qwen), bf16, in one
+run.
 
     python bench/kernel_speed.py
 
 For tokens ∈ {4096, 16384} it times forward and forward+backward of eager PyTorch (the references in
-kernels/reference.py), `torch.compile` of the same code, Liger-Kernel where installed, and ours, and prints
-one table: milliseconds, achieved bandwidth against the bytes a one-read kernel must move (forward reads the
-logits once; backward reads them once and writes the gradient), the % of the device's peak HBM bandwidth,
-speed-ups, and peak memory beyond the inputs. The logits are a [B, T+1, V] model output and the ops get
-`logits[:, :-1]`, as in train.py; the gradient is taken w.r.t. that slice.
+kernels/reference.py), `torch.compile` of the same code, Liger-Kernel where installed, and ours, and
+prints one table: milliseconds, achieved bandwidth against the bytes a one-read kernel must move
+(forward reads the logits once; backward reads them once and writes the gradient), the % of the
+device's peak HBM bandwidth, speed-ups, and peak memory beyond the inputs. The logits are a
+[B, T+1, V] model output and the ops get `logits[:, :-1]`, as in train.py; the gradient is taken
+w.r.t. that slice.
 
-Without a GPU it runs the reference only, on fewer tokens, and says so: it never prints GPU figures it did
-not measure.
+Without a GPU it runs the reference only, on fewer tokens, and says so: it never prints GPU figures
+it did not measure.
 """
 
 import argparse
@@ -30,10 +32,12 @@ from prorl_kernels.reference import policy_loss_ref, token_logprobs_ref
 VOCAB_SIZE = 151936
 SEQ_LEN = 512
 TEMPERATURE = 0.7
-SPEC = grpo.LossSpec(clip_low=0.2, clip_high=0.28, kl_coef=0.001, kl_kind="k3", temperature=TEMPERATURE)
+SPEC = grpo.LossSpec(clip_low=0.2, clip_high=0.28, kl_coef=0.001, kl_kind="k3",
+                     temperature=TEMPERATURE)
 GPU_TOKENS = (4096, 16384)
 CPU_TOKENS = (512, 1024)
-# Peak HBM bandwidth in GB/s (vendor datasheets), matched against torch.cuda.get_device_name in order.
+# Peak HBM bandwidth in GB/s (vendor datasheets), matched against torch.cuda.get_device_name in
+# order.
 PEAK_GBPS = (
     ("H200", 4800),
     ("H100 NVL", 3900),
@@ -43,14 +47,16 @@ PEAK_GBPS = (
     ("A100 80GB PCIe", 1935),
     ("A100", 1555),  # 40 GB, SXM4 and PCIe
 )
-TARGETS = "targets (H100): ours fwd ≥ 80% of peak; fwd+bwd ≥ 2.5× eager, ≥ 1.1× compile; extra ≤ 1× logits"
+TARGETS = ("targets (H100): ours fwd ≥ 80% of peak; fwd+bwd ≥ 2.5× eager, ≥ 1.1× compile; "
+           "extra ≤ 1× logits")
 
 
 def make_batch(tokens: int, device: str) -> dict:
     """A [B, T+1, V] bf16 logits tensor and the [B, T] tensors the loss needs (10% padding)."""
     gen = torch.Generator(device=device).manual_seed(0)
     batch = tokens // SEQ_LEN
-    logits = (2 * torch.randn(batch, SEQ_LEN + 1, VOCAB_SIZE, device=device, generator=gen)).to(torch.bfloat16)
+    logits = (2 * torch.randn(batch, SEQ_LEN + 1, VOCAB_SIZE, device=device,
+                              generator=gen)).to(torch.bfloat16)
     labels = torch.randint(0, VOCAB_SIZE, (batch, SEQ_LEN), device=device, generator=gen)
     with torch.no_grad():
         logp = prorl_kernels.token_logprobs(logits[:, :-1], labels, TEMPERATURE)
@@ -67,7 +73,8 @@ def make_batch(tokens: int, device: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- the contenders
-# Each returns (forward, forward_backward): forward() → the op's output, forward_backward() → d/d logits.
+# Each returns (forward, forward_backward): forward() → the op's output, forward_backward() → d/d
+# logits.
 
 
 def logprobs_op(fn):
@@ -83,7 +90,8 @@ def logprobs_op(fn):
 
 def loss_op(fn):
     def forward(b):
-        return fn(b["logits"][:, :-1], b["labels"], b["old_logp"], b["ref_logp"], b["adv"], b["mask"])
+        return fn(b["logits"][:, :-1], b["labels"], b["old_logp"], b["ref_logp"],
+                  b["adv"], b["mask"])
 
     def forward_backward(b):
         logits = b["logits"][:, :-1]
@@ -116,8 +124,8 @@ def ours_loss(logits, labels, old_logp, ref_logp, adv, mask):
 
 
 def liger_ops() -> dict:
-    """Liger-Kernel's GRPO loss (and its forward-only selective log-softmax), if installed. It takes the
-    whole [B, T+1, V] logits and drops the last position itself."""
+    """Liger-Kernel's GRPO loss (and its forward-only selective log-softmax), if installed. It takes
+    the whole [B, T+1, V] logits and drops the last position itself."""
     try:
         from liger_kernel.ops.grpo_loss import fused_selective_log_softmax
         from liger_kernel.transformers.grpo_loss import triton_grpo_loss
@@ -130,7 +138,8 @@ def liger_ops() -> dict:
     def loss(b, logits):
         mask = b["mask"].int().contiguous()
         out = triton_grpo_loss(
-            logits, b["old_logp"], b["ref_logp"], b["labels"], b["adv"], mask, temperature=TEMPERATURE,
+            logits, b["old_logp"], b["ref_logp"], b["labels"], b["adv"], mask,
+            temperature=TEMPERATURE,
             beta=SPEC.kl_coef, eps_low=SPEC.clip_low, eps_high=SPEC.clip_high,
             inplace=False,
         )
@@ -140,13 +149,15 @@ def liger_ops() -> dict:
     def loss_forward_backward(b):
         return torch.autograd.grad(loss(b, b["logits"]), b["logits"])[0]
 
-    return {"logprobs": (logprobs_forward, None), "loss": (lambda b: loss(b, b["logits"]), loss_forward_backward)}
+    return {"logprobs": (logprobs_forward, None),
+            "loss": (lambda b: loss(b, b["logits"]), loss_forward_backward)}
 
 
 def contenders(device: str) -> dict[str, dict[str, tuple]]:
     """{op: {implementation: (forward, forward_backward)}}; on CPU the reference alone."""
     if device == "cpu":
-        return {"logprobs": {"eager": logprobs_op(eager_logprobs)}, "loss": {"eager": loss_op(eager_loss)}}
+        return {"logprobs": {"eager": logprobs_op(eager_logprobs)},
+                "loss": {"eager": loss_op(eager_loss)}}
     compile_ = torch.compile(dynamic=False)
     ops = {
         "logprobs": {
@@ -161,7 +172,8 @@ def contenders(device: str) -> dict[str, dict[str, tuple]]:
         },
     }
     for op, pair in liger_ops().items():
-        ops[op] = {**{k: v for k, v in ops[op].items() if k != "ours"}, "liger": pair, "ours": ops[op]["ours"]}
+        ops[op] = {**{k: v for k, v in ops[op].items() if k != "ours"}, "liger": pair,
+                   "ours": ops[op]["ours"]}
     return ops
 
 
@@ -189,7 +201,8 @@ def time_ms(fn, device: str, warmup: int = 3, iters: int = 10) -> float:
 
 
 def peak_extra_bytes(fn) -> int:
-    """Peak CUDA memory allocated while fn() runs (its result included), beyond what was allocated before."""
+    """Peak CUDA memory allocated while fn() runs (its result included), beyond what was allocated
+    before."""
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -212,7 +225,8 @@ def check_ours(op: str, batch: dict) -> None:
     args = (batch["logits"][:, :-1], batch["labels"])
     if op == "loss":
         args += (batch["old_logp"], batch["ref_logp"], batch["adv"], batch["mask"])
-    ours, reference = (ours_logprobs, eager_logprobs) if op == "logprobs" else (ours_loss, eager_loss)
+    ours, reference = ((ours_logprobs, eager_logprobs) if op == "logprobs"
+                       else (ours_loss, eager_loss))
     with torch.no_grad():
         torch.testing.assert_close(ours(*args), reference(*args), rtol=1e-4, atol=1e-4)
 
@@ -231,7 +245,8 @@ def measure(op: str, impl: str, pair: tuple, batch: dict, device: str) -> dict:
                 row["extra_bytes"] = peak_extra_bytes(lambda: forward_backward(batch))
     except torch.cuda.OutOfMemoryError:
         row["error"] = "out of memory"
-    except (RuntimeError, AssertionError, TypeError, ValueError) as error:  # reported, not fatal (an old Liger)
+    # reported, not fatal (an old Liger)
+    except (RuntimeError, AssertionError, TypeError, ValueError) as error:
         row["error"] = f"{type(error).__name__}: {error}"[:60]
     finally:
         if device == "cuda":
@@ -245,12 +260,13 @@ def measure(op: str, impl: str, pair: tuple, batch: dict, device: str) -> dict:
 def fmt(value, spec: str) -> str:
     if value is None:
         return "—"
-    return format(value, ".2f") if spec == "gbps" and value < 10 else format(value, ".0f" if spec == "gbps" else spec)
+    return (format(value, ".2f") if spec == "gbps" and value < 10
+            else format(value, ".0f" if spec == "gbps" else spec))
 
 
 def print_table(rows: list[dict], peak_gbps: float | None) -> None:
-    header = ("op", "tokens", "impl", "fwd ms", "fwd GB/s", "fwd %peak", "f+b ms", "f+b GB/s", "f+b %peak",
-              "vs eager", "vs compile", "extra GB", "× logits")
+    header = ("op", "tokens", "impl", "fwd ms", "fwd GB/s", "fwd %peak", "f+b ms", "f+b GB/s",
+              "f+b %peak", "vs eager", "vs compile", "extra GB", "× logits")
     lines = [header]
     for row in rows:
         if "error" in row:
@@ -260,16 +276,19 @@ def print_table(rows: list[dict], peak_gbps: float | None) -> None:
         fwd_gbps = logits_bytes / row["fwd_ms"] / 1e6
         fwd_bwd_ms = row.get("fwd_bwd_ms")
         fwd_bwd_gbps = 3 * logits_bytes / fwd_bwd_ms / 1e6 if fwd_bwd_ms else None
-        same = [r for r in rows if r["op"] == row["op"] and r["tokens"] == row["tokens"] and "fwd_bwd_ms" in r]
+        same = [r for r in rows if r["op"] == row["op"] and r["tokens"] == row["tokens"]
+                and "fwd_bwd_ms" in r]
         base = {r["impl"]: r["fwd_bwd_ms"] for r in same}
         extra = row.get("extra_bytes")
         lines.append((
             row["op"], str(row["tokens"]), row["impl"],
-            fmt(row["fwd_ms"], ".2f"), fmt(fwd_gbps, "gbps"), fmt(peak_gbps and 100 * fwd_gbps / peak_gbps, ".0f"),
+            fmt(row["fwd_ms"], ".2f"), fmt(fwd_gbps, "gbps"),
+            fmt(peak_gbps and 100 * fwd_gbps / peak_gbps, ".0f"),
             fmt(fwd_bwd_ms, ".2f"), fmt(fwd_bwd_gbps, "gbps"),
             fmt(peak_gbps and fwd_bwd_gbps and 100 * fwd_bwd_gbps / peak_gbps, ".0f"),
             fmt(fwd_bwd_ms and base.get("eager") and base["eager"] / fwd_bwd_ms, ".2f"),
-            fmt(fwd_bwd_ms and base.get("torch.compile") and base["torch.compile"] / fwd_bwd_ms, ".2f"),
+            fmt(fwd_bwd_ms and base.get("torch.compile")
+                and base["torch.compile"] / fwd_bwd_ms, ".2f"),
             fmt(extra and extra / 1e9, ".2f"), fmt(extra and extra / logits_bytes, ".2f"),
         ))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
@@ -284,19 +303,23 @@ def print_verdict(rows: list[dict], peak_gbps: float | None) -> None:
     """Check the issue's targets against this run's numbers (GPU only)."""
     for op in ("logprobs", "loss"):
         for tokens in sorted({r["tokens"] for r in rows}):
-            by_impl = {r["impl"]: r for r in rows if (r["op"], r["tokens"]) == (op, tokens) and "error" not in r}
-            ours, eager, compiled = by_impl.get("ours"), by_impl.get("eager"), by_impl.get("torch.compile")
+            by_impl = {r["impl"]: r for r in rows if (r["op"], r["tokens"]) == (op, tokens)
+                       and "error" not in r}
+            ours, eager, compiled = (by_impl.get("ours"), by_impl.get("eager"),
+                                     by_impl.get("torch.compile"))
             if not ours:
                 print(f"{op}, {tokens} tokens: ours did not run")
                 continue
             logits_bytes = tokens * VOCAB_SIZE * 2
             checks = []
             if peak_gbps:
-                checks.append(("fwd ≥ 80% peak", logits_bytes / ours["fwd_ms"] / 1e6 >= 0.8 * peak_gbps))
+                checks.append(("fwd ≥ 80% peak",
+                               logits_bytes / ours["fwd_ms"] / 1e6 >= 0.8 * peak_gbps))
             if eager:
                 checks.append(("f+b ≥ 2.5× eager", eager["fwd_bwd_ms"] >= 2.5 * ours["fwd_bwd_ms"]))
             if compiled:
-                checks.append(("f+b ≥ 1.1× compile", compiled["fwd_bwd_ms"] >= 1.1 * ours["fwd_bwd_ms"]))
+                checks.append(("f+b ≥ 1.1× compile",
+                               compiled["fwd_bwd_ms"] >= 1.1 * ours["fwd_bwd_ms"]))
             checks.append(("extra ≤ 1× logits", ours["extra_bytes"] <= 1.01 * logits_bytes))
             verdicts = ", ".join(f"{name} {'PASS' if ok else 'FAIL'}" for name, ok in checks)
             print(f"{op}, {tokens} tokens: {verdicts}")
@@ -307,15 +330,19 @@ def main() -> None:
     peak_gbps = peak_bandwidth_gbps(device)
     if device == "cuda":
         name = torch.cuda.get_device_name()
-        peak = f"peak HBM {peak_gbps} GB/s" if peak_gbps else "peak HBM unknown for this device (add it to PEAK_GBPS)"
-        print(f"{name}, {peak}; torch {torch.__version__}; V = {VOCAB_SIZE}, bf16, temperature {TEMPERATURE}")
+        peak = (f"peak HBM {peak_gbps} GB/s" if peak_gbps
+                else "peak HBM unknown for this device (add it to PEAK_GBPS)")
+        print(f"{name}, {peak}; torch {torch.__version__}; V = {VOCAB_SIZE}, bf16, temperature "
+              f"{TEMPERATURE}")
         token_counts = GPU_TOKENS
     else:
-        print(f"No CUDA device: running the PyTorch reference only, on CPU, at {CPU_TOKENS} tokens instead of "
-              f"{GPU_TOKENS}. These are not GPU figures. V = {VOCAB_SIZE}, bf16.")
+        print(f"No CUDA device: running the PyTorch reference only, on CPU, at {CPU_TOKENS} tokens "
+              f"instead of {GPU_TOKENS}. These are not GPU figures. V = {VOCAB_SIZE}, bf16.")
         token_counts = CPU_TOKENS
-    print("GB/s = bytes a one-read kernel must move / time: forward 1× the bf16 logits, forward+backward 3×.")
-    print("extra = peak memory allocated during forward+backward beyond the inputs, gradient included.\n")
+    print("GB/s = bytes a one-read kernel must move / time: forward 1× the bf16 logits, "
+          "forward+backward 3×.")
+    print("extra = peak memory allocated during forward+backward beyond the inputs, gradient "
+          "included.\n")
 
     rows = []
     for tokens in token_counts:
@@ -331,5 +358,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    argparse.ArgumentParser(description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     main()

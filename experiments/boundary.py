@@ -1,15 +1,19 @@
-"""Does RL expand the reasoning boundary, or only sharpen it? The chains experiment (issue 15), arms side by side.
+"""Does RL expand the reasoning boundary, or only sharpen it? The chains experiment (issue 15), arms
+side by side.
 
-    python experiments/boundary.py                                  # the headline: control vs edge, seeds 0 and 1
-    python experiments/boundary.py --arms control,easy,edge,hard,edge-explore --seeds 0,1,2   # the full sweep
+    # the headline: control vs edge, seeds 0 and 1
+    python experiments/boundary.py
+    # the full sweep
+    python experiments/boundary.py --arms control,easy,edge,hard,edge-explore --seeds 0,1,2
 
-One base, warm-started on the chains task family up to a set composition depth (--coverage, chains.py), then one
-RL run per arm and seed from that base (train.py with the arm's flags). Every model is measured the same way:
-n samples per held-out problem at ProRL's evaluation settings (T=0.6, top-p 0.95), unbiased pass@k for
-k = 1 ... n per split: each depth's held-out problems (of chains RL may train on) and the held-out chains
-(compositions never shown to the warm-start or to RL). Writes <out>/boundary.json (every count), boundary.md
-(the table: pass@k, the trained − base difference at k = n with a 95% bootstrap interval over problems, and the
-problems newly solved and newly lost against the base) and boundary.png (pass@k curves, base vs arms).
+One base, warm-started on the chains task family up to a set composition depth (--coverage,
+chains.py), then one RL run per arm and seed from that base (train.py with the arm's flags). Every
+model is measured the same way: n samples per held-out problem at ProRL's evaluation settings
+(T=0.6, top-p 0.95), unbiased pass@k for k = 1 ... n per split: each depth's held-out problems (of
+chains RL may train on) and the held-out chains (compositions never shown to the warm-start or to
+RL). Writes <out>/boundary.json (every count), boundary.md (the table: pass@k, the trained − base
+difference at k = n with a 95% bootstrap interval over problems, and the problems newly solved and
+newly lost against the base) and boundary.png (pass@k curves, base vs arms).
 """
 
 import argparse
@@ -19,7 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository's modules, not experiments/'s
+# the repository's modules, not experiments/'s
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
 
@@ -32,26 +37,33 @@ import train
 
 EDGE = 3  # the depth where the chosen base solves rarely but not never (see --coverage)
 ARMS = {  # train.py flags of each arm, on top of COMMON; all sample the chains family only
-    "control": ["--curriculum", "true", "--level", "5", "--curriculum-replay", "0.8", "--curriculum-threshold", "2"],
-    "easy": ["--curriculum", "true", "--level", "2", "--curriculum-top", "2", "--curriculum-replay", "0.5",
-             "--curriculum-threshold", "2"],
+    "control": ["--curriculum", "true", "--level", "5", "--curriculum-replay", "0.8",
+                "--curriculum-threshold", "2"],
+    "easy": ["--curriculum", "true", "--level", "2", "--curriculum-top", "2", "--curriculum-replay",
+             "0.5", "--curriculum-threshold", "2"],
     "edge": ["--curriculum", "true", "--level", str(EDGE), "--curriculum-threshold", "0.5"],
-    "hard": ["--curriculum", "true", "--level", "5", "--curriculum-replay", "0", "--curriculum-threshold", "2"],
+    "hard": ["--curriculum", "true", "--level", "5", "--curriculum-replay", "0",
+             "--curriculum-threshold", "2"],
     "edge-explore": ["--curriculum", "true", "--level", str(EDGE), "--curriculum-threshold", "0.5",
-                     "--advantage", "passk", "--passk-k", "8", "--temperature", "1.2", "--clip-high", "0.4"],
+                     "--advantage", "passk", "--passk-k", "8", "--temperature", "1.2",
+                     "--clip-high", "0.4"],
 }
 ARM_NOTES = {"control": "the default RL settings, prompts uniform over depths 1-5",
              "easy": "depths 1-2 only (what the base already solves)",
-             "edge": f"edge curriculum: depth {EDGE} first, promoted at pass rate 0.5, 25% replay of easier depths",
+             "edge": f"edge curriculum: depth {EDGE} first, promoted at pass rate 0.5, 25% replay "
+                     "of easier depths",
              "hard": "depth 5 only (never solved by the base)",
              "edge-explore": "edge curriculum + pass@k advantage (k=8), T=1.2, clip-high 0.4"}
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arms", default="control,edge", help=f"comma-separated, from {', '.join(ARMS)}")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arms", default="control,edge",
+                        help=f"comma-separated, from {', '.join(ARMS)}")
     parser.add_argument("--seeds", default="0,1", help="RL seeds (the base is the same for all)")
-    parser.add_argument("--coverage", type=float, default=2.15, help="the base's warm-start coverage of chains")
+    parser.add_argument("--coverage", type=float, default=2.15,
+                        help="the base's warm-start coverage of chains")
     parser.add_argument("--warmstart-steps", type=int, default=1200)
     parser.add_argument("--steps", type=int, default=80, help="RL steps per run")
     parser.add_argument("--prompts-per-step", type=int, default=32)
@@ -68,25 +80,31 @@ def parse_args(argv):
 
 def splits(problems: int) -> dict[str, list[dict]]:
     """The held-out evaluation sets: per depth, then the held-out compositions of depths 2-4."""
-    sets = {f"depth {d}": tasks.heldout("chains", problems, d) for d in range(1, chains.MAX_DEPTH + 1)}
-    sets |= {f"held-out chains, depth {d}": chains.heldout_composition_problems(d, problems) for d in (2, 3, 4)}
+    sets = {f"depth {d}": tasks.heldout("chains", problems, d)
+            for d in range(1, chains.MAX_DEPTH + 1)}
+    sets |= {f"held-out chains, depth {d}": chains.heldout_composition_problems(d, problems)
+             for d in (2, 3, 4)}
     return sets
 
 
 def counts_of(model_dir: str, sets: dict[str, list[dict]], n: int) -> dict[str, list[int]]:
     policy, tokenizer = models.load(model_dir)
-    return {name: evaluation.correct_counts(policy.eval(), tokenizer, examples, sampling.SamplingParams(
-        n, 32, evaluation.EVAL_TEMPERATURE, evaluation.EVAL_TOP_P, seed=12345))
+    params = sampling.SamplingParams(n, 32, evaluation.EVAL_TEMPERATURE, evaluation.EVAL_TOP_P,
+                                     seed=12345)
+    return {name: evaluation.correct_counts(policy.eval(), tokenizer, examples, params)
             for name, examples in sets.items()}
 
 
 def curve(counts: list[int], n: int) -> dict[int, float]:
-    return {k: sum(evaluation.pass_at_k(n, c, k) for c in counts) / len(counts) for k in evaluation.ks_up_to(n)}
+    return {k: sum(evaluation.pass_at_k(n, c, k) for c in counts) / len(counts)
+            for k in evaluation.ks_up_to(n)}
 
 
-def bootstrap_difference(base: list[int], trained: list[int], n: int, k: int, resamples: int = 2000):
+def bootstrap_difference(base: list[int], trained: list[int], n: int, k: int,
+                         resamples: int = 2000):
     """95% interval of mean pass@k(trained) − mean pass@k(base), resampling problems (paired)."""
-    gains = [evaluation.pass_at_k(n, t, k) - evaluation.pass_at_k(n, b, k) for b, t in zip(base, trained)]
+    gains = [evaluation.pass_at_k(n, t, k) - evaluation.pass_at_k(n, b, k)
+             for b, t in zip(base, trained)]
     rng = random.Random(0)
     means = sorted(sum(rng.choices(gains, k=len(gains))) / len(gains) for _ in range(resamples))
     return sum(gains) / len(gains), means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
@@ -94,11 +112,13 @@ def bootstrap_difference(base: list[int], trained: list[int], n: int, k: int, re
 
 def table(result: dict, n: int) -> str:
     ks = [k for k in (1, 16, n) if k <= n]
-    head = "| split | model | " + " | ".join(f"pass@{k}" for k in ks) + f" | Δpass@{n} [95% CI] | new / lost |"
+    head = ("| split | model | " + " | ".join(f"pass@{k}" for k in ks)
+            + f" | Δpass@{n} [95% CI] | new / lost |")
     lines = [head, "|" + "---|" * (len(ks) + 4)]
     for split, base in result["base"].items():
         base_curve = curve(base, n)
-        lines.append(f"| {split} | base | " + " | ".join(f"{base_curve[k]:.3f}" for k in ks) + " | | |")
+        lines.append(f"| {split} | base | "
+                     + " | ".join(f"{base_curve[k]:.3f}" for k in ks) + " | | |")
         for run, by_split in result["runs"].items():
             trained = by_split[split]
             mean, low, high = bootstrap_difference(base, trained, n, n)
@@ -111,8 +131,9 @@ def table(result: dict, n: int) -> str:
 
 
 def summary(result: dict, n: int) -> str:
-    """One row per split: pass@1 / pass@n of the base and of each arm (mean over its seeds), then each seed's
-    Δpass@n with its 95% interval, the lower bound first (above 0: that seed expanded the boundary there)."""
+    """One row per split: pass@1 / pass@n of the base and of each arm (mean over its seeds), then
+    each seed's Δpass@n with its 95% interval, the lower bound first (above 0: that seed expanded
+    the boundary there)."""
     arms = list(dict.fromkeys(run.rsplit("-s", 1)[0] for run in result["runs"]))
     lines = ["| split | base | " + " | ".join(arms) + " |", "|" + "---|" * (len(arms) + 2)]
     for split, base in result["base"].items():
@@ -122,8 +143,10 @@ def summary(result: dict, n: int) -> str:
             runs = [run for run in result["runs"] if run.rsplit("-s", 1)[0] == arm]
             curves = [curve(result["runs"][run][split], n) for run in runs]
             gains = [bootstrap_difference(base, result["runs"][run][split], n, n) for run in runs]
-            cells.append(f"{sum(c[1] for c in curves) / len(curves):.3f} / {sum(c[n] for c in curves) / len(curves):.3f}"
-                         + " (" + ", ".join(f"{mean:+.2f} [{low:+.2f}]" for mean, low, _ in gains) + ")")
+            cells.append(f"{sum(c[1] for c in curves) / len(curves):.3f} / "
+                         f"{sum(c[n] for c in curves) / len(curves):.3f}"
+                         + " (" + ", ".join(f"{mean:+.2f} [{low:+.2f}]" for mean, low, _ in gains)
+                         + ")")
         lines.append(f"| {split} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -144,8 +167,10 @@ def plot(result: dict, n: int, path: Path) -> None:
         for run, by_split in result["runs"].items():
             arm = run.rsplit("-s", 1)[0]
             trained = curve(by_split[split], n)
-            labelled = arm in ax.get_legend_handles_labels()[1]  # one legend entry per arm, not per seed
-            ax.plot(list(trained), list(trained.values()), color=colours[arm], alpha=0.7, label=None if labelled else arm)
+            # one legend entry per arm, not per seed
+            labelled = arm in ax.get_legend_handles_labels()[1]
+            ax.plot(list(trained), list(trained.values()), color=colours[arm], alpha=0.7,
+                    label=None if labelled else arm)
         ax.set_xscale("log", base=2)
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(split, fontsize=9)
@@ -163,39 +188,44 @@ def main(argv: list[str]) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    base_dir = models.ensure_tiny_base(f"runs/base/tiny-chains-c{args.coverage}-w{args.warmstart_steps}-s0", seed=0,
-                                       task_mix="chains", chain_coverage=args.coverage, steps=args.warmstart_steps,
-                                       noise=0.0)
+    base_dir = models.ensure_tiny_base(
+        f"runs/base/tiny-chains-c{args.coverage}-w{args.warmstart_steps}-s0", seed=0,
+        task_mix="chains", chain_coverage=args.coverage, steps=args.warmstart_steps, noise=0.0)
     sets = splits(args.problems)
     saved = out / "boundary.json"
     result = json.loads(saved.read_text()) if saved.is_file() else {}
     settings = {k: v for k, v in vars(args).items() if k not in ("arms", "seeds", "out")}
-    training = {k: v for k, v in settings.items() if k not in ("problems", "n")}  # what the trained models depend on
+    # what the trained models depend on
+    training = {k: v for k, v in settings.items() if k not in ("problems", "n")}
     if result.get("settings") != settings:  # other settings: measure everything again
-        trained_before = result.get("seconds", {}) if result.get("training", training) == training else {}
-        result = {"settings": settings, "training": training, "base": counts_of(base_dir, sets, args.n), "runs": {},
-                  "seconds": trained_before}
+        trained_before = (result.get("seconds", {}) if result.get("training", training) == training
+                          else {})
+        result = {"settings": settings, "training": training,
+                  "base": counts_of(base_dir, sets, args.n), "runs": {}, "seconds": trained_before}
     for arm in args.arms:
         for seed in args.seeds:
             run = f"{arm}-s{seed}"
             if run in result["runs"]:
                 continue  # measured by an earlier invocation with the same settings
             final = f"runs/{out.name}/{run}/final"
-            if run in result["seconds"] and Path(final, "config.json").is_file():  # trained alike: measure only
+            # trained alike: measure only
+            if run in result["seconds"] and Path(final, "config.json").is_file():
                 result["runs"][run] = counts_of(final, sets, args.n)
                 saved.write_text(json.dumps(result))
                 continue
             run_started = time.time()
-            train.main(["--model", base_dir, "--tasks", "chains", "--run", f"{out.name}/{run}", "--seed", str(seed),
-                        "--steps", str(args.steps), "--prompts-per-step", str(args.prompts_per_step),
-                        "--max-new-tokens", "32", "--eval-every", "0", "--eval-problems", "16", "--val-problems", "16",
-                        "--eval-samples", "4", "--boundary-problems", "0", "--save-every", "0"] + ARMS[arm])
+            train.main(["--model", base_dir, "--tasks", "chains", "--run", f"{out.name}/{run}",
+                        "--seed", str(seed), "--steps", str(args.steps),
+                        "--prompts-per-step", str(args.prompts_per_step),
+                        "--max-new-tokens", "32", "--eval-every", "0", "--eval-problems", "16",
+                        "--val-problems", "16", "--eval-samples", "4", "--boundary-problems", "0",
+                        "--save-every", "0"] + ARMS[arm])
             result["runs"][run] = counts_of(final, sets, args.n)
             result["seconds"][run] = time.time() - run_started
             saved.write_text(json.dumps(result))
     report = summary(result, args.n) + "\n\nPer run:\n\n" + table(result, args.n)
-    notes = "\n".join(f"- **{arm}**: {ARM_NOTES[arm]}" for arm in ARMS if any(r.startswith(arm + "-s")
-                                                                                  for r in result["runs"]))
+    notes = "\n".join(f"- **{arm}**: {ARM_NOTES[arm]}" for arm in ARMS
+                      if any(r.startswith(arm + "-s") for r in result["runs"]))
     (out / "boundary.md").write_text(f"{report}\n\n{notes}\n")
     plot(result, args.n, out / "boundary.png")
     print(report)

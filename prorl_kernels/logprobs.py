@@ -1,19 +1,21 @@
 """Triton: per-token log-probs (and entropy) reading the logits once, and their backward.
 
 Math, for one row z = logits / T of length V (reference: `reference.token_logprobs_ref`):
-    lse     = log Σ_v exp(z_v)              online over vocabulary blocks (Milakov & Gimelshein 2018)
+    lse     = log Σ_v exp(z_v)              online over vocabulary blocks
+                                            (Milakov & Gimelshein 2018)
     logp    = z_label − lse                 ≤ 0
     entropy = lse − Σ_v p_v z_v = log s − Σ_v e_v (z_v − m) / s
               with m = max z, e_v = exp(z_v − m), s = Σ_v e_v
     ∂logp/∂logits_v = (1[v = label] − p_v) / T,   p_v = exp(z_v − lse)
-The online pass keeps, per row, the running max m, s = Σ exp(z − m) and t = Σ exp(z − m)(z − m); when m
-grows by δ = m_old − m_new < 0 both rescale: s ← e^δ s, t ← e^δ (t + δ s). Tracking t around m (not Σ p z)
-keeps the entropy accurate when the logits are ±1e4 (lse and Σ p z would cancel).
+The online pass keeps, per row, the running max m, s = Σ exp(z − m) and t = Σ exp(z − m)(z − m);
+when m grows by δ = m_old − m_new < 0 both rescale: s ← e^δ s, t ← e^δ (t + δ s). Tracking t around
+m (not Σ p z) keeps the entropy accurate when the logits are ±1e4 (lse and Σ p z would cancel).
 
-Memory: forward reads the logits once and writes 2-3 floats per row; backward reads them once and writes
-the gradient in the logits' dtype directly (no fp32 copy of [tokens, V] anywhere). Rows are addressed with
-two strides, so `logits[:, :-1]` is read in place; only a layout that is not row-major in V is copied, and
-then that private copy becomes the gradient buffer (written in place, saving a second [tokens, V] buffer).
+Memory: forward reads the logits once and writes 2-3 floats per row; backward reads them once and
+writes the gradient in the logits' dtype directly (no fp32 copy of [tokens, V] anywhere). Rows are
+addressed with two strides, so `logits[:, :-1]` is read in place; only a layout that is not
+row-major in V is copied, and then that private copy becomes the gradient buffer (written in place,
+saving a second [tokens, V] buffer).
 """
 
 import contextlib
@@ -36,7 +38,8 @@ def row_logsumexp(row_ptr, V, inv_temperature, WITH_ENTROPY: tl.constexpr, BLOCK
     t = tl.full([], 0.0, tl.float32)
     for start in tl.range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        z = tl.load(row_ptr + cols, mask=cols < V, other=-float("inf")).to(tl.float32) * inv_temperature
+        z = tl.load(row_ptr + cols, mask=cols < V,
+                    other=-float("inf")).to(tl.float32) * inv_temperature
         m_new = tl.maximum(m, tl.max(z, axis=0))
         delta = m - m_new  # ≤ 0
         alpha = tl.exp(delta)
@@ -54,7 +57,8 @@ def row_logsumexp(row_ptr, V, inv_temperature, WITH_ENTROPY: tl.constexpr, BLOCK
 
 @triton.jit
 def row_offset(row, inner, stride_outer, stride_inner):
-    """Element offset of row `row` of a [outer, inner, V] view (int64: 16k rows × 152k overflows int32)."""
+    """Element offset of row `row` of a [outer, inner, V] view (int64: 16k rows × 152k overflows
+    int32)."""
     return (row // inner) * stride_outer + (row % inner) * stride_inner
 
 
@@ -70,8 +74,9 @@ def _token_logprobs_fwd_kernel(
     lse, entropy = row_logsumexp(row_ptr, V, inv_temperature, WITH_ENTROPY, BLOCK_V)
     label = tl.load(labels_ptr + row).to(tl.int64)
     z_label = tl.load(row_ptr + label).to(tl.float32) * inv_temperature
-    # z_label ≤ m ≤ lse exactly, but lse's log() is approximate on GPUs: keep log-probs ≤ 0 (verl once
-    # shipped a fused kernel returning positive ones, which turns ratios and KL silently wrong).
+    # z_label ≤ m ≤ lse exactly, but lse's log() is approximate on GPUs: keep log-probs ≤ 0 (verl
+    # once shipped a fused kernel returning positive ones, which turns ratios and KL silently
+    # wrong).
     tl.store(logp_ptr + row, tl.minimum(z_label - lse, 0.0))
     tl.store(lse_ptr + row, lse)
     if WITH_ENTROPY:
@@ -82,13 +87,15 @@ def _token_logprobs_fwd_kernel(
 def _token_logprobs_bwd_kernel(
     logits_ptr, inner, stride_outer, stride_inner,  # logits [outer, inner, V], last dim contiguous
     labels_ptr, lse_ptr, row_grad_ptr,  # [N]: label, saved lse, dloss/dlogp of the row
-    grad_ptr,  # [N, V] contiguous, logits' dtype; may alias the logits (each block is read, then written)
+    # [N, V] contiguous, logits' dtype; may alias the logits (each block is read, then written)
+    grad_ptr,
     V, inv_temperature,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     grad_row_ptr = grad_ptr + row * V
-    coef = tl.load(row_grad_ptr + row) * inv_temperature  # d loss/d logits_v = coef · (1[v = label] − p_v)
+    # d loss/d logits_v = coef · (1[v = label] − p_v)
+    coef = tl.load(row_grad_ptr + row) * inv_temperature
     if coef == 0.0:  # a zero gradient (masked token; clipped one with β = 0): don't read its logits
         zeros = tl.full([BLOCK_V], 0.0, tl.float32).to(grad_ptr.dtype.element_ty)
         for start in tl.range(0, V, BLOCK_V):
@@ -100,7 +107,8 @@ def _token_logprobs_bwd_kernel(
         label = tl.load(labels_ptr + row).to(tl.int64)
         for start in tl.range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
-            z = tl.load(row_ptr + cols, mask=cols < V, other=-float("inf")).to(tl.float32) * inv_temperature
+            z = tl.load(row_ptr + cols, mask=cols < V,
+                        other=-float("inf")).to(tl.float32) * inv_temperature
             probs = tl.exp(z - lse)
             grad = coef * (tl.where(cols == label, 1.0, 0.0) - probs)
             tl.store(grad_row_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=cols < V)
@@ -110,8 +118,9 @@ def _token_logprobs_bwd_kernel(
 
 
 def launch_config(vocab_size: int) -> dict[str, int]:
-    """Block and warps for one program per row. 8192 bf16 = 16 KB in flight per program, enough to keep
-    HBM busy with a few programs per SM. Untuned on hardware (no GPU was lent when this was written)."""
+    """Block and warps for one program per row. 8192 bf16 = 16 KB in flight per program, enough to
+    keep HBM busy with a few programs per SM. Untuned on hardware (no GPU was lent when this was
+    written)."""
     block = min(8192, triton.next_power_of_2(vocab_size))
     return {"BLOCK_V": block, "num_warps": 16 if block >= 8192 else 8 if block >= 2048 else 4}
 
@@ -120,8 +129,8 @@ def as_rows(logits: torch.Tensor) -> tuple[torch.Tensor, int, int, int, bool]:
     """Address logits [..., V] as N rows without copying when possible.
 
     Returns (tensor, inner, stride_outer, stride_inner, copied): row r starts at element
-    (r // inner)·stride_outer + (r % inner)·stride_inner of `tensor`. `logits[:, :-1]` of a [B, T, V]
-    tensor fits as is; a layout whose last dim is not contiguous is copied (copied=True).
+    (r // inner)·stride_outer + (r % inner)·stride_inner of `tensor`. `logits[:, :-1]` of a
+    [B, T, V] tensor fits as is; a layout whose last dim is not contiguous is copied (copied=True).
     """
     vocab_size = logits.shape[-1]
     if logits.stride(-1) == 1:
@@ -146,14 +155,15 @@ def device_guard(tensor: torch.Tensor):
 
 
 def grad_buffer(rows: torch.Tensor, copied: bool) -> torch.Tensor:
-    """Where the backward writes d loss/d logits [N, V]: a fresh buffer in the logits' dtype, or, when
-    forward had to copy the logits, that copy itself. The copy is ours alone, so overwriting it is safe;
-    its version is bumped so a second backward through the same graph fails loudly instead of reading
-    gradients as logits."""
+    """Where the backward writes d loss/d logits [N, V]: a fresh buffer in the logits' dtype, or,
+    when forward had to copy the logits, that copy itself. The copy is ours alone, so overwriting it
+    is safe; its version is bumped so a second backward through the same graph fails loudly instead
+    of reading gradients as logits."""
     if copied:
         torch.autograd.graph.increment_version(rows)
         return rows
-    return torch.empty(rows.shape[:-1].numel(), rows.shape[-1], dtype=rows.dtype, device=rows.device)
+    return torch.empty(rows.shape[:-1].numel(), rows.shape[-1], dtype=rows.dtype,
+                       device=rows.device)
 
 
 def logits_backward(
@@ -167,8 +177,8 @@ def logits_backward(
     inner, stride_outer, stride_inner = layout
     with device_guard(rows):
         _token_logprobs_bwd_kernel[(num_rows,)](
-            rows, inner, stride_outer, stride_inner, labels, lse, row_grad.float().contiguous(), grad,
-            vocab_size, inv_temperature, **launch_config(vocab_size),
+            rows, inner, stride_outer, stride_inner, labels, lse, row_grad.float().contiguous(),
+            grad, vocab_size, inv_temperature, **launch_config(vocab_size),
         )
     return grad
 
@@ -187,15 +197,18 @@ class TokenLogprobs(torch.autograd.Function):
         num_rows = labels.numel()
         logp = torch.empty(num_rows, dtype=torch.float32, device=logits.device)
         lse = torch.empty_like(logp)
-        entropy = torch.empty_like(logp) if return_entropy else lse  # unused pointer when not asked for
+        # unused pointer when not asked for
+        entropy = torch.empty_like(logp) if return_entropy else lse
         if num_rows > 0:
             with device_guard(logits):
                 _token_logprobs_fwd_kernel[(num_rows,)](
                     rows, inner, stride_outer, stride_inner, labels, logp, lse, entropy,
-                    vocab_size, 1.0 / temperature, WITH_ENTROPY=return_entropy, **launch_config(vocab_size),
+                    vocab_size, 1.0 / temperature, WITH_ENTROPY=return_entropy,
+                    **launch_config(vocab_size),
                 )
         ctx.save_for_backward(rows, labels, lse)
-        ctx.layout, ctx.copied, ctx.inv_temperature = (inner, stride_outer, stride_inner), copied, 1.0 / temperature
+        ctx.layout, ctx.copied, ctx.inv_temperature = ((inner, stride_outer, stride_inner), copied,
+                                                       1.0 / temperature)
         ctx.logits_shape = logits.shape
         entropy = entropy.view(lead_shape) if return_entropy else None
         if return_entropy:
@@ -206,12 +219,14 @@ class TokenLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy):
         rows, labels, lse = ctx.saved_tensors
         grad = grad_buffer(rows, ctx.copied)
-        logits_backward(rows, ctx.layout, labels, lse, grad_logp.reshape(-1), grad, ctx.inv_temperature)
+        logits_backward(rows, ctx.layout, labels, lse, grad_logp.reshape(-1), grad,
+                        ctx.inv_temperature)
         return grad.view(ctx.logits_shape), None, None, None
 
 
 def token_logprobs_triton(
-    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, return_entropy: bool = False
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+    return_entropy: bool = False
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Triton `token_logprobs`; see `prorl_kernels.token_logprobs`."""
     logp, entropy = TokenLogprobs.apply(logits, labels, float(temperature), return_entropy)

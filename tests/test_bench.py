@@ -1,4 +1,5 @@
-"""Smoke tests of the benchmarks that train: bench/ablate.py and bench/step.py run end to end on the tiny model."""
+"""Smoke tests of the benchmarks that train: bench/ablate.py and bench/step.py run end to end on the
+tiny model."""
 
 import json
 import subprocess
@@ -8,19 +9,22 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-# ----------------------------------------------------------------------------- bench/ablate.py, smoke
+# --------------------------------------------------------------------------- bench/ablate.py, smoke
 
-def test_ablation_script_runs_each_variant_in_its_own_dir_and_tabulates_them(tmp_path, monkeypatch, tiny_model_dir):
+def test_ablation_script_runs_each_variant_in_its_own_dir_and_tabulates_them(tmp_path, monkeypatch,
+                                                                             tiny_model_dir):
     monkeypatch.syspath_prepend(str(REPO / "bench"))
     monkeypatch.chdir(tmp_path)
     import ablate
 
-    ablate.main(["--quick", "--only", "no-kl,n4,n32", "--model", tiny_model_dir, "--max-new-tokens", "8"])
+    ablate.main(["--quick", "--only", "no-kl,n4,n32", "--model", tiny_model_dir,
+                 "--max-new-tokens", "8"])
     configs = {name: json.loads((tmp_path / "runs" / f"ablate-{name}" / "config.json").read_text())
                for name in ("no-kl", "n4", "n32")}
     assert configs["no-kl"]["kl_coef"] == 0.0
     # the same rollout budget, spent on more prompts or more samples per prompt
-    assert [(configs[k]["prompts_per_step"], configs[k]["n"]) for k in ("n4", "n32")] == [(16, 4), (2, 32)]
+    assert ([(configs[k]["prompts_per_step"], configs[k]["n"]) for k in ("n4", "n32")]
+            == [(16, 4), (2, 32)])
     rows = (tmp_path / "runs" / "ablate.md").read_text().splitlines()
     assert len(rows) == 2 + 3 and rows[2].startswith("| no-kl |") and "| 16 × 4 |" in rows[3]
 
@@ -29,36 +33,46 @@ def test_ablation_script_runs_each_variant_in_its_own_dir_and_tabulates_them(tmp
 
 def test_step_benchmark_runs_one_prorl_v2_step_and_prints_its_time_split(tmp_path):
     for _ in range(2):  # a rerun replaces the first run's directory
-        done = subprocess.run([sys.executable, str(REPO / "bench" / "step.py"), "--sizes", "2", "2", "4", "4"],
-                              cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+        done = subprocess.run([sys.executable, str(REPO / "bench" / "step.py"),
+                               "--sizes", "2", "2", "4", "4"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                              check=False)
         assert done.returncode == 0, done.stderr[-2000:]
     split = dict(zip(*[iter(done.stdout.strip().splitlines()[-1].split()[:8])] * 2, strict=True))
     assert set(split) == {"gen_s", "ref_s", "update_s", "step_s"}
-    assert sum(float(split[k]) for k in ("gen_s", "ref_s", "update_s")) <= float(split["step_s"]) + 0.02
-    config = json.loads((tmp_path / "runs" / "bench-step" / "small" / "train" / "config.json").read_text())
-    assert (config["advantage"], config["kl_kind"], config["n"], config["max_new_tokens"]) == ("reinforce_pp", "k2", 2, 4)
+    assert (sum(float(split[k]) for k in ("gen_s", "ref_s", "update_s"))
+            <= float(split["step_s"]) + 0.02)
+    config = json.loads((tmp_path / "runs" / "bench-step" / "small" / "train" / "config.json")
+                        .read_text())
+    assert ((config["advantage"], config["kl_kind"], config["n"], config["max_new_tokens"])
+            == ("reinforce_pp", "k2", 2, 4))
 
 
-# ----------------------------------------------------------------------------- experiments/boundary.py, smoke
+# ------------------------------------------------------------------- experiments/boundary.py, smoke
 
 def test_boundary_experiment_runs_its_arms_and_reports_each_split(tmp_path, monkeypatch):
-    """A tiny run of the chains experiment: every arm × seed trains from one base, and the table holds every
-    split with the base and each run; the counts it tabulates are those of pass@k's definition (c ≤ n)."""
+    """A tiny run of the chains experiment: every arm × seed trains from one base, and the table
+    holds every split with the base and each run; the counts it tabulates are those of pass@k's
+    definition (c ≤ n)."""
     monkeypatch.syspath_prepend(str(REPO / "experiments"))
     monkeypatch.chdir(tmp_path)
     import boundary
 
-    boundary.main(["--arms", "control,edge-explore", "--seeds", "0,1", "--steps", "1", "--problems", "2", "--n", "4",
-                   "--warmstart-steps", "2", "--prompts-per-step", "2", "--out", "runs/bx"])
+    boundary.main(["--arms", "control,edge-explore", "--seeds", "0,1", "--steps", "1",
+                   "--problems", "2", "--n", "4", "--warmstart-steps", "2",
+                   "--prompts-per-step", "2", "--out", "runs/bx"])
     result = json.loads((tmp_path / "runs" / "bx" / "boundary.json").read_text())
     assert set(result["runs"]) == {"control-s0", "control-s1", "edge-explore-s0", "edge-explore-s1"}
     splits = list(result["base"])
     assert len(splits) == 8 and all(set(run) == set(splits) for run in result["runs"].values())
-    assert all(0 <= c <= 4 and len(counts) == 2 for counts in result["base"].values() for c in counts)
+    assert all(0 <= c <= 4
+               and len(counts) == 2 for counts in result["base"].values() for c in counts)
     config = json.loads((tmp_path / "runs" / "bx" / "edge-explore-s1" / "config.json").read_text())
-    assert (config["advantage"], config["seed"], config["curriculum"], config["level"]) == ("passk", 1, True, 3)
+    assert ((config["advantage"], config["seed"], config["curriculum"], config["level"])
+            == ("passk", 1, True, 3))
     summary, per_run = (tmp_path / "runs" / "bx" / "boundary.md").read_text().split("Per run:")
-    assert summary.splitlines()[0] == "| split | base | control | edge-explore |" and summary.count("\n| ") == 8
+    assert (summary.splitlines()[0] == "| split | base | control | edge-explore |"
+            and summary.count("\n| ") == 8)
     assert per_run.count("| base |") == 8 and per_run.count("| control-s1 |") == 8
     assert (tmp_path / "runs" / "bx" / "boundary.png").stat().st_size > 10_000
 
@@ -71,7 +85,8 @@ def test_peer_benchmark_alternates_arms_and_prints_medians_and_ratios(tmp_path, 
     command = [sys.executable, str(REPO / "bench" / "peer.py"), "--model", tiny_model_dir,
                "--prompts", "2", "--n", "2", "--new-tokens", "4", "--steps", "2",
                "--arms", f"ours,before:{REPO}"]
-    run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, check=False, timeout=600)
+    run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True,
+                         check=False, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     steps = [line for line in run.stdout.splitlines() if line.startswith("step ")]
     labels = [line.split(":")[0] for line in steps]  # "step 0 before:/path: ..." → "step 0 before"

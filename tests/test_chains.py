@@ -1,5 +1,5 @@
-"""The chains family (chains.py): operations, prompts and written steps, the held-out chains, the verifier,
-the warm-start coverage, and its registration in tasks, rewards and the tokenizer."""
+"""The chains family (chains.py): operations, prompts and written steps, the held-out chains, the
+verifier, the warm-start coverage, and its registration in tasks, rewards and the tokenizer."""
 
 import json
 import random
@@ -28,13 +28,15 @@ def test_a_chain_writes_one_step_per_operation():
     assert example["prompt"] == f"{digits}:rev inc asc="
     fixed = {**example, "digits": [3, 1, 4, 1, 5]}
     assert chains.score_chains(fixed, "51413 62524 22456") == 1.0
-    assert chains.score_chains(fixed, " 51413 62524 22456\n") == 1.0  # surrounding whitespace is ignored
+    # surrounding whitespace is ignored
+    assert chains.score_chains(fixed, " 51413 62524 22456\n") == 1.0
 
 
 def test_verifier_needs_every_step_and_nothing_else():
     example = {"task": "chains", "prompt": "31415:rev inc asc=", "digits": [3, 1, 4, 1, 5],
                "ops": ["rev", "inc", "asc"]}
-    assert rewards.score(example, "51413 62524 22456") == 1.0  # rewards.score reaches the chains verifier
+    # rewards.score reaches the chains verifier
+    assert rewards.score(example, "51413 62524 22456") == 1.0
     assert rewards.score(example, "22456") == 0.0  # the answer alone: the steps are required
     assert rewards.score(example, "51413 62524 22457") == 0.0  # a wrong answer
     assert rewards.score(example, "51413 62534 22456") == 0.0  # a wrong middle step, right answer
@@ -50,15 +52,17 @@ def test_generated_problems_are_solved_by_their_solution_at_every_level():
             assert len(example["ops"]) == level == example["level"]
             assert rewards.score(example, example["solution"]) == 1.0
             assert example["solution"].split()[-1] == example["answer"]
-            assert not chains.is_heldout_composition(tuple(example["ops"]))  # RL never draws a held-out chain
+            # RL never draws a held-out chain
+            assert not chains.is_heldout_composition(tuple(example["ops"]))
             tasks.check_example(example)
     with pytest.raises(ValueError, match="depths 1..5"):
         chains.make_chains(rng, chains.MAX_DEPTH + 1)
 
 
 def test_composition_counts_and_the_held_out_split():
-    """5 atoms, then 5·4^(d−1) chains with no operation twice in a row; none of the atoms is held out; the
-    hash holds out 3 of the 20 depth-2 chains (rev swp, rot asc, swp rev) and 20 of the 80 depth-3 chains."""
+    """5 atoms, then 5·4^(d−1) chains with no operation twice in a row; none of the atoms is held
+    out; the hash holds out 3 of the 20 depth-2 chains (rev swp, rot asc, swp rev) and 20 of the 80
+    depth-3 chains."""
     assert [len(chains.compositions(d)) for d in range(1, 5)] == [5, 20, 80, 320]
     assert ("asc", "asc") not in chains.compositions(2) and ("asc", "rev") in chains.compositions(2)
     assert chains.split(1) == (chains.compositions(1), [])
@@ -74,18 +78,21 @@ def test_composition_counts_and_the_held_out_split():
 def test_heldout_problems_of_trainable_chains_follow_the_prompt_hash():
     examples = tasks.heldout("chains", 10, level=2)
     assert len({ex["prompt"] for ex in examples}) == 10
-    assert all(tasks.is_heldout(ex) and not chains.is_heldout_composition(tuple(ex["ops"])) for ex in examples)
+    assert all(tasks.is_heldout(ex)
+               and not chains.is_heldout_composition(tuple(ex["ops"])) for ex in examples)
 
 
 def test_coverage_places_the_edge():
-    """1 = the 5 atoms; 2 = atoms and the 17 trainable pairs; 1.5 = atoms and round(8.5) = 8 of the pairs;
+    """1 = the 5 atoms; 2 = atoms and the 17 trainable pairs;
+    1.5 = atoms and round(8.5) = 8 of the pairs;
     2.25 = all of depth ≤ 2 and round(0.25 · 60) = 15 of the 60 trainable depth-3 chains."""
     assert chains.shown_compositions(1) == chains.compositions(1)
     assert len(chains.shown_compositions(2)) == 5 + 17
     half = chains.shown_compositions(1.5)
     assert len(half) == 5 + 8 and set(half) < set(chains.shown_compositions(2))
     assert len(chains.shown_compositions(2.25)) == 5 + 17 + 15
-    assert not any(chains.is_heldout_composition(ops) for ops in chains.shown_compositions(chains.MAX_DEPTH))
+    assert not any(chains.is_heldout_composition(ops)
+                   for ops in chains.shown_compositions(chains.MAX_DEPTH))
     with pytest.raises(ValueError, match="coverage"):
         chains.shown_compositions(0.5)
 
@@ -93,7 +100,8 @@ def test_coverage_places_the_edge():
 def test_warm_start_draws_chains_only_from_the_shown_ones(monkeypatch):
     shown = chains.shown_compositions(1.5)
     rng = random.Random(0)
-    assert {tuple(models.shown_chain(rng, shown)["ops"]) for _ in range(300)} == set(shown)  # all 13, no other
+    # all 13, no other
+    assert {tuple(models.shown_chain(rng, shown)["ops"]) for _ in range(300)} == set(shown)
     seen, original = [], models.supervised_batch
 
     def recording_batch(tokenizer, examples):
@@ -106,7 +114,8 @@ def test_warm_start_draws_chains_only_from_the_shown_ones(monkeypatch):
               "noise": 0.0, "chain_coverage": 1.5}
     models.warm_start(models.build_tiny_model(tokenizer), tokenizer, recipe, seed=0)
     drawn = [ex for ex in seen if ex["task"] == "chains"]
-    assert 30 < len(drawn) < 98 and len(seen) == 128  # about half of the mix, and the sort half untouched
+    # about half of the mix, and the sort half untouched
+    assert 30 < len(drawn) < 98 and len(seen) == 128
     assert all(tuple(ex["ops"]) in shown and not tasks.is_heldout(ex) for ex in drawn)
 
 
@@ -122,11 +131,13 @@ def test_tokenizer_keeps_old_ids_and_spells_every_chain():
 
 
 def test_a_chains_base_is_one_call_with_its_recipe_recorded(tmp_path):
-    """ensure_tiny_base's keywords override WARMSTART's entries and enter the recipe that decides reuse."""
-    path = models.ensure_tiny_base(str(tmp_path / "chains"), log=lambda line: None, task_mix="chains",
-                                   chain_coverage=1.5, steps=2, batch_size=8)
+    """ensure_tiny_base's keywords override WARMSTART's entries and enter the recipe that decides
+    reuse."""
+    path = models.ensure_tiny_base(str(tmp_path / "chains"), log=lambda line: None,
+                                   task_mix="chains", chain_coverage=1.5, steps=2, batch_size=8)
     recipe = json.loads((tmp_path / "chains" / "recipe.json").read_text())["warmstart"]
-    assert recipe == {**models.WARMSTART, "task_mix": "chains", "chain_coverage": 1.5, "steps": 2, "batch_size": 8}
+    assert recipe == {**models.WARMSTART, "task_mix": "chains", "chain_coverage": 1.5, "steps": 2,
+                      "batch_size": 8}
     policy, tokenizer = models.load(path)
     assert policy.config.vocab_size == len(tokenizer) == len(models.build_tokenizer())
     with pytest.raises(ValueError, match="unknown warm-start setting"):

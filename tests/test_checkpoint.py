@@ -1,9 +1,10 @@
-"""checkpoint.py + train.py --resume: a run stopped and resumed is the run that never stopped, bit for bit;
-a run killed in the middle of a save resumes from the checkpoint before it.
+"""checkpoint.py + train.py --resume: a run stopped and resumed is the run that never stopped, bit
+for bit; a run killed in the middle of a save resumes from the checkpoint before it.
 
-The runs use a small length penalty with dynamic sampling off (the random model never answers right, so its
-groups differ only by length), two PPO mini-batches (the shuffle reads torch's global RNG), validation every
-2 steps and a reference reset every 3 steps (so the reset tracker's state matters after a resume at step 2).
+The runs use a small length penalty with dynamic sampling off (the random model never answers right,
+so its groups differ only by length), two PPO mini-batches (the shuffle reads torch's global RNG),
+validation every 2 steps and a reference reset every 3 steps (so the reset tracker's state matters
+after a resume at step 2).
 """
 
 import json
@@ -20,11 +21,13 @@ import models
 import settings
 import train
 
-ARGS = ["--prompts-per-step", "4", "--n", "4", "--max-new-tokens", "6", "--dynamic-sampling", "false",
-        "--length-eta-max", "0.05", "--minibatches", "2", "--lr", "1e-2", "--eval-every", "2", "--reset-every", "3",
-        "--kl-coef", "1e-2", "--eval-problems", "2", "--val-problems", "2", "--eval-samples", "1",
+ARGS = ["--prompts-per-step", "4", "--n", "4", "--max-new-tokens", "6",
+        "--dynamic-sampling", "false", "--length-eta-max", "0.05", "--minibatches", "2",
+        "--lr", "1e-2", "--eval-every", "2", "--reset-every", "3", "--kl-coef", "1e-2",
+        "--eval-problems", "2", "--val-problems", "2", "--eval-samples", "1",
         "--boundary-problems", "0"]
-TIMING = {"gen_s", "ref_s", "update_s", "step_s", "tokens_per_s"}  # wall-clock: the only values allowed to differ
+# wall-clock: the only values allowed to differ
+TIMING = {"gen_s", "ref_s", "update_s", "step_s", "tokens_per_s"}
 
 
 def train_run(cwd: Path, model_dir: str, argv: list[str]) -> None:
@@ -52,16 +55,19 @@ def assert_same_run(resumed: tuple, straight: tuple) -> None:
     (params, metrics), (straight_params, straight_metrics) = resumed, straight
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     assert metrics == straight_metrics
-    assert [m.get("reset") for m in metrics] == [None, None, "schedule", None]  # the tracker survived the stop
+    # the tracker survived the stop
+    assert [m.get("reset") for m in metrics] == [None, None, "schedule", None]
     assert all(torch.equal(p, q) for p, q in zip(params, straight_params))
 
 
 def test_stop_and_resume_is_the_straight_run(tmp_path, tiny_model_dir, straight):
     train_run(tmp_path, tiny_model_dir, ["--run", "r", "--steps", "2"])
     run_dir = tmp_path / "runs" / "r"
-    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["step"] == 2  # saved at the end
+    # saved at the end
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["step"] == 2
     first_half = result(run_dir)
-    assert not all(torch.equal(p, q) for p, q in zip(first_half[0], straight[0]))  # 2 steps ≠ 4 steps
+    # 2 steps ≠ 4 steps
+    assert not all(torch.equal(p, q) for p, q in zip(first_half[0], straight[0]))
     train_run(tmp_path, tiny_model_dir, ["--resume", str(run_dir), "--steps", "4"])
     assert_same_run(result(run_dir), straight)
 
@@ -70,7 +76,8 @@ class Killed(BaseException):
     """The process dying: not an Exception, so nothing on the way up handles it."""
 
 
-def test_killed_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, tiny_model_dir, straight, monkeypatch):
+def test_killed_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, tiny_model_dir,
+                                                                   straight, monkeypatch):
     saves, real_save = [], torch.save
 
     def dies_during_the_third_save(state, file):
@@ -86,14 +93,18 @@ def test_killed_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, tin
     monkeypatch.setattr(torch, "save", real_save)
     run_dir = tmp_path / "runs" / "k"
     assert saves == [1, 2, 3]
-    assert (run_dir / "checkpoint.pt.tmp").read_bytes() == b"half a checkpoint"  # never renamed into place
+    # never renamed into place
+    assert (run_dir / "checkpoint.pt.tmp").read_bytes() == b"half a checkpoint"
     assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["step"] == 2
-    assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert [json.loads(line)["step"]
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
-    train_run(tmp_path, tiny_model_dir, ["--resume", str(run_dir)])  # step 3 is redone, its old line dropped
+    # step 3 is redone, its old line dropped
+    train_run(tmp_path, tiny_model_dir, ["--resume", str(run_dir)])
     assert_same_run(result(run_dir), straight)
     assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["step"] == 4
-    assert not (run_dir / "checkpoint.pt.tmp").exists()  # the next save wrote over it and renamed it
+    # the next save wrote over it and renamed it
+    assert not (run_dir / "checkpoint.pt.tmp").exists()
 
 
 def test_resume_needs_a_run_directory(tmp_path):
@@ -104,8 +115,8 @@ def test_resume_needs_a_run_directory(tmp_path):
         settings.parse_config(["--resume", str(tmp_path)])
 
 
-def test_a_run_stopped_before_its_first_checkpoint_resumes_from_its_start(tmp_path, tiny_model_dir, straight,
-                                                                          monkeypatch, capsys):
+def test_a_run_stopped_before_its_first_checkpoint_resumes_from_its_start(
+        tmp_path, tiny_model_dir, straight, monkeypatch, capsys):
     real_sample = train.sampling.sample_groups
 
     def killed_at_step_3(*args, **kwargs):
@@ -118,16 +129,18 @@ def test_a_run_stopped_before_its_first_checkpoint_resumes_from_its_start(tmp_pa
         train_run(tmp_path, tiny_model_dir, ["--run", "early", "--steps", "4", "--save-every", "0"])
     monkeypatch.setattr(train.sampling, "sample_groups", real_sample)
     run_dir = tmp_path / "runs" / "early"
-    assert not checkpoint.has_checkpoint(run_dir) and len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
+    assert (not checkpoint.has_checkpoint(run_dir)
+            and len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2)
     with pytest.raises(ValueError, match="already holds a run: --resume runs/early continues it"):
         train_run(tmp_path, tiny_model_dir, ["--run", "early"])
     train_run(tmp_path, tiny_model_dir, ["--resume", str(run_dir)])
-    assert "stopped before its first checkpoint: starting it over from step 0" in capsys.readouterr().out
+    assert ("stopped before its first checkpoint: starting it over from step 0"
+            in capsys.readouterr().out)
     assert_same_run(result(run_dir), straight)
 
 
-def test_sigterm_saves_the_step_and_stops_and_resume_is_the_straight_run(tmp_path, tiny_model_dir, straight,
-                                                                         monkeypatch, capsys):
+def test_sigterm_saves_the_step_and_stops_and_resume_is_the_straight_run(
+        tmp_path, tiny_model_dir, straight, monkeypatch, capsys):
     real_sample = train.sampling.sample_groups
 
     def preempted_during_step_2(*args, **kwargs):
@@ -144,53 +157,64 @@ def test_sigterm_saves_the_step_and_stops_and_resume_is_the_straight_run(tmp_pat
     assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["step"] == 2
     assert not (run_dir / "final").exists()  # it stopped there: no final model, no report
     said = capsys.readouterr().out
-    assert said.endswith("stopped by a signal after step 2, checkpoint saved: --resume runs/p continues\n")
+    assert said.endswith("stopped by a signal after step 2, checkpoint saved: --resume runs/p "
+                         "continues\n")
     train_run(tmp_path, tiny_model_dir, ["--resume", str(run_dir)])
     assert_same_run(result(run_dir), straight)
 
 
-def test_a_failed_save_warns_and_training_goes_on_but_the_last_one_must_succeed(tmp_path, tiny_model_dir,
-                                                                               monkeypatch, capsys):
+def test_a_failed_save_warns_and_training_goes_on_but_the_last_one_must_succeed(
+        tmp_path, tiny_model_dir, monkeypatch, capsys):
     real_save = torch.save
 
     def disk_full_at_step_2_and_4(state, file):
         if state["step"] in (2, 4):
             file.write(b"some bytes")
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 128 vs 64")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 128 vs "
+                               "64")
         real_save(state, file)
 
     monkeypatch.setattr(torch, "save", disk_full_at_step_2_and_4)
-    with pytest.raises(ValueError, match=r"^step 4: .*checkpoint.pt not written \(\[enforce fail.*any earlier one is intact$"):
+    with pytest.raises(ValueError,
+                       match=r"^step 4: .*checkpoint.pt not written \(\[enforce fail.*any earlier "
+                             r"one is intact$"):
         train_run(tmp_path, tiny_model_dir, ["--run", "full", "--steps", "4", "--save-every", "1"])
     assert "warning: step 2: " in capsys.readouterr().out
     run_dir = tmp_path / "runs" / "full"
-    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["step"] == 3  # step 3 was saved after all
+    # step 3 was saved after all
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["step"] == 3
     assert not (run_dir / "checkpoint.pt.tmp").exists()  # the half-written file was removed
 
 
-def test_resumed_runs_take_new_lr_and_reset_flags_and_refuse_changes_that_break_the_run(tmp_path, tiny_model_dir,
-                                                                                       monkeypatch):
+def test_resumed_runs_take_new_lr_and_reset_flags_and_refuse_changes_that_break_the_run(
+        tmp_path, tiny_model_dir, monkeypatch):
     train_run(tmp_path, tiny_model_dir, ["--run", "f", "--steps", "2"])
     run_dir = str(tmp_path / "runs" / "f")
-    for flag, value in [("--tasks", "add"), ("--preset", "prorl"), ("--model", "elsewhere"), ("--seed", "1"),
+    for flag, value in [("--tasks", "add"), ("--preset", "prorl"), ("--model", "elsewhere"),
+                        ("--seed", "1"),
                         ("--eval-problems", "3"), ("--max-new-tokens", "8"), ("--kl-coef", "0")]:
         with pytest.raises(ValueError, match=f"--resume {run_dir}: {flag} cannot "):
             settings.parse_config(["--resume", run_dir, flag, value])
-    assert settings.parse_config(["--resume", run_dir, "--kl-coef", "0.05", "--tasks", "sort,reverse,countdown"]).kl_coef == 0.05
+    assert settings.parse_config(["--resume", run_dir, "--kl-coef", "0.05", "--tasks",
+                                  "sort,reverse,countdown"]).kl_coef == 0.05
     lrs = []
 
     def record(run_dir, step, state, **kwargs):
         lrs.append(state.optimizer.param_groups[0]["lr"])
 
     monkeypatch.setattr(checkpoint, "save", record)
-    train_run(tmp_path, tiny_model_dir, ["--resume", run_dir, "--steps", "4", "--lr", "5e-3", "--reset-every", "0"])
+    train_run(tmp_path, tiny_model_dir,
+              ["--resume", run_dir, "--steps", "4", "--lr", "5e-3", "--reset-every", "0"])
     assert lrs == [5e-3]
-    metrics = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    assert [m.get("reset") for m in metrics] == [None] * 4  # the saved tracker's reset_every=3 is not used
+    metrics = [json.loads(line)
+               for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    # the saved tracker's reset_every=3 is not used
+    assert [m.get("reset") for m in metrics] == [None] * 4
 
 
 def test_open_metrics_keeps_the_lines_up_to_the_checkpoint(tmp_path):
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3)))
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n"
+                                                    for s in (1, 2, 3)))
     with checkpoint.open_metrics(tmp_path, 2) as file:
         file.write(json.dumps({"step": 3, "again": True}) + "\n")
     assert (tmp_path / "metrics.jsonl").read_text().splitlines() == ['{"step": 1}', '{"step": 2}',
@@ -199,8 +223,10 @@ def test_open_metrics_keeps_the_lines_up_to_the_checkpoint(tmp_path):
     with checkpoint.open_metrics(tmp_path, 2):
         pass
     assert (tmp_path / "metrics.jsonl").read_text().splitlines() == ['{"step": 1}', '{"step": 2}']
-    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n[1]\n"text"\n{"no step": 1}\n{"step": 2}\n')
-    with checkpoint.open_metrics(tmp_path, 2):  # lines that are not a step's record are dropped, not fatal
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n[1]\n"text"\n{"no step": 1}\n{"step": '
+                                            '2}\n')
+    # lines that are not a step's record are dropped, not fatal
+    with checkpoint.open_metrics(tmp_path, 2):
         pass
     assert (tmp_path / "metrics.jsonl").read_text().splitlines() == ['{"step": 1}', '{"step": 2}']
     with checkpoint.open_metrics(tmp_path, 0):  # a fresh run starts an empty file
@@ -208,10 +234,12 @@ def test_open_metrics_keeps_the_lines_up_to_the_checkpoint(tmp_path):
     assert (tmp_path / "metrics.jsonl").read_text() == ""
 
 
-# ----------------------------------------------------------------------------- guards: a NaN loss skips one update
+# -------------------------------------------------------------- guards: a NaN loss skips one update
 
-def test_a_nan_loss_skips_that_update_is_logged_and_training_goes_on(tmp_path, tiny_model_dir, monkeypatch):
-    # One optimizer step per RL step (one mini-batch, one micro-batch), so loss call k is step k's loss.
+def test_a_nan_loss_skips_that_update_is_logged_and_training_goes_on(tmp_path, tiny_model_dir,
+                                                                     monkeypatch):
+    # One optimizer step per RL step (one mini-batch, one micro-batch), so loss call k is step k's
+    # loss.
     calls, real_policy_loss = [], learner.policy_loss
 
     def nan_at_step_2(*args, **kwargs):
@@ -226,13 +254,17 @@ def test_a_nan_loss_skips_that_update_is_logged_and_training_goes_on(tmp_path, t
 
     monkeypatch.setattr(learner, "policy_loss", nan_at_step_2)
     monkeypatch.setattr(checkpoint, "save", record)
-    train_run(tmp_path, tiny_model_dir, ["--run", "nan", "--steps", "3", "--minibatches", "1", "--save-every", "1",
-                                         "--eval-every", "0", "--reset-every", "0"])
-    metrics = [json.loads(line) for line in (tmp_path / "runs" / "nan" / "metrics.jsonl").read_text().splitlines()]
+    train_run(tmp_path, tiny_model_dir,
+              ["--run", "nan", "--steps", "3", "--minibatches", "1", "--save-every", "1",
+               "--eval-every", "0", "--reset-every", "0"])
+    metrics = [json.loads(line)
+               for line in (tmp_path / "runs" / "nan" / "metrics.jsonl").read_text().splitlines()]
     assert calls == [1, 2, 3]
     assert [m["skipped_updates"] for m in metrics] == [0, 1, 0]
-    assert all(torch.equal(p, q) for p, q in zip(weights_after[1], weights_after[2]))  # step 2 changed nothing
-    assert not all(torch.equal(p, q) for p, q in zip(weights_after[2], weights_after[3]))  # step 3 trained
+    # step 2 changed nothing
+    assert all(torch.equal(p, q) for p, q in zip(weights_after[1], weights_after[2]))
+    # step 3 trained
+    assert not all(torch.equal(p, q) for p, q in zip(weights_after[2], weights_after[3]))
     assert all(torch.isfinite(p).all() for p in weights_after[3])
 
 
@@ -249,13 +281,15 @@ def test_stop_requests_catch_every_sigterm_and_leave_ignored_signals_ignored():
         signal.signal(signal.SIGINT, previous_int)
 
 
-# ----------------------------------------------------------------------------- the same command, the same run
+# ------------------------------------------------------------------- the same command, the same run
 
 def test_a_run_that_builds_the_base_equals_one_that_reuses_it(tmp_path, monkeypatch):
-    """`python train.py` right after a clone builds the tiny base in its own process (drawing from torch's RNG);
-    the same command again reuses it from disk. Both must be the same run: RL seeds its generators from the
-    config alone. (Before the fix, KL, entropy and clip fraction differed from step 1 on.)"""
-    monkeypatch.setitem(models.WARMSTART, "steps", 3)  # a quick base: the point is where it comes from
+    """`python train.py` right after a clone builds the tiny base in its own process (drawing from
+    torch's RNG); the same command again reuses it from disk. Both must be the same run: RL seeds
+    its generators from the config alone. (Before the fix, KL, entropy and clip fraction differed
+    from step 1 on.)"""
+    # a quick base: the point is where it comes from
+    monkeypatch.setitem(models.WARMSTART, "steps", 3)
     monkeypatch.chdir(tmp_path)
     argv = ARGS + ["--steps", "3", "--eval-every", "0"]
     train.main(argv + ["--run", "built"])

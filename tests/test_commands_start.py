@@ -1,9 +1,9 @@
 """Every `python ...` command README.md and docs/workshop.md tell a reader to run starts as written.
 
-Each runs as a subprocess from the repository root, with `--help` appended, in the environment the tests run
-in (the README's install): a script's own folder comes first on sys.path then, so a file of ours there that
-shadows an installed module (bench/kernels.py did, for Hugging Face's `kernels`) fails here, as it would for
-a reader. In-process tests cannot see that: bench/ is not on their path.
+Each runs as a subprocess from the repository root, with `--help` appended, in the environment the
+tests run in (the README's install): a script's own folder comes first on sys.path then, so a file
+of ours there that shadows an installed module (bench/kernels.py did, for Hugging Face's `kernels`)
+fails here, as it would for a reader. In-process tests cannot see that: bench/ is not on their path.
 """
 import re
 import shlex
@@ -18,7 +18,8 @@ DOCS = [REPO / "README.md", REPO / "docs" / "workshop.md"]
 
 
 def split_shell(line: str) -> list[str]:
-    """The commands of one shell line joined by && or ; (outside quotes: `python -c "a; b"` stays whole)."""
+    """The commands of one shell line joined by && or ; (outside quotes: `python -c "a; b"` stays
+    whole)."""
     return re.split(r"&&|;(?=(?:[^\"]*\"[^\"]*\")*[^\"]*$)", line)
 
 
@@ -40,7 +41,8 @@ def code_block_commands(text: str) -> list[str]:
 
 
 def inline_commands(text: str) -> list[str]:
-    """`python ...` spans in running text (`python -c` snippets are not commands a reader runs as scripts)."""
+    """`python ...` spans in running text (`python -c` snippets are not commands a reader runs as
+    scripts)."""
     spans = re.findall(r"`([^`\n]*\bpython [^`\n]*)`", text)
     return [c for span in spans for c in split_shell(span) if c.strip().startswith("python ")]
 
@@ -66,8 +68,8 @@ def test_the_docs_name_the_scripts_a_reader_runs():
 
 
 def run_help(argv: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *argv, "--help"], cwd=REPO, capture_output=True, text=True,
-                          timeout=240, check=False)
+    return subprocess.run([sys.executable, *argv, "--help"], cwd=REPO, capture_output=True,
+                          text=True, timeout=240, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -81,5 +83,6 @@ def help_runs() -> dict[str, subprocess.CompletedProcess]:
 @pytest.mark.parametrize("command", [" ".join(argv) for argv in COMMANDS])
 def test_documented_command_starts(command, help_runs):
     run = help_runs[command]
-    assert run.returncode == 0, f"python {command} --help exited {run.returncode}: {run.stderr[-1500:]}"
+    assert run.returncode == 0, (f"python {command} --help exited {run.returncode}: "
+                                 f"{run.stderr[-1500:]}")
     assert "usage:" in run.stdout

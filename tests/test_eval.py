@@ -1,6 +1,6 @@
-"""evaluation.py against independent computations: pass@k by hand and by enumerating every k-subset, the
-boundary report by hand, and the sampling pipeline against a model whose next-token distribution is
-known exactly (uniform), so the chance that a sample is right can be worked out on paper.
+"""evaluation.py against independent computations: pass@k by hand and by enumerating every k-subset,
+the boundary report by hand, and the sampling pipeline against a model whose next-token distribution
+is known exactly (uniform), so the chance that a sample is right can be worked out on paper.
 """
 
 import itertools
@@ -36,23 +36,29 @@ def test_pass_at_k_hand_values():
 
 
 def test_pass_at_k_equals_brute_force_enumeration():
-    """pass@k is the fraction of k-subsets of the n samples that hold a right one: count them all."""
+    """pass@k is the fraction of k-subsets of the n samples that hold a right one: count them
+    all."""
     for n in range(1, 8):
         for c in range(n + 1):
             right = [True] * c + [False] * (n - c)
             for k in range(1, n + 1):
                 subsets = list(itertools.combinations(range(n), k))
                 hits = sum(any(right[i] for i in subset) for subset in subsets)
-                # Exactly equal, not approximately: the estimator is rounded once from exact integers.
-                assert evaluation.pass_at_k(n, c, k) == float(Fraction(hits, len(subsets))), (n, c, k)
+                # Exactly equal, not approximately: the estimator is rounded once from exact
+                # integers.
+                assert evaluation.pass_at_k(n, c, k) == float(Fraction(hits, len(subsets))), (
+                    n, c, k)
 
 
 def test_pass_at_k_edge_cases():
     n = 16
-    assert all(evaluation.pass_at_k(n, 0, k) == 0.0 for k in range(1, n + 1))  # nothing right: never
+    # nothing right: never
+    assert all(evaluation.pass_at_k(n, 0, k) == 0.0 for k in range(1, n + 1))
     assert all(evaluation.pass_at_k(n, n, k) == 1.0 for k in range(1, n + 1))  # all right: always
-    assert evaluation.pass_at_k(n, 5, 12) == 1.0  # k > n − c = 11: every 12-subset holds a right one
-    assert evaluation.pass_at_k(n, 5, 11) == 1 - 1 / math.comb(16, 11)  # k = n − c: one subset misses
+    # k > n − c = 11: every 12-subset holds a right one
+    assert evaluation.pass_at_k(n, 5, 12) == 1.0
+    # k = n − c: one subset misses
+    assert evaluation.pass_at_k(n, 5, 11) == 1 - 1 / math.comb(16, 11)
     for bad in [(4, 5, 1), (4, -1, 1), (4, 1, 0), (4, 1, 5)]:
         with pytest.raises(ValueError):
             evaluation.pass_at_k(*bad)
@@ -81,7 +87,8 @@ def test_ks_up_to():
 
 # ----------------------------------------------------------------------------- the boundary report
 
-EXAMPLES = [{"task": "add", "prompt": "1+1="}, {"task": "add", "prompt": "2+2="}, {"task": "sort", "prompt": "2 1="}]
+EXAMPLES = [{"task": "add", "prompt": "1+1="}, {"task": "add", "prompt": "2+2="},
+            {"task": "sort", "prompt": "2 1="}]
 COUNTS = {"base": [0, 4, 2], "trained": [1, 4, 4]}  # n = 4
 
 
@@ -115,7 +122,8 @@ def test_boundary_table_shows_gains_against_the_first_model():
 
 
 def test_write_boundary_writes_markdown_json_and_png(tmp_path):
-    table = evaluation.write_boundary(tmp_path / "out", COUNTS, EXAMPLES, 4, settings={"temperature": 0.6})
+    table = evaluation.write_boundary(tmp_path / "out", COUNTS, EXAMPLES, 4,
+                                      settings={"temperature": 0.6})
     markdown = (tmp_path / "out" / "boundary.md").read_text()
     assert table in markdown and "add 2, sort 1" in markdown and "temperature 0.6" in markdown
     saved = json.loads((tmp_path / "out" / "boundary.json").read_text())
@@ -130,21 +138,23 @@ def test_write_boundary_writes_markdown_json_and_png(tmp_path):
 # ----------------------------------------------------------------------------- training curves
 
 def write_metrics(run_dir: Path, extra_line: str = "") -> None:
-    records = [{"step": s, "reward": 0.1 * s, "kl": 0.01 * s, "resets": int(s >= 4)} for s in range(1, 7)]
+    records = [{"step": s, "reward": 0.1 * s, "kl": 0.01 * s, "resets": int(s >= 4)}
+               for s in range(1, 7)]
     for record in records:
         if record["step"] in (3, 6):
             record["val_pass1"] = 0.2
         if record["step"] == 4:
             record["reset"] = "stalled"
     run_dir.mkdir(exist_ok=True)
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + extra_line)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records)
+                                           + extra_line)
 
 
 def test_training_series_plots_what_is_present_and_marks_resets(tmp_path):
     write_metrics(tmp_path, extra_line='{"step": 7, "rew')  # a run still writing its last line
     panels, resets = curves.training_series(curves.read_metrics(tmp_path))
-    assert {title: set(series) for title, series in panels.items()} == {"reward": {"reward", "val_pass1"},
-                                                                        "KL": {"kl"}}
+    assert ({title: set(series) for title, series in panels.items()}
+            == {"reward": {"reward", "val_pass1"}, "KL": {"kl"}})
     assert panels["reward"]["val_pass1"] == ([3, 6], [0.2, 0.2])
     assert panels["KL"]["kl"][0] == [1, 2, 3, 4, 5, 6]
     assert resets == [(4, "stalled")]
@@ -163,7 +173,8 @@ def test_read_metrics_errors_are_one_sentence(tmp_path):
 # ----------------------------------------------------------------------------- sampling
 
 def test_correct_counts_counts_full_rewards_in_chunks(monkeypatch):
-    """Plumbing: chunks of `chunk` problems, seed + first index each, partial credit is not a pass."""
+    """Plumbing: chunks of `chunk` problems, seed + first index each, partial credit is not a
+    pass."""
     calls = []
 
     def fake_rollout_and_score(policy, tokenizer, examples, params):
@@ -182,8 +193,9 @@ def test_correct_counts_counts_full_rewards_in_chunks(monkeypatch):
 
 @pytest.fixture(scope="module")
 def uniform_model_dir(tmp_path_factory) -> str:
-    """The built-in tiny architecture with its final norm zeroed: every logit is 0, so each next token
-    is uniform over the V-token vocabulary whatever the prompt, and rightness has a closed form."""
+    """The built-in tiny architecture with its final norm zeroed: every logit is 0, so each next
+    token is uniform over the V-token vocabulary whatever the prompt, and rightness has a closed
+    form."""
     tokenizer = models.build_tokenizer()
     model = models.build_tiny_model(tokenizer, seed=0)
     torch.nn.init.zeros_(model.model.norm.weight)
@@ -194,8 +206,9 @@ def uniform_model_dir(tmp_path_factory) -> str:
 
 
 def test_correct_counts_match_the_closed_form_rate(uniform_model_dir):
-    """Asked for the empty answer, a sample is right iff it emits only 'silent' tokens (pad, bos, unk are
-    skipped when decoding, a space is stripped: 4 of V) and then EOS (1 of V), within T tokens:
+    """Asked for the empty answer, a sample is right iff it emits only 'silent' tokens (pad, bos,
+    unk are skipped when decoding, a space is stripped: 4 of V) and then EOS (1 of V), within T
+    tokens:
         P(right) = Σ_{j<T} (4/V)^j · (1/V)."""
     policy, tokenizer = models.load(uniform_model_dir)
     max_new_tokens, n = 3, 64
@@ -203,7 +216,8 @@ def test_correct_counts_match_the_closed_form_rate(uniform_model_dir):
     params = SamplingParams(n, max_new_tokens, temperature=1.0, top_p=1.0)
     counts = evaluation.correct_counts(policy, tokenizer, examples, params)
     vocab = policy.config.vocab_size
-    assert vocab == len(tokenizer) and {" ", "<pad>", "<bos>", "<unk>", "<eos>"} <= set(tokenizer.get_vocab())
+    assert (vocab == len(tokenizer)
+            and {" ", "<pad>", "<bos>", "<unk>", "<eos>"} <= set(tokenizer.get_vocab()))
     p_right = sum((4 / vocab) ** j * (1 / vocab) for j in range(max_new_tokens))
     samples = len(examples) * n
     expected, sigma = samples * p_right, math.sqrt(samples * p_right * (1 - p_right))
@@ -218,24 +232,30 @@ def test_correct_counts_match_the_closed_form_rate(uniform_model_dir):
 
 def test_cli_same_model_twice_gives_identical_counts(uniform_model_dir, tmp_path, capsys):
     out = tmp_path / "report"
-    evaluation.main(["--model", uniform_model_dir, "--model", uniform_model_dir, "--tasks", "add,sort",
-                     "--problems", "3", "--n", "8", "--max-new-tokens", "4", "--out", str(out)])
+    evaluation.main(["--model", uniform_model_dir, "--model", uniform_model_dir,
+                     "--tasks", "add,sort", "--problems", "3", "--n", "8", "--max-new-tokens", "4",
+                     "--out", str(out)])
     saved = json.loads((out / "boundary.json").read_text())
     assert saved["ks"] == [1, 2, 4, 8] and saved["settings"]["temperature"] == 0.6
-    assert [p["task"] for p in saved["problems"]] == ["add"] * 3 + ["sort"] * 3  # held-out problems, per family
-    assert saved["correct"]["base"] == saved["correct"]["trained"]  # same weights, same seed: same samples
+    # held-out problems, per family
+    assert [p["task"] for p in saved["problems"]] == ["add"] * 3 + ["sort"] * 3
+    # same weights, same seed: same samples
+    assert saved["correct"]["base"] == saved["correct"]["trained"]
     assert all(0 <= c <= 8 for c in saved["correct"]["base"])
     assert "(+0.000)" in (out / "boundary.md").read_text() and (out / "boundary.png").is_file()
     assert "trained: 100%" in capsys.readouterr().err  # the progress bar
 
 
 def test_cli_samples_each_model_given(uniform_model_dir, tiny_model_dir, tmp_path, monkeypatch):
-    """Two different models: each one's counts are those of sampling that model directly, same settings."""
-    # Neither model sorts; call a completion right when its length is even, so counts follow the samples.
-    monkeypatch.setitem(rewards.VERIFIERS, "sort", lambda example, completion: float(len(completion) % 2 == 0))
+    """Two different models: each one's counts are those of sampling that model directly, same
+    settings."""
+    # Neither model sorts; call a completion right when its length is even, so counts follow the
+    # samples.
+    monkeypatch.setitem(rewards.VERIFIERS, "sort",
+                        lambda example, completion: float(len(completion) % 2 == 0))
     out = tmp_path / "report"
-    evaluation.main(["--model", uniform_model_dir, "--model", tiny_model_dir, "--tasks", "sort", "--problems", "4",
-                     "--n", "8", "--max-new-tokens", "12", "--out", str(out)])
+    evaluation.main(["--model", uniform_model_dir, "--model", tiny_model_dir, "--tasks", "sort",
+                     "--problems", "4", "--n", "8", "--max-new-tokens", "12", "--out", str(out)])
     saved = json.loads((out / "boundary.json").read_text())
     examples = tasks.heldout("sort", 4)
     for name, path in (("base", uniform_model_dir), ("trained", tiny_model_dir)):
@@ -254,12 +274,13 @@ def test_cli_user_errors(uniform_model_dir, tmp_path):
         evaluation.main(["--plot", str(tmp_path)])
     # From the shell: one line on stderr, no traceback.
     missing = tmp_path / "missing"
-    result = subprocess.run([sys.executable, "evaluation.py", "--model", str(missing)], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120, check=False)
+    result = subprocess.run([sys.executable, "evaluation.py", "--model", str(missing)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 1
     expected = f"error: --model {missing}: no such model directory (expected a config.json inside)"
     assert result.stderr.strip().splitlines() == [expected]
 
 
 def test_gains_are_signed_and_never_minus_zero():
-    assert [evaluation.signed(g) for g in (0.1234, -0.05, -0.0002, 0.0)] == ["+0.123", "-0.050", "+0.000", "+0.000"]
+    assert [evaluation.signed(g) for g in (0.1234, -0.05, -0.0002, 0.0)] == ["+0.123", "-0.050",
+                                                                             "+0.000", "+0.000"]

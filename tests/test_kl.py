@@ -71,7 +71,8 @@ def test_penalty_clamp_bounds_each_token_and_none_leaves_it_alone():
     ref_logp = torch.tensor([-6.0, 0.0, -1.1])
     raw = kl.kl_penalty(logp, ref_logp, "k1")
     torch.testing.assert_close(raw, torch.tensor([6.0, -6.0, 0.1]))
-    torch.testing.assert_close(kl.kl_penalty(logp, ref_logp, "k1", clamp=1.0), torch.tensor([1.0, -1.0, 0.1]))
+    torch.testing.assert_close(kl.kl_penalty(logp, ref_logp, "k1", clamp=1.0),
+                               torch.tensor([1.0, -1.0, 0.1]))
     k3 = kl.kl_penalty(logp, ref_logp, "k3", clamp=10.0)
     assert k3[1].item() == 10.0  # e^6 − 6 − 1 ≈ 396 clamped to 10
     assert k3[0].item() == pytest.approx(math.exp(-6) + 6 - 1)  # ≈ 5.0, left alone

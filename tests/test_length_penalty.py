@@ -1,5 +1,5 @@
-"""rewards.py: ProRL v2's scheduled cosine length penalty, η(t) = η_min + ½(η_max − η_min)(1 + cos(π t / T)),
-switched on for T steps and off for `off_steps` steps, in cycles."""
+"""rewards.py: ProRL v2's scheduled cosine length penalty, η(t) = η_min + ½(η_max − η_min)(1 + cos(π
+t / T)), switched on for T steps and off for `off_steps` steps, in cycles."""
 
 import itertools
 import math
@@ -26,15 +26,19 @@ def test_schedule_by_hand(step, expected):
 
 
 def test_eta_min_is_the_floor_of_the_on_phase():
-    # η_min = 0.02, η_max = 0.1: halfway 0.02 + ½ · 0.08 · 1 = 0.06; the on-phase never goes below 0.02
-    assert grpo.length_penalty_coef(50, eta_min=0.02, eta_max=0.1, period=100) == pytest.approx(0.06)
-    coefs = [grpo.length_penalty_coef(t, eta_min=0.02, eta_max=0.1, period=100) for t in range(300)]
+    # η_min = 0.02, η_max = 0.1: halfway 0.02 + ½ · 0.08 · 1 = 0.06; the on-phase never goes below
+    # 0.02
+    assert (grpo.length_penalty_coef(50, eta_min=0.02, eta_max=0.1, period=100)
+            == pytest.approx(0.06))
+    coefs = [grpo.length_penalty_coef(t, eta_min=0.02, eta_max=0.1, period=100)
+             for t in range(300)]
     assert min(coefs) >= 0.02 and max(coefs) == pytest.approx(0.1)
 
 
 def test_without_off_steps_the_cosine_restarts_right_away():
     coefs = [grpo.length_penalty_coef(t, eta_min=0.0, eta_max=1.0, period=4) for t in range(8)]
-    assert coefs == pytest.approx([1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 - math.cos(math.pi / 4))] * 2)
+    assert coefs == pytest.approx([1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5,
+                                   0.5 * (1 - math.cos(math.pi / 4))] * 2)
 
 
 def test_decays_monotonically_within_an_on_phase():
@@ -43,10 +47,12 @@ def test_decays_monotonically_within_an_on_phase():
 
 
 def test_off_by_default():
-    assert all(grpo.length_penalty_coef(t, eta_min=0.0, eta_max=0.0, period=100) == 0.0 for t in range(250))
+    assert all(grpo.length_penalty_coef(t, eta_min=0.0, eta_max=0.0, period=100) == 0.0
+               for t in range(250))
 
 
 def test_apply_length_penalty_by_hand():
     # r − η · len / max_len with η = 0.1, max_len = 8
-    penalised = grpo.apply_length_penalty(torch.tensor([1.0, 1.0, 0.0]), torch.tensor([4, 8, 2]), max_len=8, eta=0.1)
+    penalised = grpo.apply_length_penalty(torch.tensor([1.0, 1.0, 0.0]), torch.tensor([4, 8, 2]),
+                                             max_len=8, eta=0.1)
     assert penalised.tolist() == pytest.approx([0.95, 0.9, -0.025])

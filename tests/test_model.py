@@ -1,4 +1,5 @@
-"""The tiny built-in base: a real tokenizer and model that load like any checkpoint, and a warm-start that learns."""
+"""The tiny built-in base: a real tokenizer and model that load like any checkpoint, and a
+warm-start that learns."""
 
 import pytest
 import torch
@@ -21,10 +22,13 @@ def test_tokenizer_is_character_level_and_round_trips():
 def test_supervised_batch_puts_loss_on_the_answer_only():
     tokenizer = models.build_tokenizer()
     input_ids, labels = models.supervised_batch(tokenizer, [{"prompt": "1+2=", "solution": "3"},
-                                                               {"prompt": "10+20=", "solution": "30"}])
+                                                               {"prompt": "10+20=",
+                                                                "solution": "30"}])
     vocab = tokenizer.get_vocab()
-    # row 0: <bos> 1 + 2 = 3 <eos>, right-padded to row 1's 10 tokens; only "3" and <eos> are predicted
-    assert input_ids[0].tolist() == [vocab[t] for t in ["<bos>", "1", "+", "2", "=", "3", "<eos>"] + ["<pad>"] * 3]
+    # row 0: <bos> 1 + 2 = 3 <eos>, right-padded to row 1's 10 tokens; only "3" and <eos> are
+    # predicted
+    assert (input_ids[0].tolist()
+            == [vocab[t] for t in ["<bos>", "1", "+", "2", "=", "3", "<eos>"] + ["<pad>"] * 3])
     assert labels[0].tolist() == [-100] * 5 + [vocab["3"], vocab["<eos>"]] + [-100] * 3
     assert labels[1].tolist() == [-100] * 7 + [vocab["3"], vocab["0"], vocab["<eos>"]]
 
@@ -76,7 +80,8 @@ def test_corrupt_changes_at_most_one_character_of_the_solution():
         noisy = models.corrupt(example, rng)
         assert len(noisy["solution"]) == len(example["solution"])
         assert sum(a != b for a, b in zip(noisy["solution"], example["solution"])) <= 1
-        assert noisy["answer"] == example["answer"] and example["solution"] == "7 31 52"  # the original is untouched
+        # the original is untouched
+        assert noisy["answer"] == example["answer"] and example["solution"] == "7 31 52"
 
 
 def test_load_reports_a_directory_without_weights_in_one_line(tmp_path):
@@ -87,8 +92,10 @@ def test_load_reports_a_directory_without_weights_in_one_line(tmp_path):
     assert "\n" not in str(error.value)
 
 
-def test_stop_ids_include_the_generation_configs_end_of_turn_and_a_model_without_eos_is_refused(tmp_path):
-    """Chat checkpoints (Llama-3-Instruct) name their end-of-turn token only in generation_config.json."""
+def test_stop_ids_include_the_generation_configs_end_of_turn_and_a_model_without_eos_is_refused(
+        tmp_path):
+    """Chat checkpoints (Llama-3-Instruct) name their end-of-turn token only in
+    generation_config.json."""
     tokenizer = models.build_tokenizer()
     model = models.build_tiny_model(tokenizer, seed=0)
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, 7]
@@ -102,7 +109,8 @@ def test_stop_ids_include_the_generation_configs_end_of_turn_and_a_model_without
     tokenizer.eos_token = None
     tokenizer.pad_token = None
     tokenizer.save_pretrained(tmp_path / "no-eos")
-    with pytest.raises(ValueError, match="no-eos: its tokenizer and configs name no end-of-sequence token"):
+    with pytest.raises(ValueError,
+                       match="no-eos: its tokenizer and configs name no end-of-sequence token"):
         models.load(str(tmp_path / "no-eos"))
 
 

@@ -1,5 +1,5 @@
-"""reset.py: when to reset the reference policy (schedule, stalled validation, KL spike) and what a reset does
-(π_ref ← π, so the KL is exactly 0 again; optionally Adam starts over)."""
+"""reset.py: when to reset the reference policy (schedule, stalled validation, KL spike) and what a
+reset does (π_ref ← π, so the KL is exactly 0 again; optionally Adam starts over)."""
 
 import torch
 
@@ -41,7 +41,8 @@ def test_stalled_validation_resets_after_patience_evaluations_without_a_gain():
 
 def test_kl_threshold_resets_on_a_spike_only():
     tracker = reset.ResetTracker(kl_threshold=0.1)
-    assert [tracker.should_reset(kl=value) for value in (0.05, 0.1, 0.11, 0.02)] == [None, None, "kl", None]
+    assert ([tracker.should_reset(kl=value) for value in (0.05, 0.1, 0.11, 0.02)]
+            == [None, None, "kl", None])
 
 
 def test_all_triggers_off_never_reset():
@@ -80,7 +81,8 @@ def full_logits(model, batch) -> torch.Tensor:
 def kl_on_a_rollout(policy, reference, tokenizer, kind: str) -> torch.Tensor:
     """Per-token KL(π ‖ π_ref) on the completion tokens of a small rollout of the policy."""
     prompts = [models.encode_prompt(tokenizer, text) for text in ("12+34=", "5 3 9 1 7=")]
-    batch = rollout.generate(policy, prompts, n=3, max_new_tokens=6, seed=0, pad_id=tokenizer.pad_token_id)
+    batch = rollout.generate(policy, prompts, n=3, max_new_tokens=6, seed=0,
+                             pad_id=tokenizer.pad_token_id)
     with torch.no_grad():
         logp = token_logprobs_ref(full_logits(policy, batch), batch.tokens[:, 1:])
         ref_logp = token_logprobs_ref(full_logits(reference, batch), batch.tokens[:, 1:])
@@ -121,7 +123,8 @@ def test_reset_with_the_optimizer_clears_adams_moments(tiny_model):
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
     adam_steps(policy, optimizer, 2)
     first = next(policy.parameters())
-    assert optimizer.state[first]["exp_avg"].abs().sum() > 0 and optimizer.state[first]["step"].item() == 2
+    assert (optimizer.state[first]["exp_avg"].abs().sum() > 0
+            and optimizer.state[first]["step"].item() == 2)
     reset.reset_reference(policy, reference, optimizer)
     assert len(optimizer.state) == 0  # no moments, no step count: Adam's m = v = 0, t = 0
     # ...so the next step is exactly the first step of a brand-new AdamW from the same weights
@@ -141,5 +144,6 @@ def test_reset_without_the_optimizer_keeps_adams_moments(tiny_model):
     first = next(policy.parameters())
     moment = optimizer.state[first]["exp_avg"].clone()
     reset.reset_reference(policy, reference)  # ProRL v2: the reference moves, Adam does not notice
-    assert torch.equal(optimizer.state[first]["exp_avg"], moment) and optimizer.state[first]["step"].item() == 2
+    assert (torch.equal(optimizer.state[first]["exp_avg"], moment)
+            and optimizer.state[first]["step"].item() == 2)
     assert all(torch.equal(p, r) for p, r in zip(policy.parameters(), reference.parameters()))

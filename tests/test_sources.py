@@ -199,13 +199,14 @@ def test_train_reports_and_logs_each_source(tmp_path, monkeypatch, tiny_model_di
     assert boundary.count("| mine/sort.jsonl | sort |") == 2 and "mine/sort.jsonl 2" in boundary
 
 
-# ----------------------------------------------------------------------------- README's two benchmark files
+# --------------------------------------------------------------------- README's two benchmark files
 
 def test_the_benchmark_like_files_read_as_published_and_their_answers_score():
-    """data/benchmarks/: an AIME-like file in AIME 2024's fields (ID, Problem, Solution, Answer) and a
-    MATH-500-like one in MATH-500's; README's table evaluates the two together."""
+    """data/benchmarks/: an AIME-like file in AIME 2024's fields (ID, Problem, Solution, Answer) and
+    a MATH-500-like one in MATH-500's; README's table evaluates the two together."""
     labelled = tasks.label_sources({f"data/benchmarks/{name}.jsonl": tasks.load_source(
-        str(tasks.DATA_DIR / "benchmarks" / f"{name}.jsonl")) for name in ("aime_like", "math500_like")})
+        str(tasks.DATA_DIR / "benchmarks" / f"{name}.jsonl"))
+                                    for name in ("aime_like", "math500_like")})
     assert [ex["source"] for ex in labelled] == ["aime_like"] * 12 + ["math500_like"] * 12
     for example in labelled:
         assert example["task"] == "math" and example["prompt"].endswith("\\boxed{}.")

@@ -1,4 +1,5 @@
-"""Built-in tasks: every generated solution verifies, wrong answers don't, and the held-out split holds."""
+"""Built-in tasks: every generated solution verifies, wrong answers don't, and the held-out split
+holds."""
 
 import random
 
@@ -88,7 +89,8 @@ def test_mix_weights():
     stream = tasks.TaskMix("add:1,countdown:3", seed=0)
     drawn = [stream.sample()["task"] for _ in range(4000)]
     assert 0.72 < drawn.count("countdown") / 4000 < 0.78
-    for bad, message in [("add:x", "not a number"), ("add:-1", "positive, finite"), ("", "no tasks"),
+    for bad, message in [("add:x", "not a number"), ("add:-1", "positive, finite"),
+                         ("", "no tasks"),
                          ("add:nan", "positive, finite"), ("add:inf", "positive, finite"),
                          ("add:1e309", "positive, finite"), ("sort,sort:3", "named twice")]:
         with pytest.raises(ValueError, match=message):

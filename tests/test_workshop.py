@@ -1,6 +1,6 @@
-"""The workshop (docs/workshop.md) and its bug hunt (bugs.py): every command in the guide parses with the flags the
-scripts have today, each figure it shows exists, each deliberately broken variant breaks what it says, and
-none of them is switched on unless --bug names it."""
+"""The workshop (docs/workshop.md) and its bug hunt (bugs.py): every command in the guide parses
+with the flags the scripts have today, each figure it shows exists, each deliberately broken variant
+breaks what it says, and none of them is switched on unless --bug names it."""
 
 import contextlib
 import dataclasses
@@ -29,12 +29,13 @@ GUIDE = REPO / "docs" / "workshop.md"
 
 def guide_commands() -> list[list[str]]:
     """Every `python ...` command of the guide's code blocks, as argv lists."""
-    return [shlex.split(command, comments=True) for command in code_block_commands(GUIDE.read_text())]
+    return [shlex.split(command, comments=True)
+            for command in code_block_commands(GUIDE.read_text())]
 
 
 def help_flags(parse_args) -> set[str]:
-    """The exact option strings a script's --help lists (argparse would accept an abbreviation of a renamed flag;
-    the guide must use the real names)."""
+    """The exact option strings a script's --help lists (argparse would accept an abbreviation of a
+    renamed flag; the guide must use the real names)."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
         parse_args(["--help"])
@@ -56,17 +57,20 @@ def test_the_guide_has_six_to_eight_exercises_with_their_figures():
     figures = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", text)
     assert figures, "the guide shows no figure"
     for figure in figures:
-        assert (GUIDE.parent / figure).is_file(), f"{figure} is shown in the guide but not committed"
+        assert (GUIDE.parent / figure).is_file(), (f"{figure} is shown in the guide but not "
+                                                   "committed")
 
 
 def test_every_command_in_the_guide_parses_with_todays_flags(monkeypatch):
     commands = guide_commands()
     assert len(commands) >= 6
-    # The runs the guide's commands make may exist in this checkout, and DIR is a placeholder: parse, don't run.
+    # The runs the guide's commands make may exist in this checkout, and DIR is a placeholder:
+    # parse, don't run.
     monkeypatch.setattr(checkpoint, "is_run", lambda path: False)
     monkeypatch.setattr(models, "check_model_spec", lambda spec: None)  # DIR, $GGUF: placeholders
     train_flags = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(settings.Config)}
-    others = {"evaluation.py": evaluation.parse_args, "experiments/boundary.py": script_parser("experiments/boundary.py")}
+    others = {"evaluation.py": evaluation.parse_args,
+              "experiments/boundary.py": script_parser("experiments/boundary.py")}
     for argv in commands:
         script, args = argv[1], argv[2:]
         used = {arg for arg in args if arg.startswith("--")}
@@ -74,7 +78,8 @@ def test_every_command_in_the_guide_parses_with_todays_flags(monkeypatch):
             assert used <= train_flags, f"{' '.join(argv)}: no such flag {used - train_flags}"
             train.checked_config(args)  # values too: a bad task, bug or preset name fails here
         else:
-            assert script in others, f"{script}: the guide runs a script this test does not know how to check"
+            assert script in others, (f"{script}: the guide runs a script this test does not "
+                                      "know how to check")
             known = help_flags(others[script])
             assert used <= known, f"{' '.join(argv)}: no such flag {used - known}"
             others[script](args)
@@ -94,9 +99,11 @@ def test_no_bug_is_on_by_default():
     assert settings.Config().bug == ""
     assert settings.parse_config([]).bug == ""
     bugs.switch_on("")
-    for module, name in [(kl, "kl_penalty"), (grpo, "group_advantages"), (grpo, "clipped_surrogate")]:
+    for module, name in [(kl, "kl_penalty"), (grpo, "group_advantages"),
+                         (grpo, "clipped_surrogate")]:
         function = getattr(module, name)
-        assert function.__module__ == module.__name__ and function.__name__ == name  # the original, not a copy
+        # the original, not a copy
+        assert function.__module__ == module.__name__ and function.__name__ == name
 
 
 def test_an_unknown_bug_is_a_one_line_error():
@@ -109,8 +116,9 @@ def test_train_switches_the_configured_bug_on():
 
 
 def loss_gradient(logits, old_logp, ref_logp, adv, kl_coef):
-    """The gradient of learner.policy_loss's loss w.r.t. the logits, and its stats: token log-probs, then
-    grpo.token_loss weighed per token (old_logp None: on-policy, as learner.policy_loss does it)."""
+    """The gradient of learner.policy_loss's loss w.r.t. the logits, and its stats: token log-probs,
+    then grpo.token_loss weighed per token (old_logp None: on-policy, as learner.policy_loss does
+    it)."""
     logits = logits.clone().requires_grad_(True)
     labels, mask = torch.tensor([[0, 1, 2]]), torch.ones(1, 3, dtype=torch.bool)
     logp = torch.log_softmax(logits, dim=-1).gather(-1, labels[..., None])[..., 0]
@@ -122,13 +130,16 @@ def loss_gradient(logits, old_logp, ref_logp, adv, kl_coef):
 
 def test_kl_sign_pushes_the_policy_away_from_the_reference(bug):
     logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 2.0]]])  # [B=1, T=3, V=3]
-    ref_logp = torch.full((1, 3), -1.5)  # the reference finds the sampled tokens less likely than π does
-    right, right_stats = loss_gradient(logits, None, ref_logp, torch.zeros(1), kl_coef=1.0)  # the KL term alone
+    # the reference finds the sampled tokens less likely than π does
+    ref_logp = torch.full((1, 3), -1.5)
+    # the KL term alone
+    right, right_stats = loss_gradient(logits, None, ref_logp, torch.zeros(1), kl_coef=1.0)
     bug("kl-sign")
     wrong, wrong_stats = loss_gradient(logits, None, ref_logp, torch.zeros(1), kl_coef=1.0)
     assert right.abs().sum() > 0
     torch.testing.assert_close(wrong, -right)  # gradient descent now climbs the KL
-    assert right_stats["kl"] > 0 and wrong_stats["kl"] == -right_stats["kl"]  # and the logged KL reads negative
+    # and the logged KL reads negative
+    assert right_stats["kl"] > 0 and wrong_stats["kl"] == -right_stats["kl"]
 
 
 def test_no_adv_norm_leaves_advantages_uncentred_and_not_unit_std(bug):
@@ -145,10 +156,12 @@ def test_no_adv_norm_leaves_advantages_uncentred_and_not_unit_std(bug):
 def test_no_clip_lets_a_token_past_the_clip_range_keep_its_gradient(bug):
     logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 2.0]]])
     logp = prorl_kernels.token_logprobs(logits, torch.tensor([[0, 1, 2]]))
-    old_logp = logp - torch.tensor([[0.0, 1.0, 0.0]])  # token 1: ratio e ≈ 2.7 > 1 + ε_high, with A > 0
+    # token 1: ratio e ≈ 2.7 > 1 + ε_high, with A > 0
+    old_logp = logp - torch.tensor([[0.0, 1.0, 0.0]])
     right, right_stats = loss_gradient(logits, old_logp, None, torch.ones(1), kl_coef=0.0)
     bug("no-clip")
     wrong, wrong_stats = loss_gradient(logits, old_logp, None, torch.ones(1), kl_coef=0.0)
     assert right[0, 1].abs().sum() == 0 and right_stats["clipfrac"] == pytest.approx(1 / 3)
     assert wrong[0, 1].abs().sum() > 0 and wrong_stats["clipfrac"] == 0
-    torch.testing.assert_close(wrong[0, [0, 2]], right[0, [0, 2]])  # the unclipped tokens are as before
+    # the unclipped tokens are as before
+    torch.testing.assert_close(wrong[0, [0, 2]], right[0, [0, 2]])
