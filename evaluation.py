@@ -3,16 +3,17 @@
     python evaluation.py --model BASE_DIR --model TRAINED_DIR      # the reasoning-boundary report, n=256
     python evaluation.py --plot runs/tiny-s0                         # training curves from metrics.jsonl
 
-pass@k is the unbiased estimator of Chen et al. (Codex, 2021): with n samples of which c are right,
+pass@k is the unbiased estimator of Chen et al. (Codex, 2021): with n samples of which c are
+right,
     pass@k = 1 − C(n−c, k) / C(n, k)
 the chance that at least one of k samples drawn without replacement from the n is right.
 
-ProRL (arXiv 2505.24864) claims that prolonged RL *expands the reasoning boundary*: the trained model
-beats its base at pass@k up to k=256, most on the tasks where the base is weak (where the base is already
-strong, the paper also reports a narrowed boundary). RL has only narrowed the distribution if pass@1 rises
-while pass@256 falls. The boundary report puts the
-pass@k curves of the base and of the trained models side by side (table, JSON, plot) so anyone can check
-that claim on their own checkpoints.
+ProRL (arXiv 2505.24864) claims that prolonged RL *expands the reasoning boundary*: the trained
+model beats its base at pass@k up to k=256, most on the tasks where the base is weak (where the
+base is already strong, the paper also reports a narrowed boundary). RL has only narrowed the
+distribution if pass@1 rises while pass@256 falls. The boundary report puts the pass@k curves of
+the base and of the trained models side by side (table, JSON, plot) so anyone can check that
+claim on their own checkpoints.
 """
 
 import argparse
@@ -45,9 +46,9 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     """1 − C(n−c, k)/C(n, k): 0 when c = 0, 1 when k > n − c (every k-subset holds a right sample)."""
     if not 0 <= c <= n or not 1 <= k <= n:
         raise ValueError(f"pass@k needs 0 ≤ c ≤ n and 1 ≤ k ≤ n (got n={n}, c={c}, k={k})")
-    # Exact integers, then one rounding: (C(n,k) − C(n−c,k)) / C(n,k). Python's int / int is correctly
-    # rounded however large the integers are (C(1024, 512) has 307 digits): no overflow, no cancellation.
-    # math.comb(n − c, k) is 0 when k > n − c.
+    # Exact integers, then one rounding: (C(n,k) − C(n−c,k)) / C(n,k). Python's int / int is
+    # correctly rounded however large the integers are (C(1024, 512) has 307 digits): no overflow,
+    # no cancellation. math.comb(n − c, k) is 0 when k > n − c.
     total = math.comb(n, k)
     return (total - math.comb(n - c, k)) / total
 
@@ -62,12 +63,12 @@ def ks_up_to(n: int) -> list[int]:
 
 def correct_counts(policy, tokenizer, examples: list[dict], params: sampling.SamplingParams,
                    progress: str = "", chunk: int = 0) -> list[int]:
-    """c for each example: how many of its params.n samples are right (reward ≥ 1; partial credit is not
-    a pass).
+    """c for each example: how many of its params.n samples are right (reward ≥ 1; partial credit is
+    not a pass).
 
     Problems are sampled `chunk` at a time (default 4096 // n; a chunk starting at example i uses
-    params.seed + i), so memory is bounded whatever the number of problems. A non-empty `progress` shows
-    a progress bar with that label.
+    params.seed + i), so memory is bounded whatever the number of problems. A non-empty
+    `progress` shows a progress bar with that label.
     """
     chunk = chunk or max(1, 4096 // params.n)
     counts = []
@@ -154,7 +155,8 @@ def boundary_table(report: dict[str, dict]) -> str:
 
 def plot_boundary(report: dict[str, dict], path: Path, title: str = "") -> None:
     """pass@k against k (log scale): a panel per table row (rows()), a line per model."""
-    # Agg renders PNGs headless. Imported here, not at the top, so that `import evaluation` (train.py) stays fast.
+    # Agg renders PNGs headless. Imported here, not at the top, so that `import evaluation`
+    # (train.py) stays fast.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -186,8 +188,9 @@ def write_boundary(out_dir: str | Path, counts: dict[str, list[int]], examples: 
                    settings: dict | None = None) -> str:
     """Write boundary.md, boundary.json and boundary.png into out_dir; return the markdown table.
 
-    counts: {model name: [c per example]}, the first model the base, each list aligned with `examples`.
-    settings: what produced the samples (models, temperature, ...), recorded in the JSON and the markdown.
+    counts: {model name: [c per example]}, the first model the base, each list aligned with
+    `examples`. settings: what produced the samples (models, temperature, ...), recorded in the
+    JSON and the markdown.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -238,8 +241,9 @@ def pass1(report: dict) -> dict:
 
 
 def pass1_gain(base_counts: list[int], trained_counts: list[int], n: int) -> str:
-    """Held-out pass@1 base → trained from the boundary's samples (c of n right per problem), with the gain's 95%
-    interval over problems: the m paired differences d = (c_trained − c_base) / n, mean(d) ± 1.96·sd(d)/√m."""
+    """Held-out pass@1 base → trained from the boundary's samples (c of n right per problem), with
+    the gain's 95% interval over problems: the m paired differences d = (c_trained − c_base) / n,
+    mean(d) ± 1.96·sd(d)/√m."""
     diffs = [(trained - base) / n for base, trained in zip(base_counts, trained_counts)]
     m, gain = len(diffs), sum(diffs) / len(diffs)
     sd = math.sqrt(sum((d - gain) ** 2 for d in diffs) / (m - 1)) if m > 1 else 0.0
@@ -257,8 +261,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def eval_problems(family: str, count: int, level: int, whole_file: bool = False) -> list[dict]:
-    """A source's first `count` held-out problems; with whole_file, a file's first `count` problems, every one
-    (a benchmark such as AIME is all test set, and its 10% held-out share would be 3 problems)."""
+    """A source's first `count` held-out problems; with whole_file, a file's first `count` problems,
+    every one (a benchmark such as AIME is all test set, and its 10% held-out share would be 3
+    problems)."""
     problems = (tasks.load_source(family)[:count] if whole_file and not tasks.is_procedural(family)
                 else tasks.heldout(family, count, level))
     if not problems:

@@ -1,8 +1,10 @@
-"""The run's configuration: one dataclass of options (each with its help line), the papers' presets, and the
-range checks a config must pass before any work starts. `python train.py --help` lists them all.
+"""The run's configuration: one dataclass of options (each with its help line), the papers' presets,
+and the range checks a config must pass before any work starts. `python train.py --help` lists
+them all.
 
-A leaf: it imports no module of ours. Checks that need one (task names, KL kinds, the model, the device)
-run in that module, where train.main first uses it, still before the run directory exists.
+A leaf: it imports no module of ours. Checks that need one (task names, KL kinds, the model, the
+device) run in that module, where train.main first uses it, still before the run directory
+exists.
 """
 
 import argparse
@@ -97,8 +99,8 @@ PRESETS = {
     "prorl": {"advantage": "grpo", "clip_low": 0.2, "clip_high": 0.4, "n": 16, "temperature": 1.2, "lr": 2e-6,
               "prompts_per_step": 256, "minibatches": 4, "kl_coef": 1e-4, "kl_kind": "k3", "reset_patience": 3,
               "reset_optimizer": True, "max_new_tokens": 8192, "micro_batch_rows": 1},
-    # ProRL v2: REINFORCE++-baseline, clip 0.2/0.28, k2 KL β=1e-4, resets every 300 steps keeping Adam,
-    # scheduled cosine length penalty.
+    # ProRL v2: REINFORCE++-baseline, clip 0.2/0.28, k2 KL β=1e-4, resets every 300 steps keeping
+    # Adam, scheduled cosine length penalty.
     "prorl-v2": {"advantage": "reinforce_pp", "clip_low": 0.2, "clip_high": 0.28, "n": 16, "temperature": 1.2,
                  "lr": 2e-6, "prompts_per_step": 256, "minibatches": 4, "kl_coef": 1e-4, "kl_kind": "k2", "reset_every": 300,
                  "reset_optimizer": False, "length_eta_max": 0.1, "length_eta_min": 0.0, "length_period": 200,
@@ -109,25 +111,28 @@ PRESETS = {
               "temperature": 1.2, "lr": 2e-6, "lr_scale_from_batch": 256 * 16, "minibatches": 4, "kl_coef": 1e-4,
               "kl_kind": "k2", "reset_every": 300, "reset_optimizer": False, "max_new_tokens": 8192,
               "micro_batch_rows": 1},
-    # A small chat model on a CPU (README "A real pretrained model"): a system prompt asks for the bare number,
-    # which math-verify reads; 8 prompts × 8, 16 new tokens, one on-policy update a batch, no reference model.
+    # A small chat model on a CPU (README "A real pretrained model"): a system prompt asks for the
+    # bare number, which math-verify reads; 8 prompts × 8, 16 new tokens, one on-policy update a
+    # batch, no reference model.
     "chat-cpu": {"system_prompt": "Answer with only the number.", "prompts_per_step": 8, "n": 8,
                  "max_new_tokens": 16, "lr": 2e-5, "kl_coef": 0.0, "minibatches": 1, "steps": 3, "eval_every": 0,
                  "eval_problems": 54, "eval_samples": 2, "boundary_problems": 54, "boundary_n": 8},
 }
-# micro_batch_rows 1 in the paper presets: one 8k-token row of a 1.5B model holds ~2.5 GB of bf16 logits and
-# roughly 26-29 GB of activations (no activation checkpointing); 256 rows would need terabytes.
+# micro_batch_rows 1 in the paper presets: one 8k-token row of a 1.5B model holds ~2.5 GB of bf16
+# logits and roughly 26-29 GB of activations (no activation checkpointing); 256 rows would need
+# terabytes.
 
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # "error: <message>" on one line (see __main__), not a usage dump
+    # "error: <message>" on one line (see __main__), not a usage dump
+    def error(self, message: str):
         raise ValueError(message)
 
 
 def add_options(parser: argparse.ArgumentParser, names: tuple[str, ...] = (), given_only: bool = False):
-    """A --flag for each Config field in `names` (all when empty), with the field's type, default and help
-    line: train.py's command line and evaluation.py's share them. given_only: flags left out parse as None,
-    so that parse_config can tell which were given."""
+    """A --flag for each Config field in `names` (all when empty), with the field's type, default
+    and help line: train.py's command line and evaluation.py's share them. given_only: flags left
+    out parse as None, so that parse_config can tell which were given."""
     for f in dataclasses.fields(Config):
         if names and f.name not in names:
             continue
@@ -172,7 +177,8 @@ def validate(c: Config) -> None:
     check(c.eval_samples >= 1 and c.eval_every >= 0, "--eval-samples must be ≥ 1, --eval-every ≥ 0")
     check(c.eval_problems >= 1 and c.val_problems >= 1, "--eval-problems and --val-problems must be ≥ 1")
     check(c.boundary_problems >= 0 and c.boundary_n >= 1, "--boundary-problems must be ≥ 0, --boundary-n ≥ 1")
-    check(1 <= c.max_sampling_rounds <= 10, "--max-sampling-rounds must be in 1..10")  # see sampling.sampler_seed
+    # see sampling.sampler_seed
+    check(1 <= c.max_sampling_rounds <= 10, "--max-sampling-rounds must be in 1..10")
     check(c.micro_batch_rows >= 1, "--micro-batch-rows must be ≥ 1")
     check(c.save_every >= 0, "--save-every must be ≥ 0")
     check(c.length_period >= 1 and c.length_off_steps >= 0, "--length-period must be ≥ 1, --length-off-steps ≥ 0")
@@ -196,15 +202,17 @@ def check(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
-# What a resumed run may not change: its checkpoint, base evaluation and prompt stream depend on them.
+# What a resumed run may not change: its checkpoint, base evaluation and prompt stream depend on
+# them.
 FIXED_IN_A_RUN = ("preset", "model", "seed", "tasks", "level", "max_new_tokens", "val_problems", "eval_problems",
                   "eval_samples", "eval_temperature", "boundary_problems", "boundary_n")
 
 
 def resumed_settings(run_dir: str | Path, given: dict) -> dict:
-    """The settings of the run in run_dir (its config.json), overridden by the flags `given` now; a one-line
-    error for a flag in FIXED_IN_A_RUN that differs, or a kl_coef switching between 0 and > 0. A run stopped
-    before its first checkpoint is resumed from its start (train.py says so)."""
+    """The settings of the run in run_dir (its config.json), overridden by the flags `given` now; a
+    one-line error for a flag in FIXED_IN_A_RUN that differs, or a kl_coef switching between 0
+    and > 0. A run stopped before its first checkpoint is resumed from its start (train.py says
+    so)."""
     path = Path(run_dir)
     if not (path / "config.json").is_file():
         raise ValueError(f"--resume {run_dir}: not a run directory (no config.json)")

@@ -62,8 +62,9 @@ def boundary_counts(policy, tokenizer, examples: list[dict], c: settings.Config,
 
 
 def sample(policy, tokenizer, stream, groups: int, step: int, c: settings.Config):
-    """This step's kept groups and their scores, the whole batch on every rank (each rank samples its
-    share of whole groups with its own seed), and the sampling statistics averaged over ranks."""
+    """This step's kept groups and their scores, the whole batch on every rank (each rank samples
+    its share of whole groups with its own seed), and the sampling statistics averaged over
+    ranks."""
     params = sampling.SamplingParams(c.n, c.max_new_tokens, c.temperature, c.top_p,
                                      seed=sampling.sampler_seed(c.seed, step, dist.rank()))
     rounds = c.max_sampling_rounds if c.dynamic_sampling else 1
@@ -82,9 +83,9 @@ def clock() -> float:
 
 
 def checked_config(argv: list[str]) -> settings.Config:
-    """The config from the command line: settings.py checks its ranges, then each module that owns a name
-    checks it (the model and device, KL kinds, estimators, tasks, the ranks, workshop bugs). A one-line
-    ValueError, before any work starts and before the run directory exists."""
+    """The config from the command line: settings.py checks its ranges, then each module that owns a
+    name checks it (the model and device, KL kinds, estimators, tasks, the ranks, workshop bugs).
+    A one-line ValueError, before any work starts and before the run directory exists."""
     c = settings.parse_config(argv)
     models.check_choices(c.model, c.device, c.dtype)
     learner.loss_spec(c)
@@ -118,9 +119,9 @@ def main(argv: list[str]) -> None:
     model_dir = dist.main_first(lambda: models.resolve(c.model) if c.model else
                                 models.ensure_tiny_base(tiny_base, seed=c.seed))
 
-    # --- the policy, the reference and the optimizer
-    # Mixed precision: weights (and so AdamW's state) are fp32 on every device, or updates of lr ≈ 1e-6
-    # would round away; on CUDA forwards compute in bf16 and the sampler samples bf16 copies.
+    # --- the policy, the reference and the optimizer Mixed precision: weights (and so AdamW's
+    # state) are fp32 on every device, or updates of lr ≈ 1e-6 would round away; on CUDA forwards
+    # compute in bf16 and the sampler samples bf16 copies.
     compute = models.compute_dtype(device, c.dtype)
     policy, tokenizer = models.load(model_dir, device, torch.float32)
     # every prompt, sampled or evaluated, starts with it
@@ -129,7 +130,8 @@ def main(argv: list[str]) -> None:
     # before sharding, so that FSDP2 wraps the checkpointed layers
     if c.activation_checkpointing:
         models.enable_activation_checkpointing(policy)
-    # the run exists from here on, not before: a model that cannot be loaded or sampled leaves nothing
+    # the run exists from here on, not before: a model that cannot be loaded or sampled leaves
+    # nothing
     checkpoint.save_config(run_dir, dataclasses.asdict(c))
     if dist.is_main():
         print(f"run directory: {run_dir}", flush=True)
@@ -159,8 +161,8 @@ def main(argv: list[str]) -> None:
         base = held_out_pass1(policy, tokenizer, test_set, c)
         base_counts = boundary_counts(policy, tokenizer, boundary_set, c, "base")
         saved = {"step": 0, "base": base, "base_counts": base_counts}
-        # Seed every generator the steps draw from, from the config alone: whether the base model was
-        # built in this process (drawing from them) or reused from disk must not change the run.
+        # Seed every generator the steps draw from, from the config alone: whether the base model
+        # was built in this process (drawing from them) or reused from disk must not change the run.
         torch.manual_seed(c.seed)
         random.seed(c.seed)
     metrics_file = checkpoint.open_metrics(run_dir, saved["step"])
@@ -177,7 +179,8 @@ def main(argv: list[str]) -> None:
             batch, scores, sampled = sample(policy, tokenizer, stream, groups, step, c)
             metrics = {"step": step, **sampled, "gen_s": clock() - start}
             if len(scores):
-                # --- reference: its log-probs of this rank's rows (the KL; none without a reference)
+                # --- reference: its log-probs of this rank's rows (the KL; none without a
+                # reference)
                 local, rows = dist.my_share(batch)
                 ref_start = clock()
                 ref_logp = learner.batch_logprobs(reference, local, c) if reference is not None else None
@@ -245,8 +248,9 @@ def main(argv: list[str]) -> None:
 
 
 def report(run_dir, model_dir, scores: dict, test_set, boundary_set, c: settings.Config) -> None:
-    """The base-vs-trained table (result.md), the pass@k boundary and the training curves. scores: the
-    pass@1 reports "base" and "trained", and the boundary counts "base_counts" and "trained_counts"."""
+    """The base-vs-trained table (result.md), the pass@k boundary and the training curves. scores:
+    the pass@1 reports "base" and "trained", and the boundary counts "base_counts" and
+    "trained_counts"."""
     if boundary_set:
         counts = {"base": scores["base_counts"], "trained": scores["trained_counts"]}
         models_compared = {"base": model_dir, "trained": str(run_dir / "final")}

@@ -1,6 +1,6 @@
-"""The code's shape, as the README's "How one step flows" states it: each module imports only modules listed after
-it (imports run downward), no project module is imported inside a function, train.py fits one screen's worth
-(< 300 lines) and every other module stays ≤ 400 lines."""
+"""The code's shape, as the README's "How one step flows" states it: each module imports only
+modules listed after it (imports run downward), no project module is imported inside a function,
+train.py fits one screen's worth (< 300 lines) and every other module stays ≤ 400 lines."""
 
 import ast
 import re
@@ -17,7 +17,8 @@ def project_modules() -> dict[str, list[Path]]:
 
 
 def imported(files: list[Path], modules) -> list[tuple[str, bool]]:
-    """(project module imported, whether the import statement sits inside a function) for every import."""
+    """(project module imported, whether the import statement sits inside a function) for every
+    import."""
     found = []
     for file in files:
         tree = ast.parse(file.read_text())
