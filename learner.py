@@ -77,12 +77,12 @@ def loss_spec(c: settings.Config) -> grpo.LossSpec:
     work)."""
     # with --kl-in-reward the KL is only logged here: it is in the reward instead
     kl_coef = 0.0 if c.kl_in_reward else c.kl_coef
-    return grpo.LossSpec(c.clip_low, c.clip_high, kl_coef, c.kl_kind, c.kl_clamp or None, c.temperature,
-                         c.loss_agg)
+    return grpo.LossSpec(c.clip_low, c.clip_high, kl_coef, c.kl_kind, c.kl_clamp or None,
+                         c.temperature, c.loss_agg)
 
 
-def update(policy, optimizer, batch: rollout.Rollout, adv: torch.Tensor, ref_logp: torch.Tensor | None,
-           c: settings.Config) -> dict:
+def update(policy, optimizer, batch: rollout.Rollout, adv: torch.Tensor,
+           ref_logp: torch.Tensor | None, c: settings.Config) -> dict:
     """PPO-style update: `epochs` passes, each split into `minibatches` optimizer steps, each
     accumulated over micro-batches of `micro_batch_rows` rows. Returns the step's statistics
     (token means)."""
@@ -107,10 +107,12 @@ def update(policy, optimizer, batch: rollout.Rollout, adv: torch.Tensor, ref_log
                 continue  # would still move the weights on its momentum, so there is no step at all
             # once per mini-batch
             count = dist.loss_denominator(grpo.loss_count(mask[minibatch], spec.agg))
-            terms = grpo.LossTerms(old_logp, ref_logp, adv, mask, grpo.loss_weights(mask, spec.agg, count))
+            terms = grpo.LossTerms(old_logp, ref_logp, adv, mask,
+                                   grpo.loss_weights(mask, spec.agg, count))
             finite = True
             for micro in minibatch.split(c.micro_batch_rows):
-                loss, stats = policy_loss(policy, rollout.select_rows(batch, micro), terms.rows(micro), spec, c)
+                loss, stats = policy_loss(policy, rollout.select_rows(batch, micro),
+                                          terms.rows(micro), spec, c)
                 finite = finite and bool(torch.isfinite(loss))
                 # Σ over micro-batches and ranks = the gradient of the whole mini-batch's loss
                 loss.backward()

@@ -46,9 +46,11 @@ def rollout_and_score(policy, tokenizer, examples: list[dict],
                               temperature=params.temperature, top_p=params.top_p,
                               stop_ids=models.stop_ids(policy, tokenizer), seed=params.seed,
                               pad_id=tokenizer.pad_token_id, max_rows=params.max_rows)
-    completion_ids = torch.where(result.mask, result.tokens, tokenizer.pad_token_id)[:, result.prompt_len:]
+    completion_ids = torch.where(result.mask, result.tokens,
+                                 tokenizer.pad_token_id)[:, result.prompt_len:]
     completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    scores = rewards.score_batch([examples[i // params.n] for i in range(len(completions))], completions)
+    scores = rewards.score_batch([examples[i // params.n] for i in range(len(completions))],
+                                 completions)
     scores = torch.tensor(scores, device=result.truncated.device)
     scores = scores.masked_fill(result.truncated, 0.0)  # [P·N]
     return result, scores.view(len(examples), params.n)
@@ -87,7 +89,8 @@ def sample_groups(policy, tokenizer, stream, groups: int, params: SamplingParams
     scores, all_scores = torch.cat(kept_scores)[:groups], torch.cat(all_scores)
     batch = rollout.concat_rows(kept_batches, tokenizer.pad_token_id)
     batch = rollout.select_rows(batch, slice(0, len(scores) * n))
-    stats = {"reward": all_scores.mean().item(), "pass_rate": (all_scores >= 1).float().mean().item(),
+    stats = {"reward": all_scores.mean().item(),
+             "pass_rate": (all_scores >= 1).float().mean().item(),
              "kept_frac": sum(len(s) for s in kept_scores) / len(all_scores),
              "response_len": torch.cat(lengths).mean().item(), "sampling_rounds": round_ + 1}
     return batch, scores, stats
