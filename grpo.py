@@ -20,12 +20,14 @@ def group_advantages(rewards: torch.Tensor, estimator: str = "grpo", k: int = 1)
     advantage.
 
     grpo          (DeepSeekMath / ProRL):  A = (r − mean_group) / (std_group + ε)
-    reinforce_pp  (REINFORCE++-baseline, ProRL v2):  r̃ = r − mean_group,  A = (r̃ − mean_batch r̃) / (std_batch r̃ + ε)
+    reinforce_pp  (REINFORCE++-baseline, ProRL v2):  r̃ = r − mean_group,
+                  A = (r̃ − mean_batch r̃) / (std_batch r̃ + ε)
                   — the group mean is the baseline; normalising by the whole batch, not the group,
                   does not blow up the advantage of a group that is nearly all right or all wrong.
-    rloo          (REINFORCE leave-one-out):  A_i = r_i − mean_{j≠i} r_j = N/(N−1) · (r_i − mean_group)
-    passk         (Pass@k training, arXiv 2508.10751): the analytic advantage of pass@k as the reward, for
-                  0/1 rewards and k ≤ N (passk_advantages below); k = 1 is grpo
+    rloo          (REINFORCE leave-one-out):
+                  A_i = r_i − mean_{j≠i} r_j = N/(N−1) · (r_i − mean_group)
+    passk         (Pass@k training, arXiv 2508.10751): the analytic advantage of pass@k as the
+                  reward, for 0/1 rewards and k ≤ N (passk_advantages below); k = 1 is grpo
     A group whose rewards are all equal gets exactly 0 (its float32 mean may miss the value by a
     rounding step, and for grpo that ±6e-8 divided by a std of 0 would be a sizeable advantage of
     one sign).
@@ -37,7 +39,8 @@ def group_advantages(rewards: torch.Tensor, estimator: str = "grpo", k: int = 1)
     if estimator == "grpo":
         return centred / (rewards.std(dim=1, keepdim=True, unbiased=False) + EPS)
     if estimator == "reinforce_pp":
-        return ((centred - centred.mean()) / (centred.std(unbiased=False) + EPS)).masked_fill(constant, 0.0)
+        return ((centred - centred.mean()) / (centred.std(unbiased=False) + EPS)).masked_fill(
+            constant, 0.0)
     if estimator == "rloo":
         group_size = rewards.shape[1]
         return centred * group_size / max(group_size - 1, 1)
@@ -69,7 +72,8 @@ def passk_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
     σ = 0 (all right, all wrong, or N_neg < k so every subset passes) gives 0.
     """
     if not ((rewards == 0) | (rewards == 1)).all():
-        raise ValueError("--advantage passk needs rewards of exactly 0 or 1 (no length penalty, no unlikeliness)")
+        raise ValueError("--advantage passk needs rewards of exactly 0 or 1 (no length penalty, "
+                         "no unlikeliness)")
     group_size = rewards.shape[1]
     if not 1 <= k <= group_size:
         raise ValueError(f"--passk-k must be between 1 and the group size {group_size}, not {k}")
@@ -80,7 +84,8 @@ def passk_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
         if std == 0:
             continue
         adv_right = (1 - mean) / (std + EPS)
-        adv_wrong = (1 - mean - math.comb(wrong - 1, k - 1) / math.comb(group_size - 1, k - 1)) / (std + EPS)
+        adv_wrong = (1 - mean - math.comb(wrong - 1, k - 1) / math.comb(group_size - 1, k - 1)
+                     ) / (std + EPS)
         adv[row] = torch.where(rewards[row] == 1, adv_right, adv_wrong)
     return adv
 
@@ -93,8 +98,9 @@ def shape_rewards(scores: torch.Tensor, mask: torch.Tensor, sampler_logp: torch.
     """Scores [P, N] → (shaped rewards [P, N], this step's length-penalty coefficient η), in order:
 
     1. length penalty (ProRL v2)   r − η(step) · len / max_new_tokens
-    2. KL in the reward            r − β · Σ_t KL_t, with the sampler's log-probs as π (no extra forward);
-                                   only with c.kl_in_reward (ref_logp: the reference's, [B, T−1])
+    2. KL in the reward            r − β · Σ_t KL_t, with the sampler's log-probs as π (no extra
+                                   forward); only with c.kl_in_reward (ref_logp: the
+                                   reference's, [B, T−1])
     3. unlikeliness                right answers ranked by their mean log-prob under the sampler
     mask, sampler_logp: the rollout's [B, T], B = P·N; c: the run's settings.Config. step counts
     from 0.
@@ -112,14 +118,16 @@ def shape_rewards(scores: torch.Tensor, mask: torch.Tensor, sampler_logp: torch.
     return shaped, eta
 
 
-def length_penalty_coef(step: int, eta_min: float, eta_max: float, period: int, off_steps: int = 0) -> float:
+def length_penalty_coef(step: int, eta_min: float, eta_max: float, period: int,
+                        off_steps: int = 0) -> float:
     """ProRL v2's scheduled cosine length penalty coefficient η(t), switched on and off in cycles.
 
     Each cycle is `period` steps with the penalty on, then `off_steps` steps with it off (η = 0).
-    Inside the on-phase, at t steps into it:  η(t) = η_min + ½(η_max − η_min)(1 + cos(π t / period)),
+    Inside the on-phase, at t steps into it:
+        η(t) = η_min + ½(η_max − η_min)(1 + cos(π t / period)),
     so it starts at η_max and decays towards η_min, which it would reach at t = period, the first
-    step after the on-phase (the formula as written; its last on-step is η_min + ½(η_max −
-    η_min)(1 − cos(π / period))).
+    step after the on-phase (the formula as written; its last on-step is
+    η_min + ½(η_max − η_min)(1 − cos(π / period))).
     """
     if eta_max == 0 and eta_min == 0:
         return 0.0
@@ -135,7 +143,8 @@ def apply_length_penalty(rewards, lengths, max_len: int, eta: float):
     return rewards - eta * lengths / max_len
 
 
-def unlikeliness_rewards(rewards: torch.Tensor, seq_logp: torch.Tensor, beta: float = 0.25) -> torch.Tensor:
+def unlikeliness_rewards(rewards: torch.Tensor, seq_logp: torch.Tensor,
+                         beta: float = 0.25) -> torch.Tensor:
     """The unlikeliness reward (He, Fried & Welleck, arXiv 2506.02355; their release
     github.com/AndreHe02/rewarding-unlikely-release, RayLeanTrainer._compute_advantages). [P, N]
     → [P, N].
@@ -167,8 +176,8 @@ def dynamic_sampling_mask(rewards: torch.Tensor) -> torch.Tensor:
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 
 
-def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
-                      clip_low: float = 0.2, clip_high: float = 0.28):
+def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor,
+                      mask: torch.Tensor, clip_low: float = 0.2, clip_high: float = 0.28):
     """PPO's clipped surrogate with decoupled bounds (DAPO "clip-higher", ProRL) → (pg_loss, ratio,
     clipped).
 
@@ -184,7 +193,8 @@ def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Ten
     # Outside the mask (prompt, pads) the ratio is set to exactly 1 before exp: those tokens get no
     # gradient anyway, but exp of a huge log-ratio there would turn that zero gradient into 0·inf =
     # NaN.
-    logp, old_logp = torch.where(mask.bool(), logp, 0.0), torch.where(mask.bool(), old_logp.to(logp.dtype), 0.0)
+    logp, old_logp = (torch.where(mask.bool(), logp, 0.0),
+                      torch.where(mask.bool(), old_logp.to(logp.dtype), 0.0))
     ratio = torch.exp(logp - old_logp)
     pg_loss1 = -adv * ratio
     pg_loss2 = -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
@@ -247,8 +257,8 @@ def token_loss(logp: torch.Tensor, terms: LossTerms, spec: LossSpec = LossSpec()
     instead).
     """
     old_logp = logp.detach() if terms.old_logp is None else terms.old_logp
-    pg_loss, ratio, clipped = clipped_surrogate(logp, old_logp, terms.adv, terms.mask, spec.clip_low,
-                                                spec.clip_high)
+    pg_loss, ratio, clipped = clipped_surrogate(logp, old_logp, terms.adv, terms.mask,
+                                                spec.clip_low, spec.clip_high)
     stats = surrogate_stats(logp, old_logp, ratio, clipped, terms.mask)
     per_token = pg_loss
     if terms.ref_logp is not None:
@@ -262,22 +272,25 @@ def token_loss(logp: torch.Tensor, terms: LossTerms, spec: LossSpec = LossSpec()
 @torch.no_grad()
 def surrogate_stats(logp, old_logp, ratio, clipped, mask) -> dict[str, torch.Tensor]:
     """CleanRL's diagnostics of the clipped surrogate, as means over the masked tokens."""
-    # log ρ = logp − old_logp, the importance ratio's log (kl.py's log_r is another ratio: π_ref /
-    # π)
+    # log ρ = logp − old_logp, the importance ratio's log
+    # (kl.py's log_r is another ratio: π_ref / π)
     log_rho = torch.where(mask.bool(), logp - old_logp.to(logp.dtype), 0.0)
-    return {"clipfrac": masked_mean(clipped.float(), mask), "approx_kl": masked_mean(0.5 * log_rho**2, mask),
+    return {"clipfrac": masked_mean(clipped.float(), mask),
+            "approx_kl": masked_mean(0.5 * log_rho**2, mask),
             "ratio_mean": masked_mean(ratio, mask)}
 
 
-# ----------------------------------------------------------------------------- what each token weighs
-# A mini-batch's loss is Σ_t w_t · loss_t. Its rows are split over ranks and, on each rank, over micro-batches
-# (gradient accumulation); the weights make the sum of all those backward passes the gradient of the loss
-# aggregated over the whole mini-batch, as if it had run in one piece. The one home of that idea:
-#   token-mean           w_t = 1 / (tokens in the mini-batch): every token weighs the same, so long responses
-#                        are not down-weighted (DAPO, ProRL v2)
-#   seq-mean-token-mean  w_t = 1 / (tokens of t's response) / (responses): mean per response, then over
-#                        responses (original GRPO)
-#   seq-mean-token-sum   w_t = 1 / (responses): sum per response, then mean over responses (Dr. GRPO-like)
+# ----------------------------------------------------------------------- what each token weighs
+# A mini-batch's loss is Σ_t w_t · loss_t. Its rows are split over ranks and, on each rank, over
+# micro-batches (gradient accumulation); the weights make the sum of all those backward passes the
+# gradient of the loss aggregated over the whole mini-batch, as if it had run in one piece. The one
+# home of that idea:
+#   token-mean           w_t = 1 / (tokens in the mini-batch): every token weighs the same, so
+#                        long responses are not down-weighted (DAPO, ProRL v2)
+#   seq-mean-token-mean  w_t = 1 / (tokens of t's response) / (responses): mean per response,
+#                        then over responses (original GRPO)
+#   seq-mean-token-sum   w_t = 1 / (responses): sum per response, then mean over responses
+#                        (Dr. GRPO-like)
 
 def loss_count(mask: torch.Tensor, agg: str) -> torch.Tensor:
     """What `agg` averages over, counted in mask [B, T]: tokens, or responses that have a token."""
