@@ -52,11 +52,13 @@ def save(run_dir: str | Path, step: int, train_state: TrainState, **extra) -> No
         "step": step,
         "world_size": dist.world_size(),
         "policy": dcp.get_model_state_dict(policy, options=FULL),
-        "reference": dcp.get_model_state_dict(reference, options=FULL) if reference is not None else None,
+        "reference": (dcp.get_model_state_dict(reference, options=FULL)
+                      if reference is not None else None),
         # An empty optimizer (just reset, ProRL v1) is saved as None: get_optimizer_state_dict would
         # fill it by taking a zero-gradient step, which sets Adam's step count and changes every
         # later update.
-        "optimizer": dcp.get_optimizer_state_dict(policy, optimizer, options=FULL) if optimizer.state else None,
+        "optimizer": (dcp.get_optimizer_state_dict(policy, optimizer, options=FULL)
+                      if optimizer.state else None),
         "tracker": tracker.state_dict(),
         # [world_size]: each rank's RNGs and prompt stream
         "ranks": dist.gather_objects(rank_state(stream)),
@@ -70,8 +72,8 @@ def save(run_dir: str | Path, step: int, train_state: TrainState, **extra) -> No
         except (OSError, RuntimeError) as error:
             failure = error
     dist.barrier()  # no rank runs ahead of a checkpoint that is not yet written
-    message = None if failure is None else (f"{Path(run_dir) / FILE} not written ({first_line(failure)}); "
-                                            "any earlier one is intact")
+    message = None if failure is None else (f"{Path(run_dir) / FILE} not written "
+                                            f"({first_line(failure)}); any earlier one is intact")
     # every rank raises, so all of them go on (or stop) alike
     message = dist.broadcast_object(message)
     if message is not None:
@@ -119,18 +121,21 @@ def load(run_dir: str | Path, train_state: TrainState) -> dict:
         # any failure is sent to the other ranks, which would otherwise wait for rank 0 forever
         try:
             state = torch.load(Path(run_dir) / FILE, map_location="cpu", weights_only=False)
-            if not (isinstance(state, dict) and {"world_size", "optimizer", *WHOLE_TENSORS} <= set(state)):
+            if not (isinstance(state, dict)
+                    and {"world_size", "optimizer", *WHOLE_TENSORS} <= set(state)):
                 raise ValueError("not a checkpoint of train.py")
         except Exception as failure:  # noqa: BLE001 (a truncated file, a foreign pickle, a missing module...)
-            error = f"--resume {run_dir}: cannot read its {FILE} ({first_line(failure) or 'not a checkpoint'})"
+            error = (f"--resume {run_dir}: cannot read its {FILE} "
+                     f"({first_line(failure) or 'not a checkpoint'})")
         else:
             if state["world_size"] != dist.world_size():
-                error = (f"--resume {run_dir}: the checkpoint was written by {state['world_size']} ranks; "
-                         f"resume with the same --nproc-per-node × --nnodes")
+                error = (f"--resume {run_dir}: the checkpoint was written by {state['world_size']} "
+                         "ranks; resume with the same --nproc-per-node × --nnodes")
     small = None  # built on rank 0, which has read the file
     if dist.is_main():
-        small = {"error": error} if error else {**{k: v for k, v in state.items() if k not in WHOLE_TENSORS},
-                                                "has_optimizer": state["optimizer"] is not None}
+        small = {"error": error} if error else {
+            **{k: v for k, v in state.items() if k not in WHOLE_TENSORS},
+            "has_optimizer": state["optimizer"] is not None}
     small = dist.broadcast_object(small)
     if small.get("error"):
         raise ValueError(small["error"])
@@ -148,7 +153,8 @@ def load(run_dir: str | Path, train_state: TrainState) -> dict:
 
 
 def rank_state(stream) -> dict:
-    """What differs between ranks: random number generators and the position in the prompt stream."""
+    """What differs between ranks: random number generators and the position in the prompt
+    stream."""
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
             "stream": stream.state_dict()}
@@ -178,8 +184,8 @@ def new_run_dir(name: str, explicit: bool = False) -> Path:
     old one. An explicit name (--run) that an earlier run holds is an error instead."""
     path, suffix = Path("runs") / name, 2
     if explicit and is_run(path):
-        raise ValueError(f"runs/{name} already holds a run: --resume runs/{name} continues it, another --run "
-                         "starts anew")
+        raise ValueError(f"runs/{name} already holds a run: --resume runs/{name} continues it, "
+                         "another --run starts anew")
     while is_run(path):
         path, suffix = Path("runs") / f"{name}-{suffix}", suffix + 1
     return path
@@ -189,7 +195,8 @@ def save_config(run_dir: str | Path, config: dict) -> None:
     """<run_dir>/config.json: the run's settings, which --resume reads back."""
     if dist.is_main():
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-        write_atomically(Path(run_dir) / "config.json", lambda file: file.write(json.dumps(config, indent=1).encode()))
+        write_atomically(Path(run_dir) / "config.json",
+                         lambda file: file.write(json.dumps(config, indent=1).encode()))
 
 
 def parse_line(line: str) -> dict | None:
@@ -210,7 +217,8 @@ def open_metrics(run_dir: str | Path, resume_step: int):
         return open(os.devnull, "w")
     path = Path(run_dir) / "metrics.jsonl"
     lines = path.read_text().splitlines() if path.is_file() else []
-    kept = [line for line in lines if (record := parse_line(line)) and record["step"] <= resume_step]
+    kept = [line for line in lines
+            if (record := parse_line(line)) and record["step"] <= resume_step]
     write_atomically(path, lambda file: file.write("".join(line + "\n" for line in kept).encode()))
     return path.open("a")
 
@@ -230,7 +238,8 @@ def stop_requests():
             signal.signal(signum, previous[signum])  # the next Ctrl-C acts as usual
 
     previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
-    previous = {signum: handler for signum, handler in previous.items() if handler not in (signal.SIG_IGN, None)}
+    previous = {signum: handler for signum, handler in previous.items()
+                if handler not in (signal.SIG_IGN, None)}
     for signum in previous:
         signal.signal(signum, catch)
     try:
@@ -240,18 +249,21 @@ def stop_requests():
             signal.signal(signum, handler)
 
 
-def resume(run_dir: Path, resume: str, steps: int, lr: float, train_state: TrainState) -> dict | None:
+def resume(run_dir: Path, resume: str, steps: int, lr: float,
+           train_state: TrainState) -> dict | None:
     """The saved step and extras when resuming a run that has saved (weights, optimizer, tracker,
     every RNG and the prompt stream restored into train_state), else None: the run starts at step
     0. The lr given now wins over the one in a loaded optimizer state."""
     resuming = bool(resume) and has_checkpoint(run_dir)
     if resume and not resuming and dist.is_main():
-        print(f"{run_dir} stopped before its first checkpoint: starting it over from step 0", flush=True)
+        print(f"{run_dir} stopped before its first checkpoint: starting it over from step 0",
+              flush=True)
     if not resuming:
         return None
     saved = load(run_dir, train_state)
     if saved["step"] >= steps:
-        raise ValueError(f"{run_dir} is at step {saved['step']} already: give --steps beyond it to train on")
+        raise ValueError(f"{run_dir} is at step {saved['step']} already: give --steps "
+                         "beyond it to train on")
     for group in train_state.optimizer.param_groups:
         group["lr"] = lr
     if dist.is_main():
@@ -297,5 +309,6 @@ def experiment_logger(kind: str, run_dir: Path, config: dict):
         return log
     import wandb
     run = wandb.init(project="prorl", name=Path(run_dir).name, dir=str(run_dir), config=config,
-                     mode=os.environ.get("WANDB_MODE", "offline"), resume="allow", id=Path(run_dir).name)
+                     mode=os.environ.get("WANDB_MODE", "offline"), resume="allow",
+                     id=Path(run_dir).name)
     return lambda metrics: run.log(numbers(metrics), step=metrics["step"])
