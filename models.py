@@ -51,11 +51,13 @@ SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 CHARACTERS = list("0123456789+-*=<>: ") + sorted(set("".join(chains.OPERATIONS)))
 
 # The tiny base: 3 layers of width 128 (~0.6M parameters); tasks and answers fit in 64 positions.
-TINY_CONFIG = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 3, "num_attention_heads": 4,
-               "num_key_value_heads": 4, "max_position_embeddings": 64, "tie_word_embeddings": True}
-WARMSTART = {"task_mix": "sort:2,reverse:1,countdown:3", "level": 1, "steps": 500, "batch_size": 128,
+TINY_CONFIG = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 3,
+               "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 64,
+               "tie_word_embeddings": True}
+WARMSTART = {"task_mix": "sort:2,reverse:1,countdown:3", "level": 1, "steps": 500,
+             "batch_size": 128, "lr": 3e-3, "noise": 0.4,
              # chain_coverage: see chains.shown_compositions
-             "lr": 3e-3, "noise": 0.4, "chain_coverage": 1.0}
+             "chain_coverage": 1.0}
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name, as the hub spells repositories
@@ -86,18 +88,20 @@ def check_model_spec(spec: str) -> None:
             raise ValueError(f"--model {spec}: no such GGUF file")
         return require(GGUF_PACKAGES, f"--model {spec}")
     if not HUB_ID.match(spec):
-        raise ValueError(f"--model {spec}: no such model directory, .gguf file or hub id (org/name)")
+        raise ValueError(f"--model {spec}: no such model directory, .gguf file or hub id "
+                         "(org/name)")
 
 
 def hub_snapshot(repo_id: str) -> str:
-    """The directory of a hub model's files: the cached snapshot, or a fresh download when online."""
+    """The directory of a hub model's files: the cached snapshot, or a download when online."""
     try:
         return snapshot_download(repo_id, allow_patterns=HUB_FILES)
     # offline (HF_HUB_OFFLINE) or unreachable, and not cached
     except hub_errors.LocalEntryNotFoundError:
         why = "HF_HUB_OFFLINE is set" if hub_constants.HF_HUB_OFFLINE else "the hub did not answer"
-        raise ValueError(f"--model {repo_id}: no such local directory, and as a hub id it is neither cached "
-                         f"in {hub_constants.HF_HUB_CACHE} nor reachable ({why})") from None
+        raise ValueError(f"--model {repo_id}: no such local directory, and as a hub id it is "
+                         f"neither cached in {hub_constants.HF_HUB_CACHE} nor "
+                         f"reachable ({why})") from None
     # unknown, gated, private
     except (hub_errors.HfHubHTTPError, hub_errors.HFValidationError) as error:
         raise ValueError(f"--model {repo_id}: the hub refused it: {first_line(error)}") from None
@@ -122,11 +126,13 @@ def convert_gguf(file: str, cache: str = "runs/base", log=print) -> str:
     start = time.time()
     log(f"converting {file} to a model directory in {out} (once; later runs reuse it)")
     try:
-        quantized = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+        quantized = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name,
+                                                         dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     # not GGUF, an unknown architecture
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
-        raise ValueError(f"--model {file}: transformers cannot load it: {first_line(error)}") from None
+        raise ValueError(f"--model {file}: transformers cannot load it: "
+                         f"{first_line(error)}") from None
     config = quantized.config
     del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -134,8 +140,10 @@ def convert_gguf(file: str, cache: str = "runs/base", log=print) -> str:
     model.generation_config = quantized.generation_config
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    (out / "converted.json").write_text(json.dumps({"source": str(source.resolve()), "sha256": digest}))
-    log(f"converted {file} ({model.num_parameters() / 1e6:.0f}M parameters, {time.time() - start:.0f}s)")
+    (out / "converted.json").write_text(json.dumps({"source": str(source.resolve()),
+                                                    "sha256": digest}))
+    log(f"converted {file} ({model.num_parameters() / 1e6:.0f}M parameters, "
+        f"{time.time() - start:.0f}s)")
     return str(out)  # converted.json is written last: a half-converted directory is never reused
 
 
@@ -148,8 +156,10 @@ def require(packages: tuple[str, ...], what: str) -> None:
         except ImportError:
             missing.append(name)
     if missing:
-        raise ValueError(f"{what} needs the {' and '.join(missing)} package{'s' * (len(missing) > 1)}, "
-                         f"which {'are' if len(missing) > 1 else 'is'} not installed: pip install {' '.join(missing)}")
+        raise ValueError(f"{what} needs the {' and '.join(missing)} "
+                         f"package{'s' * (len(missing) > 1)}, which "
+                         f"{'are' if len(missing) > 1 else 'is'} not installed: pip install "
+                         f"{' '.join(missing)}")
 
 
 def first_line(error: Exception) -> str:
@@ -164,7 +174,8 @@ def load(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     # no weights, a broken config.json, ...
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"--model {path}: cannot load it: {str(error).strip().splitlines()[0]}") from None
+        raise ValueError(f"--model {path}: cannot load it: "
+                         f"{str(error).strip().splitlines()[0]}") from None
     if getattr(getattr(model.config, "quantization_config", None), "quant_method", None) == "gguf":
         # A directory saved from transformers' GGUF loader holds de-quantized weights but keeps the
         # GGUF marker, which would make save_pretrained refuse final/ ("quantized with gguf and is
@@ -173,8 +184,8 @@ def load(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
         del model.config.quantization_config
     stops = stop_ids(model, tokenizer)
     if not stops:
-        raise ValueError(f"--model {path}: its tokenizer and configs name no end-of-sequence token (eos_token, "
-                         "eos_token_id), so completions could never stop: set one")
+        raise ValueError(f"--model {path}: its tokenizer and configs name no end-of-sequence token "
+                         "(eos_token, eos_token_id), so completions could never stop: set one")
     # many real checkpoints ship without one; any id works, pads are masked
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.convert_ids_to_tokens(stops[0])
@@ -199,20 +210,21 @@ def saved_dtype(path: str) -> torch.dtype:
     fp32 if unsaid."""
     config = json.loads((Path(path) / "config.json").read_text())
     name = config.get("dtype") or config.get("torch_dtype") or "float32"
-    return getattr(torch, name) if isinstance(getattr(torch, str(name), None), torch.dtype) else torch.float32
+    return (getattr(torch, name) if isinstance(getattr(torch, str(name), None), torch.dtype)
+            else torch.float32)
 
 
 def enable_activation_checkpointing(model) -> None:
-    """Recompute each decoder layer's activations in backward instead of keeping them
-    (non-reentrant)."""
+    """Recompute each decoder layer's activations in backward, not keep them (non-reentrant)."""
     if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.x
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False})
     else:  # 4.x
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def check_model_dir(path: str) -> None:
-    """A one-line error unless `path` looks like a Hugging Face model directory (has a config.json)."""
+    """A one-line error unless `path` looks like a Hugging Face model directory (a config.json)."""
     if not (Path(path) / "config.json").is_file():
         raise ValueError(f"--model {path}: no such model directory (expected a config.json inside)")
 
@@ -245,9 +257,11 @@ def encode_prompt(tokenizer, prompt: str | list[dict]) -> list[int]:
     if system and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system}, *messages]
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                             return_dict=False)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return bos + tokenizer("\n\n".join(m["content"] for m in messages), add_special_tokens=False)["input_ids"]
+    return bos + tokenizer("\n\n".join(m["content"] for m in messages),
+                           add_special_tokens=False)["input_ids"]
 
 
 def set_system_prompt(tokenizer, text: str) -> None:
@@ -268,7 +282,7 @@ def stop_ids(model, tokenizer) -> tuple[int, ...]:
     return tuple(sorted(i for i in ids if i is not None))
 
 
-# ----------------------------------------------------------------------------- the tiny built-in base
+# ---------------------------------------------------------------------- the tiny built-in base
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """A character-level tokenizer: every character of the built-in tasks is one token."""
@@ -283,7 +297,8 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 def build_tiny_model(tokenizer, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **TINY_CONFIG)
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         **TINY_CONFIG)
     return LlamaForCausalLM(config)
 
 
@@ -294,14 +309,17 @@ def ensure_tiny_base(path: str, seed: int = 0, log=print, **warmstart) -> str:
     for a base whose edge of competence is the depth-2 chains it never saw (issue 15)."""
     unknown = set(warmstart) - set(WARMSTART)
     if unknown:
-        raise ValueError(f"unknown warm-start setting(s) {', '.join(sorted(unknown))}; known: {', '.join(WARMSTART)}")
+        raise ValueError(f"unknown warm-start setting(s) {', '.join(sorted(unknown))}; known: "
+                         f"{', '.join(WARMSTART)}")
     warmstart = {**WARMSTART, **warmstart}
-    recipe = {"seed": seed, "config": TINY_CONFIG, "warmstart": warmstart, "characters": "".join(CHARACTERS)}
+    recipe = {"seed": seed, "config": TINY_CONFIG, "warmstart": warmstart,
+              "characters": "".join(CHARACTERS)}
     recipe_file = Path(path) / "recipe.json"
     if recipe_file.is_file() and json.loads(recipe_file.read_text()) == recipe:
         return path
     start = time.time()
-    log(f"building the tiny base model in {path}: {warmstart['steps']} supervised warm-start steps (about a minute)")
+    log(f"building the tiny base model in {path}: {warmstart['steps']} supervised warm-start steps "
+        "(about a minute)")
     tokenizer = build_tokenizer()
     model = build_tiny_model(tokenizer, seed)
     warm_start(model, tokenizer, warmstart, seed)
@@ -360,7 +378,8 @@ def corrupt(example: dict, rng: random.Random) -> dict:
     """A copy of the example whose solution has one character replaced by a random digit."""
     solution = example["solution"]
     position = rng.randrange(len(solution))
-    return {**example, "solution": solution[:position] + rng.choice("0123456789") + solution[position + 1:]}
+    return {**example,
+            "solution": solution[:position] + rng.choice("0123456789") + solution[position + 1:]}
 
 
 def supervised_batch(tokenizer, examples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -369,7 +388,8 @@ def supervised_batch(tokenizer, examples: list[dict]) -> tuple[torch.Tensor, tor
     rows, label_rows = [], []
     for example in examples:
         prompt = encode_prompt(tokenizer, example["prompt"])
-        answer = tokenizer(example["solution"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        answer = (tokenizer(example["solution"], add_special_tokens=False)["input_ids"]
+                  + [tokenizer.eos_token_id])
         rows.append(prompt + answer)
         label_rows.append([-100] * len(prompt) + answer)
     width = max(map(len, rows))
