@@ -102,9 +102,10 @@ def update(policy, optimizer, batch: rollout.Rollout, adv: torch.Tensor,
         # leave a last piece of one row); every rank holds as many rows (dist.my_share), so all of
         # them cut alike.
         for minibatch in rows[torch.randperm(len(rows))].tensor_split(c.minibatches):
-            # no token to learn from, on any rank: AdamW
+            # no token to learn from, on any rank: AdamW would still move the weights on its
+            # momentum, so there is no step at all
             if not dist.any_true(bool(mask[minibatch].any())):
-                continue  # would still move the weights on its momentum, so there is no step at all
+                continue
             # once per mini-batch
             count = dist.loss_denominator(grpo.loss_count(mask[minibatch], spec.agg))
             terms = grpo.LossTerms(old_logp, ref_logp, adv, mask,
