@@ -25,8 +25,8 @@ from tqdm import tqdm
 import dist
 
 FILE = "checkpoint.pt"
-# Whole (unsharded) tensors on the CPU: the file is the same whatever the number of ranks that wrote
-# it.
+# Whole (unsharded) tensors on the CPU:
+# the file is the same whatever the number of ranks that wrote it.
 FULL = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
 # loading: rank 0 sends each tensor
 FROM_RANK0 = dcp.StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
@@ -54,9 +54,9 @@ def save(run_dir: str | Path, step: int, train_state: TrainState, **extra) -> No
         "policy": dcp.get_model_state_dict(policy, options=FULL),
         "reference": (dcp.get_model_state_dict(reference, options=FULL)
                       if reference is not None else None),
-        # An empty optimizer (just reset, ProRL v1) is saved as None: get_optimizer_state_dict would
-        # fill it by taking a zero-gradient step, which sets Adam's step count and changes every
-        # later update.
+        # An empty optimizer (just reset, ProRL v1) is saved as None: get_optimizer_state_dict
+        # would fill it by taking a zero-gradient step, which sets Adam's step count and changes
+        # every later update.
         "optimizer": (dcp.get_optimizer_state_dict(policy, optimizer, options=FULL)
                       if optimizer.state else None),
         "tracker": tracker.state_dict(),

@@ -190,9 +190,9 @@ def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Ten
     """
     if adv.dim() == 1:
         adv = adv.unsqueeze(1)  # [B, 1]: the response's advantage on each of its tokens
-    # Outside the mask (prompt, pads) the ratio is set to exactly 1 before exp: those tokens get no
-    # gradient anyway, but exp of a huge log-ratio there would turn that zero gradient into 0·inf =
-    # NaN.
+    # Outside the mask (prompt, pads) the ratio is set to exactly 1 before exp: those tokens get
+    # no gradient anyway, but exp of a huge log-ratio there would turn that zero gradient into
+    # 0·inf = NaN.
     logp, old_logp = (torch.where(mask.bool(), logp, 0.0),
                       torch.where(mask.bool(), old_logp.to(logp.dtype), 0.0))
     ratio = torch.exp(logp - old_logp)

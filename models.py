@@ -46,8 +46,8 @@ import tasks
 transformers.logging.disable_progress_bar()
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
-# The chains family's operation names come after the other tasks' characters, so every older id is
-# unchanged.
+# The chains family's operation names come after the other tasks' characters,
+# so every older id is unchanged.
 CHARACTERS = list("0123456789+-*=<>: ") + sorted(set("".join(chains.OPERATIONS)))
 
 # The tiny base: 3 layers of width 128 (~0.6M parameters); tasks and answers fit in 64 positions.
@@ -177,9 +177,9 @@ def load(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
         raise ValueError(f"--model {path}: cannot load it: "
                          f"{str(error).strip().splitlines()[0]}") from None
     if getattr(getattr(model.config, "quantization_config", None), "quant_method", None) == "gguf":
-        # A directory saved from transformers' GGUF loader holds de-quantized weights but keeps the
-        # GGUF marker, which would make save_pretrained refuse final/ ("quantized with gguf and is
-        # not serializable").
+        # A directory saved from transformers' GGUF loader holds de-quantized weights but keeps
+        # the GGUF marker, which would make save_pretrained refuse final/ ("quantized with gguf
+        # and is not serializable").
         model.hf_quantizer = None
         del model.config.quantization_config
     stops = stop_ids(model, tokenizer)

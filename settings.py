@@ -162,9 +162,9 @@ PRESETS = {
                  "eval_every": 0, "eval_problems": 54, "eval_samples": 2, "boundary_problems": 54,
                  "boundary_n": 8},
 }
-# micro_batch_rows 1 in the paper presets: one 8k-token row of a 1.5B model holds ~2.5 GB of bf16
-# logits and roughly 26-29 GB of activations (no activation checkpointing); 256 rows would need
-# terabytes.
+# micro_batch_rows 1 in the paper presets: one 8k-token row of a 1.5B model holds ~2.5 GB of
+# bf16 logits and roughly 26-29 GB of activations (no activation checkpointing); 256 rows would
+# need terabytes.
 
 
 class Parser(argparse.ArgumentParser):
@@ -257,8 +257,8 @@ def check(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
-# What a resumed run may not change: its checkpoint, base evaluation and prompt stream depend on
-# them.
+# What a resumed run may not change:
+# its checkpoint, base evaluation and prompt stream depend on them.
 FIXED_IN_A_RUN = ("preset", "model", "seed", "tasks", "level", "max_new_tokens", "val_problems",
                   "eval_problems", "eval_samples", "eval_temperature", "boundary_problems",
                   "boundary_n")

@@ -135,8 +135,8 @@ def main(argv: list[str]) -> None:
     # before sharding, so that FSDP2 wraps the checkpointed layers
     if c.activation_checkpointing:
         models.enable_activation_checkpointing(policy)
-    # the run exists from here on, not before: a model that cannot be loaded or sampled leaves
-    # nothing
+    # the run exists from here on, not before:
+    # a model that cannot be loaded or sampled leaves nothing
     checkpoint.save_config(run_dir, dataclasses.asdict(c))
     if dist.is_main():
         print(f"run directory: {run_dir}", flush=True)
