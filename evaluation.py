@@ -1,7 +1,7 @@
 """Evaluation: sample n completions per problem, score them, report pass@k per source and family.
 
-    python evaluation.py --model BASE_DIR --model TRAINED_DIR      # the reasoning-boundary report, n=256
-    python evaluation.py --plot runs/tiny-s0                         # training curves from metrics.jsonl
+    python evaluation.py --model BASE_DIR --model TRAINED_DIR  # reasoning-boundary report, n=256
+    python evaluation.py --plot runs/tiny-s0                   # training curves from metrics.jsonl
 
 pass@k is the unbiased estimator of Chen et al. (Codex, 2021): with n samples of which c are
 right,
@@ -43,7 +43,8 @@ EVAL_SAMPLES = 256
 
 @functools.cache  # a report asks for the same (n, c, k) many times: counts repeat across problems
 def pass_at_k(n: int, c: int, k: int) -> float:
-    """1 − C(n−c, k)/C(n, k): 0 when c = 0, 1 when k > n − c (every k-subset holds a right sample)."""
+    """1 − C(n−c, k)/C(n, k): 0 when c = 0, 1 when k > n − c (every k-subset holds a right
+    sample)."""
     if not 0 <= c <= n or not 1 <= k <= n:
         raise ValueError(f"pass@k needs 0 ≤ c ≤ n and 1 ≤ k ≤ n (got n={n}, c={c}, k={k})")
     # Exact integers, then one rounding: (C(n,k) − C(n−c,k)) / C(n,k). Python's int / int is
@@ -249,9 +250,9 @@ def pass1_gain(base_counts: list[int], trained_counts: list[int], n: int) -> str
     sd = math.sqrt(sum((d - gain) ** 2 for d in diffs) / (m - 1)) if m > 1 else 0.0
     half = 1.96 * sd / math.sqrt(m)
     base, trained = sum(base_counts) / (m * n), sum(trained_counts) / (m * n)
-    return (f"pass@1 at T={EVAL_TEMPERATURE}, top-p {EVAL_TOP_P} ({m} held-out problems × {n} samples): base "
-            f"{base:.3f} → trained {trained:.3f}, gain {signed(gain)} (95% interval over problems "
-            f"{signed(gain - half)} to {signed(gain + half)})")
+    return (f"pass@1 at T={EVAL_TEMPERATURE}, top-p {EVAL_TOP_P} ({m} held-out problems × {n} "
+            f"samples): base {base:.3f} → trained {trained:.3f}, gain {signed(gain)} (95% interval "
+            f"over problems {signed(gain - half)} to {signed(gain + half)})")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -279,20 +280,29 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     settings.add_options(parser, ("tasks", "level", "max_new_tokens", "device"))
     parser.add_argument("--problems", type=int, default=100, help="held-out problems per source")
     parser.add_argument("--whole-file", action="store_true",
-                        help="evaluate every problem of a file in --tasks (up to --problems), not only its held-out "
-                             "share: for a benchmark file such as aime_2024.parquet")
-    parser.add_argument("--n", type=int, default=EVAL_SAMPLES, help="samples per problem (largest k)")
-    parser.add_argument("--temperature", type=float, default=EVAL_TEMPERATURE, help="sampling temperature")
-    parser.add_argument("--top-p", type=float, default=EVAL_TOP_P, help="nucleus sampling threshold")
+                        help="evaluate every problem of a file in --tasks (up to --problems), not "
+                             "only its held-out share: for a benchmark file such as "
+                             "aime_2024.parquet")
+    parser.add_argument("--n", type=int, default=EVAL_SAMPLES,
+                        help="samples per problem (largest k)")
+    parser.add_argument("--temperature", type=float, default=EVAL_TEMPERATURE,
+                        help="sampling temperature")
+    parser.add_argument("--top-p", type=float, default=EVAL_TOP_P,
+                        help="nucleus sampling threshold")
     parser.add_argument("--max-rows", type=int, default=None,
-                        help="rows decoded at once (default: up to 1024, as many as fit, as in train.py); lower it if "
-                             "memory runs out. Another value draws other samples from the same seed")
-    parser.add_argument("--out", default="runs/eval", help="directory for boundary.md, boundary.json, boundary.png")
-    parser.add_argument("--seed", type=int, default=0, help="sampler seed (every model gets the same)")
-    parser.add_argument("--plot", metavar="RUN_DIR", help="instead: draw RUN_DIR/training.png from metrics.jsonl")
+                        help="rows decoded at once (default: up to 1024, as many as fit, as in "
+                             "train.py); lower it if memory runs out. Another value draws other "
+                             "samples from the same seed")
+    parser.add_argument("--out", default="runs/eval",
+                        help="directory for boundary.md, boundary.json, boundary.png")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="sampler seed (every model gets the same)")
+    parser.add_argument("--plot", metavar="RUN_DIR",
+                        help="instead: draw RUN_DIR/training.png from metrics.jsonl")
     args = parser.parse_args(argv)
     if not args.plot and not args.model:
-        parser.error("give --model DIR (repeatable) for a pass@k report, or --plot RUN_DIR for training curves")
+        parser.error("give --model DIR (repeatable) for a pass@k report, or --plot RUN_DIR for "
+                     "training curves")
     return args
 
 
@@ -306,16 +316,18 @@ def main(argv: list[str]) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
-    params = sampling.SamplingParams(args.n, args.max_new_tokens, args.temperature, args.top_p, args.seed,
-                                     args.max_rows)
+    params = sampling.SamplingParams(args.n, args.max_new_tokens, args.temperature, args.top_p,
+                                     args.seed, args.max_rows)
     models.check_device(args.device)
     for path in args.model:  # all of them before the first hour of sampling, not after
         models.check_model_dir(path)
     problems = {source: eval_problems(source, args.problems, args.level, args.whole_file)
                 for source in tasks.parse_mix(args.tasks)}
     examples = tasks.label_sources(problems)  # each with its "source", the row that reports it
-    names = ["base"] + (["trained"] if len(args.model) == 2 else [f"trained{i}" for i in range(1, len(args.model))])
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    names = ["base"] + (["trained"] if len(args.model) == 2
+                        else [f"trained{i}" for i in range(1, len(args.model))])
+    device = (("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
+              else args.device)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     counts = {}
     for name, path in zip(names, args.model):
