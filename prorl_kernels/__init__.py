@@ -34,7 +34,8 @@ def backend(logits: torch.Tensor) -> str:
 
 
 def token_logprobs(
-    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, return_entropy: bool = False
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+    return_entropy: bool = False
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log softmax(logits / temperature)[label] as float32, differentiable w.r.t. the logits.
 
@@ -51,7 +52,8 @@ def token_logprobs(
 
 
 def fused_policy_loss(
-    logits: torch.Tensor, labels: torch.Tensor, terms: grpo.LossTerms, spec: grpo.LossSpec = grpo.LossSpec()
+    logits: torch.Tensor, labels: torch.Tensor, terms: grpo.LossTerms,
+    spec: grpo.LossSpec = grpo.LossSpec()
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Σ_t w_t · (clipped surrogate + β·KL)_t straight from the logits → (loss, stats).
 

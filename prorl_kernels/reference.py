@@ -11,7 +11,8 @@ import torch
 import grpo
 
 def token_logprobs_ref(
-    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, return_entropy: bool = False
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+    return_entropy: bool = False
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log p(label) under softmax(logits / temperature), in float32 (float64 for float64 logits).
 
@@ -32,7 +33,8 @@ def token_logprobs_ref(
 
 
 def policy_loss_ref(
-    logits: torch.Tensor, labels: torch.Tensor, terms: grpo.LossTerms, spec: grpo.LossSpec = grpo.LossSpec()
+    logits: torch.Tensor, labels: torch.Tensor, terms: grpo.LossTerms,
+    spec: grpo.LossSpec = grpo.LossSpec()
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Σ_t w_t · (pg_loss_t + β·kl_t) from the logits: log-probs, then grpo.token_loss (the clipped
     surrogate and the KL, written once there). What `fused_policy_loss` fuses.
