@@ -30,6 +30,7 @@ from prorl_kernels.logprobs import (
     row_logsumexp,
     row_offset,
 )
+
 KL_KIND_IDS = {"k1": 1, "k2": 2, "k3": 3}  # the kernel's constexpr for each of kl.KINDS
 
 

@@ -10,6 +10,7 @@ import torch
 
 import grpo
 
+
 def token_logprobs_ref(
     logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
     return_entropy: bool = False
