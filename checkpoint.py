@@ -124,7 +124,8 @@ def load(run_dir: str | Path, train_state: TrainState) -> dict:
             if not (isinstance(state, dict)
                     and {"world_size", "optimizer", *WHOLE_TENSORS} <= set(state)):
                 raise ValueError("not a checkpoint of train.py")
-        except Exception as failure:  # noqa: BLE001 (a truncated file, a foreign pickle, a missing module...)
+        # any exception: a truncated file, a foreign pickle, a missing module...
+        except Exception as failure:  # noqa: BLE001
             error = (f"--resume {run_dir}: cannot read its {FILE} "
                      f"({first_line(failure) or 'not a checkpoint'})")
         else:
