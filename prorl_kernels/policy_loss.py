@@ -38,8 +38,7 @@ KL_KIND_IDS = {"k1": 1, "k2": 2, "k3": 3}  # the kernel's constexpr for each of 
 def _policy_loss_fwd_kernel(
     logits_ptr, inner, stride_outer, stride_inner,  # logits [outer, inner, V], last dim contiguous
     labels_ptr, old_logp_ptr, ref_logp_ptr, adv_ptr, mask_ptr,  # [N] inputs
-    # [N] fp32 outputs
-    logp_ptr, lse_ptr, entropy_ptr, loss_ptr, kl_ptr, clipped_ptr, dloss_dlogp_ptr,
+    logp_ptr, lse_ptr, entropy_ptr, loss_ptr, kl_ptr, clipped_ptr, dloss_dlogp_ptr,  # [N] fp32 out
     V, inv_temperature, ratio_low, ratio_high, kl_coef,
     KL_KIND: tl.constexpr, USE_KL: tl.constexpr, ON_POLICY: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
