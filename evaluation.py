@@ -1,18 +1,19 @@
 """Evaluation: sample n completions per problem, score them, report pass@k per source and family.
 
-    python evaluation.py --model BASE_DIR --model TRAINED_DIR      # the reasoning-boundary report, n=256
-    python evaluation.py --plot runs/tiny-s0                         # training curves from metrics.jsonl
+    python evaluation.py --model BASE_DIR --model TRAINED_DIR  # reasoning-boundary report, n=256
+    python evaluation.py --plot runs/tiny-s0                   # training curves from metrics.jsonl
 
-pass@k is the unbiased estimator of Chen et al. (Codex, 2021): with n samples of which c are right,
+pass@k is the unbiased estimator of Chen et al. (Codex, 2021): with n samples of which c are
+right,
     pass@k = 1 − C(n−c, k) / C(n, k)
 the chance that at least one of k samples drawn without replacement from the n is right.
 
-ProRL (arXiv 2505.24864) claims that prolonged RL *expands the reasoning boundary*: the trained model
-beats its base at pass@k up to k=256, most on the tasks where the base is weak (where the base is already
-strong, the paper also reports a narrowed boundary). RL has only narrowed the distribution if pass@1 rises
-while pass@256 falls. The boundary report puts the
-pass@k curves of the base and of the trained models side by side (table, JSON, plot) so anyone can check
-that claim on their own checkpoints.
+ProRL (arXiv 2505.24864) claims that prolonged RL *expands the reasoning boundary*: the trained
+model beats its base at pass@k up to k=256, most on the tasks where the base is weak (where the
+base is already strong, the paper also reports a narrowed boundary). RL has only narrowed the
+distribution if pass@1 rises while pass@256 falls. The boundary report puts the pass@k curves of
+the base and of the trained models side by side (table, JSON, plot) so anyone can check that
+claim on their own checkpoints.
 """
 
 import argparse
@@ -42,12 +43,13 @@ EVAL_SAMPLES = 256
 
 @functools.cache  # a report asks for the same (n, c, k) many times: counts repeat across problems
 def pass_at_k(n: int, c: int, k: int) -> float:
-    """1 − C(n−c, k)/C(n, k): 0 when c = 0, 1 when k > n − c (every k-subset holds a right sample)."""
+    """1 − C(n−c, k)/C(n, k): 0 when c = 0, 1 when k > n − c (every k-subset holds a right
+    sample)."""
     if not 0 <= c <= n or not 1 <= k <= n:
         raise ValueError(f"pass@k needs 0 ≤ c ≤ n and 1 ≤ k ≤ n (got n={n}, c={c}, k={k})")
-    # Exact integers, then one rounding: (C(n,k) − C(n−c,k)) / C(n,k). Python's int / int is correctly
-    # rounded however large the integers are (C(1024, 512) has 307 digits): no overflow, no cancellation.
-    # math.comb(n − c, k) is 0 when k > n − c.
+    # Exact integers, then one rounding: (C(n,k) − C(n−c,k)) / C(n,k). Python's int / int is
+    # correctly rounded however large the integers are (C(1024, 512) has 307 digits): no overflow,
+    # no cancellation. math.comb(n − c, k) is 0 when k > n − c.
     total = math.comb(n, k)
     return (total - math.comb(n - c, k)) / total
 
@@ -62,12 +64,12 @@ def ks_up_to(n: int) -> list[int]:
 
 def correct_counts(policy, tokenizer, examples: list[dict], params: sampling.SamplingParams,
                    progress: str = "", chunk: int = 0) -> list[int]:
-    """c for each example: how many of its params.n samples are right (reward ≥ 1; partial credit is not
-    a pass).
+    """c for each example: how many of its params.n samples are right (reward ≥ 1; partial credit is
+    not a pass).
 
     Problems are sampled `chunk` at a time (default 4096 // n; a chunk starting at example i uses
-    params.seed + i), so memory is bounded whatever the number of problems. A non-empty `progress` shows
-    a progress bar with that label.
+    params.seed + i), so memory is bounded whatever the number of problems. A non-empty
+    `progress` shows a progress bar with that label.
     """
     chunk = chunk or max(1, 4096 // params.n)
     counts = []
@@ -154,7 +156,8 @@ def boundary_table(report: dict[str, dict]) -> str:
 
 def plot_boundary(report: dict[str, dict], path: Path, title: str = "") -> None:
     """pass@k against k (log scale): a panel per table row (rows()), a line per model."""
-    # Agg renders PNGs headless. Imported here, not at the top, so that `import evaluation` (train.py) stays fast.
+    # Agg renders PNGs headless. Imported here, not at the top, so that `import evaluation`
+    # (train.py) stays fast.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -186,8 +189,9 @@ def write_boundary(out_dir: str | Path, counts: dict[str, list[int]], examples: 
                    settings: dict | None = None) -> str:
     """Write boundary.md, boundary.json and boundary.png into out_dir; return the markdown table.
 
-    counts: {model name: [c per example]}, the first model the base, each list aligned with `examples`.
-    settings: what produced the samples (models, temperature, ...), recorded in the JSON and the markdown.
+    counts: {model name: [c per example]}, the first model the base, each list aligned with
+    `examples`. settings: what produced the samples (models, temperature, ...), recorded in the
+    JSON and the markdown.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -238,16 +242,17 @@ def pass1(report: dict) -> dict:
 
 
 def pass1_gain(base_counts: list[int], trained_counts: list[int], n: int) -> str:
-    """Held-out pass@1 base → trained from the boundary's samples (c of n right per problem), with the gain's 95%
-    interval over problems: the m paired differences d = (c_trained − c_base) / n, mean(d) ± 1.96·sd(d)/√m."""
+    """Held-out pass@1 base → trained from the boundary's samples (c of n right per problem), with
+    the gain's 95% interval over problems: the m paired differences d = (c_trained − c_base) / n,
+    mean(d) ± 1.96·sd(d)/√m."""
     diffs = [(trained - base) / n for base, trained in zip(base_counts, trained_counts)]
     m, gain = len(diffs), sum(diffs) / len(diffs)
     sd = math.sqrt(sum((d - gain) ** 2 for d in diffs) / (m - 1)) if m > 1 else 0.0
     half = 1.96 * sd / math.sqrt(m)
     base, trained = sum(base_counts) / (m * n), sum(trained_counts) / (m * n)
-    return (f"pass@1 at T={EVAL_TEMPERATURE}, top-p {EVAL_TOP_P} ({m} held-out problems × {n} samples): base "
-            f"{base:.3f} → trained {trained:.3f}, gain {signed(gain)} (95% interval over problems "
-            f"{signed(gain - half)} to {signed(gain + half)})")
+    return (f"pass@1 at T={EVAL_TEMPERATURE}, top-p {EVAL_TOP_P} ({m} held-out problems × {n} "
+            f"samples): base {base:.3f} → trained {trained:.3f}, gain {signed(gain)} (95% interval "
+            f"over problems {signed(gain - half)} to {signed(gain + half)})")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -257,8 +262,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def eval_problems(family: str, count: int, level: int, whole_file: bool = False) -> list[dict]:
-    """A source's first `count` held-out problems; with whole_file, a file's first `count` problems, every one
-    (a benchmark such as AIME is all test set, and its 10% held-out share would be 3 problems)."""
+    """A source's first `count` held-out problems; with whole_file, a file's first `count` problems,
+    every one (a benchmark such as AIME is all test set, and its 10% held-out share would be 3
+    problems)."""
     problems = (tasks.load_source(family)[:count] if whole_file and not tasks.is_procedural(family)
                 else tasks.heldout(family, count, level))
     if not problems:
@@ -274,20 +280,29 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     settings.add_options(parser, ("tasks", "level", "max_new_tokens", "device"))
     parser.add_argument("--problems", type=int, default=100, help="held-out problems per source")
     parser.add_argument("--whole-file", action="store_true",
-                        help="evaluate every problem of a file in --tasks (up to --problems), not only its held-out "
-                             "share: for a benchmark file such as aime_2024.parquet")
-    parser.add_argument("--n", type=int, default=EVAL_SAMPLES, help="samples per problem (largest k)")
-    parser.add_argument("--temperature", type=float, default=EVAL_TEMPERATURE, help="sampling temperature")
-    parser.add_argument("--top-p", type=float, default=EVAL_TOP_P, help="nucleus sampling threshold")
+                        help="evaluate every problem of a file in --tasks (up to --problems), not "
+                             "only its held-out share: for a benchmark file such as "
+                             "aime_2024.parquet")
+    parser.add_argument("--n", type=int, default=EVAL_SAMPLES,
+                        help="samples per problem (largest k)")
+    parser.add_argument("--temperature", type=float, default=EVAL_TEMPERATURE,
+                        help="sampling temperature")
+    parser.add_argument("--top-p", type=float, default=EVAL_TOP_P,
+                        help="nucleus sampling threshold")
     parser.add_argument("--max-rows", type=int, default=None,
-                        help="rows decoded at once (default: up to 1024, as many as fit, as in train.py); lower it if "
-                             "memory runs out. Another value draws other samples from the same seed")
-    parser.add_argument("--out", default="runs/eval", help="directory for boundary.md, boundary.json, boundary.png")
-    parser.add_argument("--seed", type=int, default=0, help="sampler seed (every model gets the same)")
-    parser.add_argument("--plot", metavar="RUN_DIR", help="instead: draw RUN_DIR/training.png from metrics.jsonl")
+                        help="rows decoded at once (default: up to 1024, as many as fit, as in "
+                             "train.py); lower it if memory runs out. Another value draws other "
+                             "samples from the same seed")
+    parser.add_argument("--out", default="runs/eval",
+                        help="directory for boundary.md, boundary.json, boundary.png")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="sampler seed (every model gets the same)")
+    parser.add_argument("--plot", metavar="RUN_DIR",
+                        help="instead: draw RUN_DIR/training.png from metrics.jsonl")
     args = parser.parse_args(argv)
     if not args.plot and not args.model:
-        parser.error("give --model DIR (repeatable) for a pass@k report, or --plot RUN_DIR for training curves")
+        parser.error("give --model DIR (repeatable) for a pass@k report, or --plot RUN_DIR for "
+                     "training curves")
     return args
 
 
@@ -301,16 +316,18 @@ def main(argv: list[str]) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
-    params = sampling.SamplingParams(args.n, args.max_new_tokens, args.temperature, args.top_p, args.seed,
-                                     args.max_rows)
+    params = sampling.SamplingParams(args.n, args.max_new_tokens, args.temperature, args.top_p,
+                                     args.seed, args.max_rows)
     models.check_device(args.device)
     for path in args.model:  # all of them before the first hour of sampling, not after
         models.check_model_dir(path)
     problems = {source: eval_problems(source, args.problems, args.level, args.whole_file)
                 for source in tasks.parse_mix(args.tasks)}
     examples = tasks.label_sources(problems)  # each with its "source", the row that reports it
-    names = ["base"] + (["trained"] if len(args.model) == 2 else [f"trained{i}" for i in range(1, len(args.model))])
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    names = ["base"] + (["trained"] if len(args.model) == 2
+                        else [f"trained{i}" for i in range(1, len(args.model))])
+    device = (("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
+              else args.device)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     counts = {}
     for name, path in zip(names, args.model):

@@ -1,14 +1,17 @@
-"""Models: load any Hugging Face causal LM (a local directory, a hub id or a GGUF file), or build the tiny base.
+"""Models: load any Hugging Face causal LM (a local directory, a hub id or a GGUF file), or build
+the tiny base.
 
-`--model` names a model three ways, and `resolve` turns each into a local model directory, so everything
-after it (loading, `final/`, resume) takes one path: a directory is used as it is; a hub id (org/name) is
-found in the local Hugging Face cache, or downloaded when online, as TRL, verl and OpenRLHF do; a `.gguf`
-file is de-quantized once by transformers' GGUF loader into a directory under runs/base/, then reused.
+`--model` names a model three ways, and `resolve` turns each into a local model directory, so
+everything after it (loading, `final/`, resume) takes one path: a directory is used as it is; a
+hub id (org/name) is found in the local Hugging Face cache, or downloaded when online, as TRL,
+verl and OpenRLHF do; a `.gguf` file is de-quantized once by transformers' GGUF loader into a
+directory under runs/base/, then reused.
 
-The built-in base is a stock `transformers` Llama (under a million parameters) with a character-level
-`PreTrainedTokenizerFast`, warm-started by a short supervised pass on the built-in tasks to partial
-competence and saved with `save_pretrained`. Everything else loads it the way it loads a real
-checkpoint, so `--model DIR` and the default take the same path through the code.
+The built-in base is a stock `transformers` Llama (under a million parameters) with a
+character-level `PreTrainedTokenizerFast`, warm-started by a short supervised pass on the
+built-in tasks to partial competence and saved with `save_pretrained`. Everything else loads it
+the way it loads a real checkpoint, so `--model DIR` and the default take the same path through
+the code.
 """
 
 import hashlib
@@ -39,29 +42,35 @@ import chains
 import llama_forward
 import tasks
 
-transformers.logging.disable_progress_bar()  # the loading/saving bars of a 1M-parameter model are noise
+# the loading/saving bars of a 1M-parameter model are noise
+transformers.logging.disable_progress_bar()
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
-# The chains family's operation names come after the other tasks' characters, so every older id is unchanged.
+# The chains family's operation names come after the other tasks' characters,
+# so every older id is unchanged.
 CHARACTERS = list("0123456789+-*=<>: ") + sorted(set("".join(chains.OPERATIONS)))
 
 # The tiny base: 3 layers of width 128 (~0.6M parameters); tasks and answers fit in 64 positions.
-TINY_CONFIG = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 3, "num_attention_heads": 4,
-               "num_key_value_heads": 4, "max_position_embeddings": 64, "tie_word_embeddings": True}
-WARMSTART = {"task_mix": "sort:2,reverse:1,countdown:3", "level": 1, "steps": 500, "batch_size": 128,
-             "lr": 3e-3, "noise": 0.4, "chain_coverage": 1.0}  # chain_coverage: see chains.shown_compositions
+TINY_CONFIG = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 3,
+               "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 64,
+               "tie_word_embeddings": True}
+WARMSTART = {"task_mix": "sort:2,reverse:1,countdown:3", "level": 1, "steps": 500,
+             "batch_size": 128, "lr": 3e-3, "noise": 0.4,
+             # chain_coverage: see chains.shown_compositions
+             "chain_coverage": 1.0}
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name, as the hub spells repositories
-# What a hub download fetches: config, generation config, tokenizer, chat template and safetensors weights
-# (not the .bin, .onnx or .gguf copies many repositories also carry).
+# What a hub download fetches: config, generation config, tokenizer, chat template and safetensors
+# weights (not the .bin, .onnx or .gguf copies many repositories also carry).
 HUB_FILES = ["*.json", "*.jinja", "*.txt", "*.model", "*.safetensors"]
-GGUF_PACKAGES = ("gguf", "accelerate")  # what transformers' GGUF loader needs (requirements.txt lists them)
+# what transformers' GGUF loader needs (requirements.txt lists them)
+GGUF_PACKAGES = ("gguf", "accelerate")
 
 
 def resolve(spec: str, cache: str = "runs/base", log=print) -> str:
-    """The local model directory that --model names: a directory, a .gguf file (converted once into `cache`)
-    or a Hugging Face hub id (from the local cache, or downloaded when online)."""
+    """The local model directory that --model names: a directory, a .gguf file (converted once into
+    `cache`) or a Hugging Face hub id (from the local cache, or downloaded when online)."""
     check_model_spec(spec)
     if Path(spec).is_dir():
         return spec
@@ -79,30 +88,37 @@ def check_model_spec(spec: str) -> None:
             raise ValueError(f"--model {spec}: no such GGUF file")
         return require(GGUF_PACKAGES, f"--model {spec}")
     if not HUB_ID.match(spec):
-        raise ValueError(f"--model {spec}: no such model directory, .gguf file or hub id (org/name)")
+        raise ValueError(f"--model {spec}: no such model directory, .gguf file or hub id "
+                         "(org/name)")
 
 
 def hub_snapshot(repo_id: str) -> str:
-    """The directory of a hub model's files: the cached snapshot, or a fresh download when online."""
+    """The directory of a hub model's files: the cached snapshot, or a download when online."""
     try:
         return snapshot_download(repo_id, allow_patterns=HUB_FILES)
-    except hub_errors.LocalEntryNotFoundError:  # offline (HF_HUB_OFFLINE) or unreachable, and not cached
+    # offline (HF_HUB_OFFLINE) or unreachable, and not cached
+    except hub_errors.LocalEntryNotFoundError:
         why = "HF_HUB_OFFLINE is set" if hub_constants.HF_HUB_OFFLINE else "the hub did not answer"
-        raise ValueError(f"--model {repo_id}: no such local directory, and as a hub id it is neither cached "
-                         f"in {hub_constants.HF_HUB_CACHE} nor reachable ({why})") from None
-    except (hub_errors.HfHubHTTPError, hub_errors.HFValidationError) as error:  # unknown, gated, private
+        raise ValueError(f"--model {repo_id}: no such local directory, and as a hub id it is "
+                         f"neither cached in {hub_constants.HF_HUB_CACHE} nor "
+                         f"reachable ({why})") from None
+    # unknown, gated, private
+    except (hub_errors.HfHubHTTPError, hub_errors.HFValidationError) as error:
         raise ValueError(f"--model {repo_id}: the hub refused it: {first_line(error)}") from None
 
 
 def convert_gguf(file: str, cache: str = "runs/base", log=print) -> str:
-    """De-quantize a GGUF file once into a model directory `cache`/<name>-<hash>/ and return it (reused after).
+    """De-quantize a GGUF file once into a model directory `cache`/<name>-<hash>/ and return it
+    (reused after).
 
-    transformers' GGUF loader de-quantizes the weights to fp32 and rebuilds the tokenizer and chat template
-    from the file's metadata. The loaded model still says it is quantized, and save_pretrained refuses it,
-    so a fresh model built from its config takes its weights and is saved as a normal directory."""
+    transformers' GGUF loader de-quantizes the weights to fp32 and rebuilds the tokenizer and
+    chat template from the file's metadata. The loaded model still says it is quantized, and
+    save_pretrained refuses it, so a fresh model built from its config takes its weights and is
+    saved as a normal directory."""
     require(GGUF_PACKAGES, f"--model {file}")
     source = Path(file)
-    with source.open("rb") as handle:  # the content names the directory: a changed file converts anew
+    # the content names the directory: a changed file converts anew
+    with source.open("rb") as handle:
         digest = hashlib.file_digest(handle, "sha256").hexdigest()[:12]
     out = Path(cache) / f"{source.stem}-{digest}"
     if (out / "converted.json").is_file():
@@ -110,10 +126,13 @@ def convert_gguf(file: str, cache: str = "runs/base", log=print) -> str:
     start = time.time()
     log(f"converting {file} to a model directory in {out} (once; later runs reuse it)")
     try:
-        quantized = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+        quantized = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name,
+                                                         dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:  # not GGUF, an unknown architecture
-        raise ValueError(f"--model {file}: transformers cannot load it: {first_line(error)}") from None
+    # not GGUF, an unknown architecture
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+        raise ValueError(f"--model {file}: transformers cannot load it: "
+                         f"{first_line(error)}") from None
     config = quantized.config
     del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -121,8 +140,10 @@ def convert_gguf(file: str, cache: str = "runs/base", log=print) -> str:
     model.generation_config = quantized.generation_config
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    (out / "converted.json").write_text(json.dumps({"source": str(source.resolve()), "sha256": digest}))
-    log(f"converted {file} ({model.num_parameters() / 1e6:.0f}M parameters, {time.time() - start:.0f}s)")
+    (out / "converted.json").write_text(json.dumps({"source": str(source.resolve()),
+                                                    "sha256": digest}))
+    log(f"converted {file} ({model.num_parameters() / 1e6:.0f}M parameters, "
+        f"{time.time() - start:.0f}s)")
     return str(out)  # converted.json is written last: a half-converted directory is never reused
 
 
@@ -135,8 +156,10 @@ def require(packages: tuple[str, ...], what: str) -> None:
         except ImportError:
             missing.append(name)
     if missing:
-        raise ValueError(f"{what} needs the {' and '.join(missing)} package{'s' * (len(missing) > 1)}, "
-                         f"which {'are' if len(missing) > 1 else 'is'} not installed: pip install {' '.join(missing)}")
+        raise ValueError(f"{what} needs the {' and '.join(missing)} "
+                         f"package{'s' * (len(missing) > 1)}, which "
+                         f"{'are' if len(missing) > 1 else 'is'} not installed: pip install "
+                         f"{' '.join(missing)}")
 
 
 def first_line(error: Exception) -> str:
@@ -149,18 +172,22 @@ def load(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-    except (OSError, ValueError, KeyError, TypeError) as error:  # no weights, a broken config.json, ...
-        raise ValueError(f"--model {path}: cannot load it: {str(error).strip().splitlines()[0]}") from None
+    # no weights, a broken config.json, ...
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"--model {path}: cannot load it: "
+                         f"{str(error).strip().splitlines()[0]}") from None
     if getattr(getattr(model.config, "quantization_config", None), "quant_method", None) == "gguf":
-        # A directory saved from transformers' GGUF loader holds de-quantized weights but keeps the GGUF marker,
-        # which would make save_pretrained refuse final/ ("quantized with gguf and is not serializable").
+        # A directory saved from transformers' GGUF loader holds de-quantized weights but keeps
+        # the GGUF marker, which would make save_pretrained refuse final/ ("quantized with gguf
+        # and is not serializable").
         model.hf_quantizer = None
         del model.config.quantization_config
     stops = stop_ids(model, tokenizer)
     if not stops:
-        raise ValueError(f"--model {path}: its tokenizer and configs name no end-of-sequence token (eos_token, "
-                         "eos_token_id), so completions could never stop: set one")
-    if tokenizer.pad_token_id is None:  # many real checkpoints ship without one; any id works, pads are masked
+        raise ValueError(f"--model {path}: its tokenizer and configs name no end-of-sequence token "
+                         "(eos_token, eos_token_id), so completions could never stop: set one")
+    # many real checkpoints ship without one; any id works, pads are masked
+    if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.convert_ids_to_tokens(stops[0])
     return model, tokenizer
 
@@ -179,22 +206,25 @@ def compute_dtype(device, choice: str = "auto") -> torch.dtype:
 
 
 def saved_dtype(path: str) -> torch.dtype:
-    """The dtype a model directory's weights were saved in (its config.json's dtype / torch_dtype), fp32 if unsaid."""
+    """The dtype a model directory's weights were saved in (its config.json's dtype / torch_dtype),
+    fp32 if unsaid."""
     config = json.loads((Path(path) / "config.json").read_text())
     name = config.get("dtype") or config.get("torch_dtype") or "float32"
-    return getattr(torch, name) if isinstance(getattr(torch, str(name), None), torch.dtype) else torch.float32
+    return (getattr(torch, name) if isinstance(getattr(torch, str(name), None), torch.dtype)
+            else torch.float32)
 
 
 def enable_activation_checkpointing(model) -> None:
-    """Recompute each decoder layer's activations in backward instead of keeping them (non-reentrant)."""
+    """Recompute each decoder layer's activations in backward, not keep them (non-reentrant)."""
     if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.x
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False})
     else:  # 4.x
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def check_model_dir(path: str) -> None:
-    """A one-line error unless `path` looks like a Hugging Face model directory (has a config.json)."""
+    """A one-line error unless `path` looks like a Hugging Face model directory (a config.json)."""
     if not (Path(path) / "config.json").is_file():
         raise ValueError(f"--model {path}: no such model directory (expected a config.json inside)")
 
@@ -218,28 +248,33 @@ def check_device(device: str) -> None:
 
 
 def encode_prompt(tokenizer, prompt: str | list[dict]) -> list[int]:
-    """Token ids of a prompt, text or chat messages (an example's "messages": verl's and Nemotron's prompts, system
-    message included): through the chat template when the tokenizer has one, else BOS + the contents joined.
-    The run's system prompt (set_system_prompt) goes first, unless the messages bring their own."""
+    """Token ids of a prompt, text or chat messages (an example's "messages": verl's and Nemotron's
+    prompts, system message included): through the chat template when the tokenizer has one, else
+    BOS + the contents joined. The run's system prompt (set_system_prompt) goes first, unless the
+    messages bring their own."""
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     system = getattr(tokenizer, "system_prompt", "")
     if system and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system}, *messages]
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                             return_dict=False)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return bos + tokenizer("\n\n".join(m["content"] for m in messages), add_special_tokens=False)["input_ids"]
+    return bos + tokenizer("\n\n".join(m["content"] for m in messages),
+                           add_special_tokens=False)["input_ids"]
 
 
 def set_system_prompt(tokenizer, text: str) -> None:
-    """Every prompt encode_prompt makes with this tokenizer, in training and evaluation alike, starts with the
-    system message `text` (--system-prompt): how a chat model is told the answer format the verifier reads."""
+    """Every prompt encode_prompt makes with this tokenizer, in training and evaluation alike,
+    starts with the system message `text` (--system-prompt): how a chat model is told the answer
+    format the verifier reads."""
     tokenizer.system_prompt = text
 
 
 def stop_ids(model, tokenizer) -> tuple[int, ...]:
-    """Every id that ends a completion: the tokenizer's EOS, and the EOS id(s) of the model's config and of its
-    generation_config.json (where chat models such as Llama-3-Instruct list their end-of-turn token)."""
+    """Every id that ends a completion: the tokenizer's EOS, and the EOS id(s) of the model's config
+    and of its generation_config.json (where chat models such as Llama-3-Instruct list their
+    end-of-turn token)."""
     ids = {tokenizer.eos_token_id}
     for config in (model.config, getattr(model, "generation_config", None)):
         eos = getattr(config, "eos_token_id", None)
@@ -247,7 +282,7 @@ def stop_ids(model, tokenizer) -> tuple[int, ...]:
     return tuple(sorted(i for i in ids if i is not None))
 
 
-# ----------------------------------------------------------------------------- the tiny built-in base
+# ---------------------------------------------------------------------- the tiny built-in base
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """A character-level tokenizer: every character of the built-in tasks is one token."""
@@ -262,25 +297,29 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 def build_tiny_model(tokenizer, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **TINY_CONFIG)
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         **TINY_CONFIG)
     return LlamaForCausalLM(config)
 
 
 def ensure_tiny_base(path: str, seed: int = 0, log=print, **warmstart) -> str:
     """Build and warm-start the tiny base at `path` unless an identical one is already there.
 
-    Keyword arguments override WARMSTART's entries, e.g. task_mix="chains", chain_coverage=1.5 for a base whose
-    edge of competence is the depth-2 chains it never saw (issue 15)."""
+    Keyword arguments override WARMSTART's entries, e.g. task_mix="chains", chain_coverage=1.5
+    for a base whose edge of competence is the depth-2 chains it never saw (issue 15)."""
     unknown = set(warmstart) - set(WARMSTART)
     if unknown:
-        raise ValueError(f"unknown warm-start setting(s) {', '.join(sorted(unknown))}; known: {', '.join(WARMSTART)}")
+        raise ValueError(f"unknown warm-start setting(s) {', '.join(sorted(unknown))}; known: "
+                         f"{', '.join(WARMSTART)}")
     warmstart = {**WARMSTART, **warmstart}
-    recipe = {"seed": seed, "config": TINY_CONFIG, "warmstart": warmstart, "characters": "".join(CHARACTERS)}
+    recipe = {"seed": seed, "config": TINY_CONFIG, "warmstart": warmstart,
+              "characters": "".join(CHARACTERS)}
     recipe_file = Path(path) / "recipe.json"
     if recipe_file.is_file() and json.loads(recipe_file.read_text()) == recipe:
         return path
     start = time.time()
-    log(f"building the tiny base model in {path}: {warmstart['steps']} supervised warm-start steps (about a minute)")
+    log(f"building the tiny base model in {path}: {warmstart['steps']} supervised warm-start steps "
+        "(about a minute)")
     tokenizer = build_tokenizer()
     model = build_tiny_model(tokenizer, seed)
     warm_start(model, tokenizer, warmstart, seed)
@@ -293,14 +332,16 @@ def ensure_tiny_base(path: str, seed: int = 0, log=print, **warmstart) -> str:
 
 
 def warm_start(model, tokenizer, recipe: dict, seed: int):
-    """Supervised next-token training on (prompt, solution) pairs, loss on the solution tokens only; `recipe`
-    has WARMSTART's keys (task mix, level, steps, batch size, lr, noise, chain coverage).
+    """Supervised next-token training on (prompt, solution) pairs, loss on the solution tokens only;
+    `recipe` has WARMSTART's keys (task mix, level, steps, batch size, lr, noise, chain
+    coverage).
 
-    Deliberately short, and with a fraction `noise` of the solutions corrupted (one character replaced by
-    a random digit), like a pretrained base that has also seen wrong worked answers: the base then puts
-    real probability on wrong answers, so its pass@k is far above its pass@1, the regime where RL gains.
-    A chains problem is drawn from the chains that `chain_coverage` shows, whatever the level: the coverage
-    places the edge of the base's competence (chains.shown_compositions).
+    Deliberately short, and with a fraction `noise` of the solutions corrupted (one character
+    replaced by a random digit), like a pretrained base that has also seen wrong worked answers:
+    the base then puts real probability on wrong answers, so its pass@k is far above its pass@1,
+    the regime where RL gains. A chains problem is drawn from the chains that `chain_coverage`
+    shows, whatever the level: the coverage places the edge of the base's competence
+    (chains.shown_compositions).
     """
     steps, lr, noise = recipe["steps"], recipe["lr"], recipe["noise"]
     # a stream apart from RL's
@@ -325,7 +366,8 @@ def warm_start(model, tokenizer, recipe: dict, seed: int):
 
 
 def shown_chain(rng: random.Random, shown: list[tuple[str, ...]]) -> dict:
-    """A training problem (not in tasks' held-out split) of one of the shown chains, chosen uniformly."""
+    """A training problem (not in tasks' held-out split) of one of the shown chains, chosen
+    uniformly."""
     while True:
         example = chains.make_chain(rng, rng.choice(shown))
         if not tasks.is_heldout(example):
@@ -336,15 +378,18 @@ def corrupt(example: dict, rng: random.Random) -> dict:
     """A copy of the example whose solution has one character replaced by a random digit."""
     solution = example["solution"]
     position = rng.randrange(len(solution))
-    return {**example, "solution": solution[:position] + rng.choice("0123456789") + solution[position + 1:]}
+    return {**example,
+            "solution": solution[:position] + rng.choice("0123456789") + solution[position + 1:]}
 
 
 def supervised_batch(tokenizer, examples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    """input_ids [B, T] right-padded; labels [B, T] with −100 on the prompt and padding (no loss there)."""
+    """input_ids [B, T] right-padded; labels [B, T] with −100 on the prompt and padding (no loss
+    there)."""
     rows, label_rows = [], []
     for example in examples:
         prompt = encode_prompt(tokenizer, example["prompt"])
-        answer = tokenizer(example["solution"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        answer = (tokenizer(example["solution"], add_special_tokens=False)["input_ids"]
+                  + [tokenizer.eos_token_id])
         rows.append(prompt + answer)
         label_rows.append([-100] * len(prompt) + answer)
     width = max(map(len, rows))

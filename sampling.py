@@ -1,8 +1,9 @@
-"""Sampling one step's groups: prompts → N completions each (rollout.py) → scores (rewards.py) → dynamic sampling.
+"""Sampling one step's groups: prompts → N completions each (rollout.py) → scores (rewards.py) →
+dynamic sampling.
 
-DAPO / ProRL dynamic sampling keeps only the groups whose rewards differ (grpo.dynamic_sampling_mask) and
-samples fresh prompts until the batch is full. Evaluation samples through `rollout_and_score` too, so the
-model is measured exactly as it is trained.
+DAPO / ProRL dynamic sampling keeps only the groups whose rewards differ
+(grpo.dynamic_sampling_mask) and samples fresh prompts until the batch is full. Evaluation
+samples through `rollout_and_score` too, so the model is measured exactly as it is trained.
 """
 
 import dataclasses
@@ -45,9 +46,11 @@ def rollout_and_score(policy, tokenizer, examples: list[dict],
                               temperature=params.temperature, top_p=params.top_p,
                               stop_ids=models.stop_ids(policy, tokenizer), seed=params.seed,
                               pad_id=tokenizer.pad_token_id, max_rows=params.max_rows)
-    completion_ids = torch.where(result.mask, result.tokens, tokenizer.pad_token_id)[:, result.prompt_len:]
+    completion_ids = torch.where(result.mask, result.tokens,
+                                 tokenizer.pad_token_id)[:, result.prompt_len:]
     completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    scores = rewards.score_batch([examples[i // params.n] for i in range(len(completions))], completions)
+    scores = rewards.score_batch([examples[i // params.n] for i in range(len(completions))],
+                                 completions)
     scores = torch.tensor(scores, device=result.truncated.device)
     scores = scores.masked_fill(result.truncated, 0.0)  # [P·N]
     return result, scores.view(len(examples), params.n)
@@ -55,13 +58,13 @@ def rollout_and_score(policy, tokenizer, examples: list[dict],
 
 def sample_groups(policy, tokenizer, stream, groups: int, params: SamplingParams, rounds: int = 1,
                   dynamic_sampling: bool = True):
-    """Dynamic sampling with refill (DAPO; ProRL): sample `groups` fresh prompts × n completions, keep the
-    informative groups, and sample again until `groups` groups are kept or `rounds` rounds are spent
-    (round r samples with seed params.seed + r).
+    """Dynamic sampling with refill (DAPO; ProRL): sample `groups` fresh prompts × n completions,
+    keep the informative groups, and sample again until `groups` groups are kept or `rounds`
+    rounds are spent (round r samples with seed params.seed + r).
 
-    Filtering looks at the verifier's scores (correctness), not at shaped rewards. Returns the kept rows
-    (a Rollout of G·N rows, G ≤ groups), their scores [G, N], and the statistics of *all* sampled groups
-    (reward and pass rate before filtering, and the kept fraction).
+    Filtering looks at the verifier's scores (correctness), not at shaped rewards. Returns the
+    kept rows (a Rollout of G·N rows, G ≤ groups), their scores [G, N], and the statistics of
+    *all* sampled groups (reward and pass rate before filtering, and the kept fraction).
     """
     n = params.n
     kept_batches, kept_scores, all_scores, lengths = [], [], [], []
@@ -86,14 +89,16 @@ def sample_groups(policy, tokenizer, stream, groups: int, params: SamplingParams
     scores, all_scores = torch.cat(kept_scores)[:groups], torch.cat(all_scores)
     batch = rollout.concat_rows(kept_batches, tokenizer.pad_token_id)
     batch = rollout.select_rows(batch, slice(0, len(scores) * n))
-    stats = {"reward": all_scores.mean().item(), "pass_rate": (all_scores >= 1).float().mean().item(),
+    stats = {"reward": all_scores.mean().item(),
+             "pass_rate": (all_scores >= 1).float().mean().item(),
              "kept_frac": sum(len(s) for s in kept_scores) / len(all_scores),
              "response_len": torch.cat(lengths).mean().item(), "sampling_rounds": round_ + 1}
     return batch, scores, stats
 
 
 def sampler_seed(seed: int, step: int, rank: int) -> int:
-    """The sampler's seed for one step of one rank: distinct for every (run seed, step, rank, refill round).
-    sample_groups adds the round (< 10, settings.validate) to it, so steps are 10 apart; ranks and run seeds
-    are spaced by large primes, so their seeds do not meet for any realistic number of steps."""
+    """The sampler's seed for one step of one rank: distinct for every (run seed, step, rank, refill
+    round). sample_groups adds the round (< 10, settings.validate) to it, so steps are 10 apart;
+    ranks and run seeds are spaced by large primes, so their seeds do not meet for any realistic
+    number of steps."""
     return seed * 100_003 + step * 10 + rank * 1_000_003

@@ -5,8 +5,8 @@
     python train.py --help                  # every option (settings.py)
 
 One step, in the order the loop in main() runs it:
-    sample      sampling.py: prompts → rollout.py (N completions each) → rewards.py (scores) → dynamic
-                sampling with refill
+    sample      sampling.py: prompts → rollout.py (N completions each) → rewards.py (scores)
+                → dynamic sampling with refill
     reference   learner.batch_logprobs: the reference's token log-probs (for the KL)
     shape       grpo.shape_rewards: length penalty, KL in the reward, unlikeliness
     advantages  grpo.group_advantages: one per response
@@ -46,45 +46,49 @@ def held_out_pass1(policy, tokenizer, examples: list[dict], c: settings.Config) 
     """pass@1 per source, per family and overall on held-out problems (pass_at_k_by_source);
     every rank evaluates, so every rank decides resets alike."""
     with dist.full_weights(policy):
-        params = sampling.SamplingParams(c.eval_samples, c.max_new_tokens, c.eval_temperature, seed=12345)
+        params = sampling.SamplingParams(c.eval_samples, c.max_new_tokens, c.eval_temperature,
+                                         seed=12345)
         return evaluation.evaluate(policy.eval(), tokenizer, examples, params)
 
 
-def boundary_counts(policy, tokenizer, examples: list[dict], c: settings.Config, name: str) -> list[int]:
+def boundary_counts(policy, tokenizer, examples: list[dict], c: settings.Config,
+                    name: str) -> list[int]:
     """Correct samples out of boundary_n per problem, for the pass@k report."""
     if not examples:
         return []
     with dist.full_weights(policy):
-        params = sampling.SamplingParams(c.boundary_n, c.max_new_tokens, evaluation.EVAL_TEMPERATURE,
-                                         evaluation.EVAL_TOP_P, seed=12345)
+        params = sampling.SamplingParams(c.boundary_n, c.max_new_tokens,
+                                         evaluation.EVAL_TEMPERATURE, evaluation.EVAL_TOP_P,
+                                         seed=12345)
         progress = f"{name} pass@k" if dist.is_main() else ""
         return evaluation.correct_counts(policy.eval(), tokenizer, examples, params, progress)
 
 
 def sample(policy, tokenizer, stream, groups: int, step: int, c: settings.Config):
-    """This step's kept groups and their scores, the whole batch on every rank (each rank samples its
-    share of whole groups with its own seed), and the sampling statistics averaged over ranks."""
+    """This step's kept groups and their scores, the whole batch on every rank (each rank samples
+    its share of whole groups with its own seed), and the sampling statistics averaged over
+    ranks."""
     params = sampling.SamplingParams(c.n, c.max_new_tokens, c.temperature, c.top_p,
                                      seed=sampling.sampler_seed(c.seed, step, dist.rank()))
     rounds = c.max_sampling_rounds if c.dynamic_sampling else 1
     with dist.full_weights(policy):
-        batch, scores, stats = sampling.sample_groups(policy.eval(), tokenizer, stream, groups, params,
-                                                      rounds, c.dynamic_sampling)
+        batch, scores, stats = sampling.sample_groups(policy.eval(), tokenizer, stream, groups,
+                                                      params, rounds, c.dynamic_sampling)
     batch, scores = dist.gather_groups(batch, scores, tokenizer.pad_token_id)
     return batch, scores, dist.reduce_metrics(stats)
 
 
 def clock() -> float:
-    """time.time() once the GPU has finished what was queued, so that each phase's time is its own."""
+    """time.time() once the GPU has finished what was queued, so each phase's time is its own."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
     return time.time()
 
 
 def checked_config(argv: list[str]) -> settings.Config:
-    """The config from the command line: settings.py checks its ranges, then each module that owns a name
-    checks it (the model and device, KL kinds, estimators, tasks, the ranks, workshop bugs). A one-line
-    ValueError, before any work starts and before the run directory exists."""
+    """The config from the command line: settings.py checks its ranges, then each module that owns a
+    name checks it (the model and device, KL kinds, estimators, tasks, the ranks, workshop bugs).
+    A one-line ValueError, before any work starts and before the run directory exists."""
     c = settings.parse_config(argv)
     models.check_choices(c.model, c.device, c.dtype)
     learner.loss_spec(c)
@@ -102,7 +106,8 @@ def main(argv: list[str]) -> None:
     c = checked_config(argv)
     # the workshop's broken variants (bugs.py); none unless --bug names one
     bugs.switch_on(c.bug)
-    device = dist.setup(("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" else c.device)
+    device = dist.setup(("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto"
+                        else c.device)
     # a task mix, or the edge curriculum; a stream per rank
     stream = curriculum.prompt_stream(c, dist.rank())
     groups = dist.groups_per_rank(c.prompts_per_step)
@@ -112,15 +117,16 @@ def main(argv: list[str]) -> None:
         run_dir = Path(c.resume)
     else:
         # a default name that is taken gets -2, -3, ...; an explicit --run that is taken is an error
-        run_dir = dist.gather_objects(checkpoint.new_run_dir(c.run or f"{c.preset}-s{c.seed}", bool(c.run)))[0]
+        run_dir = dist.gather_objects(checkpoint.new_run_dir(c.run or f"{c.preset}-s{c.seed}",
+                                                             bool(c.run)))[0]
     tiny_base = f"runs/base/tiny-s{c.seed}"
     # a hub id or a GGUF file resolves to a local directory
     model_dir = dist.main_first(lambda: models.resolve(c.model) if c.model else
                                 models.ensure_tiny_base(tiny_base, seed=c.seed))
 
-    # --- the policy, the reference and the optimizer
-    # Mixed precision: weights (and so AdamW's state) are fp32 on every device, or updates of lr ≈ 1e-6
-    # would round away; on CUDA forwards compute in bf16 and the sampler samples bf16 copies.
+    # --- the policy, the reference and the optimizer Mixed precision: weights (and so AdamW's
+    # state) are fp32 on every device, or updates of lr ≈ 1e-6 would round away; on CUDA forwards
+    # compute in bf16 and the sampler samples bf16 copies.
     compute = models.compute_dtype(device, c.dtype)
     policy, tokenizer = models.load(model_dir, device, torch.float32)
     # every prompt, sampled or evaluated, starts with it
@@ -129,7 +135,8 @@ def main(argv: list[str]) -> None:
     # before sharding, so that FSDP2 wraps the checkpointed layers
     if c.activation_checkpointing:
         models.enable_activation_checkpointing(policy)
-    # the run exists from here on, not before: a model that cannot be loaded or sampled leaves nothing
+    # the run exists from here on, not before:
+    # a model that cannot be loaded or sampled leaves nothing
     checkpoint.save_config(run_dir, dataclasses.asdict(c))
     if dist.is_main():
         print(f"run directory: {run_dir}", flush=True)
@@ -159,16 +166,16 @@ def main(argv: list[str]) -> None:
         base = held_out_pass1(policy, tokenizer, test_set, c)
         base_counts = boundary_counts(policy, tokenizer, boundary_set, c, "base")
         saved = {"step": 0, "base": base, "base_counts": base_counts}
-        # Seed every generator the steps draw from, from the config alone: whether the base model was
-        # built in this process (drawing from them) or reused from disk must not change the run.
+        # Seed every generator the steps draw from, from the config alone: whether the base model
+        # was built in this process (drawing from them) or reused from disk must not change the run.
         torch.manual_seed(c.seed)
         random.seed(c.seed)
     metrics_file = checkpoint.open_metrics(run_dir, saved["step"])
     # --log tensorboard|wandb
     log = checkpoint.experiment_logger(c.log, run_dir, dataclasses.asdict(c))
     said_idle = False
-    progress = tqdm(range(saved["step"] + 1, c.steps + 1), desc="RL", dynamic_ncols=True, file=sys.stdout,
-                    disable=not dist.is_main())
+    progress = tqdm(range(saved["step"] + 1, c.steps + 1), desc="RL", dynamic_ncols=True,
+                    file=sys.stdout, disable=not dist.is_main())
 
     with checkpoint.stop_requests() as stop_requested:
         for step in progress:
@@ -177,13 +184,15 @@ def main(argv: list[str]) -> None:
             batch, scores, sampled = sample(policy, tokenizer, stream, groups, step, c)
             metrics = {"step": step, **sampled, "gen_s": clock() - start}
             if len(scores):
-                # --- reference: its log-probs of this rank's rows (the KL; none without a reference)
+                # --- reference: its log-probs of this rank's rows, for the KL (none without one)
                 local, rows = dist.my_share(batch)
                 ref_start = clock()
-                ref_logp = learner.batch_logprobs(reference, local, c) if reference is not None else None
+                ref_logp = (learner.batch_logprobs(reference, local, c)
+                            if reference is not None else None)
                 update_start = clock()
                 # --- shape: length penalty, KL in the reward, unlikeliness (grpo.shape_rewards)
-                all_ref_logp = dist.gather_rows(ref_logp, len(batch.tokens)) if c.kl_in_reward else None
+                all_ref_logp = (dist.gather_rows(ref_logp, len(batch.tokens))
+                                if c.kl_in_reward else None)
                 shaped, eta = grpo.shape_rewards(scores, batch.mask, batch.logprobs, all_ref_logp,
                                                  step - 1, c)
                 # --- advantages: one per response [P·N]
@@ -195,9 +204,9 @@ def main(argv: list[str]) -> None:
             elif dist.is_main() and not said_idle:
                 # said once: metrics.jsonl's kept_frac shows every such step
                 said_idle = True
-                tqdm.write(f"step {step}: every group's answers scored alike (all right or all wrong), "
-                           "so there was nothing to learn; if this goes on, the tasks are out of the "
-                           "model's reach (or too easy)")
+                tqdm.write(f"step {step}: every group's answers scored alike (all right or all "
+                           "wrong), so there was nothing to learn; if this goes on, the tasks are "
+                           "out of the model's reach (or too easy)")
 
             # --- validate, and reset π_ref ← π on a schedule, a stall or a KL spike
             if c.eval_every and step % c.eval_every == 0:
@@ -225,8 +234,10 @@ def main(argv: list[str]) -> None:
             stop = dist.any_true(stop_requested()) and step < c.steps
             checkpoint.save_when_due(run_dir, step, c.steps, c.save_every, stop, state,
                                      base=saved["base"], base_counts=saved["base_counts"])
-            progress.set_postfix(reward=f"{metrics['reward']:.3f}", kept=f"{metrics['kept_frac']:.2f}",
-                                 kl=f"{metrics.get('kl', 0):.4f}", ent=f"{metrics.get('entropy', 0):.2f}")
+            progress.set_postfix(reward=f"{metrics['reward']:.3f}",
+                                 kept=f"{metrics['kept_frac']:.2f}",
+                                 kl=f"{metrics.get('kl', 0):.4f}",
+                                 ent=f"{metrics.get('entropy', 0):.2f}")
             if stop:
                 progress.close()
                 if dist.is_main():
@@ -245,20 +256,24 @@ def main(argv: list[str]) -> None:
 
 
 def report(run_dir, model_dir, scores: dict, test_set, boundary_set, c: settings.Config) -> None:
-    """The base-vs-trained table (result.md), the pass@k boundary and the training curves. scores: the
-    pass@1 reports "base" and "trained", and the boundary counts "base_counts" and "trained_counts"."""
+    """The base-vs-trained table (result.md), the pass@k boundary and the training curves. scores:
+    the pass@1 reports "base" and "trained", and the boundary counts "base_counts" and
+    "trained_counts"."""
     if boundary_set:
         counts = {"base": scores["base_counts"], "trained": scores["trained_counts"]}
         models_compared = {"base": model_dir, "trained": str(run_dir / "final")}
-        evaluation.write_boundary(run_dir, counts, boundary_set, c.boundary_n, settings=models_compared)
+        evaluation.write_boundary(run_dir, counts, boundary_set, c.boundary_n,
+                                  settings=models_compared)
         print(evaluation.pass1_gain(counts["base"], counts["trained"], c.boundary_n))
     curves.plot_training(run_dir)
-    sizes = f"held-out problems: {evaluation.problem_counts(test_set)}; {c.eval_samples} samples each"
+    sizes = (f"held-out problems: {evaluation.problem_counts(test_set)}; "
+             f"{c.eval_samples} samples each")
     print(evaluation.write_result(run_dir, scores["base"], scores["trained"],
                                   f"{sizes}, T={c.eval_temperature}"))
-    boundary_files = "boundary.md, boundary.png (pass@k at T=0.6, top-p 0.95), " if boundary_set else ""
-    print(f"wrote {run_dir}/: result.md, metrics.jsonl, training.png, {boundary_files}checkpoint.pt, "
-          "final/ (the trained model)")
+    boundary_files = ("boundary.md, boundary.png (pass@k at T=0.6, top-p 0.95), "
+                      if boundary_set else "")
+    print(f"wrote {run_dir}/: result.md, metrics.jsonl, training.png, "
+          f"{boundary_files}checkpoint.pt, final/ (the trained model)")
 
 
 if __name__ == "__main__":

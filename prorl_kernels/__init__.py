@@ -1,11 +1,12 @@
 """Fused kernels for the RL loss: Triton on CUDA, a plain PyTorch reference elsewhere.
 
-At a 152k-entry vocabulary the logits [tokens, V] dominate memory and time. The Triton kernels read
-them once per pass and never make an fp32 copy; `reference.py` states the same math in eager PyTorch.
+At a 152k-entry vocabulary the logits [tokens, V] dominate memory and time. The Triton kernels
+read them once per pass and never make an fp32 copy; `reference.py` states the same math in eager
+PyTorch.
 
 Dispatch: Triton when the logits are on a GPU, or anywhere when TRITON_INTERPRET=1 (Triton's CPU
-interpreter: how the tests run the kernels without a GPU); the reference otherwise. A machine without
-Triton runs the references.
+interpreter: how the tests run the kernels without a GPU); the reference otherwise. A machine
+without Triton runs the references.
 """
 
 import os
@@ -33,13 +34,15 @@ def backend(logits: torch.Tensor) -> str:
 
 
 def token_logprobs(
-    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, return_entropy: bool = False
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+    return_entropy: bool = False
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log softmax(logits / temperature)[label] as float32, differentiable w.r.t. the logits.
 
-    logits [..., V] (any float dtype; a slice like `logits[:, :-1]` is read in place), labels [...] in
-    [0, V) → logp [...], always ≤ 0. With `return_entropy=True` returns (logp, entropy), the entropy of
-    the temperature-scaled distribution from the same pass over the logits; it is detached.
+    logits [..., V] (any float dtype; a slice like `logits[:, :-1]` is read in place), labels
+    [...] in [0, V) → logp [...], always ≤ 0. With `return_entropy=True` returns (logp, entropy),
+    the entropy of the temperature-scaled distribution from the same pass over the logits; it is
+    detached.
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}.")
@@ -49,16 +52,18 @@ def token_logprobs(
 
 
 def fused_policy_loss(
-    logits: torch.Tensor, labels: torch.Tensor, terms: grpo.LossTerms, spec: grpo.LossSpec = grpo.LossSpec()
+    logits: torch.Tensor, labels: torch.Tensor, terms: grpo.LossTerms,
+    spec: grpo.LossSpec = grpo.LossSpec()
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Σ_t w_t · (clipped surrogate + β·KL)_t straight from the logits → (loss, stats).
 
-    logits [B, T, V]; labels [B, T]; terms (grpo.LossTerms): old_logp [B, T] or None (on-policy: ρ = 1 with
-    logp's gradient), ref_logp [B, T] or None (no reference model), adv [B] or [B, T], mask and weights
-    (grpo.loss_weights) [B, T]. The math is `reference.policy_loss_ref`; the gradient flows to the logits
-    only. stats: detached scalars "clipfrac", "approx_kl", "ratio_mean", "entropy" and, with a reference,
-    "kl" (means over the masked tokens). A clamped KL (--kl-clamp) runs the reference: the kernel has no
-    clamp. (Training reads log-probs from the hidden state instead: linear_token_logprobs below.)
+    logits [B, T, V]; labels [B, T]; terms (grpo.LossTerms): old_logp [B, T] or None (on-policy:
+    ρ = 1 with logp's gradient), ref_logp [B, T] or None (no reference model), adv [B] or [B, T],
+    mask and weights (grpo.loss_weights) [B, T]. The math is `reference.policy_loss_ref`; the
+    gradient flows to the logits only. stats: detached scalars "clipfrac", "approx_kl",
+    "ratio_mean", "entropy" and, with a reference, "kl" (means over the masked tokens). A clamped
+    KL (--kl-clamp) runs the reference: the kernel has no clamp. (Training reads log-probs from
+    the hidden state instead: linear_token_logprobs below.)
     """
     if backend(logits) == "triton" and not spec.kl_clamp:
         return policy_loss.fused_policy_loss_triton(logits, labels, terms, spec)

@@ -1,18 +1,19 @@
 """Triton: the clipped policy loss + KL, fused with the log-prob pass over the logits.
 
 Per token, from one read of its row of logits (reference: `reference.policy_loss_ref`):
-    logp = log softmax(logits / T)[label]                               (logprobs.row_logsumexp)
+    logp = log softmax(logits / T)[label]                            (logprobs.row_logsumexp)
     ρ = exp(logp − old_logp)
-    pg_loss1 = −A·ρ,  pg_loss2 = −A·clip(ρ, 1 − ε_low, 1 + ε_high)       (PPO; DAPO's decoupled ε)
+    pg_loss1 = −A·ρ,  pg_loss2 = −A·clip(ρ, 1 − ε_low, 1 + ε_high)    (PPO; DAPO's decoupled ε)
     pg = max(pg_loss1, pg_loss2),  clipped = pg_loss2 > pg_loss1
-    kl = k1 | k2 | k3 (logp, ref_logp)                                  (Schulman 2020; ProRL uses k3)
+    kl = k1 | k2 | k3 (logp, ref_logp)                               (Schulman 2020; ProRL uses k3)
     loss_t = pg + β·kl
     dloss_t/dlogp = (clipped ? 0 : −A·ρ) + β·dkl/dlogp
                     dk1 = 1,  dk2 = logp − ref,  dk3 = 1 − exp(ref − logp)
 The aggregation is linear, loss = Σ_t w_t·loss_t (w: `grpo.loss_weights`), so the backward is
     d loss/d logits_v = w_t · dloss_t/dlogp · (1[v = label] − p_v) / T
-one more read of the logits and one write of the gradient (`logprobs.logits_backward`). Masked tokens are
-never read; in the backward, neither is any row whose gradient is zero (clipped, with β = 0).
+one more read of the logits and one write of the gradient (`logprobs.logits_backward`). Masked
+tokens are never read; in the backward, neither is any row whose gradient is zero (clipped, with
+β = 0).
 """
 
 import torch
@@ -29,6 +30,7 @@ from prorl_kernels.logprobs import (
     row_logsumexp,
     row_offset,
 )
+
 KL_KIND_IDS = {"k1": 1, "k2": 2, "k3": 3}  # the kernel's constexpr for each of kl.KINDS
 
 
@@ -36,7 +38,7 @@ KL_KIND_IDS = {"k1": 1, "k2": 2, "k3": 3}  # the kernel's constexpr for each of 
 def _policy_loss_fwd_kernel(
     logits_ptr, inner, stride_outer, stride_inner,  # logits [outer, inner, V], last dim contiguous
     labels_ptr, old_logp_ptr, ref_logp_ptr, adv_ptr, mask_ptr,  # [N] inputs
-    logp_ptr, lse_ptr, entropy_ptr, loss_ptr, kl_ptr, clipped_ptr, dloss_dlogp_ptr,  # [N] fp32 outputs
+    logp_ptr, lse_ptr, entropy_ptr, loss_ptr, kl_ptr, clipped_ptr, dloss_dlogp_ptr,  # [N] fp32 out
     V, inv_temperature, ratio_low, ratio_high, kl_coef,
     KL_KIND: tl.constexpr, USE_KL: tl.constexpr, ON_POLICY: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
@@ -54,7 +56,8 @@ def _policy_loss_fwd_kernel(
         label = tl.load(labels_ptr + row).to(tl.int64)
         z_label = tl.load(row_ptr + label).to(tl.float32) * inv_temperature
         logp = tl.minimum(z_label - lse, 0.0)  # see logprobs._token_logprobs_fwd_kernel
-        # on-policy (one update per batch): old_logp is logp itself, so ρ = 1 with the gradient of logp
+        # on-policy (one update per batch):
+        # old_logp is logp itself, so ρ = 1 with the gradient of logp
         old_logp = logp if ON_POLICY else tl.load(old_logp_ptr + row)
         ref_logp = tl.load(ref_logp_ptr + row)
         adv = tl.load(adv_ptr + row)
@@ -64,7 +67,8 @@ def _policy_loss_fwd_kernel(
         pg_loss2 = -adv * tl.minimum(tl.maximum(ratio, ratio_low), ratio_high)
         is_clipped = pg_loss2 > pg_loss1
         loss = tl.maximum(pg_loss1, pg_loss2)
-        dloss_dlogp = tl.where(is_clipped, 0.0, -adv * ratio)  # dρ/dlogp = ρ; a clipped ratio is constant
+        # dρ/dlogp = ρ; a clipped ratio is constant
+        dloss_dlogp = tl.where(is_clipped, 0.0, -adv * ratio)
         clipped = is_clipped.to(tl.float32)
 
         # kl.py's notation: r = π_ref / π, so d log_r / d logp = −1
@@ -91,7 +95,8 @@ def _policy_loss_fwd_kernel(
 
 
 class FusedPolicyLoss(torch.autograd.Function):
-    """Scalar loss (differentiable w.r.t. the logits only) and per-token logp, entropy, kl, clipped [N]."""
+    """Scalar loss (differentiable w.r.t. the logits only) and per-token logp, entropy, kl, clipped
+    [N]."""
 
     @staticmethod
     def forward(ctx, logits, labels, old_logp, ref_logp, adv, mask, weight, ratio_low, ratio_high,
@@ -114,7 +119,8 @@ class FusedPolicyLoss(torch.autograd.Function):
                 )
         loss = (weight * loss_t).sum()
         ctx.save_for_backward(rows, labels, lse, weight * dloss_dlogp)
-        ctx.layout, ctx.copied, ctx.inv_temperature = (inner, stride_outer, stride_inner), copied, inv_temperature
+        ctx.layout, ctx.copied, ctx.inv_temperature = ((inner, stride_outer, stride_inner), copied,
+                                                       inv_temperature)
         ctx.logits_shape = logits.shape
         ctx.mark_non_differentiable(logp, entropy, kl, clipped)
         return loss, logp, entropy, kl, clipped
@@ -123,12 +129,14 @@ class FusedPolicyLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, *_):
         rows, labels, lse, dloss_dlogp = ctx.saved_tensors
         grad = grad_buffer(rows, ctx.copied)
-        logits_backward(rows, ctx.layout, labels, lse, dloss_dlogp * grad_loss, grad, ctx.inv_temperature)
+        logits_backward(rows, ctx.layout, labels, lse, dloss_dlogp * grad_loss, grad,
+                        ctx.inv_temperature)
         return (grad.view(ctx.logits_shape),) + (None,) * 12
 
 
 def fused_policy_loss_triton(
-    logits: torch.Tensor, labels: torch.Tensor, terms: grpo.LossTerms, spec: grpo.LossSpec = grpo.LossSpec()
+    logits: torch.Tensor, labels: torch.Tensor, terms: grpo.LossTerms,
+    spec: grpo.LossSpec = grpo.LossSpec()
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Triton `fused_policy_loss`; see `prorl_kernels.fused_policy_loss`."""
     old_logp, ref_logp, adv, mask = terms.old_logp, terms.ref_logp, terms.adv, terms.mask
@@ -142,9 +150,9 @@ def fused_policy_loss_triton(
 
     loss, logp, entropy, kl, clipped = FusedPolicyLoss.apply(
         logits, labels.reshape(-1).contiguous(), flat(zeros if on_policy else old_logp),
-        flat(ref_logp if use_kl else zeros), flat(adv), flat(mask), flat(terms.weights), 1 - spec.clip_low,
-        1 + spec.clip_high, spec.kl_kind, float(spec.kl_coef) if use_kl else 0.0, 1.0 / spec.temperature,
-        on_policy,
+        flat(ref_logp if use_kl else zeros), flat(adv), flat(mask), flat(terms.weights),
+        1 - spec.clip_low, 1 + spec.clip_high, spec.kl_kind,
+        float(spec.kl_coef) if use_kl else 0.0, 1.0 / spec.temperature, on_policy,
     )
     logp, kl, clipped, entropy = (x.view(batch, seq_len) for x in (logp, kl, clipped, entropy))
     old_logp = logp if on_policy else old_logp
