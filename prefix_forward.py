@@ -2,14 +2,15 @@
 loss scores, with each prompt run through the layers once (the shared-prefix forward of BroRL and
 Prefix Grouper, as rollout.py's prefill does for sampling).
 
-The N samples of a GRPO group share their prompt. HF's forward would run that prompt N times through
-every layer, in the update, the reference pass and the old-log-prob pass; here the distinct prompts of
-a micro-batch run once (U rows), and only the completion columns run per row (B rows), attending to
-[their prompt's keys/values, their own]. The prompt's keys/values reach a row by an index (a gather),
-so autograd sums each row's gradient back into its one prompt: the gradient is the full forward's.
-Columns past the micro-batch's longest row are dropped before anything runs (pure padding).
+The N samples of a GRPO group share their prompt. HF's forward would run that prompt N times
+through every layer, in the update, the reference pass and the old-log-prob pass; here the
+distinct prompts of a micro-batch run once (U rows), and only the completion columns run per row
+(B rows), attending to [their prompt's keys/values, their own]. The prompt's keys/values reach a
+row by an index (a gather), so autograd sums each row's gradient back into its one prompt: the
+gradient is the full forward's. Columns past the micro-batch's longest row are dropped before
+anything runs (pure padding).
 
-Layout (rollout.Rollout; S = the first completion column (prompt_len), T' = the last real column + 1):
+Layout (rollout.Rollout; S = the first completion column, prompt_len; T' = last real column + 1):
 
     columns   0 ........ S-1 | S ............ T'-2 | T'-1
     pass      prompt (U rows) | completion (B rows)  | not run: its hidden scores no token
@@ -27,7 +28,8 @@ import llama_forward
 
 
 def completion_hidden(model, tokens: torch.Tensor, attention_mask: torch.Tensor,
-                      completion_mask: torch.Tensor, compute: torch.dtype) -> tuple[torch.Tensor, int]:
+                      completion_mask: torch.Tensor,
+                      compute: torch.dtype) -> tuple[torch.Tensor, int]:
     """(hidden [B, W, H], start): the final norm's output at columns start .. start+W-1 of the rows
     tokens, attention_mask, completion_mask [B, T] (a rollout's tokens, attention_mask and mask);
     column t scores token t+1. start = S - 1 on the shared-prefix path, S the first completion
@@ -59,7 +61,8 @@ def hf_hidden(model, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torc
     """The final norm's output [B, T, H], from the model's own forward (so FSDP's hooks gather and
     reduce the head and embeddings) asked for no logits: the head runs on 0 positions."""
     captured = {}
-    hook = model.get_decoder().norm.register_forward_hook(lambda mod, args, out: captured.update(h=out))
+    norm = model.get_decoder().norm
+    hook = norm.register_forward_hook(lambda module, args, out: captured.update(h=out))
     no_positions = torch.zeros(0, dtype=torch.long, device=tokens.device)
     try:
         model(input_ids=tokens, attention_mask=attention_mask.long(),
@@ -74,8 +77,8 @@ def prefix_shared_hidden(model, tokens: torch.Tensor, attention_mask: torch.Tens
                          S: int) -> torch.Tensor:
     """Final-norm hidden [B, T'-S, H] at columns S-1 .. T'-2, each distinct prompt (columns < S)
     run once."""
-    # Rows with the same prompt columns (tokens and mask) share one prompt pass; a pad id may equal a
-    # real token's, so the mask is part of the key.
+    # Rows with the same prompt columns (tokens and mask) share one prompt pass; a pad id may
+    # equal a real token's, so the mask is part of the key.
     key = torch.cat([tokens[:, :S], attention_mask[:, :S].long()], dim=1)
     prompts, row_prompt = torch.unique(key, dim=0, return_inverse=True)  # [U, 2S], [B]
     prompt_ids, prompt_mask = prompts[:, :S], prompts[:, S:].bool()  # [U, S] each
@@ -96,7 +99,7 @@ def prefix_shared_hidden(model, tokens: torch.Tensor, attention_mask: torch.Tens
         else:
             prompt_h, own_h = decoder_layer(layer, prompt_h, own_h, prompt_rope, own_rope, masks,
                                             row_prompt)
-    # Column S-1 (the prompt's last) scores the first completion token: it comes from the prompt pass.
+    # Column S-1 (the prompt's last) scores the first completion token: from the prompt pass.
     hidden = torch.cat([prompt_h[row_prompt, S - 1 :], own_h], dim=1)  # [B, 1 + C, H]
     return decoder.norm(hidden)
 
@@ -118,8 +121,8 @@ def attention_masks(prompt_mask, own_mask, row_prompt) -> tuple[torch.Tensor, to
 
 
 def decoder_layer(layer, prompt_h, own_h, prompt_rope, own_rope, masks, row_prompt):
-    """One HF decoder layer (its own modules and weights) on the prompt rows and the completion rows:
-    pre-norm attention then pre-norm MLP, each added to the residual stream."""
+    """One HF decoder layer (its own modules and weights) on the prompt rows and the completion
+    rows: pre-norm attention then pre-norm MLP, each added to the residual stream."""
     attn = layer.self_attn
     prompt_q, prompt_k, prompt_v = project_qkv(attn, layer.input_layernorm(prompt_h), prompt_rope)
     own_q, own_k, own_v = project_qkv(attn, layer.input_layernorm(own_h), own_rope)
@@ -142,12 +145,13 @@ def decoder_layer(layer, prompt_h, own_h, prompt_rope, own_rope, masks, row_prom
 def project_qkv(attn, x: torch.Tensor, rope) -> tuple[torch.Tensor, ...]:
     """q [B, H, T, D], k and v [B, Hkv, T, D] of normed x [B, T, H·D], RoPE applied to q and k."""
     heads = (*x.shape[:2], -1, attn.head_dim)
-    q, k, v = (proj(x).view(heads).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+    q, k, v = (proj(x).view(heads).transpose(1, 2) for proj in projections)
     cos, sin = rope[0][:, None], rope[1][:, None]  # [B, 1, T, D]
     return rotate(q, cos, sin), rotate(k, cos, sin), v
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE in HF's half-split convention: x·cos + rotate_half(x)·sin, rotate_half(x) = [-x2, x1]."""
+    """RoPE, HF's half-split convention: x·cos + rotate_half(x)·sin, rotate_half(x) = [-x2, x1]."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin

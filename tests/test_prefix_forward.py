@@ -27,11 +27,11 @@ def tiny(family: str):
 
 
 def stacked_rollout(model) -> rollout.Rollout:
-    """3 samples of each of 5 prompts (3-9 tokens), sampled in two rollouts of different prompt widths
-    (9 and 6: stacked, the wider one's last prompt columns sit past prompt_len), stopping on any of
-    5 tokens so completions differ in length; rows shuffled so a group's rows are not adjacent."""
-    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21, 22], [30, 31, 32, 33], [40, 41, 42, 43, 44, 45],
-               [7, 8, 9]]
+    """3 samples of each of 5 prompts (3-9 tokens), sampled in two rollouts of different prompt
+    widths (9 and 6: stacked, the wider one's last prompt columns sit past prompt_len), stopping on
+    any of 5 tokens so completions differ in length; rows shuffled so groups are not adjacent."""
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21, 22], [30, 31, 32, 33],
+               [40, 41, 42, 43, 44, 45], [7, 8, 9]]
     parts = [rollout.generate(model, prompts[:3], 3, 8, stop_ids=(1, 2, 3, 4, 5), seed=1),
              rollout.generate(model, prompts[3:], 3, 10, stop_ids=(1, 2, 3, 4, 5), seed=2)]
     batch = rollout.concat_rows(parts, pad_id=0)
@@ -64,13 +64,15 @@ def test_shared_prefix_logprobs_and_gradients_equal_the_full_forward(family, mon
     targets = batch.mask[:, 1:]
     weights = torch.randn(targets.shape, generator=torch.Generator().manual_seed(3)) * targets
     embedded = []  # the embedding's inputs: which rows and columns each pass runs
-    model.get_input_embeddings().register_forward_hook(lambda m, args, out: embedded.append(args[0].shape))
+    embedding = model.get_input_embeddings()
+    embedding.register_forward_hook(lambda module, args, out: embedded.append(args[0].shape))
     shared, shared_grads = logprobs_and_grads(
         model, lambda: train.completion_logprobs(model, batch, c)[0], weights)
     full, full_grads = logprobs_and_grads(
         model, lambda: model_logprobs(model, batch, c.temperature) * targets, weights)
     monkeypatch.setattr(prefix_forward, "shares_prefix", lambda model: False)  # as under FSDP2
-    hf, hf_grads = logprobs_and_grads(model, lambda: train.completion_logprobs(model, batch, c)[0], weights)
+    hf, hf_grads = logprobs_and_grads(
+        model, lambda: train.completion_logprobs(model, batch, c)[0], weights)
 
     # 5 distinct prompts over columns < 6 ran once each; 15 rows ran the columns from 6 up to the
     # last real one (trimmed), and the last column (whose hidden scores no token) not at all
@@ -88,7 +90,7 @@ def test_shared_prefix_logprobs_and_gradients_equal_the_full_forward(family, mon
 
 
 def test_padding_columns_past_the_longest_row_are_never_run():
-    """Ten more all-pad columns (a wider stacked batch) change neither the log-probs nor the work."""
+    """Ten more all-pad columns (as in a wider stacked batch) change neither log-probs nor work."""
     model = tiny("llama").eval()
     batch = stacked_rollout(model)
     pad = torch.nn.functional.pad
@@ -96,7 +98,8 @@ def test_padding_columns_past_the_longest_row_are_never_run():
                             pad(batch.mask, (0, 10)), pad(batch.logprobs, (0, 10)), batch.truncated,
                             batch.prompt_len)
     widths = []
-    model.get_input_embeddings().register_forward_hook(lambda m, args, out: widths.append(args[0].shape))
+    embedding = model.get_input_embeddings()
+    embedding.register_forward_hook(lambda module, args, out: widths.append(args[0].shape))
     c = settings.Config(dtype="fp32")
     with torch.no_grad():
         narrow_logp, wide_logp = (train.completion_logprobs(model, b, c)[0] for b in (batch, wider))
@@ -115,7 +118,7 @@ def test_unsupported_or_sharded_models_take_hf_forward():
 
 
 def test_update_gives_each_micro_batch_whole_groups():
-    """update sorts a mini-batch's rows, so a micro-batch of 6 rows of groups of 3 runs 2 prompts."""
+    """update sorts a mini-batch's rows: a micro-batch of 6 rows, groups of 3, runs 2 prompts."""
     model = tiny("llama")
     batch = rollout.generate(model, [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14, 15]], 3, 6, seed=0)
     prompt_rows = []
@@ -123,5 +126,6 @@ def test_update_gives_each_micro_batch_whole_groups():
         lambda m, args, out: prompt_rows.append(args[0].shape[0]))
     c = settings.Config(kl_coef=0.0, micro_batch_rows=6, minibatches=1, dtype="fp32")
     torch.manual_seed(0)
-    train.update(model, torch.optim.SGD(model.parameters(), lr=0.0), batch, torch.randn(12), None, c)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    train.update(model, optimizer, batch, torch.randn(12), None, c)
     assert prompt_rows == [2, 6, 2, 6]  # per micro-batch: its 2 prompts, then its 6 rows
