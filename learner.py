@@ -11,44 +11,35 @@ import torch
 
 import dist
 import grpo
-import llama_forward
 import models
+import prefix_forward
 import prorl_kernels
 import rollout
 import settings
 
 
-def last_hidden(model, batch: rollout.Rollout, compute: torch.dtype) -> torch.Tensor:
-    """The final norm's output [B, T, H], from the model's own forward (so FSDP's hooks gather and
-    reduce the head and embeddings) asked for no logits: the head runs on 0 positions."""
-    captured = {}
-    norm = model.get_decoder().norm
-    hook = norm.register_forward_hook(lambda module, args, out: captured.update(h=out))
-    no_positions = torch.zeros(0, dtype=torch.long, device=batch.tokens.device)
-    device = batch.tokens.device.type
-    try:
-        with torch.autocast(device, dtype=compute, enabled=compute != torch.float32):
-            model(input_ids=batch.tokens, attention_mask=batch.attention_mask.long(),
-                  position_ids=llama_forward.position_ids(batch.attention_mask),
-                  logits_to_keep=no_positions, use_cache=False)
-    finally:
-        hook.remove()
-    return captured["h"]
-
-
 def completion_logprobs(model, batch: rollout.Rollout, c: settings.Config):
     """(logp, entropy), each [B, T−1] fp32 (position t scores token t+1, as mask[:, 1:]), on the
-    completion tokens only (0 elsewhere): the head and log-softmax see those positions alone,
-    chunk by chunk (prorl_kernels.linear_token_logprobs). Policy, old and reference log-probs
-    come from here."""
+    completion tokens only (0 elsewhere): each prompt runs through the layers once for its rows
+    (prefix_forward), and the head and log-softmax see the completion positions alone, chunk by
+    chunk (prorl_kernels.linear_token_logprobs). Policy, old and reference log-probs come from
+    here."""
     compute = models.compute_dtype(batch.tokens.device, c.dtype)
-    targets = batch.mask[:, 1:]  # [B, T−1]
-    hidden = last_hidden(model, batch, compute)[:, :-1][targets]  # [completion tokens, H]
-    labels = batch.tokens[:, 1:][targets]
-    logp, entropy = prorl_kernels.linear_token_logprobs(hidden, model.lm_head.weight, labels,
-                                                        c.temperature, compute)
+    # hidden [B, W, H] covers columns start .. start+W−1 only (each prompt run once, padding
+    # trimmed)
+    hidden, start = prefix_forward.completion_hidden(model, batch.tokens, batch.attention_mask,
+                                                     batch.mask, compute)
+    columns = slice(start, start + hidden.shape[1])
+    # [B, W]
+    targets = batch.mask[:, 1:][:, columns]
+    labels = batch.tokens[:, 1:][:, columns][targets]
+    logp, entropy = prorl_kernels.linear_token_logprobs(hidden[targets], model.lm_head.weight,
+                                                        labels, c.temperature, compute)
     zeros = torch.zeros(targets.shape, device=logp.device)
-    return zeros.masked_scatter(targets, logp), zeros.masked_scatter(targets, entropy)
+    # zeros left and right of the columns
+    sides = (start, batch.mask.shape[1] - 1 - columns.stop)
+    return (torch.nn.functional.pad(zeros.masked_scatter(targets, logp), sides),
+            torch.nn.functional.pad(zeros.masked_scatter(targets, entropy), sides))
 
 
 @torch.no_grad()
@@ -111,7 +102,8 @@ def update(policy, optimizer, batch: rollout.Rollout, adv: torch.Tensor,
             terms = grpo.LossTerms(old_logp, ref_logp, adv, mask,
                                    grpo.loss_weights(mask, spec.agg, count))
             finite = True
-            for micro in minibatch.split(c.micro_batch_rows):
+            # sorted, the rows of one group share micro-batches, and so their prompt's forward
+            for micro in minibatch.sort().values.split(c.micro_batch_rows):
                 loss, stats = policy_loss(policy, rollout.select_rows(batch, micro),
                                           terms.rows(micro), spec, c)
                 finite = finite and bool(torch.isfinite(loss))

@@ -1,13 +1,16 @@
-"""One micro-batch's forward + backward of the loss, two ways, alternated in one process:
+"""One micro-batch's forward + backward of the loss, several ways, alternated in one process:
 
     python bench/logprob_paths.py --model DIR    # e.g. SmolLM2-135M-Instruct; default: tiny random
+    python bench/logprob_paths.py --model DIR --prompts 8 --n 8 --new-tokens 64 --paths chunked,shared
 
   full     the logits [B, T, V] at every position, then fused_policy_loss (the path before issue 25)
-  chunked  learner.policy_loss: the last hidden state, completion positions only, chunk by chunk
+  chunked  HF's forward to the last hidden state (every row runs its prompt), then the head on
+           completion positions only, chunk by chunk (learner.policy_loss before prefix_forward)
+  shared   learner.policy_loss: prefix_forward (each prompt once, padding trimmed), then the same head
 
 The batch is a real rollout of the model (P prompts × N samples of the math task). Each round times
-both, in turn; the script prints the medians, their ratio, and each path's peak memory over its pass
-(the process's peak RSS minus its RSS before, Linux).
+each path in turn; the script prints the medians, their ratios to the first path, and each path's
+peak memory over its pass (the process's peak RSS minus its RSS before, Linux).
 """
 
 import argparse
@@ -25,6 +28,7 @@ import grpo
 import learner
 import llama_forward
 import models
+import prefix_forward
 import prorl_kernels
 import sampling
 import settings
@@ -51,6 +55,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--paths", default="full,chunked,shared", help="comma-separated, see above")
     args = parser.parse_args()
     if not args.model:
         args.model = "runs/bench-logprob-paths/tiny"
@@ -67,9 +72,15 @@ def main() -> None:
     mask = batch.mask[:, 1:]
     weights = mask.float() / mask.sum()
     c = settings.Config(kl_coef=0.0, dtype="fp32")
+    def policy_loss(shared: bool):
+        prefix_forward.shares_prefix = (lambda model: shared) if not shared else shares_prefix
+        return learner.policy_loss(policy, batch, terms, grpo.LossSpec(), c)[0]
+
     terms = grpo.LossTerms(None, None, adv, mask, weights)
-    paths = {"full": lambda: full_path(policy, batch, adv, mask, weights),
-             "chunked": lambda: learner.policy_loss(policy, batch, terms, grpo.LossSpec(), c)[0]}
+    shares_prefix = prefix_forward.shares_prefix
+    every = {"full": lambda: full_path(policy, batch, adv, mask, weights),
+             "chunked": lambda: policy_loss(False), "shared": lambda: policy_loss(True)}
+    paths = {name: every[name] for name in args.paths.split(",")}
     times, peaks = {name: [] for name in paths}, {name: [] for name in paths}
     print(f"{args.model}: {len(batch.tokens)} rows × {batch.tokens.shape[1]} positions, "
           f"{int(mask.sum())} completion tokens; load {os.getloadavg()[0]:.1f}", flush=True)
@@ -86,10 +97,12 @@ def main() -> None:
             last = f"{times[name][-1]:.2f} s, peak +{peaks[name][-1]:.0f} MB"
             print(f"  {name:8s} {last}", flush=True)
     median = {name: statistics.median(t) for name, t in times.items()}
+    first = next(iter(paths))
     print(f"medians (load now {os.getloadavg()[0]:.1f}): " + ", ".join(
         f"{name} {median[name]:.2f} s, peak +{statistics.median(peaks[name]):.0f} MB"
         for name in paths)
-        + f"; chunked is {median['full'] / median['chunked']:.2f}x full")
+        + "".join(f"; {name} is {median[first] / median[name]:.2f}x {first}" for name in paths
+                  if name != first))
 
 
 if __name__ == "__main__":

@@ -198,10 +198,13 @@ def plain_model(path: str):
     """The model as ours loads it. A GGUF checkpoint converted to plain fp32 weights may still carry
     its quantization_config, which makes Trainer refuse to fine-tune it: drop that flag."""
     model = models.load(path)[0]
+    # models.load may already have dropped the quantizer and the config's entry, but not the flag
     quantized = getattr(model, "hf_quantizer", None) is not None
+    quantized = quantized or getattr(model, "is_quantized", False)
     if quantized and next(model.parameters()).is_floating_point():
         model.hf_quantizer, model.is_quantized = None, False
-        del model.config.quantization_config
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     return model
 
 

@@ -10,6 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 import grpo
 import learner
 import llama_forward
+import prefix_forward
 import prorl_kernels
 import rollout
 import settings
@@ -97,9 +98,12 @@ def test_chunked_logprobs_and_gradients_equal_the_full_computation(family, tied,
         assert (chunked[name] - grad).abs().max() / scale < 1e-5, name
 
 
-def test_only_completion_positions_reach_the_head(monkeypatch):
-    """The head and log-softmax see one row per completion token, never a prompt or pad position."""
+@pytest.mark.parametrize("shared_prefix", [True, False])
+def test_only_completion_positions_reach_the_head(shared_prefix, monkeypatch):
+    """The head and log-softmax see one row per completion token, never a prompt or pad position,
+    on both forwards (prefix_forward's, and HF's as under FSDP2)."""
     model, batch = tiny("llama", True), left_padded_batch()
+    monkeypatch.setattr(prefix_forward, "shares_prefix", lambda model: shared_prefix)
     rows, real = [], prorl_kernels.linear_token_logprobs
 
     def recording(hidden, weight, labels, *args, **kwargs):
@@ -112,9 +116,8 @@ def test_only_completion_positions_reach_the_head(monkeypatch):
     learner.completion_logprobs(model, batch, settings.Config())
     completion_tokens = batch.tokens[batch.mask].tolist()  # row-major, as the labels are gathered
     assert rows == [(37, completion_tokens)]
-    assert head_inputs == [
-        torch.Size([6, 0, 32])
-    ]  # the model's own head call computes no logits at all
+    # the model's own head computes no logits at all: not called, or called on 0 positions
+    assert head_inputs == ([] if shared_prefix else [torch.Size([6, 0, 32])])
 
 
 def test_bf16_logprobs_stay_within_the_stated_bound_of_fp32():

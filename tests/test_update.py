@@ -191,7 +191,7 @@ def test_activation_checkpointing_changes_memory_not_the_update(tiny_model_dir, 
     is counted: a recompute stops once it has what backward needs, so the layer's own forward hook
     never fires a second time)."""
     batch, adv = rollout_batch
-    deltas = []
+    deltas, mlp_runs = [], []
     for checkpointing in (False, True):
         policy = models.load(tiny_model_dir)[0]
         if checkpointing:  # as train.main does for --activation-checkpointing
@@ -205,7 +205,10 @@ def test_activation_checkpointing_changes_memory_not_the_update(tiny_model_dir, 
         learner.update(policy.train(), torch.optim.SGD(policy.parameters(), lr=1.0),
                      batch, adv, None, c)
         deltas.append(torch.cat([(p - q).flatten() for p, q in zip(policy.parameters(), before)]))
-        assert len(runs) == (2 if checkpointing else 1)  # one micro-batch, on-policy: one forward
+        mlp_runs.append(len(runs))
+    # one micro-batch, on-policy: one forward (of the prompt rows, then of the completion rows, in
+    # prefix_forward), recomputed once more in backward with checkpointing
+    assert mlp_runs[0] >= 1 and mlp_runs[1] == 2 * mlp_runs[0]
     assert deltas[0].abs().max() > 0
     torch.testing.assert_close(deltas[0], deltas[1], atol=1e-6, rtol=1e-4)
 
@@ -260,12 +263,14 @@ def test_bf16_compute_keeps_fp32_weights_moving_at_the_presets_lr_and_saves_as_i
     policy, tokenizer = models.load(tiny_model_dir)
     dist.save_pretrained(policy, tokenizer, bf16_dir, torch.bfloat16)
     monkeypatch.setitem(llama_forward.SAMPLE_DTYPE, "cpu", torch.bfloat16)
-    logits_dtypes, moved = [], []
+    forward_dtypes, moved = [], []
     real_update = learner.update
 
     def recording_update(policy, optimizer, *args):
-        policy.lm_head.register_forward_hook(
-            lambda module, inputs, output: logits_dtypes.append(output.dtype))
+        # the last layer's MLP: what the forward computes in, on either path (the model's head
+        # is not called on the shared-prefix one)
+        policy.model.layers[-1].mlp.down_proj.register_forward_hook(
+            lambda module, inputs, output: forward_dtypes.append(output.dtype))
         before = [p.detach().clone() for p in policy.parameters()]
         stats = real_update(policy, optimizer, *args)
         assert all(p.dtype == torch.float32 for p in policy.parameters())
@@ -280,7 +285,7 @@ def test_bf16_compute_keeps_fp32_weights_moving_at_the_presets_lr_and_saves_as_i
                 "--dynamic-sampling", "false", "--length-eta-max", "0.05", "--eval-problems", "2",
                 "--val-problems", "2", "--eval-samples", "1", "--boundary-problems", "0",
                 "--minibatches", "1"])
-    assert set(logits_dtypes) == {torch.bfloat16} and moved[0] > 0.9
+    assert set(forward_dtypes) == {torch.bfloat16} and moved[0] > 0.9
     final = tmp_path / "runs" / "mixed" / "final"
     assert json.loads((final / "config.json").read_text())["dtype"] == "bfloat16"
     from safetensors.torch import load_file
