@@ -25,13 +25,61 @@ CONSTRAINED_RESPONSES = ("My answer is yes.", "My answer is no.", "My answer is 
 UNSUPPORTED = {"language:response_language": "needs a language detector (langdetect), not a dependency here"}
 
 
+# A response may run to twice the longest length a constraint asks for, and at least this many words.
+MIN_WORD_LIMIT = 300
+WORDS_PER_UNIT = 100  # words a sentence, paragraph, bullet or section asked for may take, at most
+CHARS_PER_WORD = 10  # the character bound: what has few \w words (JSON, "*" * 50000) is bounded too
+# The length each constraint asks for, by parameter: a count of words, or of units (sentences, paragraphs,
+# bullets, sections, highlights) that may take WORDS_PER_UNIT words each. Short kinds name theirs "n".
+WORD_PARAMS = {"num_words", "frequency", "capital_frequency"}
+UNIT_PARAMS = {"num_sentences", "num_paragraphs", "num_bullets", "num_sections", "num_highlights"}
+SHORT_WORD_KINDS = {"max_words", "min_words", "keyword_frequency"}
+SHORT_UNIT_KINDS = {"max_sentences", "min_sentences", "paragraphs", "bullet_points", "highlighted_sections"}
+
+
 def score(example: dict, response: str) -> float:
-    """Fraction of example["constraints"] the response satisfies; an empty response scores 0."""
+    """Fraction of example["constraints"] the response satisfies; 0 for a response that is empty, is not
+    about the prompt (none of example["topic"]'s words) or runs past word_limit(constraints).
+
+    IFEval's checks read form only: without the last two, another prompt's answer in lowercase meets "all in
+    lowercase", and so does the right answer with 50,000 more characters after it. RL finds both."""
     if not response.strip():
         return 0.0  # an empty response follows no instruction (it would pass "no_comma", "max_words", ...)
     constraints = example["constraints"]
+    if not on_topic(response, example.get("topic")):
+        return 0.0
+    limit = word_limit(constraints)
+    if len(response) > CHARS_PER_WORD * limit or len(words(response)) > limit:
+        return 0.0
     satisfied = [CHECKS[c["kind"]](response, **{k: v for k, v in c.items() if k != "kind"}) for c in constraints]
     return sum(map(bool, satisfied)) / len(constraints)
+
+
+def on_topic(response: str, topic: list[str] | None) -> bool:
+    """Any of the topic's words (whole words, case-insensitive) in the response; True where the data gives no
+    topic (IFEval's own rows carry none)."""
+    return topic is None or any(count_word(response, word) for word in topic)
+
+
+def word_limit(constraints: list[dict]) -> int:
+    """The most words a response may take: twice the largest length any constraint asks for, and at least
+    MIN_WORD_LIMIT ("at least 300 words" allows 600; "at most 40 words" still allows 300)."""
+    asked = [MIN_WORD_LIMIT // 2]
+    for c in constraints:
+        short_words = c["n"] if c["kind"] in SHORT_WORD_KINDS else 0
+        short_units = c["n"] if c["kind"] in SHORT_UNIT_KINDS else 0
+        asked += [short_words, WORDS_PER_UNIT * short_units]
+        asked += [c[p] for p in WORD_PARAMS & c.keys()] + [WORDS_PER_UNIT * c[p] for p in UNIT_PARAMS & c.keys()]
+    return 2 * max(asked)
+
+
+def check_example(example: dict) -> None:
+    """Raise ValueError unless each constraint is well formed and "topic", where given, is a list of words."""
+    for constraint in example["constraints"]:
+        check_constraint(constraint)
+    topic = example.get("topic", ["any"])
+    if not (isinstance(topic, list) and topic and all(isinstance(w, str) and w.strip() for w in topic)):
+        raise ValueError(f"'topic' must be a non-empty list of words, not {topic!r}")
 
 
 def compare(count: int, relation: str, threshold: int) -> bool:
