@@ -30,8 +30,10 @@ def driver() -> None:
     import os
     import resource
     import select
-    import signal
     import sys
+
+    # _signal, not signal: the same calls and numbers without signal's enum import (a tenth of the start-up)
+    import _signal as signal
 
     sigkill = 9
     header_line = os.pread(0, 32, 0).split(b"\n", 1)[0]

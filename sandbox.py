@@ -209,6 +209,7 @@ def _run(system: dict, program: str, tests: list[dict], time_limit: float, prelo
 PRELOAD_FAILED = 3  # the driver's exit status when the preload raised; its stdout then says what
 
 
+@functools.cache
 def _python_dirs() -> list[str]:
     """This interpreter's installs and site-packages outside /usr: bound read-only into the jail. (The driver's
     `python -S` does not read a venv's pyvenv.cfg, so its sys.prefix would miss the venv: name them here.)"""
