@@ -30,7 +30,7 @@ import zlib
 from collections import Counter
 from pathlib import Path
 
-import ifeval
+from verifiers import ifeval
 
 ANSWER_IN_TAGS = "\n\nGive only your final answer, inside <answer></answer> tags."
 IN_BOXED = "\n\nPut your final answer in \\boxed{}."
@@ -171,7 +171,7 @@ def prompt_fields(value) -> dict:
 
 def limits(record: dict) -> dict:
     """"time_limit" in seconds (2, 2.5, "2 seconds", "1000 ms"; at most MAX_TIME_LIMIT) and "memory_limit_mb"
-    (256, "256 megabytes"; recorded: sandbox.py enforces its own MEMORY_MB), where the record gives them."""
+    (256, "256 megabytes"; recorded: the sandbox enforces its own MEMORY_MB), where the record gives them."""
     found, time, memory = {}, record.get("time_limit"), record.get("memory_limit")
     if isinstance(time, str) and (number := re.match(r"\s*(\d+(?:\.\d+)?)\s*(ms|millisecond)?", time)):
         time = float(number[1]) / (1000 if number[2] else 1)

@@ -45,9 +45,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import chains
-import ifeval
 import layouts
 import rewards
+from verifiers import ifeval
 
 HELDOUT_PERCENT = 10  # a problem is held out iff crc32(its prompt) % 100 < 10: fixed for every run and seed
 

@@ -1,4 +1,4 @@
-"""ifeval.py: each of IFEval's 25 instruction ids against responses worked out by hand, one that meets it and one
+"""verifiers/ifeval.py: each of IFEval's 25 ids against responses worked out by hand, one that meets it and one
 that breaks it, at the boundary of its relation ("less than" n: n − 1 passes, n fails; "at least" n: n passes,
 n − 1 fails). Scored through rewards.score, as training and evaluation score them."""
 
@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-import ifeval
 import rewards
 import tasks
+from verifiers import ifeval
 
 P3 = "One.\n***\nTwo.\n***\nThree."  # three paragraphs separated by IFEval's *** divider
 
