@@ -3,8 +3,14 @@ it must run so, alone (standard library only), and read as short top-level funct
 
 import ast
 import marshal
+import os
+import signal
 import subprocess
 import sys
+import threading
+import time
+
+import pytest
 
 from verifiers import jailed_driver, sandbox_host
 
@@ -51,3 +57,75 @@ def test_forget_keys_mode_runs_as_shipped():
     done = subprocess.run([sys.executable, "-I", "-S", "-c", sandbox_host.DRIVER_SOURCE, "--forget-keys"],
                           capture_output=True, timeout=60, check=False)
     assert done.returncode == 0 and done.stdout == b"", done.stderr.decode()
+
+
+# ----------------------------------------------------------------------------- zygotes (issue 23: code rewards/s)
+
+def jail_by_zygote():
+    system = sandbox_host._system()
+    if not system.get("zygote"):
+        pytest.skip("runs are forked by zygotes only as root with namespaces")
+    return system
+
+
+def test_a_run_forked_by_a_zygote_holds_no_socket_and_no_state_of_an_earlier_run():
+    jail_by_zygote()
+    program = ("import os\n"
+               "print(sorted(os.readlink('/proc/self/fd/' + fd) for fd in os.listdir('/proc/self/fd')"
+               " if os.path.exists('/proc/self/fd/' + fd)))\n"
+               "print(os.getppid(), sorted(os.listdir('/tmp')))\n"
+               "open('/tmp/left-by-a-run', 'w').write('x')\n")
+    first, second = (sandbox_host.run_tests(program, [{"input": ""}])[0] for _ in range(2))
+    for result in (first, second):
+        descriptors, parent = result["output"].splitlines()
+        assert "socket:" not in descriptors  # the zygote's line to the host stays in the zygote
+        # the driver is PID 1 (or 2 under its keeper) of a fresh PID namespace; a fresh empty /tmp
+        assert parent in ("1 []", "2 []"), result["output"]
+
+
+def test_no_descriptor_of_a_test_reaches_the_job_file():
+    """The job file holds every test's input: each test's process must hold no descriptor to it (the
+    driver closes its stdin; the zygote closes what it received once it has placed it)."""
+    program = ("import os, sys\nown = sys.stdin.read().encode()\nfound = []\n"
+               "for fd in os.listdir('/proc/self/fd'):\n"
+               "    try:\n"
+               "        found.append(os.pread(int(fd), 1 << 16, 0))\n"
+               "    except OSError:\n"
+               "        pass\n"
+               "print(own, any(b'-secret-' in data and data != own for data in found))\n")
+    results = sandbox_host.run_tests(program, [{"input": "A-secret-one"}, {"input": "B-secret-two"}])
+    assert [result["output"] for result in results] == ["b'A-secret-one' False\n",
+                                                        "b'B-secret-two' False\n"]
+
+
+def zygotes_of_this_process() -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                command = cmdline.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == os.getpid() and b"A zygote: one long-lived process" in command:
+            found.append(int(entry))
+    return found
+
+
+def test_a_zygote_that_dies_fails_at_most_the_run_it_was_running():
+    jail_by_zygote()
+    assert sandbox_host.run_tests("print(1)", [{"input": ""}]) == [{"status": "ok", "output": "1\n"}]
+    for pid in zygotes_of_this_process():  # idle ones: the next run starts a fresh zygote
+        os.kill(pid, signal.SIGKILL)
+    assert sandbox_host.run_tests("print(2)", [{"input": ""}]) == [{"status": "ok", "output": "2\n"}]
+    results = []
+    running = threading.Thread(target=lambda: results.append(
+        sandbox_host.run_tests("import time\ntime.sleep(5)\nprint(3)", [{"input": ""}], time_limit=10)))
+    running.start()
+    time.sleep(2)
+    for pid in zygotes_of_this_process():  # the busy one among them
+        os.kill(pid, signal.SIGKILL)
+    running.join()
+    assert results == [None]  # the run it was running failed, as a killed driver's does
+    assert sandbox_host.run_tests("print(4)", [{"input": ""}]) == [{"status": "ok", "output": "4\n"}]

@@ -7,8 +7,10 @@
 
 One run = one fresh sandbox. The driver starts there as root inside new Linux namespaces, walls
 itself in, and forks one child per test; each child becomes a throw-away user before it runs the
-program. The verdict is not the sandbox's: the expected outputs never enter it, rewards.py compares
-outputs outside, so a program passes a test only by printing the right answer.
+program. As root, each run's driver is forked by a zygote (zygote.py, one per worker, started once:
+the interpreter's start was most of a short run's cost), else started by `unshare`. The verdict
+is not the sandbox's: the expected outputs never enter it, rewards.py compares outputs outside, so a
+program passes a test only by printing the right answer.
 
 Protections, and where each comes from:
   per run   its own network namespace: no interface but a downed loopback, so no network at all
@@ -60,15 +62,17 @@ import itertools
 import marshal
 import os
 import pathlib
+import queue
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
 import tempfile
 import warnings
 
-from verifiers import confinement, jailed_driver
+from verifiers import confinement, jailed_driver, zygote
 
 # seconds of CPU time per test, the program's own
 DEFAULT_TIME_LIMIT = 2.0
@@ -103,6 +107,8 @@ UID_COUNTER_FILE = "/var/lib/prorl/sandbox-uids"
 # The driver goes in as its module's text: it runs as `python -I -S -c DRIVER_SOURCE`, importing
 # nothing of ours (nothing of ours is importable inside the jail).
 DRIVER_SOURCE = pathlib.Path(jailed_driver.__file__).read_text(encoding="utf-8")
+ZYGOTE_SOURCE = pathlib.Path(zygote.__file__).read_text(encoding="utf-8")
+CLEAN_ENVIRONMENT = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
 
 
 def run_tests(program: str, tests: list[dict], time_limit: float = DEFAULT_TIME_LIMIT,
@@ -192,6 +198,8 @@ def _job(system: dict, program: str, tests: list[dict], inputs: list[bytes], tim
 
 def _drive(system: dict, uid: int | None, job_file, result_file, timeout: float) -> int:
     """Start the driver on the job, wait for it at most `timeout` seconds; its exit status."""
+    if system.get("zygote"):
+        return _drive_by_zygote(system, job_file, result_file, timeout)
     with tempfile.TemporaryDirectory() as host_workdir:
         # in the jail, /tmp is its private tmpfs
         workdir = "/tmp" if system["jail"] else host_workdir
@@ -211,6 +219,46 @@ def _drive(system: dict, uid: int | None, job_file, result_file, timeout: float)
             # no PID namespace to take leftovers down with the driver: find them by uid
             _kill_user(uid)
     return process.returncode
+
+
+# Zygotes waiting for a run (verifiers/zygote.py), by command: one per worker that runs at once.
+_idle_zygotes: dict[tuple, queue.SimpleQueue] = {}
+
+
+def _drive_by_zygote(system: dict, job_file, result_file, timeout: float) -> int:
+    """The run forked by an idle zygote (or a new one); its exit status. A zygote that fails to
+    answer is killed, and the run fails."""
+    idle = _idle_zygotes.setdefault(tuple(system["zygote"]), queue.SimpleQueue())
+    while True:
+        try:
+            process, host = idle.get_nowait()
+        except queue.Empty:
+            process, host = _start_zygote(system)
+        if process.poll() is None:
+            break
+        # one that died while idle: the run has not started, so the next zygote takes it
+        host.close()
+    try:
+        message = b"%f" % timeout
+        socket.send_fds(host, [message], [job_file.fileno(), result_file.fileno()])
+        host.settimeout(timeout + STARTUP_SECONDS)
+        status = int(host.recv(32))
+    except (OSError, ValueError):
+        process.kill()
+        process.wait()
+        host.close()
+        return -signal.SIGKILL
+    idle.put((process, host))
+    return status
+
+
+def _start_zygote(system: dict) -> tuple[subprocess.Popen, socket.socket]:
+    host, inside = socket.socketpair()
+    process = subprocess.Popen(system["zygote"], stdin=inside, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, cwd="/", env=CLEAN_ENVIRONMENT,
+                               start_new_session=True)
+    inside.close()
+    return process, host
 
 
 @functools.cache
@@ -304,10 +352,15 @@ def _system(allow_jail: bool = True) -> dict:
     for jailed, python, run_cgroup in modes:
         command = (unshare if jailed else []) + [python, "-I", "-S", "-c", DRIVER_SOURCE]
         system = {"root": root, "jail": jailed, "cgroup": run_cgroup, "command": command}
-        started = _run(system, _STARTUP_CHECK, [{"input": ""}], time_limit=10)
-        if started == [{"status": "ok", "output": "ok\n"}]:
-            _warn_of_missing_walls(jailed, run_cgroup, root)
-            return system
+        # as root, the jail's runs are forked by zygotes (the same walls, started once), else each
+        # run starts its own driver
+        forking = [python, "-I", "-S", "-c", ZYGOTE_SOURCE, DRIVER_SOURCE]
+        for zygote_command in ([forking] if jailed and root else []) + [None]:
+            system = dict(system, zygote=zygote_command)
+            started = _run(system, _STARTUP_CHECK, [{"input": ""}], time_limit=10)
+            if started == [{"status": "ok", "output": "ok\n"}]:
+                _warn_of_missing_walls(jailed, run_cgroup, root)
+                return system
     raise RuntimeError("the code sandbox cannot start Python on this machine (tried "
                        f"{', '.join(pythons)}, with and without namespaces).")
 
