@@ -117,21 +117,28 @@ def test_degenerate_output_is_scored_fast():
     assert time.monotonic() - start < 5.0  # each regex linear: a quadratic one takes minutes on these
 
 
-# Issue 23: IFEval's checks read form only, so another prompt's answer and the right answer with 50,000 more
-# characters met some constraints. A response must be about its prompt and of a length the prompt allows.
-WATER = {"task": "ifeval", "prompt": "Describe the water cycle in at most 40 words, all in lowercase.",
+# Issue 23: IFEval's checks read form only, so another prompt's answer and the right answer with
+# 50,000 more characters met some constraints. A response must be about its prompt and of a length
+# the prompt allows.
+WATER = {"task": "ifeval",
+         "prompt": "Describe the water cycle in at most 40 words, all in lowercase.",
          "constraints": [{"kind": "max_words", "n": 40}, {"kind": "lowercase"}],
          "topic": ["water", "rain", "clouds"]}
 
 
 def test_a_response_off_the_topic_scores_0():
     assert rewards.score(WATER, "water rises and falls as rain") == 1.0
-    assert rewards.score(WATER, "Water rises and falls as rain") == 0.5  # on topic, one of two constraints met
-    assert rewards.score(WATER, "the leaves let go in amber light") == 0.0  # lowercase, short: off topic
-    assert rewards.score(WATER, "watery rainbows") == 0.0  # whole words: "watery" is not "water"
-    assert rewards.score(WATER, "RAIN") == 0.5  # case-insensitive: on topic, not lowercase
+    # on topic, one of two constraints met
+    assert rewards.score(WATER, "Water rises and falls as rain") == 0.5
+    # lowercase, short: off topic
+    assert rewards.score(WATER, "the leaves let go in amber light") == 0.0
+    # whole words: "watery" is not "water"
+    assert rewards.score(WATER, "watery rainbows") == 0.0
+    # case-insensitive: on topic, not lowercase
+    assert rewards.score(WATER, "RAIN") == 0.5
     no_topic = {k: v for k, v in WATER.items() if k != "topic"}
-    assert rewards.score(no_topic, "the leaves let go in amber light") == 1.0  # IFEval's rows carry no topic
+    # IFEval's rows carry no topic
+    assert rewards.score(no_topic, "the leaves let go in amber light") == 1.0
 
 
 def test_the_word_limit_is_twice_the_longest_length_asked_and_at_least_300():
@@ -143,17 +150,21 @@ def test_the_word_limit_is_twice_the_longest_length_asked_and_at_least_300():
     assert ifeval.word_limit([{"kind": "min_sentences", "n": 5}, {"kind": "lowercase"}]) == 1000
     assert ifeval.word_limit([{"kind": "keywords:frequency", "keyword": "tea", "frequency": 200,
                                "relation": "at least"}]) == 400
-    assert ifeval.word_limit([{"kind": "placeholders", "n": 400}]) == 300  # placeholders are no length
+    # placeholders are no length
+    assert ifeval.word_limit([{"kind": "placeholders", "n": 400}]) == 300
 
 
 def test_a_response_past_the_word_or_character_limit_scores_0():
-    lowercase = {"task": "ifeval", "prompt": "...", "constraints": [{"kind": "lowercase"}]}  # limit 300 words
+    # limit 300 words
+    lowercase = {"task": "ifeval", "prompt": "...", "constraints": [{"kind": "lowercase"}]}
     assert rewards.score(lowercase, "word " * 300) == 1.0
     assert rewards.score(lowercase, "word " * 301) == 0.0
-    assert rewards.score(lowercase, "x" + "*" * 2999) == 1.0  # 3,000 characters = 10 per word of 300
+    # 3,000 characters = 10 per word of 300
+    assert rewards.score(lowercase, "x" + "*" * 2999) == 1.0
     assert rewards.score(lowercase, "x" + "*" * 3000) == 0.0
     long_form = {"task": "ifeval", "prompt": "...", "constraints": [
-        {"kind": "min_words", "n": 400}, {"kind": "lowercase"}]}  # limit 800 words
+        # limit 800 words
+        {"kind": "min_words", "n": 400}, {"kind": "lowercase"}]}
     assert rewards.score(long_form, "word " * 800) == 1.0
     assert rewards.score(long_form, "word " * 801) == 0.0
 
@@ -163,10 +174,12 @@ def test_the_sample_file_has_a_topic_for_every_prompt_and_no_answer_fits_another
     assert all(example["topic"] for example in examples)
     for example in examples:
         assert rewards.score(example, example["solution"]) == 1.0
-        assert rewards.score(example, example["solution"] + " 9" * 25_000) == 0.0  # the audit's overlong
+        # the audit's overlong
+        assert rewards.score(example, example["solution"] + " 9" * 25_000) == 0.0
         for other in examples:
             if other is not example:
-                assert rewards.score(example, other["solution"]) == 0.0, (example["prompt"], other["prompt"])
+                score = rewards.score(example, other["solution"])
+                assert score == 0.0, (example["prompt"], other["prompt"])
 
 
 @pytest.mark.parametrize("topic", ["water", [], ["water", ""], ["water", 3]])
