@@ -18,6 +18,7 @@ from verifiers import jailed_driver, sandbox_host
 def test_the_shipped_source_is_the_module_file_and_imports_only_the_standard_library():
     with open(jailed_driver.__file__, encoding="utf-8") as module_file:
         assert sandbox_host.DRIVER_SOURCE == module_file.read()
+    assert sandbox_host.PRELOAD_FAILED == jailed_driver.PRELOAD_FAILED
     tree = ast.parse(sandbox_host.DRIVER_SOURCE)
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
                 for alias in node.names}

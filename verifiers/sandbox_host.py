@@ -72,7 +72,7 @@ import sysconfig
 import tempfile
 import warnings
 
-from verifiers import confinement, jailed_driver, zygote
+from verifiers import confinement
 
 # seconds of CPU time per test, the program's own
 DEFAULT_TIME_LIMIT = 2.0
@@ -105,9 +105,12 @@ UID_BASE = 2**30
 UID_COUNT = 2**30 - 1
 UID_COUNTER_FILE = "/var/lib/prorl/sandbox-uids"
 # The driver goes in as its module's text: it runs as `python -I -S -c DRIVER_SOURCE`, importing
-# nothing of ours (nothing of ours is importable inside the jail).
-DRIVER_SOURCE = pathlib.Path(jailed_driver.__file__).read_text(encoding="utf-8")
-ZYGOTE_SOURCE = pathlib.Path(zygote.__file__).read_text(encoding="utf-8")
+# nothing of ours (nothing of ours is importable inside the jail). Read, not imported: its
+# module-level code is the jail's (keyctl's number for this machine), not the trainer's.
+DRIVER_SOURCE = pathlib.Path(__file__).with_name("jailed_driver.py").read_text(encoding="utf-8")
+ZYGOTE_SOURCE = pathlib.Path(__file__).with_name("zygote.py").read_text(encoding="utf-8")
+# the driver's exit status when the preload raised (jailed_driver.PRELOAD_FAILED)
+PRELOAD_FAILED = 3
 CLEAN_ENVIRONMENT = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
 
 
@@ -176,7 +179,7 @@ def _run(system: dict, program: str, tests: list[dict], time_limit: float,
             _forget_keys(uid)
         result_file.seek(0)
         raw = result_file.read((OUTPUT_LIMIT + 64) * len(tests) + 4096)
-    if returncode == jailed_driver.PRELOAD_FAILED and raw.startswith(b"preload "):
+    if returncode == PRELOAD_FAILED and raw.startswith(b"preload "):
         error = raw[len(b"preload "):].decode(errors="replace")
         raise RuntimeError(f"the sandbox's preload failed: {error}")
     return _parse_results(raw, len(tests)) if returncode == 0 else None
