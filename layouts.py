@@ -32,7 +32,7 @@ import zlib
 from collections import Counter
 from pathlib import Path
 
-import ifeval
+from prorl_verifiers import ifeval
 from record_fields import (
     Skip,
     answer_text,

@@ -6,11 +6,11 @@ plus the built-in toy tasks):
   task     reward                                         how
   math     1 if the final answer equals "answer"          math-verify: \boxed{} first, else the last answer-like
                                                           expression; equal as numbers/sets/expressions
-  code     fraction of "tests" passed (ProRL)             the last ```python block, run in sandbox.py
+  code     fraction of "tests" passed (ProRL)             the last ```python block, run in the sandbox
   logic    the dataset's own score, continuous            reasoning-gym's scorer on the last <answer>...</answer>,
-                                                          run in sandbox.py (some scorers eval() the answer)
+                                                          run in the sandbox (some scorers eval() the answer)
   mcq      1 if the chosen letter is "answer"             "answer is (C)", "Answer: C", \boxed{C}, or just "C"
-  ifeval   fraction of "constraints" satisfied            ifeval.py: IFEval's checks (Zhou et al., 2023)
+  ifeval   fraction of "constraints" satisfied            prorl_verifiers/ifeval.py: IFEval's checks (Zhou et al., 2023)
 
 Reasoning before a closing </think> is never read as the answer, nor (for math, logic, mcq) anything
 inside a fenced code block: code is not an answer.
@@ -27,9 +27,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import chains
-import ifeval
-import logic_scorer
-import sandbox
+from prorl_verifiers import ifeval, logic_scorer, sandbox_host
 
 MATH_TIME_LIMIT = 5  # seconds math-verify may spend parsing or comparing one answer (\boxed{9^{9^{9^9}}} ...)
 LOGIC_TIME_LIMIT = 0.5  # seconds of CPU time one reasoning-gym score may take (sympy stallers: 9**9**9**9) ...
@@ -147,9 +145,10 @@ def score_code(example: dict, completion: str) -> float:
     tests = example["tests"]
     try:
         inputs = [{"call": t["call"]} if "call" in t else {"input": t["input"]} for t in tests]
-        results = sandbox.run_tests(program, inputs,
-                                    time_limit=example.get("time_limit", sandbox.DEFAULT_TIME_LIMIT),
-                                    memory_mb=example.get("memory_limit_mb"))  # the problem's own, if any
+        time_limit = example.get("time_limit", sandbox_host.DEFAULT_TIME_LIMIT)
+        # the problem's own memory limit, if any
+        results = sandbox_host.run_tests(program, inputs, time_limit=time_limit,
+                                         memory_mb=example.get("memory_limit_mb"))
     except RuntimeError as error:  # the machine cannot sandbox (no libseccomp, say): never a silent 0
         raise VerifierUnavailable(f"code cannot be scored: {error}") from None
     if results is None:
@@ -198,7 +197,7 @@ def score_logic_batch(examples: list[dict], completions: list[str]) -> list[floa
     string_insertion) or hand it to sympy's parse_expr, which evaluates too. Two walls, either enough alone:
       1. answer text is never run: in the sandbox those eval()s parse Python literals only, and sympy gets an
          answer only when its tokens are numbers, operators and math names (no strings, dots, dunders, builtins);
-      2. each answer is scored in a process of its own (sandbox.run_tests: one test per answer), with only its
+      2. each answer is scored in a process of its own (sandbox_host.run_tests: one test per answer), with only its
          own entry on its stdin, under a CPU-time limit the driver enforces; the driver, another uid, writes the
          results. So an answer that got past 1 could set its own score (clipped to [0, 1], what a right answer
          gets) but never read, raise or lower another's, nor stall the batch. Nothing leaves the sandbox.
@@ -226,7 +225,7 @@ def score_in_sandbox(jobs: list[bytes]) -> list[float]:
     tests = [{"input": base64.b64encode(job).decode()} for job in jobs]
     preload = logic_scorer.logic_preload({pickle.loads(job)[1] for job in jobs})
     try:
-        results = sandbox.run_tests(logic_scorer.LOGIC_SCORER, tests, time_limit=LOGIC_TIME_LIMIT, preload=preload)
+        results = sandbox_host.run_tests(logic_scorer.LOGIC_SCORER, tests, time_limit=LOGIC_TIME_LIMIT, preload=preload)
     except RuntimeError as error:
         raise VerifierUnavailable(f"logic answers cannot be scored: {LOGIC_SANDBOX_HELP} ({error})") from None
     if results is None:  # the driver is out of every answer's reach: this is the machine, not the model

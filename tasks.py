@@ -34,7 +34,7 @@ JSONL schema: one example per line, a JSON object with "task" and "prompt", and 
   logic   "dataset": a reasoning-gym dataset name, "entry": one of its entries (question, answer,
           metadata)
   mcq     "answer": the right option's letter, A to J
-  ifeval  "constraints": [{"kind": "max_words", "n": 50}, ...], kinds as in ifeval.CHECKS
+  ifeval  "constraints": [{"kind": "max_words", "n": 50}, ...] (ifeval.CHECKS); optional "topic": [words]
   add, sort, reverse, countdown, chains: as the built-in generators make them
 Any example may carry "solution", one completion that scores 1 (every shipped one is tested to),
 and "source", the name of its row in reports (verl's data_source; label_sources names the rest).
@@ -51,11 +51,11 @@ from collections import defaultdict
 from pathlib import Path
 
 import chains
-import ifeval
 import layouts
 import record_fields
 import rewards
 from builtin_tasks import BUILTIN, check_reasoning_gym_name, make_reasoning_gym
+from prorl_verifiers import ifeval
 
 # a problem is held out iff crc32(its prompt) % 100 < 10: fixed for every run and seed
 HELDOUT_PERCENT = 10
@@ -375,5 +375,4 @@ def check_example(example: dict) -> None:
     if task == "ifeval":
         if not (isinstance(example["constraints"], list) and example["constraints"]):
             raise ValueError("'constraints' must be a non-empty list")
-        for constraint in example["constraints"]:
-            ifeval.check_constraint(constraint)
+        ifeval.check_example(example)

@@ -23,8 +23,8 @@ import time
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, not bench/
 
 import rewards
-import sandbox
 import tasks
+from prorl_verifiers import sandbox_probe
 
 
 def scored_batch(domain: str, completions_of) -> tuple[list[dict], list[str]]:
@@ -67,7 +67,7 @@ def throughput(examples: list[dict], completions: list[str], workers: int) -> tu
 def main() -> None:
     cores = os.cpu_count()
     print(f"machine: {cores} cores, load average {os.getloadavg()[0]:.1f}; sandbox protections: "
-          f"{', '.join(name for name, on in sandbox.protections().items() if on)}")
+          f"{', '.join(name for name, on in sandbox_probe.protections().items() if on)}")
     examples, completions = scored_batch("code", code_completions)
     rewards.score_batch(examples[:cores], completions[:cores])  # warm up: the sandbox's mode is worked out once
     per_second, scores = throughput(examples, completions, workers=cores)

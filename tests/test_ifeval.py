@@ -1,4 +1,4 @@
-"""ifeval.py: each of IFEval's 25 instruction ids against responses worked out by hand, one that meets it and one
+"""prorl_verifiers/ifeval.py: each of IFEval's 25 ids against responses worked out by hand, one that meets it and one
 that breaks it, at the boundary of its relation ("less than" n: n − 1 passes, n fails; "at least" n: n passes,
 n − 1 fails). Scored through rewards.score, as training and evaluation score them."""
 
@@ -6,8 +6,9 @@ import time
 
 import pytest
 
-import ifeval
 import rewards
+import tasks
+from prorl_verifiers import ifeval
 
 P3 = "One.\n***\nTwo.\n***\nThree."  # three paragraphs separated by IFEval's *** divider
 
@@ -114,3 +115,74 @@ def test_degenerate_output_is_scored_fast():
     for response in DEGENERATE:
         assert 0.0 <= rewards.score(example, response) < 1.0
     assert time.monotonic() - start < 5.0  # each regex linear: a quadratic one takes minutes on these
+
+
+# Issue 23: IFEval's checks read form only, so another prompt's answer and the right answer with
+# 50,000 more characters met some constraints. A response must be about its prompt and of a length
+# the prompt allows.
+WATER = {"task": "ifeval",
+         "prompt": "Describe the water cycle in at most 40 words, all in lowercase.",
+         "constraints": [{"kind": "max_words", "n": 40}, {"kind": "lowercase"}],
+         "topic": ["water", "rain", "clouds"]}
+
+
+def test_a_response_off_the_topic_scores_0():
+    assert rewards.score(WATER, "water rises and falls as rain") == 1.0
+    # on topic, one of two constraints met
+    assert rewards.score(WATER, "Water rises and falls as rain") == 0.5
+    # lowercase, short: off topic
+    assert rewards.score(WATER, "the leaves let go in amber light") == 0.0
+    # whole words: "watery" is not "water"
+    assert rewards.score(WATER, "watery rainbows") == 0.0
+    # case-insensitive: on topic, not lowercase
+    assert rewards.score(WATER, "RAIN") == 0.5
+    no_topic = {k: v for k, v in WATER.items() if k != "topic"}
+    # IFEval's rows carry no topic
+    assert rewards.score(no_topic, "the leaves let go in amber light") == 1.0
+
+
+def test_the_word_limit_is_twice_the_longest_length_asked_and_at_least_300():
+    # by hand: "at most 40 words" asks 40 → max(300, 80) = 300; "at least 400 words" → 800;
+    # 5 sentences × 100 words each → 1000; a keyword 200 times → 400
+    assert ifeval.word_limit(WATER["constraints"]) == 300
+    assert ifeval.word_limit([{"kind": "length_constraints:number_words", "num_words": 400,
+                               "relation": "at least"}]) == 800
+    assert ifeval.word_limit([{"kind": "min_sentences", "n": 5}, {"kind": "lowercase"}]) == 1000
+    assert ifeval.word_limit([{"kind": "keywords:frequency", "keyword": "tea", "frequency": 200,
+                               "relation": "at least"}]) == 400
+    # placeholders are no length
+    assert ifeval.word_limit([{"kind": "placeholders", "n": 400}]) == 300
+
+
+def test_a_response_past_the_word_or_character_limit_scores_0():
+    # limit 300 words
+    lowercase = {"task": "ifeval", "prompt": "...", "constraints": [{"kind": "lowercase"}]}
+    assert rewards.score(lowercase, "word " * 300) == 1.0
+    assert rewards.score(lowercase, "word " * 301) == 0.0
+    # 3,000 characters = 10 per word of 300
+    assert rewards.score(lowercase, "x" + "*" * 2999) == 1.0
+    assert rewards.score(lowercase, "x" + "*" * 3000) == 0.0
+    long_form = {"task": "ifeval", "prompt": "...", "constraints": [
+        # limit 800 words
+        {"kind": "min_words", "n": 400}, {"kind": "lowercase"}]}
+    assert rewards.score(long_form, "word " * 800) == 1.0
+    assert rewards.score(long_form, "word " * 801) == 0.0
+
+
+def test_the_sample_file_has_a_topic_for_every_prompt_and_no_answer_fits_another():
+    examples = tasks.load_source("ifeval")
+    assert all(example["topic"] for example in examples)
+    for example in examples:
+        assert rewards.score(example, example["solution"]) == 1.0
+        # the audit's overlong
+        assert rewards.score(example, example["solution"] + " 9" * 25_000) == 0.0
+        for other in examples:
+            if other is not example:
+                score = rewards.score(example, other["solution"])
+                assert score == 0.0, (example["prompt"], other["prompt"])
+
+
+@pytest.mark.parametrize("topic", ["water", [], ["water", ""], ["water", 3]])
+def test_a_topic_must_be_a_list_of_words(topic):
+    with pytest.raises(ValueError, match="'topic' must be a non-empty list of words"):
+        ifeval.check_example({**WATER, "topic": topic})

@@ -14,16 +14,15 @@ import time
 import pytest
 import reasoning_gym
 
-import logic_scorer
 import rewards
-import sandbox
 import tasks
+from prorl_verifiers import logic_scorer, sandbox_host, sandbox_probe
 
 LIMIT = 2  # seconds per answer here
 
 
 def require_walls() -> None:
-    proven = sandbox.protections()
+    proven = sandbox_probe.protections()
     missing = [name for name in ("private_filesystem", "own_user", "cannot_signal_host") if not proven[name]]
     if missing:
         pytest.skip(f"not safe to run here: the sandbox cannot prove {', '.join(missing)} on this machine")
@@ -168,10 +167,10 @@ def test_without_reasoning_gym_in_the_sandbox_scoring_is_an_error_and_nothing_ru
 def test_the_sandbox_sees_this_pythons_packages():
     """A venv (here perhaps under /tmp, on a pyenv Python under /root): the sandbox's `python -S` has the base
     install's prefix only, so the venv's site-packages must be bound in by name."""
-    bound = sandbox._python_dirs()
+    bound = sandbox_host._python_dirs()
     for directory in (sys.prefix, sys.base_prefix):
         assert (directory + "/").startswith(("/usr/", *(d + "/" for d in bound))), (directory, bound)
-    [result] = sandbox.run_tests("import reasoning_gym\nprint('imported')", [{"input": ""}], time_limit=30,
+    [result] = sandbox_host.run_tests("import reasoning_gym\nprint('imported')", [{"input": ""}], time_limit=30,
                                  preload=f"import site\nsite.addsitedir({sysconfig.get_paths()['purelib']!r})")
     assert result == {"status": "ok", "output": "imported\n"}
 
@@ -180,8 +179,8 @@ def test_identical_answers_to_one_problem_are_scored_once(monkeypatch):
     spiral, other = logic_example("spiral_matrix", 1), logic_example("spiral_matrix", 2)
     right = f"<answer>{spiral['entry']['answer']}</answer>"
     sent = []
-    run_tests = sandbox.run_tests
-    monkeypatch.setattr(sandbox, "run_tests", lambda program, tests, **kw: sent.append(len(tests)) or run_tests(
+    run_tests = sandbox_host.run_tests
+    monkeypatch.setattr(sandbox_host, "run_tests", lambda program, tests, **kw: sent.append(len(tests)) or run_tests(
         program, tests, **kw))
     # the same text for another problem is another job; untagged answers need no sandbox at all
     scores = rewards.score_batch([spiral] * 4 + [other, spiral], [right, right, f"<answer>\n{right[8:]}", right,
@@ -196,11 +195,11 @@ def test_the_user_namespace_mode_scores_logic_answers_too(monkeypatch, tmp_path)
     if os.geteuid() != 0:
         pytest.skip("checked for real by every test here: this process is not root")
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    system = sandbox._system.__wrapped__()
+    system = sandbox_host._system.__wrapped__()
     monkeypatch.undo()
     if not system["jail"]:
         pytest.skip("user namespaces are refused on this machine")
-    monkeypatch.setattr(sandbox, "_system", lambda: system)
+    monkeypatch.setattr(sandbox_host, "_system", lambda: system)
     marker = tmp_path / "written-by-an-answer"
     os.chmod(tmp_path, 0o777)
     spiral = logic_example("spiral_matrix", 1)
@@ -209,8 +208,8 @@ def test_the_user_namespace_mode_scores_logic_answers_too(monkeypatch, tmp_path)
     assert "--user" in system["command"]
     assert rewards.score_batch([spiral] * 3, [right, hostile, right]) == [1.0, 0.0, 1.0]
     assert not marker.exists()
-    [result] = sandbox.run_tests("print(open('/proc/sys/kernel/shmmax').read())", [{"input": ""}])
-    assert int(result["output"]) == sandbox.SHARED_MEMORY_MB * 2**20  # the IPC limits hold there too
+    [result] = sandbox_host.run_tests("print(open('/proc/sys/kernel/shmmax').read())", [{"input": ""}])
+    assert int(result["output"]) == sandbox_host.SHARED_MEMORY_MB * 2**20  # the IPC limits hold there too
 
 
 # ----------------------------------------------------------------------------- round three (issue 23)

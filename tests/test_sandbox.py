@@ -1,7 +1,7 @@
 """The code sandbox: honest programs are judged right; hostile ones end within their limits, score 0, and
 leave the machine as it was.
 
-Hostile programs run only through the sandbox, and only once `sandbox.protections()` has proven, with
+Hostile programs run only through the sandbox, and only once `sandbox_probe.protections()` has proven, with
 harmless probes, the walls they would break through if the sandbox failed. Where a wall is missing (no
 namespaces in a container, not root), the test that needs it is skipped and says which wall, rather
 than run a fork bomb or kill(-1) unprotected.
@@ -17,7 +17,7 @@ import time
 import pytest
 
 import rewards
-import sandbox
+from prorl_verifiers import sandbox_host, sandbox_probe
 
 LIMIT = 1.0  # seconds per test in the hostile examples below
 SLACK = 8.0  # starting the sandbox on a busy two-core machine, on top of the tests' own limits
@@ -25,7 +25,7 @@ SLACK = 8.0  # starting the sandbox on a busy two-core machine, on top of the te
 
 def require(*needed: str, any_of: tuple[str, ...] = ()) -> None:
     """Skip, naming what is missing, unless every protection in `needed` (and one of `any_of`) is proven."""
-    proven = sandbox.protections()
+    proven = sandbox_probe.protections()
     missing = [name for name in needed if not proven[name]]
     if any_of and not any(proven[name] for name in any_of):
         missing.append(" or ".join(any_of))
@@ -49,8 +49,8 @@ UIDS_USED = set()  # every throw-away uid this test process handed out
 
 @pytest.fixture(autouse=True)
 def record_uids(monkeypatch):
-    allocate = sandbox._throwaway_uid
-    monkeypatch.setattr(sandbox, "_throwaway_uid", lambda: UIDS_USED.add(uid := allocate()) or uid)
+    allocate = sandbox_host._throwaway_uid
+    monkeypatch.setattr(sandbox_host, "_throwaway_uid", lambda: UIDS_USED.add(uid := allocate()) or uid)
 
 
 def leftovers() -> list[int]:
@@ -84,7 +84,7 @@ def score_hostile(program: str, example: dict | None = None) -> tuple[float, flo
 # ----------------------------------------------------------------------------- the probe, honest programs
 
 def test_protections_are_probed_and_the_basic_ones_hold_everywhere():
-    proven = sandbox.protections()
+    proven = sandbox_probe.protections()
     print("sandbox protections on this machine:", proven)
     assert set(proven) == {"own_user", "own_session", "no_network", "cannot_signal_host", "own_pid_namespace",
                            "process_limit", "memory_limit", "private_filesystem", "clean_environment"}
@@ -98,7 +98,7 @@ def test_the_sandbox_uses_every_wall_this_machine_allows():
     flags = ["--mount", "--net", "--pid", "--ipc", "--uts", "--fork"]
     flags += [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
     namespaces = subprocess.run(["unshare", *flags, "true"], check=False, capture_output=True).returncode == 0
-    proven = sandbox.protections()
+    proven = sandbox_probe.protections()
     if namespaces:
         for wall in ["no_network", "own_pid_namespace", "private_filesystem", "cannot_signal_host", "process_limit"]:
             assert proven[wall], wall
@@ -114,40 +114,40 @@ def test_the_probe_holds_when_the_host_itself_runs_in_a_pid_namespace():
     flags = ["--pid", "--fork", "--mount-proc"] + ([] if os.geteuid() == 0 else ["--user", "--map-root-user"])
     if subprocess.run(["unshare", *flags, "true"], check=False, capture_output=True).returncode != 0:
         pytest.skip("unshare --pid is refused on this machine")
-    script = "import json, sandbox; print(json.dumps(sandbox.protections()))"
+    script = "import json; from prorl_verifiers import sandbox_probe; print(json.dumps(sandbox_probe.protections()))"
     done = subprocess.run(["unshare", *flags, sys.executable, "-c", script], check=False, capture_output=True,
                           text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert done.returncode == 0, done.stderr[-2000:]
     nested = json.loads(done.stdout.strip().splitlines()[-1])
     assert nested["own_session"] and nested["memory_limit"] and nested["clean_environment"], nested
     for wall in ["cannot_signal_host", "own_pid_namespace", "no_network"]:
-        assert nested[wall] == sandbox.protections()[wall], (wall, nested)
+        assert nested[wall] == sandbox_probe.protections()[wall], (wall, nested)
 
 def test_stdin_and_call_tests_run_and_report_what_happened():
     program = "a, b = map(int, input().split())\nprint(a + b)"
-    results = sandbox.run_tests(program, [{"input": "1 2\n"}, {"input": "x y\n"}])
+    results = sandbox_host.run_tests(program, [{"input": "1 2\n"}, {"input": "x y\n"}])
     assert results == [{"status": "ok", "output": "3\n"}, {"status": "exit code 1", "output": ""}]
     program = ("def add(a, b):\n    print('adding', end='')\n    return a + b\n\n"
                "if __name__ == '__main__':\n    print('main')")
-    results = sandbox.run_tests(program, [{"call": "add(1, 2)"}, {"call": "add('a', 'b')"}, {"call": "add(1)"}])
+    results = sandbox_host.run_tests(program, [{"call": "add(1, 2)"}, {"call": "add('a', 'b')"}, {"call": "add(1)"}])
     # a call test runs the program as a module (no __main__ block) and prints repr(value) on a last line of its own
     assert results[0] == {"status": "ok", "output": "adding\n3\n"}
     assert results[1] == {"status": "ok", "output": "adding\n'ab'\n"}
     assert results[2]["status"] == "exit code 1"
-    assert sandbox.run_tests("import sys\nsys.exit(3)", [{"input": ""}]) == [{"status": "exit code 3", "output": ""}]
+    assert sandbox_host.run_tests("import sys\nsys.exit(3)", [{"input": ""}]) == [{"status": "exit code 3", "output": ""}]
 
 
 def test_each_test_gets_a_fresh_process_and_only_its_own_input():
     program = ("import sys\ncounter = globals().setdefault('seen', [])\ncounter.append(1)\n"
                "print(len(counter), sys.stdin.read())")
-    results = sandbox.run_tests(program, [{"input": "first"}, {"input": "second"}])
+    results = sandbox_host.run_tests(program, [{"input": "first"}, {"input": "second"}])
     assert [r["output"] for r in results] == ["1 first\n", "1 second\n"]
 
 
 def test_programs_see_a_clean_environment_and_a_private_scratch_directory(monkeypatch):
     monkeypatch.setenv("PRORL_TEST_SECRET", "hunter2")
     program = "import os\nopen('scratch.txt', 'w').write('x')\nprint(sorted(os.environ), os.path.exists('scratch.txt'))"
-    [result] = sandbox.run_tests(program, [{"input": ""}])
+    [result] = sandbox_host.run_tests(program, [{"input": ""}])
     assert result == {"status": "ok", "output": "['HOME', 'LANG', 'PATH', 'TMPDIR'] True\n"}
 
 
@@ -156,21 +156,21 @@ def test_programs_see_a_clean_environment_and_a_private_scratch_directory(monkey
 def test_infinite_loop_is_stopped_at_the_time_limit():
     reward, seconds = score_hostile("while True:\n    pass")
     assert reward == 0.0
-    assert seconds < 3 * sandbox.WALL_FACTOR * LIMIT + SLACK  # the wall-clock backstop, per test
-    assert sandbox.run_tests("while True:\n    pass", [{"input": ""}], time_limit=0.5)[0]["status"] == "timeout"
+    assert seconds < 3 * sandbox_host.WALL_FACTOR * LIMIT + SLACK  # the wall-clock backstop, per test
+    assert sandbox_host.run_tests("while True:\n    pass", [{"input": ""}], time_limit=0.5)[0]["status"] == "timeout"
     assert not leftovers()
 
 
 def test_every_test_runs_under_the_documented_limits():
     program = ("import resource\nfor name in ['CPU', 'AS', 'NPROC', 'FSIZE', 'NOFILE', 'CORE']:\n"
                "    print(name, *resource.getrlimit(getattr(resource, 'RLIMIT_' + name)))")
-    [result] = sandbox.run_tests(program, [{"input": ""}], time_limit=1.5)
-    megabytes = sandbox.MEMORY_MB * 2**20
+    [result] = sandbox_host.run_tests(program, [{"input": ""}], time_limit=1.5)
+    megabytes = sandbox_host.MEMORY_MB * 2**20
     assert result["output"].split("\n")[:-1] == [
         "CPU 2 3",  # 1.5 s rounded up; SIGXCPU at the soft limit, SIGKILL a second later
-        f"AS {megabytes} {megabytes}", f"NPROC {sandbox.MAX_PROCESSES} {sandbox.MAX_PROCESSES}",
-        f"FSIZE {sandbox.OUTPUT_LIMIT} {sandbox.OUTPUT_LIMIT}",
-        f"NOFILE {sandbox.MAX_OPEN_FILES} {sandbox.MAX_OPEN_FILES}", "CORE 0 0"]
+        f"AS {megabytes} {megabytes}", f"NPROC {sandbox_host.MAX_PROCESSES} {sandbox_host.MAX_PROCESSES}",
+        f"FSIZE {sandbox_host.OUTPUT_LIMIT} {sandbox_host.OUTPUT_LIMIT}",
+        f"NOFILE {sandbox_host.MAX_OPEN_FILES} {sandbox_host.MAX_OPEN_FILES}", "CORE 0 0"]
 
 
 def test_fork_bomb_is_contained():
@@ -178,7 +178,7 @@ def test_fork_bomb_is_contained():
     program = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
     reward, seconds = score_hostile(program)
     assert reward == 0.0
-    assert seconds < 3 * sandbox.WALL_FACTOR * LIMIT + SLACK  # the wall-clock backstop, per test
+    assert seconds < 3 * sandbox_host.WALL_FACTOR * LIMIT + SLACK  # the wall-clock backstop, per test
     assert not leftovers()
     assert subprocess.run(["true"], check=False).returncode == 0  # the host can still start processes
 
@@ -187,8 +187,8 @@ def test_allocating_20_gb_fails_at_once():
     require("memory_limit")
     reward, seconds = score_hostile("block = bytearray(20 * 2**30)\nprint(len(block))")
     assert reward == 0.0
-    assert seconds < 3 * sandbox.WALL_FACTOR * LIMIT + SLACK  # the wall-clock backstop, per test
-    [result] = sandbox.run_tests("block = bytearray(20 * 2**30)", [{"input": ""}])
+    assert seconds < 3 * sandbox_host.WALL_FACTOR * LIMIT + SLACK  # the wall-clock backstop, per test
+    [result] = sandbox_host.run_tests("block = bytearray(20 * 2**30)", [{"input": ""}])
     assert result["status"] == "exit code 1"  # MemoryError, not an out-of-memory killer on the host
 
 
@@ -196,18 +196,18 @@ def test_printing_1_gb_is_cut_at_the_output_limit():
     program = "import sys\nline = 'x' * 2**20\nfor _ in range(1024):\n    sys.stdout.write(line)"
     reward, seconds = score_hostile(program)
     assert reward == 0.0
-    assert seconds < 3 * sandbox.WALL_FACTOR * LIMIT + SLACK  # the wall-clock backstop, per test
-    [result] = sandbox.run_tests(program, [{"input": ""}])
+    assert seconds < 3 * sandbox_host.WALL_FACTOR * LIMIT + SLACK  # the wall-clock backstop, per test
+    [result] = sandbox_host.run_tests(program, [{"input": ""}])
     assert result["status"] == "exit code 1"  # the write past RLIMIT_FSIZE fails
-    assert len(result["output"]) == sandbox.OUTPUT_LIMIT
+    assert len(result["output"]) == sandbox_host.OUTPUT_LIMIT
 
 
 def test_writing_outside_its_directory_changes_nothing_on_the_host(tmp_path):
     require("private_filesystem")
-    targets = [str(tmp_path / "escaped.txt"), sandbox.__file__ + ".escaped", f"/tmp/prorl-escaped-{os.getpid()}"]
+    targets = [str(tmp_path / "escaped.txt"), sandbox_host.__file__ + ".escaped", f"/tmp/prorl-escaped-{os.getpid()}"]
     program = "\n".join(f"try:\n    open({t!r}, 'w').write('x')\nexcept OSError:\n    pass" for t in targets)
     assert score_hostile(program)[0] == 0.0
-    assert sandbox.run_tests(program, [{"input": ""}])[0]["status"] == "ok"  # it did try every write
+    assert sandbox_host.run_tests(program, [{"input": ""}])[0]["status"] == "ok"  # it did try every write
     assert not any(os.path.exists(t) for t in targets)  # the world-writable /tmp included
 
 
@@ -221,7 +221,7 @@ def test_reading_the_parents_environment_finds_nothing(monkeypatch):
                "    try:\n        print(open(f'/proc/{pid}/environ').read())\n    except OSError:\n        pass")
     reward, _ = score_hostile(program)
     assert reward == 0.0
-    [result] = sandbox.run_tests(program, [{"input": ""}])
+    [result] = sandbox_host.run_tests(program, [{"input": ""}])
     assert result["status"] == "ok"
     assert "hunter2" not in result["output"]
 
@@ -232,7 +232,7 @@ def test_killing_its_parent_and_this_process_fails():
                "    try:\n        os.kill(pid, 9)\n    except OSError:\n        pass")
     reward, seconds = score_hostile(program)
     assert reward == 0.0  # and this test is still running
-    assert seconds < 3 * sandbox.WALL_FACTOR * LIMIT + SLACK  # the wall-clock backstop, per test
+    assert seconds < 3 * sandbox_host.WALL_FACTOR * LIMIT + SLACK  # the wall-clock backstop, per test
     assert not leftovers()
 
 
@@ -240,13 +240,13 @@ def test_kill_all_reaches_nothing_outside():
     require("cannot_signal_host", any_of=("own_user", "own_pid_namespace"))
     reward, seconds = score_hostile("import os\nos.kill(-1, 9)")
     assert reward == 0.0  # and this test, like everything else on the machine, is still running
-    assert seconds < 3 * sandbox.WALL_FACTOR * LIMIT + SLACK  # the wall-clock backstop, per test
+    assert seconds < 3 * sandbox_host.WALL_FACTOR * LIMIT + SLACK  # the wall-clock backstop, per test
 
 
 def test_segfault_is_just_a_failed_test():
     reward, _ = score_hostile("import ctypes\nctypes.string_at(0)")
     assert reward == 0.0
-    assert sandbox.run_tests("import ctypes\nctypes.string_at(0)", [{"input": ""}])[0]["status"] == "killed by SIGSEGV"
+    assert sandbox_host.run_tests("import ctypes\nctypes.string_at(0)", [{"input": ""}])[0]["status"] == "killed by SIGSEGV"
 
 
 def test_exiting_before_the_tests_run_passes_nothing():
@@ -266,7 +266,7 @@ def test_a_child_that_outlives_its_parent_is_killed_and_its_late_answer_ignored(
                "    a, b = map(int, input().split())\n    print(a + b, flush=True)")
     reward, seconds = score_hostile(program)
     assert reward == 0.0
-    assert seconds < 3 * sandbox.WALL_FACTOR * LIMIT + SLACK  # the wall-clock backstop, per test
+    assert seconds < 3 * sandbox_host.WALL_FACTOR * LIMIT + SLACK  # the wall-clock backstop, per test
     assert not leftovers()
 
 
@@ -279,7 +279,7 @@ def test_no_network():
         port = listener.getsockname()[1]
         program = (f"import socket\ntry:\n    socket.create_connection(('127.0.0.1', {port}), timeout=1)\n"
                    "    print('connected')\nexcept OSError as error:\n    print('refused', error)")
-        [result] = sandbox.run_tests(program, [{"input": ""}])
+        [result] = sandbox_host.run_tests(program, [{"input": ""}])
         assert result["status"] == "ok" and result["output"].startswith("refused")
         with pytest.raises(BlockingIOError):
             listener.accept()  # nobody knocked
@@ -290,9 +290,9 @@ def test_no_network():
 @pytest.mark.skipif(os.geteuid() != 0, reason="the no-namespace fallback isolates by uid, which needs root")
 def test_fallback_without_namespaces_still_isolates_by_uid(monkeypatch):
     with pytest.warns(UserWarning, match="namespaces are unavailable"):
-        plain = sandbox._system(allow_jail=False)
+        plain = sandbox_host._system(allow_jail=False)
     assert "unshare" not in plain["command"]
-    monkeypatch.setattr(sandbox, "_system", lambda: plain)
+    monkeypatch.setattr(sandbox_host, "_system", lambda: plain)
     honest = python_block("a, b = map(int, input().split())\nprint(a + b)")
     assert rewards.score(sum_example(), honest) == 1.0
     # Here the driver is not PID 1, so a program can kill it; the run then fails as a whole and its
@@ -303,18 +303,18 @@ def test_fallback_without_namespaces_still_isolates_by_uid(monkeypatch):
     assert score_hostile("import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(30)\n"
                          "os.kill(os.getppid(), 9)")[0] == 0.0
     assert not leftovers()
-    results = sandbox.run_tests("import os\nprint(os.getuid())", [{"input": ""}])
-    assert int(results[0]["output"]) >= sandbox.UID_BASE
+    results = sandbox_host.run_tests("import os\nprint(os.getuid())", [{"input": ""}])
+    assert int(results[0]["output"]) >= sandbox_host.UID_BASE
 
 
 def test_status_names_come_from_signal_numbers():
     raw = b"exit 0 2\nhisignal 11 0\ntimeout 0 0\nexit 2 0\n"
-    assert sandbox._parse_results(raw, 4) == [
+    assert sandbox_host._parse_results(raw, 4) == [
         {"status": "ok", "output": "hi"}, {"status": "killed by SIGSEGV", "output": ""},
         {"status": "timeout", "output": ""}, {"status": "exit code 2", "output": ""}]
-    assert sandbox._parse_results(raw, 5) is None          # a result missing
-    assert sandbox._parse_results(raw + b"x", 4) is None   # bytes left over
-    assert sandbox._parse_results(b"exit 0 9\nhi", 1) is None  # output shorter than announced
+    assert sandbox_host._parse_results(raw, 5) is None          # a result missing
+    assert sandbox_host._parse_results(raw + b"x", 4) is None   # bytes left over
+    assert sandbox_host._parse_results(b"exit 0 9\nhi", 1) is None  # output shorter than announced
 
 
 # ----------------------------------------------------------------------------- what one run may hold, and keep
@@ -345,12 +345,12 @@ for _ in range(40):
 lines = os.fdopen(reported)
 print(sum(int(lines.readline()) for _ in range(children)))
 """
-    [result] = sandbox.run_tests(program, [{"input": ""}], time_limit=20)
+    [result] = sandbox_host.run_tests(program, [{"input": ""}], time_limit=20)
     held_mb = int(result["output"])
-    print(f"one run's processes held {held_mb} MB at once; budget {sandbox.RUN_MEMORY_MB} MB")
-    assert sandbox.MEMORY_MB <= held_mb <= sandbox.RUN_MEMORY_MB
-    assert sandbox.MAX_PROCESSES * sandbox.MEMORY_MB <= sandbox.RUN_MEMORY_MB  # the process-held part of it
-    assert sandbox.RUN_MEMORY_MB <= 8192  # one run per core must fit a small machine; 32 GB per run did not
+    print(f"one run's processes held {held_mb} MB at once; budget {sandbox_host.RUN_MEMORY_MB} MB")
+    assert sandbox_host.MEMORY_MB <= held_mb <= sandbox_host.RUN_MEMORY_MB
+    assert sandbox_host.MAX_PROCESSES * sandbox_host.MEMORY_MB <= sandbox_host.RUN_MEMORY_MB  # the process-held part of it
+    assert sandbox_host.RUN_MEMORY_MB <= 8192  # one run per core must fit a small machine; 32 GB per run did not
     assert not leftovers()
 
 
@@ -368,10 +368,10 @@ while libc.shmget(0, ctypes.c_size_t(2**20), 0o1600) >= 0 and total < 4096:
     total += 1
 print(huge, mine >= 0, total)
 """
-    [result] = sandbox.run_tests(program, [{"input": ""}])
+    [result] = sandbox_host.run_tests(program, [{"input": ""}])
     huge, made, total_mb = result["output"].split()
     assert huge == "-1" and made == "True"  # refused, yet the program could use System V memory at all
-    assert int(total_mb) <= sandbox.SHARED_MEMORY_MB
+    assert int(total_mb) <= sandbox_host.SHARED_MEMORY_MB
     with open("/proc/sysvipc/shm") as segments:
         assert not [line for line in segments if line.split()[0] == str(key)]  # gone with the run's namespace
 
@@ -388,7 +388,7 @@ def test_a_key_added_by_the_program_is_not_in_the_hosts_session_keyring():
     marker = f"prorl-sandbox-key-{os.getpid()}"
     program = (f"import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
                f"print(libc.syscall({add_key}, b'user', {marker.encode()!r}, b'secret', 6, -3) > 0)")  # -3: @s
-    [result] = sandbox.run_tests(program, [{"input": ""}])
+    [result] = sandbox_host.run_tests(program, [{"input": ""}])
     assert result["output"] == "False\n"  # the system-call filter refuses add_key (EPERM)
     found = libc.syscall(keyctl, 10, -3, b"user", marker.encode(), 0)  # KEYCTL_SEARCH our session keyring
     assert found < 0 and ctypes.get_errno() == 126  # ENOKEY
@@ -409,7 +409,7 @@ for pid in {1, os.getppid()}:
         except OSError:
             print("refused")
 """
-    results = sandbox.run_tests(program, [{"input": ""}, {"input": ""}])
+    results = sandbox_host.run_tests(program, [{"input": ""}, {"input": ""}])
     assert results is not None  # the driver ran the second test: it was not stopped, killed or re-limited
     for result in results:
         attempts = result["output"].split()
@@ -420,8 +420,8 @@ def test_the_private_tmp_has_an_inode_limit():
     program = ("import os\ncount = 0\ntry:\n    while count < 20 * 1024:\n"
                "        os.mknod(f'/tmp/f{count}')\n        count += 1\nexcept OSError:\n    pass\nprint(count)")
     require("private_filesystem")
-    [result] = sandbox.run_tests(program, [{"input": ""}], time_limit=10)
-    assert 0 < int(result["output"]) <= sandbox.SCRATCH_FILES
+    [result] = sandbox_host.run_tests(program, [{"input": ""}], time_limit=10)
+    assert 0 < int(result["output"]) <= sandbox_host.SCRATCH_FILES
 
 
 def test_a_problems_own_memory_limit_lowers_the_sandboxes_and_never_raises_it():

@@ -9,10 +9,9 @@ import time
 import pytest
 from test_sandbox import LIMIT, leftovers, python_block, record_uids, require, sum_example  # noqa: F401
 
-import confinement
 import rewards
-import sandbox
 import tasks
+from prorl_verifiers import confinement, sandbox_host
 
 SYSCALLS_X86_64 = {"keyctl": 250, "add_key": 248, "request_key": 249, "ptrace": 101, "process_vm_readv": 310,
                    "process_vm_writev": 311, "io_uring_setup": 425, "io_uring_enter": 426,
@@ -39,7 +38,7 @@ for name in ["AF_VSOCK", "AF_PACKET", "AF_NETLINK", "AF_INET", "AF_INET6", "AF_U
 [end.close() for end in socket.socketpair()]
 print("pair created")
 """
-    [result] = sandbox.run_tests(program, [{"input": ""}])
+    [result] = sandbox_host.run_tests(program, [{"input": ""}])
     assert result["status"] == "ok", result
     assert result["output"].split("\n")[:-1] == ["AF_VSOCK 1", "AF_PACKET 1", "AF_NETLINK 1", "AF_INET 1",
                                                  "AF_INET6 1", "AF_UNIX created", "pair created"]
@@ -54,7 +53,7 @@ def test_calls_a_test_program_has_no_use_for_fail_with_eperm():
     program = "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n" + "".join(
         f"print({name!r}, libc.syscall({SYSCALLS_X86_64[name]}, *{args}), ctypes.get_errno())\n"
         for name, args in calls.items())
-    [result] = sandbox.run_tests(program, [{"input": ""}])
+    [result] = sandbox_host.run_tests(program, [{"input": ""}])
     assert result["status"] == "ok", result
     answers = {line.split()[0]: line.split()[1:] for line in result["output"].split("\n")[:-1]}
     assert answers == {name: ["-1", "1"] for name in SYSCALLS_X86_64}, answers
@@ -70,19 +69,19 @@ def key_users() -> dict[int, str]:
 def test_a_key_planted_by_one_run_is_not_readable_by_the_next_even_with_the_same_uid(walls, monkeypatch):
     require_x86_64()
     require("own_user")
-    uid = sandbox.UID_BASE + 2**30 - 2**10 + os.getpid() % 2**10  # one uid for both runs: the counter wrapped
-    monkeypatch.setattr(sandbox, "_throwaway_uid", lambda: uid)
+    uid = sandbox_host.UID_BASE + 2**30 - 2**10 + os.getpid() % 2**10  # one uid for both runs: the counter wrapped
+    monkeypatch.setattr(sandbox_host, "_throwaway_uid", lambda: uid)
     if walls == "cleanup alone":  # the system-call filter off, so the program can add the key
         monkeypatch.setattr(confinement, "syscall_filter", lambda: b"")
     marker = f"prorl-planted-{os.getpid()}"
     plant = ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"  # -4: the uid's user keyring
              f"print(libc.syscall(248, b'user', {marker.encode()!r}, b'secret', 6, -4) > 0)")
-    [planted] = sandbox.run_tests(plant, [{"input": ""}])
+    [planted] = sandbox_host.run_tests(plant, [{"input": ""}])
     assert planted["output"] == ("True\n" if walls == "cleanup alone" else "False\n")
     search = ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"  # KEYCTL_SEARCH @u
               f"print(libc.syscall(250, 10, -4, b'user', {marker.encode()!r}, 0))")
     monkeypatch.setattr(confinement, "syscall_filter", lambda: b"")  # the reader may search, filter or not
-    [searched] = sandbox.run_tests(search, [{"input": ""}])
+    [searched] = sandbox_host.run_tests(search, [{"input": ""}])
     assert searched["output"] == "-1\n", searched
     deadline = time.monotonic() + 5  # the kernel frees an invalidated keyring in its garbage collector
     while uid in key_users() and time.monotonic() < deadline:
@@ -92,16 +91,16 @@ def test_a_key_planted_by_one_run_is_not_readable_by_the_next_even_with_the_same
 
 def test_uids_are_not_reused_across_processes(tmp_path, monkeypatch):
     counter = tmp_path / "uids"
-    script = (f"import sandbox\nsandbox.UID_COUNTER_FILE = {str(counter)!r}\n"
-              "print(*(sandbox._throwaway_uid() for _ in range(200)))")
+    script = (f"from prorl_verifiers import sandbox_host\nsandbox_host.UID_COUNTER_FILE = {str(counter)!r}\n"
+              "print(*(sandbox_host._throwaway_uid() for _ in range(200)))")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     runs = [subprocess.Popen([sys.executable, "-c", script], cwd=root, stdout=subprocess.PIPE, text=True)
             for _ in range(3)]
     uids = [int(uid) for run in runs for uid in run.communicate(timeout=60)[0].split()]
     assert len(uids) == 600 and len(set(uids)) == 600  # three processes at once, no uid twice
-    assert all(sandbox.UID_BASE <= uid < 2**31 for uid in uids)
-    monkeypatch.setattr(sandbox, "UID_COUNTER_FILE", str(counter))
-    assert sandbox._throwaway_uid() == max(uids) + 1  # the counter persists: a later process goes on from it
+    assert all(sandbox_host.UID_BASE <= uid < 2**31 for uid in uids)
+    monkeypatch.setattr(sandbox_host, "UID_COUNTER_FILE", str(counter))
+    assert sandbox_host._throwaway_uid() == max(uids) + 1  # the counter persists: a later process goes on from it
 
 
 def test_an_honest_cpu_bound_program_passes_beside_eight_setsid_spinners():
@@ -120,7 +119,7 @@ def test_an_honest_cpu_bound_program_passes_beside_eight_setsid_spinners():
 
 def test_everything_in_the_sandbox_is_the_first_to_go_when_memory_runs_out():
     program = "print(open('/proc/self/oom_score_adj').read().strip())"
-    [result] = sandbox.run_tests(program, [{"input": ""}])
+    [result] = sandbox_host.run_tests(program, [{"input": ""}])
     assert result == {"status": "ok", "output": "1000\n"}
 
 
@@ -150,10 +149,10 @@ while total < 3 * {budget}:
 
 def test_socket_buffers_count_against_the_runs_memory_in_a_cgroup(monkeypatch):
     require("own_user")
-    if sandbox._system()["cgroup"] is None:
+    if sandbox_host._system()["cgroup"] is None:
         pytest.skip("no memory cgroup can be created here (the fallback's test covers this machine)")
-    monkeypatch.setattr(sandbox, "RUN_MEMORY_MB", 96)  # a small budget: what the hoarder queues is real memory
-    [result] = sandbox.run_tests(HOARD.format(budget=96 * 2**20), [{"input": ""}], time_limit=10)
+    monkeypatch.setattr(sandbox_host, "RUN_MEMORY_MB", 96)  # a small budget: what the hoarder queues is real memory
+    [result] = sandbox_host.run_tests(HOARD.format(budget=96 * 2**20), [{"input": ""}], time_limit=10)
     queued_mb = max([0] + [int(line) for line in result["output"].split()])
     print(f"socket buffers queued before the cgroup stopped it: {queued_mb} MB of a 96 MB budget; {result['status']}")
     assert result["status"] != "ok" and 0 < queued_mb <= 96
@@ -162,14 +161,14 @@ def test_socket_buffers_count_against_the_runs_memory_in_a_cgroup(monkeypatch):
 def test_without_a_memory_cgroup_the_sandbox_says_kernel_memory_is_unbounded(monkeypatch):
     monkeypatch.setattr(confinement, "cgroup_parent", lambda: None)
     with pytest.warns(UserWarning, match="kernel memory .*socket buffers.* not bounded"):
-        fallback = sandbox._system.__wrapped__()
+        fallback = sandbox_host._system.__wrapped__()
     assert fallback["cgroup"] is None
 
 
 def test_without_libseccomp_code_is_not_scored_and_the_error_names_the_fix(monkeypatch):
     monkeypatch.setitem(sys.modules, "pyseccomp", None)  # as on a machine without libseccomp.so.2
     monkeypatch.setattr(confinement, "syscall_filter", confinement.syscall_filter.__wrapped__)  # not the cached one
-    monkeypatch.setattr(sandbox, "_system", sandbox._system.__wrapped__)
+    monkeypatch.setattr(sandbox_host, "_system", sandbox_host._system.__wrapped__)
     with pytest.raises(RuntimeError, match="apt-get install libseccomp2"):
         confinement.syscall_filter()
     with pytest.raises(rewards.VerifierUnavailable, match="apt-get install libseccomp2"):  # never a silent 0
@@ -180,7 +179,7 @@ def test_without_libseccomp_a_run_with_code_stops_before_training(monkeypatch):
     """The first code score would raise mid-run; the task mix checks the sandbox when it is built."""
     monkeypatch.setitem(sys.modules, "pyseccomp", None)  # as on a machine without libseccomp.so.2
     monkeypatch.setattr(confinement, "syscall_filter", confinement.syscall_filter.__wrapped__)
-    monkeypatch.setattr(sandbox, "_system", sandbox._system.__wrapped__)
+    monkeypatch.setattr(sandbox_host, "_system", sandbox_host._system.__wrapped__)
     rewards.check_code_sandbox.cache_clear()  # a success earlier in this process is remembered
     with pytest.raises(ValueError, match="apt-get install libseccomp2"):
         tasks.TaskMix("code")

@@ -120,9 +120,8 @@ def audit() -> dict[str, tuple[float, dict[str, float]]]:
     return rows
 
 
-# Still accepted, and why: IFEval checks form, not content (another problem's answer in lowercase meets "all in
-# lowercase"; so do 50,000 more characters of digits), and its reward is the fraction of constraints met (ProRL).
-KNOWN = {"ifeval": {"other", "overlong"}}
+# Accepted probes by verifier: none since issue 23 (IFEval gained its topic and length checks).
+KNOWN: dict[str, set[str]] = {}
 
 
 @pytest.fixture(scope="module")
