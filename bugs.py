@@ -61,7 +61,8 @@ def check_name(name: str) -> None:
 
 
 def switch_on(name: str) -> None:
-    """Swap in the broken copy `name` (one of BUGS) for this process; "" leaves everything as it is."""
+    """Swap in the broken copy `name` (one of BUGS) for this process; "" leaves everything as it
+    is."""
     check_name(name)
     if not name:
         return

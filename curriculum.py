@@ -92,10 +92,10 @@ class EdgeCurriculum:
 
 
 def prompt_stream(c, rank: int = 0):
-    """Where the training prompts come from (c: settings.Config): the task mix, or with --curriculum the
-    edge curriculum over its one family's levels. Each rank draws its own stream. Unknown task names,
-    unreadable files, a level the family lacks, no held-out problems: a one-line ValueError, before any
-    work starts."""
+    """Where the training prompts come from (c: settings.Config): the task mix, or with
+    --curriculum the edge curriculum over its one family's levels. Each rank draws its own stream.
+    Unknown task names, unreadable files, a level the family lacks, no held-out problems: a one-line
+    ValueError, before any work starts."""
     top = tasks.max_level(c.tasks)
     if not 1 <= c.level <= top:
         raise ValueError(f"--level must be 1..{top} for these tasks")
@@ -103,12 +103,14 @@ def prompt_stream(c, rank: int = 0):
     if not c.curriculum:
         stream = tasks.TaskMix(c.tasks, level=c.level, seed=seed)
     elif "," in c.tasks:
-        raise ValueError("--curriculum takes one procedural family in --tasks (e.g. --tasks chains)")
+        raise ValueError("--curriculum takes one procedural family in --tasks "
+                         "(e.g. --tasks chains)")
     elif c.curriculum_top and not c.level <= c.curriculum_top <= top:
         raise ValueError("--curriculum-top must be between --level and the family's highest level")
     else:
-        stream = EdgeCurriculum(c.tasks.split(":")[0], c.curriculum_top or top, c.level, c.curriculum_threshold,
-                                c.curriculum_replay, c.curriculum_window, seed=seed)
+        stream = EdgeCurriculum(c.tasks.split(":")[0], c.curriculum_top or top, c.level,
+                                c.curriculum_threshold, c.curriculum_replay, c.curriculum_window,
+                                seed=seed)
     if not any(tasks.heldout(family, 1, c.level) for family in stream.weights):
         raise tasks.no_heldout_error(c.tasks)
     return stream

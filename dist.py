@@ -50,8 +50,8 @@ def world_size() -> int:
 
 
 def groups_per_rank(groups: int) -> int:
-    """Each rank's share of a step's groups (prompts); a one-line error when they do not divide among the
-    ranks torchrun launches (known before the process group exists)."""
+    """Each rank's share of a step's groups (prompts); a one-line error when they do not divide
+    among the ranks torchrun launches (known before the process group exists)."""
     ranks = int(os.environ.get("WORLD_SIZE", "1"))
     if groups % ranks:
         raise ValueError("--prompts-per-step must divide among the ranks")

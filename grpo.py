@@ -233,6 +233,10 @@ class LossSpec:
                              f"{self.clip_low}, {self.clip_high}.")
 
 
+# what a loss function uses when it is given no spec
+DEFAULT_SPEC = LossSpec()
+
+
 @dataclasses.dataclass(frozen=True)
 class LossTerms:
     """The per-row tensors the loss reads besides the policy's log-probs, [B, T] unless said."""
@@ -249,7 +253,7 @@ class LossTerms:
         return LossTerms(*(None if value is None else value[index] for value in values))
 
 
-def token_loss(logp: torch.Tensor, terms: LossTerms, spec: LossSpec = LossSpec()):
+def token_loss(logp: torch.Tensor, terms: LossTerms, spec: LossSpec = DEFAULT_SPEC):
     """Σ_t w_t · (pg_loss + β·KL(π‖π_ref))_t (ProRL), a scalar, and its statistics.
 
     The KL is computed (and logged) whenever a reference is given; it enters the loss only when β

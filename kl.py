@@ -3,7 +3,8 @@ KL").
 
 With x ~ π and r = π_ref(x) / π(x), so log_r = ref_logp − logp (Schulman's notation):
     k1 = −log_r                        unbiased, but negative on some tokens and high variance
-    k2 = ½ · log_r²                    biased, low variance, ≥ 0; its gradient is that of KL (ProRL v2)
+    k2 = ½ · log_r²                    biased, low variance, ≥ 0; its gradient is that of KL
+                                       (ProRL v2)
     k3 = r − 1 − log_r                 unbiased and ≥ 0 (GRPO, ProRL)
 "Unbiased" is about the value. As a loss term what matters is the gradient: k1's is ∇log π, whose
 expectation under π is 0, so k1 regularises only when folded into the reward (--kl-in-reward); k2's

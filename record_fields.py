@@ -78,8 +78,8 @@ def prompt_fields(value) -> dict:
 
 def limits(record: dict) -> dict:
     """"time_limit" in seconds (2, 2.5, "2 seconds", "1000 ms"; at most MAX_TIME_LIMIT) and
-    "memory_limit_mb" (256, "256 megabytes"; recorded: the sandbox enforces its own MEMORY_MB), where
-    the record gives them."""
+    "memory_limit_mb" (256, "256 megabytes"; recorded: the sandbox enforces its own MEMORY_MB),
+    where the record gives them."""
     found, time, memory = {}, record.get("time_limit"), record.get("memory_limit")
     if (isinstance(time, str)
             and (number := re.match(r"\s*(\d+(?:\.\d+)?)\s*(ms|millisecond)?", time))):

@@ -34,7 +34,8 @@ JSONL schema: one example per line, a JSON object with "task" and "prompt", and 
   logic   "dataset": a reasoning-gym dataset name, "entry": one of its entries (question, answer,
           metadata)
   mcq     "answer": the right option's letter, A to J
-  ifeval  "constraints": [{"kind": "max_words", "n": 50}, ...] (ifeval.CHECKS); optional "topic": [words]
+  ifeval  "constraints": [{"kind": "max_words", "n": 50}, ...] (ifeval.CHECKS);
+          optional "topic": [words]
   add, sort, reverse, countdown, chains: as the built-in generators make them
 Any example may carry "solution", one completion that scores 1 (every shipped one is tested to),
 and "source", the name of its row in reports (verl's data_source; label_sources names the rest).

@@ -1,12 +1,14 @@
 """One micro-batch's forward + backward of the loss, several ways, alternated in one process:
 
     python bench/logprob_paths.py --model DIR    # e.g. SmolLM2-135M-Instruct; default: tiny random
-    python bench/logprob_paths.py --model DIR --prompts 8 --n 8 --new-tokens 64 --paths chunked,shared
+    python bench/logprob_paths.py --model DIR --prompts 8 --n 8 --new-tokens 64 \
+        --paths chunked,shared
 
   full     the logits [B, T, V] at every position, then fused_policy_loss (the path before issue 25)
   chunked  HF's forward to the last hidden state (every row runs its prompt), then the head on
            completion positions only, chunk by chunk (learner.policy_loss before prefix_forward)
-  shared   learner.policy_loss: prefix_forward (each prompt once, padding trimmed), then the same head
+  shared   learner.policy_loss: prefix_forward (each prompt once, padding trimmed), then the same
+           head
 
 The batch is a real rollout of the model (P prompts × N samples of the math task). Each round times
 each path in turn; the script prints the medians, their ratios to the first path, and each path's

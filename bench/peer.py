@@ -13,7 +13,8 @@ is in memory at a time, and the arms are alternated: ours, TRL, ours, TRL, ...);
 time, and ours its phase split (generation with rewards, reference log-probs, update) and the
 update's peak memory (the process's peak RSS during the update minus its RSS before).
 Arms:
-    ours[-fp32|-bf16]       this project (learner.batch_logprobs + learner.update), --dtype fp32 or bf16
+    ours[-fp32|-bf16]       this project (learner.batch_logprobs + learner.update), --dtype fp32
+                            or bf16
     trl                     TRL's GRPOConfig defaults (gradient checkpointing on, bf16=True)
     trl-fp32                the same with bf16=False (fp32 as ours; TRL's bf16 default on a CPU
                             without AVX512-BF16 runs its matmuls ~13x slower)
@@ -109,7 +110,8 @@ def ours_step(args, dtype: str) -> dict:
     start = time.perf_counter()
     if hasattr(sampling, "SamplingParams"):
         params = sampling.SamplingParams(args.n, args.new_tokens, seed=args.step)
-        batch, scores = sampling.rollout_and_score(policy.eval(), tokenizer, examples_of(args), params)
+        batch, scores = sampling.rollout_and_score(policy.eval(), tokenizer, examples_of(args),
+                                                   params)
     else:  # a "before:" tree from before sampling.SamplingParams
         batch, scores = sampling.rollout_and_score(
             policy.eval(), tokenizer, examples_of(args), args.n, args.new_tokens, seed=args.step

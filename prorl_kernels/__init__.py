@@ -53,7 +53,7 @@ def token_logprobs(
 
 def fused_policy_loss(
     logits: torch.Tensor, labels: torch.Tensor, terms: grpo.LossTerms,
-    spec: grpo.LossSpec = grpo.LossSpec()
+    spec: grpo.LossSpec = grpo.DEFAULT_SPEC
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Σ_t w_t · (clipped surrogate + β·KL)_t straight from the logits → (loss, stats).
 

@@ -136,7 +136,7 @@ class FusedPolicyLoss(torch.autograd.Function):
 
 def fused_policy_loss_triton(
     logits: torch.Tensor, labels: torch.Tensor, terms: grpo.LossTerms,
-    spec: grpo.LossSpec = grpo.LossSpec()
+    spec: grpo.LossSpec = grpo.DEFAULT_SPEC
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Triton `fused_policy_loss`; see `prorl_kernels.fused_policy_loss`."""
     old_logp, ref_logp, adv, mask = terms.old_logp, terms.ref_logp, terms.adv, terms.mask

@@ -35,7 +35,7 @@ def token_logprobs_ref(
 
 def policy_loss_ref(
     logits: torch.Tensor, labels: torch.Tensor, terms: grpo.LossTerms,
-    spec: grpo.LossSpec = grpo.LossSpec()
+    spec: grpo.LossSpec = grpo.DEFAULT_SPEC
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Σ_t w_t · (pg_loss_t + β·kl_t) from the logits: log-probs, then grpo.token_loss (the clipped
     surrogate and the KL, written once there). What `fused_policy_loss` fuses.

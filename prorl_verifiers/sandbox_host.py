@@ -224,7 +224,8 @@ def _drive(system: dict, uid: int | None, job_file, result_file, timeout: float)
     return process.returncode
 
 
-# Zygotes waiting for a run (prorl_verifiers/zygote.py), by command: one per worker that runs at once.
+# Zygotes waiting for a run (prorl_verifiers/zygote.py), by command: one per worker that runs at
+# once.
 _idle_zygotes: dict[tuple, queue.SimpleQueue] = {}
 
 

@@ -90,14 +90,15 @@ def load_worker(rank: int, world: int, port: int, model_dir: str, out_dir: str) 
     sum(p.sum() for p in policy.parameters()).backward()
     optimizer.step()  # Adam state to save
     tracker, stream = reset.ResetTracker(), tasks.TaskMix("sort", seed=rank)
-    checkpoint.save(out_dir, 7, checkpoint.TrainState(policy, reference, optimizer, tracker, stream),
-                    base={"sort": 0.5})
+    state = checkpoint.TrainState(policy, reference, optimizer, tracker, stream)
+    checkpoint.save(out_dir, 7, state, base={"sort": 0.5})
     reads, real_load = [], torch.load
     torch.load = lambda file, *args, **kwargs: (reads.append(file)
                                                 if str(file).endswith(checkpoint.FILE) else None) \
         or real_load(file, *args, **kwargs)  # (broadcast_object_list unpickles with torch.load too)
     fresh_policy, fresh_reference, fresh_optimizer = build()
-    fresh = checkpoint.TrainState(fresh_policy, fresh_reference, fresh_optimizer, reset.ResetTracker(), stream)
+    fresh = checkpoint.TrainState(fresh_policy, fresh_reference, fresh_optimizer,
+                                  reset.ResetTracker(), stream)
     saved = checkpoint.load(out_dir, fresh)
     torch.load = real_load
     with dist.full_weights(policy), dist.full_weights(fresh_policy):

@@ -182,7 +182,8 @@ def test_correct_counts_counts_full_rewards_in_chunks(monkeypatch):
         return None, torch.tensor([[1.0, 0.5, 1.0, 0.0]] * len(examples))  # 2 passes per problem
 
     monkeypatch.setattr(evaluation.sampling, "rollout_and_score", fake_rollout_and_score)
-    counts = evaluation.correct_counts(None, None, [{}] * 7, SamplingParams(4, 16, seed=100), chunk=3)
+    params = SamplingParams(4, 16, seed=100)
+    counts = evaluation.correct_counts(None, None, [{}] * 7, params, chunk=3)
     assert counts == [2] * 7
     assert calls == [(3, 100), (3, 103), (1, 106)]
     calls.clear()
@@ -222,7 +223,8 @@ def test_correct_counts_match_the_closed_form_rate(uniform_model_dir):
     samples = len(examples) * n
     expected, sigma = samples * p_right, math.sqrt(samples * p_right * (1 - p_right))
     assert abs(sum(counts) - expected) < 4 * sigma, (sum(counts), expected, sigma)
-    # evaluate() (train.py's validation) draws the same samples with the same seed: pass@1 = mean of c/n.
+    # evaluate() (train.py's validation) draws the same samples with the same seed: pass@1 = mean
+    # of c/n.
     report = evaluation.evaluate(policy, tokenizer, examples, params, ks=(1, 4))
     assert report["sources"]["add"][1] == pytest.approx(sum(counts) / samples)
     assert report["overall"] == report["families"]["add"] == report["sources"]["add"]
@@ -261,7 +263,8 @@ def test_cli_samples_each_model_given(uniform_model_dir, tiny_model_dir, tmp_pat
     for name, path in (("base", uniform_model_dir), ("trained", tiny_model_dir)):
         policy, tokenizer = models.load(path)
         params = SamplingParams(8, 12, evaluation.EVAL_TEMPERATURE, evaluation.EVAL_TOP_P)
-        assert saved["correct"][name] == evaluation.correct_counts(policy.eval(), tokenizer, examples, params)
+        counts = evaluation.correct_counts(policy.eval(), tokenizer, examples, params)
+        assert saved["correct"][name] == counts
     assert saved["correct"]["base"] != saved["correct"]["trained"]
 
 

@@ -1,5 +1,6 @@
-"""prorl_verifiers/jailed_driver.py is shipped into the jail as its file's text and run with `python -I -S
--c`: it must run so, alone (standard library only), and read as short top-level functions."""
+"""prorl_verifiers/jailed_driver.py is shipped into the jail as its file's text and run with
+`python -I -S -c`: it must run so, alone (standard library only), and read as short top-level
+functions."""
 
 import ast
 import marshal

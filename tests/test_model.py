@@ -66,8 +66,8 @@ def test_warm_start_lowers_the_loss_on_held_out_problems():
             return policy(input_ids=input_ids, labels=labels).loss.item()
 
     before = loss()
-    recipe = {"task_mix": "add,sort,countdown", "level": 1, "steps": 40, "batch_size": 32, "lr": 3e-3,
-              "noise": 0.0, "chain_coverage": 1.0}
+    recipe = {"task_mix": "add,sort,countdown", "level": 1, "steps": 40, "batch_size": 32,
+              "lr": 3e-3, "noise": 0.0, "chain_coverage": 1.0}
     models.warm_start(policy, tokenizer, recipe, seed=0)
     assert loss() < 0.75 * before
 

@@ -102,7 +102,8 @@ def test_padding_columns_past_the_longest_row_are_never_run():
     embedding.register_forward_hook(lambda module, args, out: widths.append(args[0].shape))
     c = settings.Config(dtype="fp32")
     with torch.no_grad():
-        narrow_logp, wide_logp = (learner.completion_logprobs(model, b, c)[0] for b in (batch, wider))
+        narrow_logp, wide_logp = (learner.completion_logprobs(model, b, c)[0]
+                                  for b in (batch, wider))
     assert widths[:2] == widths[2:]  # the same passes, of the same sizes
     assert wide_logp.shape[1] == narrow_logp.shape[1] + 10 and (wide_logp[:, -10:] == 0).all()
     torch.testing.assert_close(wide_logp[:, :-10], narrow_logp, atol=1e-6, rtol=0)

@@ -33,9 +33,9 @@ REPO = Path(__file__).resolve().parents[1]
 # ----------------------------------------------------------------------------- configuration errors
 
 def config_error(capsys, argv: list[str]) -> str:
-    """train.checked_config must refuse argv with one sentence: a SystemExit with one line on stderr, or a
-    ValueError (which train.py's __main__ prints as "error: <message>"); settings' range checks and the
-    modules' own checks alike. Returns that line."""
+    """train.checked_config must refuse argv with one sentence: a SystemExit with one line on
+    stderr, or a ValueError (which train.py's __main__ prints as "error: <message>"); settings'
+    range checks and the modules' own checks alike. Returns that line."""
     try:
         train.checked_config(argv)
     except ValueError as error:
@@ -377,7 +377,8 @@ def test_curriculum_passk_and_unlikeliness_run_in_the_loop(tmp_path, monkeypatch
         settings.parse_config(["--advantage", "passk", "--length-eta-max", "0.1"])
     with pytest.raises(ValueError, match="--level must be 1..3"):
         curriculum.prompt_stream(settings.parse_config(["--level", "4"]))
-    assert curriculum.prompt_stream(settings.parse_config(["--tasks", "chains", "--level", "5"])).weights
+    chains_level_5 = settings.parse_config(["--tasks", "chains", "--level", "5"])
+    assert curriculum.prompt_stream(chains_level_5).weights
 
 
 def test_unlikeliness_ranks_each_group_by_the_sampler_logprobs(tmp_path, monkeypatch,

@@ -39,7 +39,7 @@ def test_update_has_zero_kl_to_an_identical_reference(tiny_model, tiny_model_dir
     c = settings.Config(minibatches=1, epochs=1, kl_coef=1e-3)
     ref_logp = learner.batch_logprobs(reference, batch, c)
     stats = learner.update(policy, torch.optim.AdamW(policy.parameters(), lr=1e-3), batch,
-                         adv, ref_logp, c)
+                           adv, ref_logp, c)
     assert stats["kl"] == 0.0 and stats["entropy"] > 0
     assert any(not torch.equal(p, q) for p, q in zip(before, policy.parameters()))
 
@@ -88,7 +88,7 @@ def test_minibatches_and_epochs_take_one_optimizer_step_each(tiny_model, rollout
     batch, adv = rollout_batch
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
     stats = learner.update(policy, optimizer, batch, adv, None,
-                         settings.Config(minibatches=2, epochs=3, kl_coef=0.0))
+                           settings.Config(minibatches=2, epochs=3, kl_coef=0.0))
     assert optimizer.state[next(policy.parameters())]["step"].item() == 6
     # after the first optimizer step the policy is no longer the one that produced old_logp
     assert stats["ratio_mean"] != 1.0 and stats["approx_kl"] > 0
@@ -122,7 +122,7 @@ def test_minibatches_are_near_equal_and_a_batch_with_no_tokens_takes_no_step(tin
         patch.setattr(learner, "completion_logprobs", counting_logprobs)
         patch.setattr(optimizer, "step", counting_step)
         learner.update(policy, optimizer, batch, adv, None,
-                     settings.Config(minibatches=6, epochs=1, kl_coef=0.0))
+                       settings.Config(minibatches=6, epochs=1, kl_coef=0.0))
     assert sizes == [3, 3, 3, 3, 2, 2]
     assert optimizer.state[next(policy.parameters())]["step"].item() == 6
     # every response truncated, and --overlong-filter: no token has a gradient, so nothing moves
@@ -130,8 +130,8 @@ def test_minibatches_are_near_equal_and_a_batch_with_no_tokens_takes_no_step(tin
                                 torch.ones_like(batch.truncated), batch.prompt_len)
     before = [p.clone() for p in policy.parameters()]
     stats = learner.update(policy, optimizer, truncated, adv, None,
-                         settings.Config(minibatches=2, epochs=1, kl_coef=0.0,
-                                         overlong_filter=True))
+                           settings.Config(minibatches=2, epochs=1, kl_coef=0.0,
+                                           overlong_filter=True))
     assert all(torch.equal(p, q) for p, q in zip(before, policy.parameters()))
     assert optimizer.state[next(policy.parameters())]["step"].item() == 6
     assert stats == {"skipped_updates": 0}
@@ -160,9 +160,9 @@ def test_logged_stats_are_token_weighted_over_the_whole_update(tiny_model, rollo
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(learner, "completion_logprobs", recording)
-        stats = learner.update(policy, torch.optim.SGD(policy.parameters(), lr=0.0), batch, adv, None,
-                             settings.Config(minibatches=3, epochs=1, kl_coef=0.0,
-                                             micro_batch_rows=2))
+        config = settings.Config(minibatches=3, epochs=1, kl_coef=0.0, micro_batch_rows=2)
+        stats = learner.update(policy, torch.optim.SGD(policy.parameters(), lr=0.0), batch, adv,
+                               None, config)
     seen = torch.cat(entropies)  # mini-batches of 6, 5 and 5 rows, of different token counts
     assert len(seen) == int(batch.mask[:, 1:].sum())
     assert stats["entropy"] == pytest.approx(seen.mean().item(), rel=1e-5)
@@ -180,7 +180,8 @@ def test_old_logprobs_are_recomputed_not_taken_from_the_sampler(tiny_model, tiny
     for sampled in (batch, garbage):
         policy = models.load(tiny_model_dir)[0]
         torch.manual_seed(0)  # the same mini-batch shuffle
-        learner.update(policy, torch.optim.AdamW(policy.parameters(), lr=1e-2), sampled, adv, None, c)
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+        learner.update(policy, optimizer, sampled, adv, None, c)
         results.append(list(policy.parameters()))
     assert all(torch.equal(p, q) for p, q in zip(*results))
 
@@ -203,7 +204,7 @@ def test_activation_checkpointing_changes_memory_not_the_update(tiny_model_dir, 
         c = settings.Config(kl_coef=0.0, grad_clip=1e9, minibatches=1,
                             activation_checkpointing=checkpointing)
         learner.update(policy.train(), torch.optim.SGD(policy.parameters(), lr=1.0),
-                     batch, adv, None, c)
+                       batch, adv, None, c)
         deltas.append(torch.cat([(p - q).flatten() for p, q in zip(policy.parameters(), before)]))
         mlp_runs.append(len(runs))
     # one micro-batch, on-policy: one forward (of the prompt rows, then of the completion rows, in
@@ -242,7 +243,7 @@ def test_micro_batches_change_memory_not_the_update(tiny_model_dir, rollout_batc
         c = settings.Config(micro_batch_rows=micro_batch_rows, loss_agg=agg, kl_coef=0.0,
                             grad_clip=1e9, minibatches=1)
         stats.append(learner.update(policy, torch.optim.SGD(policy.parameters(), lr=1.0),
-                                  batch, adv, None, c))
+                                    batch, adv, None, c))
         # Δθ = −∇loss
         deltas.append(torch.cat([(p - q).flatten() for p, q in zip(policy.parameters(), before)]))
     assert deltas[0].abs().max() > 0
@@ -302,11 +303,11 @@ def test_kl_clamp_bounds_the_per_token_kl_term(tiny_model, rollout_batch):
     c = settings.Config(minibatches=1, kl_coef=0.1, kl_kind="k3")
     ref_logp = learner.batch_logprobs(reference, batch, c)
     unclamped = learner.update(policy, torch.optim.SGD(policy.parameters(), lr=0.0), batch,
-                             adv, ref_logp, c)["kl"]
+                               adv, ref_logp, c)["kl"]
     bound = unclamped / 2  # below the mean, so some tokens' KL must be cut
     clamped = learner.update(policy, torch.optim.SGD(policy.parameters(), lr=0.0), batch, adv,
-                           ref_logp, settings.Config(minibatches=1, kl_coef=0.1, kl_kind="k3",
-                                                     kl_clamp=bound))["kl"]
+                             ref_logp, settings.Config(minibatches=1, kl_coef=0.1, kl_kind="k3",
+                                                       kl_clamp=bound))["kl"]
     assert unclamped > bound >= clamped > 0
 
 
@@ -324,7 +325,7 @@ def test_overlong_filter_gives_truncated_responses_no_gradient(tiny_model_dir, r
         c = settings.Config(minibatches=1, kl_coef=0.0, grad_clip=1e9,
                             overlong_filter=overlong_filter)
         learner.update(policy, torch.optim.SGD(policy.parameters(), lr=1.0),
-                     rollout.select_rows(batch, rows), adv[rows], None, c)
+                       rollout.select_rows(batch, rows), adv[rows], None, c)
         steps.append(torch.cat([(p - q).flatten() for p, q in zip(policy.parameters(), before)]))
     assert steps[0].abs().max() == 0  # a batch of truncated responses only: nothing to learn from
     assert steps[1].abs().max() > 0  # without the filter they are rewarded like the rest
