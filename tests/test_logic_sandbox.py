@@ -1,9 +1,11 @@
-"""Logic answers are scored in the sandbox only, each in a process of its own, and never run as code.
+"""Logic answers are scored in the sandbox only, each in a process of its own, and never run as
+code.
 
-Hostile answers go to spiral_matrix, whose scorer eval()s the answer, in a batch between honest ones. Each
-kind is tried twice: against the whole defence, and against process isolation alone (the literal-only eval
-and the checked sympy parser switched off), so that each wall is shown to hold by itself. With isolation
-alone an answer may run code and so set its own score, never above 1; it must not reach any other answer.
+Hostile answers go to spiral_matrix, whose scorer eval()s the answer, in a batch between honest
+ones. Each kind is tried twice: against the whole defence, and against process isolation alone (the
+literal-only eval and the checked sympy parser switched off), so that each wall is shown to hold by
+itself. With isolation alone an answer may run code and so set its own score, never above 1; it must
+not reach any other answer.
 """
 
 import os
@@ -59,7 +61,8 @@ def defence(request, monkeypatch):
                      "module.eval, module.exec = literal_only, refuse\n",
                      "    if not answer_like(answer, dataset, entry):\n        return 0.0\n"]:
             assert wall in preload  # else this fixture would test nothing
-            preload = preload.replace(wall, wall[: len(wall) - len(wall.lstrip())] + "pass\n")  # its indent
+            # its indent
+            preload = preload.replace(wall, wall[: len(wall) - len(wall.lstrip())] + "pass\n")
         monkeypatch.setattr(logic_scorer, "LOGIC_PRELOAD", preload)
     return request.param
 
@@ -107,7 +110,8 @@ def test_hostile_answers_score_0_and_leave_every_other_answer_scored_right(defen
     scores = rewards.score_batch(examples, completions)
     seconds = time.monotonic() - start
     print(f"{defence}: {len(completions)} answers, {len(hostile)} hostile, in {seconds:.1f} s: {scores}")
-    assert scores[:2] + scores[-3:] == [1.0, 0.0, 0.0, 1.0, 1.0]  # the honest answers around them, scored right
+    # the honest answers around them, scored right
+    assert scores[:2] + scores[-3:] == [1.0, 0.0, 0.0, 1.0, 1.0]
     hostile_scores = dict(zip(hostile, scores[2:-3], strict=True))
     assert not marker.exists()
     assert hostile_scores["read another oracle"] == 0.0  # found nothing: its score would say so
@@ -118,7 +122,8 @@ def test_hostile_answers_score_0_and_leave_every_other_answer_scored_right(defen
 
 
 def test_with_isolation_alone_an_answer_that_runs_code_reaches_its_own_score_only(defence):
-    """The control for the test above: the forging and oracle-searching code works on what it may reach."""
+    """The control for the test above: the forging and oracle-searching code works on what it may
+    reach."""
     require_walls()
     if defence != "isolation alone":
         pytest.skip("only meaningful with the literal-only eval switched off")
@@ -131,17 +136,20 @@ def test_with_isolation_alone_an_answer_that_runs_code_reaches_its_own_score_onl
 
 
 def test_literal_answers_keep_their_scores_and_sympy_gets_math_only():
-    # spiral_matrix gives 0.1 for the right list written as a Python list: the literal parser keeps that.
+    # spiral_matrix gives 0.1 for the right list written as a Python list: the literal parser keeps
+    # that.
     spiral = logic_example("spiral_matrix", 1)
     as_list = "<answer>[" + ", ".join(spiral["entry"]["answer"].split()) + "]</answer>"
     assert rewards.score(spiral, as_list) == pytest.approx(0.1)
-    # polynomial_multiplication hands the answer to sympy's parse_expr: math is read, code is not run.
+    # polynomial_multiplication hands the answer to sympy's parse_expr: math is read, code is not
+    # run.
     poly = logic_example("polynomial_multiplication", 3)
     answer = poly["entry"]["answer"]
     scores = rewards.score_batch([poly] * 4, [f"<answer>{answer}</answer>", f"<answer>({answer})*1 + 0</answer>",
                                               "<answer>x.__class__</answer>", "<answer>exec(bytes((49,)))</answer>"])
     assert scores == [1.0, 1.0, 0.0, 0.0]
-    unknown = {**poly, "dataset": "no_such_dataset"}  # scores 0, and the batch beside it is scored as ever
+    # scores 0, and the batch beside it is scored as ever
+    unknown = {**poly, "dataset": "no_such_dataset"}
     assert rewards.score_batch([unknown, poly], [f"<answer>{answer}</answer>"] * 2) == [0.0, 1.0]
 
 
@@ -165,8 +173,8 @@ def test_without_reasoning_gym_in_the_sandbox_scoring_is_an_error_and_nothing_ru
 
 
 def test_the_sandbox_sees_this_pythons_packages():
-    """A venv (here perhaps under /tmp, on a pyenv Python under /root): the sandbox's `python -S` has the base
-    install's prefix only, so the venv's site-packages must be bound in by name."""
+    """A venv (here perhaps under /tmp, on a pyenv Python under /root): the sandbox's `python -S`
+    has the base install's prefix only, so the venv's site-packages must be bound in by name."""
     bound = sandbox_host._python_dirs()
     for directory in (sys.prefix, sys.base_prefix):
         assert (directory + "/").startswith(("/usr/", *(d + "/" for d in bound))), (directory, bound)
@@ -190,8 +198,9 @@ def test_identical_answers_to_one_problem_are_scored_once(monkeypatch):
 
 
 def test_the_user_namespace_mode_scores_logic_answers_too(monkeypatch, tmp_path):
-    """What a non-root user gets: the walls from `unshare --user`, one mapped uid. Run here by making the
-    sandbox believe it is not root (as root, the user namespace maps root to root: the same code path)."""
+    """What a non-root user gets: the walls from `unshare --user`, one mapped uid. Run here by
+    making the sandbox believe it is not root (as root, the user namespace maps root to root: the
+    same code path)."""
     if os.geteuid() != 0:
         pytest.skip("checked for real by every test here: this process is not root")
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
@@ -209,19 +218,22 @@ def test_the_user_namespace_mode_scores_logic_answers_too(monkeypatch, tmp_path)
     assert rewards.score_batch([spiral] * 3, [right, hostile, right]) == [1.0, 0.0, 1.0]
     assert not marker.exists()
     [result] = sandbox_host.run_tests("print(open('/proc/sys/kernel/shmmax').read())", [{"input": ""}])
-    assert int(result["output"]) == sandbox_host.SHARED_MEMORY_MB * 2**20  # the IPC limits hold there too
+    # the IPC limits hold there too
+    assert int(result["output"]) == sandbox_host.SHARED_MEMORY_MB * 2**20
 
 
-# ----------------------------------------------------------------------------- round three (issue 23)
+# --------------------------------------------------------------------------- round three (issue 23)
 
 def test_answers_built_to_stall_sympy_cost_about_a_second_each():
-    # puzzle24 and polynomial_multiplication hand the answer to sympy, which evaluates powers as it parses.
+    # puzzle24 and polynomial_multiplication hand the answer to sympy, which evaluates powers as it
+    # parses.
     puzzle, poly = logic_example("puzzle24", 3), logic_example("polynomial_multiplication", 3)
     stallers = ["9**9**9**9", "10**10**10**10", "99**99**99", "2**2**2**2**2**2"]
     right = f"<answer>{poly['entry']['answer']}</answer>"
     start = time.monotonic()
     assert rewards.score_batch([poly], [right]) == [1.0]
-    one_run = time.monotonic() - start  # a sandbox's start (reasoning-gym's import) and one quick answer
+    # a sandbox's start (reasoning-gym's import) and one quick answer
+    one_run = time.monotonic() - start
     examples = [puzzle] * len(stallers) + [poly] * len(stallers) + [poly]
     completions = [f"<answer>{staller}</answer>" for staller in stallers * 2] + [right]
     start = time.monotonic()
@@ -233,7 +245,8 @@ def test_answers_built_to_stall_sympy_cost_about_a_second_each():
 
 
 def test_puzzle24_counts_only_the_puzzles_own_numbers():
-    # reasoning-gym 0.1.25 checks how many numbers there are and their range, not that they are the puzzle's.
+    # reasoning-gym 0.1.25 checks how many numbers there are and their range, not that they are the
+    # puzzle's.
     entry = {**logic_example("puzzle24", 3)["entry"], "answer": "7*4 - 4*1"}
     entry["metadata"] = {**entry["metadata"], "numbers": [7, 4, 4, 1]}
     puzzle = {"task": "logic", "prompt": "Make 24 using 7, 4, 4, 1.", "dataset": "puzzle24", "entry": entry}
