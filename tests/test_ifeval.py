@@ -1,6 +1,7 @@
-"""prorl_verifiers/ifeval.py: each of IFEval's 25 ids against responses worked out by hand, one that meets it and one
-that breaks it, at the boundary of its relation ("less than" n: n − 1 passes, n fails; "at least" n: n passes,
-n − 1 fails). Scored through rewards.score, as training and evaluation score them."""
+"""prorl_verifiers/ifeval.py: each of IFEval's 25 ids against responses worked out by hand, one that
+meets it and one that breaks it, at the boundary of its relation ("less than" n: n − 1 passes, n
+fails; "at least" n: n passes, n − 1 fails). Scored through rewards.score, as training and
+evaluation score them."""
 
 import time
 
@@ -58,7 +59,8 @@ CASES = [  # (instruction id, kwargs, a response that meets it, one that breaks 
 def test_every_ifeval_id_is_checked_here_or_listed_as_unsupported():
     assert len(ifeval.IFEVAL_IDS) == 25
     checked = {kind for kind, *_ in CASES}
-    assert checked == set(ifeval.IFEVAL_IDS) - set(ifeval.UNSUPPORTED)  # every checkable id has a case above
+    # every checkable id has a case above
+    assert checked == set(ifeval.IFEVAL_IDS) - set(ifeval.UNSUPPORTED)
     assert set(ifeval.UNSUPPORTED) == {"language:response_language"}
 
 
@@ -91,12 +93,14 @@ def test_kwargs_are_checked_before_scoring():
     with pytest.raises(ValueError, match="letter must be one character"):
         ifeval.check_constraint({"kind": "keywords:letter_frequency", "letter": "ab", "let_frequency": 1,
                                  "let_relation": "at least"})
-    with pytest.raises(ValueError, match="keyword is empty"):  # "" is found everywhere: every response would pass
+    # "" is found everywhere: every response would pass
+    with pytest.raises(ValueError, match="keyword is empty"):
         ifeval.check_constraint({"kind": "keywords:frequency", "keyword": "", "frequency": 1, "relation": "at least"})
 
 
 def test_data_is_text_not_a_pattern():
-    """Keywords, markers and splitters come from data files: matched as text, so "a.c" is not a regex."""
+    """Keywords, markers and splitters come from data files: matched as text, so "a.c" is not a
+    regex."""
     exists = {"task": "ifeval", "prompt": "?", "constraints": [{"kind": "keywords:existence", "keywords": ["a.c"]}]}
     assert rewards.score(exists, "see a.c here") == 1.0
     assert rewards.score(exists, "see abc here") == 0.0
@@ -114,7 +118,8 @@ def test_degenerate_output_is_scored_fast():
     start = time.monotonic()
     for response in DEGENERATE:
         assert 0.0 <= rewards.score(example, response) < 1.0
-    assert time.monotonic() - start < 5.0  # each regex linear: a quadratic one takes minutes on these
+    # each regex linear: a quadratic one takes minutes on these
+    assert time.monotonic() - start < 5.0
 
 
 # Issue 23: IFEval's checks read form only, so another prompt's answer and the right answer with
