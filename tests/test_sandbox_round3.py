@@ -1,5 +1,6 @@
-"""The sandbox, round three (issue 23): the system-call filter, uids never reused and keys gone with a run,
-CPU-time limits beside a hog, oom_score_adj, kernel memory in a memory cgroup, and libseccomp missing.
+"""The sandbox, round three (issue 23): the system-call filter, uids never reused and keys gone with
+a run, CPU-time limits beside a hog, oom_score_adj, kernel memory in a memory cgroup, and libseccomp
+missing.
 Helpers and the autouse fixture that records each run's throw-away uids come from test_sandbox."""
 import os
 import subprocess
@@ -46,8 +47,9 @@ print("pair created")
 
 def test_calls_a_test_program_has_no_use_for_fail_with_eperm():
     require_x86_64()
-    # Arguments that fail harmlessly (EINVAL, EFAULT, EBADF, ...) or do nothing when the call is allowed:
-    # only the filter answers EPERM for every one of them. ptrace(-1) is an unknown request, unshare(0) a no-op.
+    # Arguments that fail harmlessly (EINVAL, EFAULT, EBADF, ...) or do nothing when the call is
+    # allowed: only the filter answers EPERM for every one of them. ptrace(-1) is an unknown
+    # request, unshare(0) a no-op.
     calls = {name: "(-1, 0, 0, 0, 0, 0)" if name in ("ptrace", "setns", "bpf", "keyctl") else "(0, 0, 0, 0, 0, 0)"
              for name in SYSCALLS_X86_64}
     program = "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n" + "".join(
@@ -60,7 +62,8 @@ def test_calls_a_test_program_has_no_use_for_fail_with_eperm():
 
 
 def key_users() -> dict[int, str]:
-    """The kernel's per-uid key accounting (/proc/key-users: "uid: usage nkeys/nikeys ..."), readable by all."""
+    """The kernel's per-uid key accounting (/proc/key-users: "uid: usage nkeys/nikeys ..."),
+    readable by all."""
     with open("/proc/key-users") as lines:
         return {int(line.split(":")[0]): line.split(":")[1].strip() for line in lines}
 
@@ -69,21 +72,25 @@ def key_users() -> dict[int, str]:
 def test_a_key_planted_by_one_run_is_not_readable_by_the_next_even_with_the_same_uid(walls, monkeypatch):
     require_x86_64()
     require("own_user")
-    uid = sandbox_host.UID_BASE + 2**30 - 2**10 + os.getpid() % 2**10  # one uid for both runs: the counter wrapped
+    # one uid for both runs: the counter wrapped
+    uid = sandbox_host.UID_BASE + 2**30 - 2**10 + os.getpid() % 2**10
     monkeypatch.setattr(sandbox_host, "_throwaway_uid", lambda: uid)
     if walls == "cleanup alone":  # the system-call filter off, so the program can add the key
         monkeypatch.setattr(confinement, "syscall_filter", lambda: b"")
     marker = f"prorl-planted-{os.getpid()}"
-    plant = ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"  # -4: the uid's user keyring
+    # -4: the uid's user keyring
+    plant = ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
              f"print(libc.syscall(248, b'user', {marker.encode()!r}, b'secret', 6, -4) > 0)")
     [planted] = sandbox_host.run_tests(plant, [{"input": ""}])
     assert planted["output"] == ("True\n" if walls == "cleanup alone" else "False\n")
     search = ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"  # KEYCTL_SEARCH @u
               f"print(libc.syscall(250, 10, -4, b'user', {marker.encode()!r}, 0))")
-    monkeypatch.setattr(confinement, "syscall_filter", lambda: b"")  # the reader may search, filter or not
+    # the reader may search, filter or not
+    monkeypatch.setattr(confinement, "syscall_filter", lambda: b"")
     [searched] = sandbox_host.run_tests(search, [{"input": ""}])
     assert searched["output"] == "-1\n", searched
-    deadline = time.monotonic() + 5  # the kernel frees an invalidated keyring in its garbage collector
+    # the kernel frees an invalidated keyring in its garbage collector
+    deadline = time.monotonic() + 5
     while uid in key_users() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert uid not in key_users(), key_users().get(uid)  # no key of the uid left in the kernel
@@ -100,13 +107,15 @@ def test_uids_are_not_reused_across_processes(tmp_path, monkeypatch):
     assert len(uids) == 600 and len(set(uids)) == 600  # three processes at once, no uid twice
     assert all(sandbox_host.UID_BASE <= uid < 2**31 for uid in uids)
     monkeypatch.setattr(sandbox_host, "UID_COUNTER_FILE", str(counter))
-    assert sandbox_host._throwaway_uid() == max(uids) + 1  # the counter persists: a later process goes on from it
+    # the counter persists: a later process goes on from it
+    assert sandbox_host._throwaway_uid() == max(uids) + 1
 
 
 def test_an_honest_cpu_bound_program_passes_beside_eight_setsid_spinners():
     require("process_limit", "own_user")
-    # The honest program needs half its limit in CPU time; the hog's processes, each in a session of its
-    # own, spin on every core meanwhile. The honest verdict must count the honest program's own CPU time.
+    # The honest program needs half its limit in CPU time; the hog's processes, each in a session of
+    # its own, spin on every core meanwhile. The honest verdict must count the honest program's own
+    # CPU time.
     honest = python_block(f"import time\nwhile time.process_time() < 0.5 * {LIMIT}:\n    pass\n"
                           "a, b = map(int, input().split())\nprint(a + b)")
     hog = python_block("import os, time\nfor _ in range(8):\n    try:\n        if os.fork() == 0:\n"
@@ -151,7 +160,8 @@ def test_socket_buffers_count_against_the_runs_memory_in_a_cgroup(monkeypatch):
     require("own_user")
     if sandbox_host._system()["cgroup"] is None:
         pytest.skip("no memory cgroup can be created here (the fallback's test covers this machine)")
-    monkeypatch.setattr(sandbox_host, "RUN_MEMORY_MB", 96)  # a small budget: what the hoarder queues is real memory
+    # a small budget: what the hoarder queues is real memory
+    monkeypatch.setattr(sandbox_host, "RUN_MEMORY_MB", 96)
     [result] = sandbox_host.run_tests(HOARD.format(budget=96 * 2**20), [{"input": ""}], time_limit=10)
     queued_mb = max([0] + [int(line) for line in result["output"].split()])
     print(f"socket buffers queued before the cgroup stopped it: {queued_mb} MB of a 96 MB budget; {result['status']}")
@@ -167,16 +177,19 @@ def test_without_a_memory_cgroup_the_sandbox_says_kernel_memory_is_unbounded(mon
 
 def test_without_libseccomp_code_is_not_scored_and_the_error_names_the_fix(monkeypatch):
     monkeypatch.setitem(sys.modules, "pyseccomp", None)  # as on a machine without libseccomp.so.2
-    monkeypatch.setattr(confinement, "syscall_filter", confinement.syscall_filter.__wrapped__)  # not the cached one
+    # not the cached one
+    monkeypatch.setattr(confinement, "syscall_filter", confinement.syscall_filter.__wrapped__)
     monkeypatch.setattr(sandbox_host, "_system", sandbox_host._system.__wrapped__)
     with pytest.raises(RuntimeError, match="apt-get install libseccomp2"):
         confinement.syscall_filter()
-    with pytest.raises(rewards.VerifierUnavailable, match="apt-get install libseccomp2"):  # never a silent 0
+    # never a silent 0
+    with pytest.raises(rewards.VerifierUnavailable, match="apt-get install libseccomp2"):
         rewards.score(sum_example(), python_block("print(3)"))
 
 
 def test_without_libseccomp_a_run_with_code_stops_before_training(monkeypatch):
-    """The first code score would raise mid-run; the task mix checks the sandbox when it is built."""
+    """The first code score would raise mid-run; the task mix checks the sandbox when it is
+    built."""
     monkeypatch.setitem(sys.modules, "pyseccomp", None)  # as on a machine without libseccomp.so.2
     monkeypatch.setattr(confinement, "syscall_filter", confinement.syscall_filter.__wrapped__)
     monkeypatch.setattr(sandbox_host, "_system", sandbox_host._system.__wrapped__)
