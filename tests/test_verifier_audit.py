@@ -1,7 +1,9 @@
-"""The verifier audit (issue 23): every verifier the project ships or reaches, given degenerate and adversarial
-answers. RL finds a verifier's holes; each probe must score 0 where the right answer scores 1.
+"""The verifier audit (issue 23): every verifier the project ships or reaches, given degenerate and
+adversarial answers. RL finds a verifier's holes; each probe must score 0 where the right answer
+scores 1.
 
-Probes, each put where the verifier reads an answer (the <answer> tags, \\boxed{}, a ```python block, ...):
+Probes, each put where the verifier reads an answer (the <answer> tags, \\boxed{}, a ```python
+block, ...):
   empty       nothing in the answer's place
   prompt      the prompt copied back as the answer
   other       the right answer to another problem of the same source
@@ -20,7 +22,8 @@ import pytest
 import reasoning_gym
 
 if __name__ == "__main__":
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, not tests/
+    # the repository, not tests/
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import rewards
 import tasks
@@ -58,7 +61,8 @@ def two_problems(source: str) -> tuple[dict, dict]:
 def reasoning_gym_problems(source: str) -> tuple[dict, dict]:
     entries = list(reasoning_gym.create_dataset(source, size=8, seed=11))
     first = entries[0]
-    second = next(entry for entry in entries if entry["answer"] != first["answer"])  # else "other" is right too
+    # else "other" is right too
+    second = next(entry for entry in entries if entry["answer"] != first["answer"])
     return tuple({"task": "logic", "prompt": entry["question"], "dataset": source, "entry": entry,
                   "solution": f"<answer>{entry['answer']}</answer>"} for entry in (first, second))
 
