@@ -3,15 +3,16 @@
     python bench/rewards.py            # about a minute on two cores
 
 Code: the 12 problems of data/code.jsonl (10 tests each), 8 completions per problem: their reference
-solution 6 times, a program that fails every test, one that crashes at once. Each completion gets its
-own sandbox; rewards.score_batch runs one per core side by side, and once with a single worker for
-comparison. (A program that times out costs its time limit per test on top, in waiting, not CPU.)
-Math: data/math.jsonl's 24 problems, 20 completions each (boxed, plain, equivalent and wrong answers), scored
-by math-verify in the calling thread.
-Logic: data/logic.jsonl's problems, 24 completions each (right, wrong, no tag), scored by reasoning-gym in the
-sandbox: one run per 64 distinct answers (up to one per core; each starts by importing reasoning-gym, a second
-or two), then a fresh process per distinct answer. Again with 24 distinct answers per problem (1 right, 23 wrong),
-where nothing is scored once for many.
+solution 6 times, a program that fails every test, one that crashes at once. Each completion gets
+its own sandbox; rewards.score_batch runs one per core side by side, and once with a single worker
+for comparison. (A program that times out costs its time limit per test on top, in waiting, not
+CPU.)
+Math: data/math.jsonl's 24 problems, 20 completions each (boxed, plain, equivalent and wrong
+answers), scored by math-verify in the calling thread.
+Logic: data/logic.jsonl's problems, 24 completions each (right, wrong, no tag), scored by
+reasoning-gym in the sandbox: one run per 64 distinct answers (up to one per core; each starts by
+importing reasoning-gym, a second or two), then a fresh process per distinct answer. Again with 24
+distinct answers per problem (1 right, 23 wrong), where nothing is scored once for many.
 Prints the machine's core count and load: on a shared machine other work slows every figure alike.
 """
 
@@ -20,7 +21,8 @@ import os
 import sys
 import time
 
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, not bench/
+# the repository, not bench/
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import rewards
 import tasks
@@ -69,7 +71,8 @@ def main() -> None:
     print(f"machine: {cores} cores, load average {os.getloadavg()[0]:.1f}; sandbox protections: "
           f"{', '.join(name for name, on in sandbox_probe.protections().items() if on)}")
     examples, completions = scored_batch("code", code_completions)
-    rewards.score_batch(examples[:cores], completions[:cores])  # warm up: the sandbox's mode is worked out once
+    # warm up: the sandbox's mode is worked out once
+    rewards.score_batch(examples[:cores], completions[:cores])
     per_second, scores = throughput(examples, completions, workers=cores)
     one_worker, _ = throughput(examples, completions, workers=1)
     print(f"code: {per_second:6.1f} completions/s with {cores} workers, {one_worker:6.1f} with 1 "
