@@ -48,19 +48,23 @@ def code_completions(example: dict) -> list[str]:
 def math_completions(example: dict) -> list[str]:
     answer = example["answer"]
     return [f"The answer is $\\boxed{{{answer}}}$.", f"Therefore the answer is ${answer}$.",
-            f"Lots of reasoning first. {'So on and so forth. ' * 40}Final answer: \\boxed{{{answer}}}",
+            (f"Lots of reasoning first. {'So on and so forth. ' * 40}"
+             f"Final answer: \\boxed{{{answer}}}"),
             "\\boxed{12345}", "I am not sure."] * 4
 
 
 def logic_completions(example: dict) -> list[str]:
-    return [f"<answer>{example['entry']['answer']}</answer>", "<answer>wrong</answer>", "no tag"] * 8
+    return [f"<answer>{example['entry']['answer']}</answer>", "<answer>wrong</answer>",
+            "no tag"] * 8
 
 
 def distinct_logic_completions(example: dict) -> list[str]:
-    return [f"<answer>{example['entry']['answer']}</answer>"] + [f"<answer>wrong {k}</answer>" for k in range(23)]
+    return [f"<answer>{example['entry']['answer']}</answer>"] + [f"<answer>wrong {k}</answer>"
+                                                               for k in range(23)]
 
 
-def throughput(examples: list[dict], completions: list[str], workers: int) -> tuple[float, list[float]]:
+def throughput(examples: list[dict], completions: list[str],
+               workers: int) -> tuple[float, list[float]]:
     start = time.perf_counter()
     scores = rewards.score_batch(examples, completions, workers=workers)
     return len(completions) / (time.perf_counter() - start), scores
@@ -76,7 +80,8 @@ def main() -> None:
     per_second, scores = throughput(examples, completions, workers=cores)
     one_worker, _ = throughput(examples, completions, workers=1)
     print(f"code: {per_second:6.1f} completions/s with {cores} workers, {one_worker:6.1f} with 1 "
-          f"({len(completions)} completions x 10 tests; mean reward {sum(scores) / len(scores):.2f})")
+          f"({len(completions)} completions x 10 tests; "
+          f"mean reward {sum(scores) / len(scores):.2f})")
     examples, completions = scored_batch("math", math_completions)
     rewards.score_batch(examples[:5], completions[:5])  # warm up: imports math-verify and sympy
     per_second, scores = throughput(examples, completions, workers=cores)
@@ -84,14 +89,17 @@ def main() -> None:
           f"{sum(scores) / len(scores):.2f})")
     examples, completions = scored_batch("logic", logic_completions)
     per_second, scores = throughput(examples, completions, workers=cores)
-    print(f"logic: {per_second:5.1f} completions/s ({len(completions)} completions in one batch; mean reward "
+    print(f"logic: {per_second:5.1f} completions/s ({len(completions)} completions in one batch; "
+          f"mean reward "
           f"{sum(scores) / len(scores):.2f})")
     examples, completions = scored_batch("logic", distinct_logic_completions)
     per_second, scores = throughput(examples, completions, workers=cores)
-    print(f"logic: {per_second:5.1f} completions/s ({len(completions)} distinct answers in one batch; mean reward "
+    print(f"logic: {per_second:5.1f} completions/s ({len(completions)} distinct answers in one "
+          f"batch; mean reward "
           f"{sum(scores) / len(scores):.2f})")
 
 
 if __name__ == "__main__":
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    argparse.ArgumentParser(description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     main()
