@@ -10,7 +10,8 @@ block, ...):
   hedge       every candidate at once: the right answer among wrong ones
   numbers     numbers not from the problem (where the answer is built from the problem's numbers)
   overlong    the right answer followed by 50,000 more characters in the answer's place
-`python tests/test_verifier_audit.py` prints the audit's table (README's "Rewards, sandbox and task data").
+`python tests/test_verifier_audit.py` prints the audit's table (README's "Rewards, sandbox and task
+data").
 """
 
 import argparse
@@ -32,9 +33,10 @@ BUILTINS = ["add", "sort", "reverse", "countdown", "chains"]
 DOMAINS = ["math", "code", "mcq", "ifeval"]
 # reasoning-gym datasets: data/logic.jsonl's, and those README names (puzzle24's scorer is wrapped)
 DATASETS = sorted({"base_conversion", "basic_arithmetic", "chain_sum", "family_relationships",
-                   "fraction_simplification", "gcd", "letter_counting", "number_sorting", "simple_equations",
-                   "spell_backward", "syllogism", "word_sorting", "spiral_matrix", "n_queens", "products",
-                   "countdown", "puzzle24", "polynomial_multiplication"})
+                   "fraction_simplification", "gcd", "letter_counting", "number_sorting",
+                   "simple_equations", "spell_backward", "syllogism", "word_sorting",
+                   "spiral_matrix", "n_queens", "products", "countdown", "puzzle24",
+                   "polynomial_multiplication"})
 FILLER = " 9" * 25_000  # 50,000 characters
 # answers that reach the target from numbers the problem did not give
 NUMBER_PUZZLES = {"puzzle24": lambda entry: "6*4*1*1",
@@ -84,7 +86,8 @@ def answer_of(example: dict) -> str:
 def wrap(example: dict, text: str) -> str:
     """A completion holding `text` where this verifier reads the answer."""
     return {"logic": f"<answer>{text}</answer>", "math": f"The answer is $\\boxed{{{text}}}$.",
-            "mcq": f"The answer is ({text}).", "code": f"```python\n{text}\n```"}.get(example["task"], text)
+            "mcq": f"The answer is ({text}).",
+            "code": f"```python\n{text}\n```"}.get(example["task"], text)
 
 
 def probes(example: dict, other: dict) -> dict[str, str]:
@@ -94,7 +97,8 @@ def probes(example: dict, other: dict) -> dict[str, str]:
     if task == "mcq":
         found["hedge"] = wrap(example, "A, B, C or D")
     elif task == "code":
-        found["hedge"] = wrap(example, right + "\nprint(" + repr(str(other["tests"][0]["output"])) + ")")
+        found["hedge"] = wrap(example,
+                              right + "\nprint(" + repr(str(other["tests"][0]["output"])) + ")")
     elif task != "ifeval":
         wrong = answer_of(other)
         found["hedge"] = wrap(example, f"{right} or {wrong}") if task != "math" else (
@@ -150,5 +154,6 @@ def table(rows: dict) -> str:
 
 
 if __name__ == "__main__":
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    argparse.ArgumentParser(description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     print(table(audit()))
