@@ -14,11 +14,11 @@ import rewards
 import tasks
 from prorl_verifiers import confinement, sandbox_host
 
-SYSCALLS_X86_64 = {"keyctl": 250, "add_key": 248, "request_key": 249, "ptrace": 101, "process_vm_readv": 310,
-                   "process_vm_writev": 311, "io_uring_setup": 425, "io_uring_enter": 426,
-                   "io_uring_register": 427, "bpf": 321, "perf_event_open": 298, "userfaultfd": 323,
-                   "mount": 165, "umount2": 166, "unshare": 272, "setns": 308, "kexec_load": 246,
-                   "kexec_file_load": 320}
+SYSCALLS_X86_64 = {"keyctl": 250, "add_key": 248, "request_key": 249, "ptrace": 101,
+                   "process_vm_readv": 310, "process_vm_writev": 311, "io_uring_setup": 425,
+                   "io_uring_enter": 426, "io_uring_register": 427, "bpf": 321,
+                   "perf_event_open": 298, "userfaultfd": 323, "mount": 165, "umount2": 166,
+                   "unshare": 272, "setns": 308, "kexec_load": 246, "kexec_file_load": 320}
 
 
 def require_x86_64() -> None:
@@ -41,8 +41,9 @@ print("pair created")
 """
     [result] = sandbox_host.run_tests(program, [{"input": ""}])
     assert result["status"] == "ok", result
-    assert result["output"].split("\n")[:-1] == ["AF_VSOCK 1", "AF_PACKET 1", "AF_NETLINK 1", "AF_INET 1",
-                                                 "AF_INET6 1", "AF_UNIX created", "pair created"]
+    assert result["output"].split("\n")[:-1] == ["AF_VSOCK 1", "AF_PACKET 1", "AF_NETLINK 1",
+                                                 "AF_INET 1", "AF_INET6 1", "AF_UNIX created",
+                                                 "pair created"]
 
 
 def test_calls_a_test_program_has_no_use_for_fail_with_eperm():
@@ -50,7 +51,8 @@ def test_calls_a_test_program_has_no_use_for_fail_with_eperm():
     # Arguments that fail harmlessly (EINVAL, EFAULT, EBADF, ...) or do nothing when the call is
     # allowed: only the filter answers EPERM for every one of them. ptrace(-1) is an unknown
     # request, unshare(0) a no-op.
-    calls = {name: "(-1, 0, 0, 0, 0, 0)" if name in ("ptrace", "setns", "bpf", "keyctl") else "(0, 0, 0, 0, 0, 0)"
+    calls = {name: "(-1, 0, 0, 0, 0, 0)" if name in ("ptrace", "setns", "bpf", "keyctl")
+             else "(0, 0, 0, 0, 0, 0)"
              for name in SYSCALLS_X86_64}
     program = "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n" + "".join(
         f"print({name!r}, libc.syscall({SYSCALLS_X86_64[name]}, *{args}), ctypes.get_errno())\n"
@@ -69,7 +71,8 @@ def key_users() -> dict[int, str]:
 
 
 @pytest.mark.parametrize("walls", ["filter and cleanup", "cleanup alone"])
-def test_a_key_planted_by_one_run_is_not_readable_by_the_next_even_with_the_same_uid(walls, monkeypatch):
+def test_a_key_planted_by_one_run_is_not_readable_by_the_next_even_with_the_same_uid(
+        walls, monkeypatch):
     require_x86_64()
     require("own_user")
     # one uid for both runs: the counter wrapped
@@ -98,10 +101,12 @@ def test_a_key_planted_by_one_run_is_not_readable_by_the_next_even_with_the_same
 
 def test_uids_are_not_reused_across_processes(tmp_path, monkeypatch):
     counter = tmp_path / "uids"
-    script = (f"from prorl_verifiers import sandbox_host\nsandbox_host.UID_COUNTER_FILE = {str(counter)!r}\n"
+    script = ("from prorl_verifiers import sandbox_host\n"
+              f"sandbox_host.UID_COUNTER_FILE = {str(counter)!r}\n"
               "print(*(sandbox_host._throwaway_uid() for _ in range(200)))")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    runs = [subprocess.Popen([sys.executable, "-c", script], cwd=root, stdout=subprocess.PIPE, text=True)
+    runs = [subprocess.Popen([sys.executable, "-c", script], cwd=root, stdout=subprocess.PIPE,
+                             text=True)
             for _ in range(3)]
     uids = [int(uid) for run in runs for uid in run.communicate(timeout=60)[0].split()]
     assert len(uids) == 600 and len(set(uids)) == 600  # three processes at once, no uid twice
@@ -159,12 +164,15 @@ while total < 3 * {budget}:
 def test_socket_buffers_count_against_the_runs_memory_in_a_cgroup(monkeypatch):
     require("own_user")
     if sandbox_host._system()["cgroup"] is None:
-        pytest.skip("no memory cgroup can be created here (the fallback's test covers this machine)")
+        pytest.skip("no memory cgroup can be created here "
+                    "(the fallback's test covers this machine)")
     # a small budget: what the hoarder queues is real memory
     monkeypatch.setattr(sandbox_host, "RUN_MEMORY_MB", 96)
-    [result] = sandbox_host.run_tests(HOARD.format(budget=96 * 2**20), [{"input": ""}], time_limit=10)
+    [result] = sandbox_host.run_tests(HOARD.format(budget=96 * 2**20), [{"input": ""}],
+                                      time_limit=10)
     queued_mb = max([0] + [int(line) for line in result["output"].split()])
-    print(f"socket buffers queued before the cgroup stopped it: {queued_mb} MB of a 96 MB budget; {result['status']}")
+    print(f"socket buffers queued before the cgroup stopped it: {queued_mb} MB of a 96 MB "
+          f"budget; {result['status']}")
     assert result["status"] != "ok" and 0 < queued_mb <= 96
 
 
