@@ -93,9 +93,11 @@ def block(program: str, fence: str = "python") -> str:
     ("I'll write it.\n" + block("def add(a, b):\n    return a + b") + "\nDone.", 1.0),
     (block("def add(a, b):\n    return a + b", fence="py"), 1.0),
     # last wins
-    (block("def add(a, b):\n    return a * b") + "\n" + block("def add(a, b):\n    return a + b"), 1.0),
+    (block("def add(a, b):\n    return a * b") + "\n"
+     + block("def add(a, b):\n    return a + b"), 1.0),
     # 2*2 only
-    (block("def add(a, b):\n    return a + b") + "\n" + block("def add(a, b):\n    return a * b"), 0.25),
+    (block("def add(a, b):\n    return a + b") + "\n"
+     + block("def add(a, b):\n    return a * b"), 0.25),
     # fails the string test: a fraction (ProRL)
     (block("def add(a, b):\n    return int(a) + int(b)"), 0.75),
     (block("def add(a, b):\n    return str(a + b)"), 0.25),       # '3' is not 3 ('ab' is 'ab')
@@ -147,7 +149,8 @@ def test_logic_uses_the_datasets_own_scorer():
     answer = example["entry"]["answer"]
     dataset_score = reasoning_gym.get_score_answer_fn("letter_counting")
     for given in [answer, "no idea"]:
-        assert rewards.score(example, f"Counting... <answer>{given}</answer>") == dataset_score(given, example["entry"])
+        assert rewards.score(example, f"Counting... <answer>{given}</answer>") == dataset_score(
+            given, example["entry"])
     assert rewards.score(example, f"<answer>{answer}</answer>") == 1.0
     # the base scorer's credit for containing the oracle ("x4": 0.5) rewards hedging: 0 here (the
     # verifier audit)
@@ -185,10 +188,13 @@ def test_logic_by_hand():
 # ----------------------------------------------------------------------------- multiple choice
 
 @pytest.mark.parametrize("completion, reward", [
-    ("The answer is (C).", 1.0), ("Answer: C", 1.0), ("**Answer:** C", 1.0), ("answer is: **(C)**", 1.0),
-    ("\\boxed{C}", 1.0), ("$\\boxed{\\text{C}}$", 1.0), ("C", 1.0), ("(C)", 1.0), ("C) Carbon dioxide", 1.0),
+    ("The answer is (C).", 1.0), ("Answer: C", 1.0), ("**Answer:** C", 1.0),
+    ("answer is: **(C)**", 1.0),
+    ("\\boxed{C}", 1.0), ("$\\boxed{\\text{C}}$", 1.0), ("C", 1.0), ("(C)", 1.0),
+    ("C) Carbon dioxide", 1.0),
     ("Option A fails. The correct option is C because ...", 1.0),
-    ("The answer is option C.", 1.0), ("Answer: $C$", 1.0), ("Answer — C", 1.0), ("\\boxed{\\textbf{C}}", 1.0),
+    ("The answer is option C.", 1.0), ("Answer: $C$", 1.0), ("Answer — C", 1.0),
+    ("\\boxed{\\textbf{C}}", 1.0),
     ("Answer: C\nWait, no. The answer is B.", 0.0),   # the last statement counts
     ("The answer is B", 0.0),                         # wrong
     ("answer is c", 0.0),                             # lower case: the article "a", not a choice
@@ -213,14 +219,17 @@ def test_mcq_by_hand(completion, reward):
     ({"kind": "max_sentences", "n": 2}, "One. Two!", "One. Two. Three?"),
     ({"kind": "min_sentences", "n": 2}, "One. Two!", "Just one."),
     ({"kind": "paragraphs", "n": 2}, "First.\n***\nSecond.", "First.\n\nSecond."),
-    ({"kind": "include_keywords", "keywords": ["cat", "Dog"]}, "A dog and a CAT.", "A dog and a caterpillar."),
+    ({"kind": "include_keywords", "keywords": ["cat", "Dog"]},
+     "A dog and a CAT.", "A dog and a caterpillar."),
     ({"kind": "forbidden_words", "words": ["love"]}, "I adore it; lovely.", "I Love it."),
-    ({"kind": "keyword_frequency", "keyword": "tea", "n": 2}, "Tea, then more tea.", "Tea, then coffee."),
+    ({"kind": "keyword_frequency", "keyword": "tea", "n": 2},
+     "Tea, then more tea.", "Tea, then coffee."),
     ({"kind": "json_format"}, '```json\n{"a": [1, 2]}\n```', "{'a': 1}"),
     ({"kind": "lowercase"}, "all quiet here.", "All quiet here."),
     ({"kind": "uppercase"}, "ALL LOUD HERE.", "ALL LOUD HERe."),
     ({"kind": "no_comma"}, "No commas here.", "Well, one."),
-    ({"kind": "ends_with", "phrase": "Is there anything else?"}, "Done. Is there anything else?  ", "Is there anything else? Done."),
+    ({"kind": "ends_with", "phrase": "Is there anything else?"},
+     "Done. Is there anything else?  ", "Is there anything else? Done."),
     ({"kind": "quotation"}, '"Quoted."', '"Half quoted.'),
     ({"kind": "title"}, "<<My Title>>\nText.", "My Title\nText."),
     ({"kind": "bullet_points", "n": 2}, "* one\n- two", "* one\n* two\n* three"),
@@ -265,7 +274,8 @@ def test_ifeval_constraints_are_checked_before_scoring():
 
 DEGENERATE = [  # what a collapsed policy can emit, 40-60k characters: none may make a verifier slow
     "The answer is" + "\n" * 50_000, "Answer:" + " " * 50_000, " " * 50_000, "\n" * 50_000,
-    "<answer>" * 6_000, "```python\n" * 5_000, "```" * 15_000, "[" * 50_000, "<<" * 25_000, "\\boxed{" * 5_000,
+    "<answer>" * 6_000, "```python\n" * 5_000, "```" * 15_000, "[" * 50_000, "<<" * 25_000,
+    "\\boxed{" * 5_000,
     "(" * 50_000, "P.S." + "\n" * 50_000, "1 " * 25_000,
 ]
 
@@ -277,7 +287,8 @@ DEGENERATE = [  # what a collapsed policy can emit, 40-60k characters: none may 
         ("postscript", {}), ("highlighted_sections", {"n": 1}), ("max_sentences", {"n": 3}),
         ("keyword_frequency", {"keyword": "answer", "n": 2})]]},
     {"task": "code", "prompt": "?", "tests": [{"input": "", "output": "1"}]},
-    {"task": "logic", "prompt": "?", "dataset": "basic_arithmetic", "entry": {"question": "?", "answer": "1"}},
+    {"task": "logic", "prompt": "?", "dataset": "basic_arithmetic",
+     "entry": {"question": "?", "answer": "1"}},
     {"task": "math", "prompt": "?", "answer": "1"},
 ], ids=lambda example: example["task"])
 def test_degenerate_output_is_scored_fast(example):
@@ -286,21 +297,24 @@ def test_degenerate_output_is_scored_fast(example):
     elapsed = time.monotonic() - start
     assert all(0.0 <= s <= 1.0 for s in scores)
     # code and logic start a sandbox, math has a time limit of its own per answer
-    assert elapsed < {"math": 3 * rewards.MATH_TIME_LIMIT * len(DEGENERATE), "code": 30, "logic": 30}.get(
-        example["task"], 2.0), f"{example['task']}: {elapsed:.1f} s"
+    assert elapsed < {"math": 3 * rewards.MATH_TIME_LIMIT * len(DEGENERATE), "code": 30,
+                      "logic": 30}.get(example["task"], 2.0), (
+        f"{example['task']}: {elapsed:.1f} s")
 
 
 # ----------------------------------------------------------------------------- scoring many at once
 
 def test_score_batch_equals_score_one_by_one_in_order():
     examples, completions = [], []
-    for example in tasks.load_source("code")[:3] + tasks.load_source("math")[:3] + tasks.load_source("mcq")[:2]:
+    for example in (tasks.load_source("code")[:3] + tasks.load_source("math")[:3]
+                    + tasks.load_source("mcq")[:2]):
         for completion in [example["solution"], "", "The answer is (A). \\boxed{7}"]:
             examples.append(example)
             completions.append(completion)
     examples.append({"task": "add", "prompt": "47+38=", "answer": "85"})
     completions.append("85")
-    expected = [rewards.score(example, completion) for example, completion in zip(examples, completions)]
+    expected = [rewards.score(example, completion)
+                for example, completion in zip(examples, completions)]
     assert rewards.score_batch(examples, completions, workers=4) == expected
     assert rewards.score_batch(examples, completions, workers=1) == expected
     assert expected[0] == 1.0 and expected[1] == 0.0 and expected[-1] == 1.0
@@ -326,18 +340,26 @@ def test_every_shipped_example_is_solved_by_its_solution_and_not_by_nothing(doma
     ('{"task": "math", "prompt": "1+1?", "answer": 2}', "a math answer must be a string"),
     ('{"task": "mcq", "prompt": "?", "answer": "E)"}', "one letter from A to J"),
     ('{"task": "code", "prompt": "?", "tests": []}', "non-empty list"),
-    ('{"task": "code", "prompt": "?", "tests": [{"input": "1", "call": "f(1)", "output": "1"}]}', "either 'input' or 'call'"),
-    ('{"task": "logic", "prompt": "?", "dataset": "no_such_set", "entry": {"question": "?", "answer": "1", "metadata": {}}}', "unknown reasoning-gym dataset"),
-    ('{"task": "ifeval", "prompt": "?", "constraints": [{"kind": "shout"}]}', "unknown constraint kind 'shout'"),
+    ('{"task": "code", "prompt": "?", "tests": [{"input": "1", "call": "f(1)", "output": "1"}]}',
+     "either 'input' or 'call'"),
+    (('{"task": "logic", "prompt": "?", "dataset": "no_such_set", '
+      '"entry": {"question": "?", "answer": "1", "metadata": {}}}'),
+     "unknown reasoning-gym dataset"),
+    ('{"task": "ifeval", "prompt": "?", "constraints": [{"kind": "shout"}]}',
+     "unknown constraint kind 'shout'"),
     ('{"task": "poetry", "prompt": "?"}', "unknown task 'poetry'"),
     ('["task", "prompt"]', "needs at least 'task' and 'prompt'"),
     ('{"task": ["math"], "prompt": "?"}', "'task' and 'dataset' must be strings"),
     ('{"task": "reverse", "prompt": "1 2<"}', "a 'reverse' example needs the field(s) answer"),
-    ('{"task": "code", "prompt": "?", "tests": [{"input": "", "output": "1"}], "time_limit": "abc"}', "'time_limit'"),
-    ('{"task": "code", "prompt": "?", "tests": [{"call": "f()", "output": "1"}], "entry_point": 5}', "'entry_point'"),
+    (('{"task": "code", "prompt": "?", "tests": [{"input": "", "output": "1"}], '
+      '"time_limit": "abc"}'), "'time_limit'"),
+    ('{"task": "code", "prompt": "?", "tests": [{"call": "f()", "output": "1"}], "entry_point": 5}',
+     "'entry_point'"),
     ('{"task": "add", "prompt": "40+45=", "answer": 85}', "an 'add' answer must be a string"),
-    ('{"task": "countdown", "prompt": "?", "numbers": "12", "target": "3"}', "a non-empty list of integers"),
-    ('{"task": "logic", "prompt": "?", "dataset": "basic_arithmetic", "entry": {"question": "?"}}', "'metadata'"),
+    ('{"task": "countdown", "prompt": "?", "numbers": "12", "target": "3"}',
+     "a non-empty list of integers"),
+    ('{"task": "logic", "prompt": "?", "dataset": "basic_arithmetic", "entry": {"question": "?"}}',
+     "'metadata'"),
     ('{"task": "math", "prompt": "\\ud800?", "answer": "1"}', "lone surrogate"),
 ])
 def test_a_bad_line_is_an_error_naming_file_and_line(tmp_path, line, message):
@@ -355,7 +377,8 @@ def test_a_file_that_is_not_utf8_is_an_error_naming_it(tmp_path):
 
 
 def test_tasks_syntax_names_domains_reasoning_gym_and_files(tmp_path):
-    assert tasks.parse_mix("math:3,rg:basic_arithmetic:1") == {"math": 0.75, "rg:basic_arithmetic": 0.25}
+    assert tasks.parse_mix("math:3,rg:basic_arithmetic:1") == {"math": 0.75,
+                                                              "rg:basic_arithmetic": 0.25}
     assert tasks.parse_mix("rg:basic_arithmetic,code") == {"rg:basic_arithmetic": 0.5, "code": 0.5}
     with pytest.raises(ValueError, match="not a number"):
         tasks.parse_mix("rg:basic_arithmetic:lots")
@@ -363,11 +386,14 @@ def test_tasks_syntax_names_domains_reasoning_gym_and_files(tmp_path):
         tasks.TaskMix("rg:no_such_set")
     own = tmp_path / "mine.jsonl"
     own.write_text('{"task": "mcq", "prompt": "Pick C.", "answer": "C"}\n')
-    stream = tasks.TaskMix(f"math:0.3,code:0.2,logic:0.1,mcq:0.1,ifeval:0.1,rg:chain_sum:0.1,{own}:0.1", seed=0)
+    stream = tasks.TaskMix("math:0.3,code:0.2,logic:0.1,mcq:0.1,ifeval:0.1,rg:chain_sum:0.1,"
+                           f"{own}:0.1", seed=0)
     drawn = [stream.sample() for _ in range(2000)]
-    share = {task: sum(example["task"] == task for example in drawn) / len(drawn) for task in tasks.DOMAINS}
+    share = {task: sum(example["task"] == task for example in drawn) / len(drawn)
+             for task in tasks.DOMAINS}
     # mine is mcq
-    assert 0.26 < share["math"] < 0.34 and 0.17 < share["code"] < 0.23 and 0.17 < share["mcq"] < 0.23
+    assert (0.26 < share["math"] < 0.34 and 0.17 < share["code"] < 0.23
+            and 0.17 < share["mcq"] < 0.23)
     assert 0.17 < share["logic"] < 0.23  # the logic file and rg:chain_sum
     assert sum(example.get("dataset") == "chain_sum" for example in drawn) > 100
     assert not any(tasks.is_heldout(example) for example in drawn)
@@ -377,7 +403,8 @@ def test_reasoning_gym_sources_have_a_fixed_heldout_split_the_stream_never_draws
     heldout = tasks.heldout("rg:basic_arithmetic", 20)
     assert len({example["prompt"] for example in heldout}) == 20
     assert heldout == tasks.heldout("rg:basic_arithmetic", 20)  # the same on every call and run
-    assert all(example["task"] == "logic" and example["dataset"] == "basic_arithmetic" for example in heldout)
+    assert all(example["task"] == "logic" and example["dataset"] == "basic_arithmetic"
+               for example in heldout)
     assert all(rewards.score(e, f"<answer>{e['entry']['answer']}</answer>") == 1.0 for e in heldout)
     stream = tasks.TaskMix("rg:basic_arithmetic", seed=1)
     drawn = [stream.sample() for _ in range(300)]
@@ -394,15 +421,18 @@ def test_a_file_whose_problems_are_all_held_out_is_trained_on_with_a_warning(tmp
     assert stream.sample()["prompt"] == held
 
 
-def test_jsonl_strings_may_hold_unicode_line_separators_and_repeated_heldout_prompts_count_once(tmp_path):
+def test_jsonl_strings_may_hold_unicode_line_separators_and_repeated_heldout_prompts_count_once(
+        tmp_path):
     """U+2028, U+2029 and \\x85 are legal raw inside JSON strings (json.dumps(ensure_ascii=False)
     writes them): only "\\n" ends a line. A held-out problem repeated in the file is one problem,
     not several."""
-    examples = [{"task": "math", "prompt": f"What is {i}+{i}?\u2028Line two\u2029\x85", "answer": str(2 * i)}
+    examples = [{"task": "math", "prompt": f"What is {i}+{i}?\u2028Line two\u2029\x85",
+                 "answer": str(2 * i)}
                 for i in range(60)]
     held = next(ex for ex in examples if tasks.is_heldout(ex))
     path = tmp_path / "seps.jsonl"
-    path.write_text("".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in examples + [held, held]),
+    path.write_text("".join(json.dumps(ex, ensure_ascii=False) + "\n"
+                            for ex in examples + [held, held]),
                     encoding="utf-8")
     assert tasks.load_jsonl(path) == examples + [held, held]
     prompts = [ex["prompt"] for ex in tasks.heldout(str(path), 100)]
