@@ -25,9 +25,11 @@ LIMIT = 2  # seconds per answer here
 
 def require_walls() -> None:
     proven = sandbox_probe.protections()
-    missing = [name for name in ("private_filesystem", "own_user", "cannot_signal_host") if not proven[name]]
+    missing = [name for name in ("private_filesystem", "own_user", "cannot_signal_host")
+               if not proven[name]]
     if missing:
-        pytest.skip(f"not safe to run here: the sandbox cannot prove {', '.join(missing)} on this machine")
+        pytest.skip(f"not safe to run here: the sandbox cannot prove {', '.join(missing)} "
+                    "on this machine")
 
 
 def logic_example(dataset: str, seed: int) -> dict:
@@ -43,13 +45,15 @@ def code_answer(source: str) -> str:
 # Python run by a hostile answer to claim its own score: "1.0" as all of its output, then exit.
 FORGE_OWN_SCORE = ("import os\nfor fd in range(64):\n    try:\n"
                    "        if os.readlink(f'/proc/self/fd/{fd}').startswith('/memfd:stdout'):\n"
-                   "            os.ftruncate(fd, 0)\n            os.pwrite(fd, b'1.0', 0)\n            os._exit(0)\n"
+                   "            os.ftruncate(fd, 0)\n            os.pwrite(fd, b'1.0', 0)\n"
+                   "            os._exit(0)\n"
                    "    except OSError:\n        pass\n")
 
 
 def finds(oracle: str) -> str:
     """Python that is true when `oracle` is an entry's answer anywhere in the process's objects."""
-    return f"any(isinstance(o, dict) and o.get('answer') == {oracle!r} for o in __import__('gc').get_objects())"
+    return (f"any(isinstance(o, dict) and o.get('answer') == {oracle!r} "
+            "for o in __import__('gc').get_objects())")
 
 
 @pytest.fixture(params=["both walls", "isolation alone"])
@@ -77,39 +81,47 @@ def test_hostile_answers_score_0_and_leave_every_other_answer_scored_right(defen
     secret = other["entry"]["answer"]  # another problem's oracle, in the same batch
     assert secret != spiral["entry"]["answer"]
     hostile = {
-        "forge a result line": code_answer("import os\nos.write(1, b'exit 0 3\\n1.0')\nprint('0 1.0', flush=True)\n"
-                                           "for fd in range(3, 64):\n    try:\n        os.write(fd, b'\\n1 1.0\\n')\n"
-                                           "    except OSError:\n        pass"),
-        "patch a scorer": code_answer("import reasoning_gym, sys\nfor m in list(sys.modules.values()):\n"
-                                      "    for v in list(vars(m).values()) if m else []:\n"
-                                      "        if isinstance(v, type) and 'score_answer' in vars(v):\n"
-                                      "            v.score_answer = lambda *a, **k: 1.0\n"
-                                      "globals().get('scorers', {}).clear()"),
+        "forge a result line": code_answer(
+            "import os\nos.write(1, b'exit 0 3\\n1.0')\nprint('0 1.0', flush=True)\n"
+            "for fd in range(3, 64):\n    try:\n        os.write(fd, b'\\n1 1.0\\n')\n"
+            "    except OSError:\n        pass"),
+        "patch a scorer": code_answer(
+            "import reasoning_gym, sys\nfor m in list(sys.modules.values()):\n"
+            "    for v in list(vars(m).values()) if m else []:\n"
+            "        if isinstance(v, type) and 'score_answer' in vars(v):\n"
+            "            v.score_answer = lambda *a, **k: 1.0\n"
+            "globals().get('scorers', {}).clear()"),
         "read another oracle": code_answer(
-            "import gc, os\nfound = False\nfor path in ['/proc/1/fd/0', '/proc/self/fd/0', '/proc/1/environ']:\n"
+            "import gc, os\nfound = False\n"
+            "for path in ['/proc/1/fd/0', '/proc/self/fd/0', '/proc/1/environ']:\n"
             "    try:\n        found |= " + repr(secret.encode()) + " in open(path, 'rb').read()\n"
             "    except OSError:\n        pass\n"
             "found |= " + finds(secret) + "\n"
             "if found:\n" + "".join("    " + line + "\n" for line in FORGE_OWN_SCORE.splitlines())),
-        "stop the alarm": code_answer("import signal, time\nsignal.alarm(0)\nsignal.signal(signal.SIGALRM, "
-                                      "signal.SIG_IGN)\nsignal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGALRM])\n"
-                                      "time.sleep(600)"),
-        "kill the scorer": code_answer("import os\nfor pid in (os.getppid(), 1, -1):\n    try:\n"
-                                       "        os.kill(pid, 9)\n    except OSError:\n        pass"),
-        "truncate or close the output": code_answer("import os\nfor fd in range(64):\n    try:\n"
-                                                    "        os.ftruncate(fd, 0)\n    except OSError:\n        pass\n"
-                                                    "    try:\n        os.close(fd)\n    except OSError:\n"
-                                                    "        pass"),
+        "stop the alarm": code_answer(
+            "import signal, time\nsignal.alarm(0)\nsignal.signal(signal.SIGALRM, "
+            "signal.SIG_IGN)\nsignal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGALRM])\n"
+            "time.sleep(600)"),
+        "kill the scorer": code_answer(
+            "import os\nfor pid in (os.getppid(), 1, -1):\n    try:\n"
+            "        os.kill(pid, 9)\n    except OSError:\n        pass"),
+        "truncate or close the output": code_answer(
+            "import os\nfor fd in range(64):\n    try:\n"
+            "        os.ftruncate(fd, 0)\n    except OSError:\n        pass\n"
+            "    try:\n        os.close(fd)\n    except OSError:\n"
+            "        pass"),
         "write a file on the host": code_answer(f"open({str(marker)!r}, 'w').write('x')"),
         "exit": "<answer>exit()</answer>",
-        "a sympy-style eval": "<answer>__import__('os').system('touch " + str(marker) + "')</answer>",
+        "a sympy-style eval": ("<answer>__import__('os').system('touch " + str(marker)
+                               + "')</answer>"),
     }
     examples = [spiral, other] + [spiral] * len(hostile) + [spiral, other, spiral]
     completions = [right, wrong, *hostile.values(), wrong, f"<answer>{secret}</answer>", right]
     start = time.monotonic()
     scores = rewards.score_batch(examples, completions)
     seconds = time.monotonic() - start
-    print(f"{defence}: {len(completions)} answers, {len(hostile)} hostile, in {seconds:.1f} s: {scores}")
+    print(f"{defence}: {len(completions)} answers, {len(hostile)} hostile, in {seconds:.1f} s: "
+          f"{scores}")
     # the honest answers around them, scored right
     assert scores[:2] + scores[-3:] == [1.0, 0.0, 0.0, 1.0, 1.0]
     hostile_scores = dict(zip(hostile, scores[2:-3], strict=True))
@@ -130,8 +142,10 @@ def test_with_isolation_alone_an_answer_that_runs_code_reaches_its_own_score_onl
     spiral = logic_example("spiral_matrix", 1)
     own = spiral["entry"]["answer"]
     finds_own_oracle = code_answer(f"if {finds(own)}:\n"
-                                   + "".join("    " + line + "\n" for line in FORGE_OWN_SCORE.splitlines()))
-    assert rewards.score_batch([spiral] * 3, ["<answer>1</answer>", finds_own_oracle, "<answer>1</answer>"]) == [
+                                   + "".join("    " + line + "\n"
+                                             for line in FORGE_OWN_SCORE.splitlines()))
+    assert rewards.score_batch([spiral] * 3, ["<answer>1</answer>", finds_own_oracle,
+                                              "<answer>1</answer>"]) == [
         0.0, 1.0, 0.0]
 
 
