@@ -159,24 +159,29 @@ def test_literal_answers_keep_their_scores_and_sympy_gets_math_only():
     # run.
     poly = logic_example("polynomial_multiplication", 3)
     answer = poly["entry"]["answer"]
-    scores = rewards.score_batch([poly] * 4, [f"<answer>{answer}</answer>", f"<answer>({answer})*1 + 0</answer>",
-                                              "<answer>x.__class__</answer>", "<answer>exec(bytes((49,)))</answer>"])
+    scores = rewards.score_batch([poly] * 4, [f"<answer>{answer}</answer>",
+                                              f"<answer>({answer})*1 + 0</answer>",
+                                              "<answer>x.__class__</answer>",
+                                              "<answer>exec(bytes((49,)))</answer>"])
     assert scores == [1.0, 1.0, 0.0, 0.0]
     # scores 0, and the batch beside it is scored as ever
     unknown = {**poly, "dataset": "no_such_dataset"}
     assert rewards.score_batch([unknown, poly], [f"<answer>{answer}</answer>"] * 2) == [0.0, 1.0]
 
 
-def test_without_reasoning_gym_in_the_sandbox_scoring_is_an_error_and_nothing_runs(tmp_path, monkeypatch):
+def test_without_reasoning_gym_in_the_sandbox_scoring_is_an_error_and_nothing_runs(
+        tmp_path, monkeypatch):
     require_walls()
     marker = tmp_path / "written-by-an-answer"
     # The sandbox's Python cannot import reasoning-gym: as in a venv whose packages it cannot see.
-    monkeypatch.setattr(logic_scorer, "LOGIC_PRELOAD", "import sys\nsys.modules['reasoning_gym'] = None\n"
+    monkeypatch.setattr(logic_scorer, "LOGIC_PRELOAD",
+                        "import sys\nsys.modules['reasoning_gym'] = None\n"
                         + logic_scorer.LOGIC_PRELOAD)
     called = []
     monkeypatch.setattr(reasoning_gym, "get_score_answer_fn", lambda *args: called.append(args))
     spiral = logic_example("spiral_matrix", 1)
-    with pytest.raises(rewards.VerifierUnavailable, match="cannot run reasoning-gym's scorers on this machine"):
+    with pytest.raises(rewards.VerifierUnavailable,
+                       match="cannot run reasoning-gym's scorers on this machine"):
         rewards.score(spiral, code_answer(f"open({str(marker)!r}, 'w').write('x')"))
     assert not called and not marker.exists()  # not scored here instead
     rewards.check_logic_sandbox.cache_clear()  # a success earlier in this process is remembered
@@ -191,9 +196,11 @@ def test_the_sandbox_sees_this_pythons_packages():
     has the base install's prefix only, so the venv's site-packages must be bound in by name."""
     bound = sandbox_host._python_dirs()
     for directory in (sys.prefix, sys.base_prefix):
-        assert (directory + "/").startswith(("/usr/", *(d + "/" for d in bound))), (directory, bound)
-    [result] = sandbox_host.run_tests("import reasoning_gym\nprint('imported')", [{"input": ""}], time_limit=30,
-                                 preload=f"import site\nsite.addsitedir({sysconfig.get_paths()['purelib']!r})")
+        assert (directory + "/").startswith(("/usr/", *(d + "/" for d in bound))), (
+            directory, bound)
+    [result] = sandbox_host.run_tests(
+        "import reasoning_gym\nprint('imported')", [{"input": ""}], time_limit=30,
+        preload=f"import site\nsite.addsitedir({sysconfig.get_paths()['purelib']!r})")
     assert result == {"status": "ok", "output": "imported\n"}
 
 
@@ -202,11 +209,12 @@ def test_identical_answers_to_one_problem_are_scored_once(monkeypatch):
     right = f"<answer>{spiral['entry']['answer']}</answer>"
     sent = []
     run_tests = sandbox_host.run_tests
-    monkeypatch.setattr(sandbox_host, "run_tests", lambda program, tests, **kw: sent.append(len(tests)) or run_tests(
-        program, tests, **kw))
+    monkeypatch.setattr(sandbox_host, "run_tests",
+                        lambda program, tests, **kw: sent.append(len(tests)) or run_tests(
+                            program, tests, **kw))
     # the same text for another problem is another job; untagged answers need no sandbox at all
-    scores = rewards.score_batch([spiral] * 4 + [other, spiral], [right, right, f"<answer>\n{right[8:]}", right,
-                                                                    right, "no tag"])
+    scores = rewards.score_batch([spiral] * 4 + [other, spiral],
+                                 [right, right, f"<answer>\n{right[8:]}", right, right, "no tag"])
     assert scores == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
     assert sent == [2]
 
@@ -231,7 +239,8 @@ def test_the_user_namespace_mode_scores_logic_answers_too(monkeypatch, tmp_path)
     assert "--user" in system["command"]
     assert rewards.score_batch([spiral] * 3, [right, hostile, right]) == [1.0, 0.0, 1.0]
     assert not marker.exists()
-    [result] = sandbox_host.run_tests("print(open('/proc/sys/kernel/shmmax').read())", [{"input": ""}])
+    [result] = sandbox_host.run_tests("print(open('/proc/sys/kernel/shmmax').read())",
+                                      [{"input": ""}])
     # the IPC limits hold there too
     assert int(result["output"]) == sandbox_host.SHARED_MEMORY_MB * 2**20
 
@@ -253,7 +262,8 @@ def test_answers_built_to_stall_sympy_cost_about_a_second_each():
     start = time.monotonic()
     scores = rewards.score_batch(examples, completions)
     per_staller = (time.monotonic() - start - one_run) / (2 * len(stallers))
-    print(f"{2 * len(stallers)} stallers: {per_staller:.2f} s each beyond a run's start ({one_run:.1f} s)")
+    print(f"{2 * len(stallers)} stallers: {per_staller:.2f} s each beyond a run's start "
+          f"({one_run:.1f} s)")
     assert scores == [0.0] * (2 * len(stallers)) + [1.0]
     assert per_staller <= 1.5
 
@@ -263,7 +273,9 @@ def test_puzzle24_counts_only_the_puzzles_own_numbers():
     # puzzle's.
     entry = {**logic_example("puzzle24", 3)["entry"], "answer": "7*4 - 4*1"}
     entry["metadata"] = {**entry["metadata"], "numbers": [7, 4, 4, 1]}
-    puzzle = {"task": "logic", "prompt": "Make 24 using 7, 4, 4, 1.", "dataset": "puzzle24", "entry": entry}
+    puzzle = {"task": "logic", "prompt": "Make 24 using 7, 4, 4, 1.", "dataset": "puzzle24",
+              "entry": entry}
     answers = ["6*4*1*1", "7*4 - 4*1", "(7 - 4) * 4 * 1 * 2", "7*4 - 4", "4*7 - 1*4", "24"]
-    assert rewards.score_batch([puzzle] * len(answers), [f"<answer>{a}</answer>" for a in answers]) == [
+    assert rewards.score_batch([puzzle] * len(answers),
+                               [f"<answer>{a}</answer>" for a in answers]) == [
         0.0, 1.0, 0.0, 0.0, 1.0, 0.0]
