@@ -31,7 +31,8 @@ def require(*needed: str, any_of: tuple[str, ...] = ()) -> None:
     if any_of and not any(proven[name] for name in any_of):
         missing.append(" or ".join(any_of))
     if missing:
-        pytest.skip(f"not safe to run here: the sandbox cannot prove {', '.join(missing)} on this machine")
+        pytest.skip(f"not safe to run here: the sandbox cannot prove {', '.join(missing)} "
+                    "on this machine")
 
 
 def sum_example(**extra) -> dict:
@@ -51,7 +52,8 @@ UIDS_USED = set()  # every throw-away uid this test process handed out
 @pytest.fixture(autouse=True)
 def record_uids(monkeypatch):
     allocate = sandbox_host._throwaway_uid
-    monkeypatch.setattr(sandbox_host, "_throwaway_uid", lambda: UIDS_USED.add(uid := allocate()) or uid)
+    monkeypatch.setattr(sandbox_host, "_throwaway_uid",
+                        lambda: UIDS_USED.add(uid := allocate()) or uid)
 
 
 def leftovers() -> list[int]:
@@ -88,8 +90,9 @@ def score_hostile(program: str, example: dict | None = None) -> tuple[float, flo
 def test_protections_are_probed_and_the_basic_ones_hold_everywhere():
     proven = sandbox_probe.protections()
     print("sandbox protections on this machine:", proven)
-    assert set(proven) == {"own_user", "own_session", "no_network", "cannot_signal_host", "own_pid_namespace",
-                           "process_limit", "memory_limit", "private_filesystem", "clean_environment"}
+    assert set(proven) == {"own_user", "own_session", "no_network", "cannot_signal_host",
+                           "own_pid_namespace", "process_limit", "memory_limit",
+                           "private_filesystem", "clean_environment"}
     assert all(isinstance(value, bool) for value in proven.values())
     # These come from rlimits, setsid and the environment we pass: no system can take them away.
     assert proven["own_session"] and proven["memory_limit"] and proven["clean_environment"]
@@ -100,10 +103,12 @@ def test_the_sandbox_uses_every_wall_this_machine_allows():
     # skips.
     flags = ["--mount", "--net", "--pid", "--ipc", "--uts", "--fork"]
     flags += [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
-    namespaces = subprocess.run(["unshare", *flags, "true"], check=False, capture_output=True).returncode == 0
+    namespaces = subprocess.run(["unshare", *flags, "true"], check=False,
+                                capture_output=True).returncode == 0
     proven = sandbox_probe.protections()
     if namespaces:
-        for wall in ["no_network", "own_pid_namespace", "private_filesystem", "cannot_signal_host", "process_limit"]:
+        for wall in ["no_network", "own_pid_namespace", "private_filesystem", "cannot_signal_host",
+                     "process_limit"]:
             assert proven[wall], wall
     if os.geteuid() == 0:
         for wall in ["own_user", "cannot_signal_host", "process_limit"]:
@@ -115,12 +120,16 @@ def test_the_probe_holds_when_the_host_itself_runs_in_a_pid_namespace():
     """CI runs the tests inside a PID namespace whose session leader is outside it (getsid there is
     0), and pids inside the sandbox can equal host pids: the probe must not compare ids across
     namespaces."""
-    flags = ["--pid", "--fork", "--mount-proc"] + ([] if os.geteuid() == 0 else ["--user", "--map-root-user"])
-    if subprocess.run(["unshare", *flags, "true"], check=False, capture_output=True).returncode != 0:
+    flags = ["--pid", "--fork", "--mount-proc"] + ([] if os.geteuid() == 0
+                                                   else ["--user", "--map-root-user"])
+    if subprocess.run(["unshare", *flags, "true"], check=False,
+                      capture_output=True).returncode != 0:
         pytest.skip("unshare --pid is refused on this machine")
-    script = "import json; from prorl_verifiers import sandbox_probe; print(json.dumps(sandbox_probe.protections()))"
-    done = subprocess.run(["unshare", *flags, sys.executable, "-c", script], check=False, capture_output=True,
-                          text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    script = ("import json; from prorl_verifiers import sandbox_probe; "
+              "print(json.dumps(sandbox_probe.protections()))")
+    done = subprocess.run(["unshare", *flags, sys.executable, "-c", script], check=False,
+                          capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert done.returncode == 0, done.stderr[-2000:]
     nested = json.loads(done.stdout.strip().splitlines()[-1])
     assert nested["own_session"] and nested["memory_limit"] and nested["clean_environment"], nested
@@ -133,13 +142,15 @@ def test_stdin_and_call_tests_run_and_report_what_happened():
     assert results == [{"status": "ok", "output": "3\n"}, {"status": "exit code 1", "output": ""}]
     program = ("def add(a, b):\n    print('adding', end='')\n    return a + b\n\n"
                "if __name__ == '__main__':\n    print('main')")
-    results = sandbox_host.run_tests(program, [{"call": "add(1, 2)"}, {"call": "add('a', 'b')"}, {"call": "add(1)"}])
+    results = sandbox_host.run_tests(program, [{"call": "add(1, 2)"}, {"call": "add('a', 'b')"},
+                                               {"call": "add(1)"}])
     # a call test runs the program as a module (no __main__ block) and prints repr(value) on a last
     # line of its own
     assert results[0] == {"status": "ok", "output": "adding\n3\n"}
     assert results[1] == {"status": "ok", "output": "adding\n'ab'\n"}
     assert results[2]["status"] == "exit code 1"
-    assert sandbox_host.run_tests("import sys\nsys.exit(3)", [{"input": ""}]) == [{"status": "exit code 3", "output": ""}]
+    assert sandbox_host.run_tests("import sys\nsys.exit(3)", [{"input": ""}]) == [
+        {"status": "exit code 3", "output": ""}]
 
 
 def test_each_test_gets_a_fresh_process_and_only_its_own_input():
@@ -151,7 +162,8 @@ def test_each_test_gets_a_fresh_process_and_only_its_own_input():
 
 def test_programs_see_a_clean_environment_and_a_private_scratch_directory(monkeypatch):
     monkeypatch.setenv("PRORL_TEST_SECRET", "hunter2")
-    program = "import os\nopen('scratch.txt', 'w').write('x')\nprint(sorted(os.environ), os.path.exists('scratch.txt'))"
+    program = ("import os\nopen('scratch.txt', 'w').write('x')\n"
+               "print(sorted(os.environ), os.path.exists('scratch.txt'))")
     [result] = sandbox_host.run_tests(program, [{"input": ""}])
     assert result == {"status": "ok", "output": "['HOME', 'LANG', 'PATH', 'TMPDIR'] True\n"}
 
@@ -163,7 +175,8 @@ def test_infinite_loop_is_stopped_at_the_time_limit():
     assert reward == 0.0
     # the wall-clock backstop, per test
     assert seconds < 3 * sandbox_host.WALL_FACTOR * LIMIT + SLACK
-    assert sandbox_host.run_tests("while True:\n    pass", [{"input": ""}], time_limit=0.5)[0]["status"] == "timeout"
+    assert sandbox_host.run_tests("while True:\n    pass", [{"input": ""}],
+                                  time_limit=0.5)[0]["status"] == "timeout"
     assert not leftovers()
 
 
@@ -174,14 +187,16 @@ def test_every_test_runs_under_the_documented_limits():
     megabytes = sandbox_host.MEMORY_MB * 2**20
     assert result["output"].split("\n")[:-1] == [
         "CPU 2 3",  # 1.5 s rounded up; SIGXCPU at the soft limit, SIGKILL a second later
-        f"AS {megabytes} {megabytes}", f"NPROC {sandbox_host.MAX_PROCESSES} {sandbox_host.MAX_PROCESSES}",
+        f"AS {megabytes} {megabytes}",
+        f"NPROC {sandbox_host.MAX_PROCESSES} {sandbox_host.MAX_PROCESSES}",
         f"FSIZE {sandbox_host.OUTPUT_LIMIT} {sandbox_host.OUTPUT_LIMIT}",
         f"NOFILE {sandbox_host.MAX_OPEN_FILES} {sandbox_host.MAX_OPEN_FILES}", "CORE 0 0"]
 
 
 def test_fork_bomb_is_contained():
     require("process_limit", "cannot_signal_host")
-    program = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
+    program = ("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n"
+               "        pass")
     reward, seconds = score_hostile(program)
     assert reward == 0.0
     # the wall-clock backstop, per test
@@ -214,8 +229,10 @@ def test_printing_1_gb_is_cut_at_the_output_limit():
 
 def test_writing_outside_its_directory_changes_nothing_on_the_host(tmp_path):
     require("private_filesystem")
-    targets = [str(tmp_path / "escaped.txt"), sandbox_host.__file__ + ".escaped", f"/tmp/prorl-escaped-{os.getpid()}"]
-    program = "\n".join(f"try:\n    open({t!r}, 'w').write('x')\nexcept OSError:\n    pass" for t in targets)
+    targets = [str(tmp_path / "escaped.txt"), sandbox_host.__file__ + ".escaped",
+               f"/tmp/prorl-escaped-{os.getpid()}"]
+    program = "\n".join(f"try:\n    open({t!r}, 'w').write('x')\nexcept OSError:\n    pass"
+                        for t in targets)
     assert score_hostile(program)[0] == 0.0
     # it did try every write
     assert sandbox_host.run_tests(program, [{"input": ""}])[0]["status"] == "ok"
@@ -227,9 +244,11 @@ def test_reading_the_parents_environment_finds_nothing(monkeypatch):
     monkeypatch.setenv("PRORL_TEST_SECRET", "hunter2-" + str(os.getpid()))
     program = ("import os\nprint(os.environ)\n"
                "for pid in os.listdir('/proc'):\n"
-               "    try:\n        print(open(f'/proc/{pid}/environ').read())\n    except OSError:\n        pass\n"
+               "    try:\n        print(open(f'/proc/{pid}/environ').read())\n"
+               "    except OSError:\n        pass\n"
                f"for pid in (os.getppid(), 1, {os.getpid()}):\n"
-               "    try:\n        print(open(f'/proc/{pid}/environ').read())\n    except OSError:\n        pass")
+               "    try:\n        print(open(f'/proc/{pid}/environ').read())\n"
+               "    except OSError:\n        pass")
     reward, _ = score_hostile(program)
     assert reward == 0.0
     [result] = sandbox_host.run_tests(program, [{"input": ""}])
@@ -259,16 +278,20 @@ def test_kill_all_reaches_nothing_outside():
 def test_segfault_is_just_a_failed_test():
     reward, _ = score_hostile("import ctypes\nctypes.string_at(0)")
     assert reward == 0.0
-    assert sandbox_host.run_tests("import ctypes\nctypes.string_at(0)", [{"input": ""}])[0]["status"] == "killed by SIGSEGV"
+    assert sandbox_host.run_tests("import ctypes\nctypes.string_at(0)",
+                                  [{"input": ""}])[0]["status"] == "killed by SIGSEGV"
 
 
 def test_exiting_before_the_tests_run_passes_nothing():
     # Harnesses that append asserts to the program and trust exit code 0 are fooled by this; ours
     # compares output.
     call_example = {"task": "code", "prompt": "...", "entry_point": "add", "time_limit": LIMIT,
-                    "tests": [{"call": "add(1, 2)", "output": "3"}, {"call": "add(2, 2)", "output": "4"}]}
-    assert rewards.score(call_example, python_block("import sys\nsys.exit(0)\ndef add(a, b):\n    return a + b")) == 0.0
-    assert rewards.score(call_example, python_block("import os\nos._exit(0)\ndef add(a, b):\n    return a + b")) == 0.0
+                    "tests": [{"call": "add(1, 2)", "output": "3"},
+                              {"call": "add(2, 2)", "output": "4"}]}
+    assert rewards.score(call_example, python_block(
+        "import sys\nsys.exit(0)\ndef add(a, b):\n    return a + b")) == 0.0
+    assert rewards.score(call_example, python_block(
+        "import os\nos._exit(0)\ndef add(a, b):\n    return a + b")) == 0.0
     assert rewards.score(sum_example(), python_block("import sys\nsys.exit(0)")) == 0.0
     # the honest version
     assert rewards.score(call_example, python_block("def add(a, b):\n    return a + b")) == 1.0
@@ -294,7 +317,8 @@ def test_no_network():
         listener.listen()
         listener.settimeout(0)
         port = listener.getsockname()[1]
-        program = (f"import socket\ntry:\n    socket.create_connection(('127.0.0.1', {port}), timeout=1)\n"
+        program = ("import socket\ntry:\n"
+                   f"    socket.create_connection(('127.0.0.1', {port}), timeout=1)\n"
                    "    print('connected')\nexcept OSError as error:\n    print('refused', error)")
         [result] = sandbox_host.run_tests(program, [{"input": ""}])
         assert result["status"] == "ok" and result["output"].startswith("refused")
@@ -304,7 +328,8 @@ def test_no_network():
 
 # ------------------------------------------------------------------ the fallback without namespaces
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="the no-namespace fallback isolates by uid, which needs root")
+@pytest.mark.skipif(os.geteuid() != 0,
+                    reason="the no-namespace fallback isolates by uid, which needs root")
 def test_fallback_without_namespaces_still_isolates_by_uid(monkeypatch):
     with pytest.warns(UserWarning, match="namespaces are unavailable"):
         plain = sandbox_host._system(allow_jail=False)
@@ -317,8 +342,8 @@ def test_fallback_without_namespaces_still_isolates_by_uid(monkeypatch):
     program = (f"import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(30)\n"
                f"os.kill({os.getpid()}, 0)\n")  # raises PermissionError: a different user
     assert score_hostile(program)[0] == 0.0
-    assert score_hostile("import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(30)\n"
-                         "os.kill(os.getppid(), 9)")[0] == 0.0
+    assert score_hostile("import os, time\nif os.fork() == 0:\n    os.setsid()\n"
+                         "    time.sleep(30)\nos.kill(os.getppid(), 9)")[0] == 0.0
     assert not leftovers()
     results = sandbox_host.run_tests("import os\nprint(os.getuid())", [{"input": ""}])
     assert int(results[0]["output"]) >= sandbox_host.UID_BASE
@@ -407,11 +432,13 @@ def test_a_key_added_by_the_program_is_not_in_the_hosts_session_keyring():
     libc = ctypes.CDLL(None, use_errno=True)
     # KEYCTL_GET_KEYRING_ID of our session keyring, made if missing
     if libc.syscall(keyctl, 0, -3, 1) < 0:
-        pytest.skip(f"keyrings are refused on this machine (errno {ctypes.get_errno()}), to the sandbox alike")
+        pytest.skip(f"keyrings are refused on this machine (errno {ctypes.get_errno()}), "
+                    "to the sandbox alike")
     marker = f"prorl-sandbox-key-{os.getpid()}"
     program = (f"import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
                # -3: @s
-               f"print(libc.syscall({add_key}, b'user', {marker.encode()!r}, b'secret', 6, -3) > 0)")
+               f"print(libc.syscall({add_key}, b'user', {marker.encode()!r}, "
+               "b'secret', 6, -3) > 0)")
     [result] = sandbox_host.run_tests(program, [{"input": ""}])
     assert result["output"] == "False\n"  # the system-call filter refuses add_key (EPERM)
     # KEYCTL_SEARCH our session keyring
@@ -440,12 +467,14 @@ for pid in {1, os.getppid()}:
     assert results is not None
     for result in results:
         attempts = result["output"].split()
-        assert result["status"] == "ok" and len(attempts) in (4, 8) and set(attempts) == {"refused"}, result
+        assert (result["status"] == "ok" and len(attempts) in (4, 8)
+                and set(attempts) == {"refused"}), result
 
 
 def test_the_private_tmp_has_an_inode_limit():
     program = ("import os\ncount = 0\ntry:\n    while count < 20 * 1024:\n"
-               "        os.mknod(f'/tmp/f{count}')\n        count += 1\nexcept OSError:\n    pass\nprint(count)")
+               "        os.mknod(f'/tmp/f{count}')\n        count += 1\nexcept OSError:\n"
+               "    pass\nprint(count)")
     require("private_filesystem")
     [result] = sandbox_host.run_tests(program, [{"input": ""}], time_limit=10)
     assert 0 < int(result["output"]) <= sandbox_host.SCRATCH_FILES
@@ -460,5 +489,5 @@ def test_a_problems_own_memory_limit_lowers_the_sandboxes_and_never_raises_it():
     assert rewards.score(example, program) == 1.0
     assert rewards.score({**example, "memory_limit_mb": 200}, program) == 0.0
     greedy = "```python\nblock = bytearray(600 * 2**20)\nprint(len(block) // 2**20)\n```"
-    assert rewards.score({**example, "tests": [{"input": "", "output": "600\n"}], "memory_limit_mb": 4096},
-                         greedy) == 0.0
+    assert rewards.score({**example, "tests": [{"input": "", "output": "600\n"}],
+                          "memory_limit_mb": 4096}, greedy) == 0.0
