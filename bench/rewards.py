@@ -3,15 +3,16 @@
     python bench/rewards.py            # about a minute on two cores
 
 Code: the 12 problems of data/code.jsonl (10 tests each), 8 completions per problem: their reference
-solution 6 times, a program that fails every test, one that crashes at once. Each completion gets its
-own sandbox; rewards.score_batch runs one per core side by side, and once with a single worker for
-comparison. (A program that times out costs its time limit per test on top, in waiting, not CPU.)
-Math: data/math.jsonl's 24 problems, 20 completions each (boxed, plain, equivalent and wrong answers), scored
-by math-verify in the calling thread.
-Logic: data/logic.jsonl's problems, 24 completions each (right, wrong, no tag), scored by reasoning-gym in the
-sandbox: one run per 64 distinct answers (up to one per core; each starts by importing reasoning-gym, a second
-or two), then a fresh process per distinct answer. Again with 24 distinct answers per problem (1 right, 23 wrong),
-where nothing is scored once for many.
+solution 6 times, a program that fails every test, one that crashes at once. Each completion gets
+its own sandbox; rewards.score_batch runs one per core side by side, and once with a single worker
+for comparison. (A program that times out costs its time limit per test on top, in waiting, not
+CPU.)
+Math: data/math.jsonl's 24 problems, 20 completions each (boxed, plain, equivalent and wrong
+answers), scored by math-verify in the calling thread.
+Logic: data/logic.jsonl's problems, 24 completions each (right, wrong, no tag), scored by
+reasoning-gym in the sandbox: one run per 64 distinct answers (up to one per core; each starts by
+importing reasoning-gym, a second or two), then a fresh process per distinct answer. Again with 24
+distinct answers per problem (1 right, 23 wrong), where nothing is scored once for many.
 Prints the machine's core count and load: on a shared machine other work slows every figure alike.
 """
 
@@ -20,7 +21,8 @@ import os
 import sys
 import time
 
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, not bench/
+# the repository, not bench/
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import rewards
 import tasks
@@ -46,19 +48,23 @@ def code_completions(example: dict) -> list[str]:
 def math_completions(example: dict) -> list[str]:
     answer = example["answer"]
     return [f"The answer is $\\boxed{{{answer}}}$.", f"Therefore the answer is ${answer}$.",
-            f"Lots of reasoning first. {'So on and so forth. ' * 40}Final answer: \\boxed{{{answer}}}",
+            (f"Lots of reasoning first. {'So on and so forth. ' * 40}"
+             f"Final answer: \\boxed{{{answer}}}"),
             "\\boxed{12345}", "I am not sure."] * 4
 
 
 def logic_completions(example: dict) -> list[str]:
-    return [f"<answer>{example['entry']['answer']}</answer>", "<answer>wrong</answer>", "no tag"] * 8
+    return [f"<answer>{example['entry']['answer']}</answer>", "<answer>wrong</answer>",
+            "no tag"] * 8
 
 
 def distinct_logic_completions(example: dict) -> list[str]:
-    return [f"<answer>{example['entry']['answer']}</answer>"] + [f"<answer>wrong {k}</answer>" for k in range(23)]
+    return [f"<answer>{example['entry']['answer']}</answer>"] + [f"<answer>wrong {k}</answer>"
+                                                               for k in range(23)]
 
 
-def throughput(examples: list[dict], completions: list[str], workers: int) -> tuple[float, list[float]]:
+def throughput(examples: list[dict], completions: list[str],
+               workers: int) -> tuple[float, list[float]]:
     start = time.perf_counter()
     scores = rewards.score_batch(examples, completions, workers=workers)
     return len(completions) / (time.perf_counter() - start), scores
@@ -69,11 +75,13 @@ def main() -> None:
     print(f"machine: {cores} cores, load average {os.getloadavg()[0]:.1f}; sandbox protections: "
           f"{', '.join(name for name, on in sandbox_probe.protections().items() if on)}")
     examples, completions = scored_batch("code", code_completions)
-    rewards.score_batch(examples[:cores], completions[:cores])  # warm up: the sandbox's mode is worked out once
+    # warm up: the sandbox's mode is worked out once
+    rewards.score_batch(examples[:cores], completions[:cores])
     per_second, scores = throughput(examples, completions, workers=cores)
     one_worker, _ = throughput(examples, completions, workers=1)
     print(f"code: {per_second:6.1f} completions/s with {cores} workers, {one_worker:6.1f} with 1 "
-          f"({len(completions)} completions x 10 tests; mean reward {sum(scores) / len(scores):.2f})")
+          f"({len(completions)} completions x 10 tests; "
+          f"mean reward {sum(scores) / len(scores):.2f})")
     examples, completions = scored_batch("math", math_completions)
     rewards.score_batch(examples[:5], completions[:5])  # warm up: imports math-verify and sympy
     per_second, scores = throughput(examples, completions, workers=cores)
@@ -81,14 +89,17 @@ def main() -> None:
           f"{sum(scores) / len(scores):.2f})")
     examples, completions = scored_batch("logic", logic_completions)
     per_second, scores = throughput(examples, completions, workers=cores)
-    print(f"logic: {per_second:5.1f} completions/s ({len(completions)} completions in one batch; mean reward "
+    print(f"logic: {per_second:5.1f} completions/s ({len(completions)} completions in one batch; "
+          f"mean reward "
           f"{sum(scores) / len(scores):.2f})")
     examples, completions = scored_batch("logic", distinct_logic_completions)
     per_second, scores = throughput(examples, completions, workers=cores)
-    print(f"logic: {per_second:5.1f} completions/s ({len(completions)} distinct answers in one batch; mean reward "
+    print(f"logic: {per_second:5.1f} completions/s ({len(completions)} distinct answers in one "
+          f"batch; mean reward "
           f"{sum(scores) / len(scores):.2f})")
 
 
 if __name__ == "__main__":
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    argparse.ArgumentParser(description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     main()

@@ -1,14 +1,17 @@
-"""The verifier audit (issue 23): every verifier the project ships or reaches, given degenerate and adversarial
-answers. RL finds a verifier's holes; each probe must score 0 where the right answer scores 1.
+"""The verifier audit (issue 23): every verifier the project ships or reaches, given degenerate and
+adversarial answers. RL finds a verifier's holes; each probe must score 0 where the right answer
+scores 1.
 
-Probes, each put where the verifier reads an answer (the <answer> tags, \\boxed{}, a ```python block, ...):
+Probes, each put where the verifier reads an answer (the <answer> tags, \\boxed{}, a ```python
+block, ...):
   empty       nothing in the answer's place
   prompt      the prompt copied back as the answer
   other       the right answer to another problem of the same source
   hedge       every candidate at once: the right answer among wrong ones
   numbers     numbers not from the problem (where the answer is built from the problem's numbers)
   overlong    the right answer followed by 50,000 more characters in the answer's place
-`python tests/test_verifier_audit.py` prints the audit's table (README's "Rewards, sandbox and task data").
+`python tests/test_verifier_audit.py` prints the audit's table (README's "Rewards, sandbox and task
+data").
 """
 
 import argparse
@@ -20,7 +23,8 @@ import pytest
 import reasoning_gym
 
 if __name__ == "__main__":
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, not tests/
+    # the repository, not tests/
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import rewards
 import tasks
@@ -29,9 +33,10 @@ BUILTINS = ["add", "sort", "reverse", "countdown", "chains"]
 DOMAINS = ["math", "code", "mcq", "ifeval"]
 # reasoning-gym datasets: data/logic.jsonl's, and those README names (puzzle24's scorer is wrapped)
 DATASETS = sorted({"base_conversion", "basic_arithmetic", "chain_sum", "family_relationships",
-                   "fraction_simplification", "gcd", "letter_counting", "number_sorting", "simple_equations",
-                   "spell_backward", "syllogism", "word_sorting", "spiral_matrix", "n_queens", "products",
-                   "countdown", "puzzle24", "polynomial_multiplication"})
+                   "fraction_simplification", "gcd", "letter_counting", "number_sorting",
+                   "simple_equations", "spell_backward", "syllogism", "word_sorting",
+                   "spiral_matrix", "n_queens", "products", "countdown", "puzzle24",
+                   "polynomial_multiplication"})
 FILLER = " 9" * 25_000  # 50,000 characters
 # answers that reach the target from numbers the problem did not give
 NUMBER_PUZZLES = {"puzzle24": lambda entry: "6*4*1*1",
@@ -58,7 +63,8 @@ def two_problems(source: str) -> tuple[dict, dict]:
 def reasoning_gym_problems(source: str) -> tuple[dict, dict]:
     entries = list(reasoning_gym.create_dataset(source, size=8, seed=11))
     first = entries[0]
-    second = next(entry for entry in entries if entry["answer"] != first["answer"])  # else "other" is right too
+    # else "other" is right too
+    second = next(entry for entry in entries if entry["answer"] != first["answer"])
     return tuple({"task": "logic", "prompt": entry["question"], "dataset": source, "entry": entry,
                   "solution": f"<answer>{entry['answer']}</answer>"} for entry in (first, second))
 
@@ -80,7 +86,8 @@ def answer_of(example: dict) -> str:
 def wrap(example: dict, text: str) -> str:
     """A completion holding `text` where this verifier reads the answer."""
     return {"logic": f"<answer>{text}</answer>", "math": f"The answer is $\\boxed{{{text}}}$.",
-            "mcq": f"The answer is ({text}).", "code": f"```python\n{text}\n```"}.get(example["task"], text)
+            "mcq": f"The answer is ({text}).",
+            "code": f"```python\n{text}\n```"}.get(example["task"], text)
 
 
 def probes(example: dict, other: dict) -> dict[str, str]:
@@ -90,7 +97,8 @@ def probes(example: dict, other: dict) -> dict[str, str]:
     if task == "mcq":
         found["hedge"] = wrap(example, "A, B, C or D")
     elif task == "code":
-        found["hedge"] = wrap(example, right + "\nprint(" + repr(str(other["tests"][0]["output"])) + ")")
+        found["hedge"] = wrap(example,
+                              right + "\nprint(" + repr(str(other["tests"][0]["output"])) + ")")
     elif task != "ifeval":
         wrong = answer_of(other)
         found["hedge"] = wrap(example, f"{right} or {wrong}") if task != "math" else (
@@ -146,5 +154,6 @@ def table(rows: dict) -> str:
 
 
 if __name__ == "__main__":
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    argparse.ArgumentParser(description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     print(table(audit()))
