@@ -1,4 +1,4 @@
-r"""Verifiers: rewards.score(example, completion) -> float in [0, 1]; the scheduled length penalty.
+r"""Verifiers: rewards.score(example, completion) -> float in [0, 1], one entry for every task.
 
 A verifier never raises on model output: anything malformed scores 0. One per task (ProRL's five
 domains plus the built-in toy tasks):

@@ -406,7 +406,8 @@ def test_system_v_shared_memory_is_bounded_and_gone_after_the_run():
 import ctypes
 libc = ctypes.CDLL(None, use_errno=True)
 libc.shmget.restype = ctypes.c_int
-huge = libc.shmget(0, ctypes.c_size_t(2**30), 0o1600)       # IPC_PRIVATE | IPC_CREAT, 1 GB: above shmmax
+# IPC_PRIVATE | IPC_CREAT, 1 GB: above shmmax
+huge = libc.shmget(0, ctypes.c_size_t(2**30), 0o1600)
 mine = libc.shmget({key}, ctypes.c_size_t(2**20), 0o1600)   # a small one, left behind on purpose
 total = 1 if mine >= 0 else 0
 while libc.shmget(0, ctypes.c_size_t(2**20), 0o1600) >= 0 and total < 4096:

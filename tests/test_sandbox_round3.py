@@ -32,7 +32,8 @@ def test_socket_families_other_than_unix_cannot_be_created():
 import socket
 for name in ["AF_VSOCK", "AF_PACKET", "AF_NETLINK", "AF_INET", "AF_INET6", "AF_UNIX"]:
     try:
-        socket.socket(getattr(socket, name), socket.SOCK_DGRAM if name == "AF_NETLINK" else socket.SOCK_STREAM)
+        kind = socket.SOCK_DGRAM if name == "AF_NETLINK" else socket.SOCK_STREAM
+        socket.socket(getattr(socket, name), kind)
         print(name, "created")
     except OSError as error:
         print(name, error.errno)
