@@ -80,6 +80,13 @@ def shown_compositions(coverage: float) -> list[tuple[str, ...]]:
     return shown
 
 
+def edge_compositions(coverage: float) -> list[tuple[str, ...]]:
+    """Every trainable chain of the first depth the coverage does not show in full: the edge, which
+    a warm-start may show rarely (models.WARMSTART's chain_edge_share) rather than never."""
+    depth = math.floor(coverage) + 1
+    return split(depth)[0] if depth <= MAX_DEPTH else []
+
+
 def apply_chain(digits: list[int], ops: tuple[str, ...]) -> list[list[int]]:
     """The list after each operation: [after ops[0], after ops[1], ...]."""
     steps = []

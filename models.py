@@ -56,8 +56,9 @@ TINY_CONFIG = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers"
                "tie_word_embeddings": True}
 WARMSTART = {"task_mix": "sort:2,reverse:1,countdown:3", "level": 1, "steps": 500,
              "batch_size": 128, "lr": 3e-3, "noise": 0.4,
-             # chain_coverage: see chains.shown_compositions
-             "chain_coverage": 1.0}
+             # chain_coverage: see chains.shown_compositions; chain_edge_share: the fraction of
+             # chains problems drawn from every chain of the edge (chains.edge_compositions)
+             "chain_coverage": 1.0, "chain_edge_share": 0.0}
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name, as the hub spells repositories
@@ -341,12 +342,15 @@ def warm_start(model, tokenizer, recipe: dict, seed: int):
     the base then puts real probability on wrong answers, so its pass@k is far above its pass@1,
     the regime where RL gains. A chains problem is drawn from the chains that `chain_coverage`
     shows, whatever the level: the coverage places the edge of the base's competence
-    (chains.shown_compositions).
+    (chains.shown_compositions); with `chain_edge_share` > 0 that fraction of them comes from any
+    chain of the edge instead, so the base meets the edge rarely rather than never.
     """
     steps, lr, noise = recipe["steps"], recipe["lr"], recipe["noise"]
     # a stream apart from RL's
     mix = tasks.TaskMix(recipe["task_mix"], level=recipe["level"], seed=seed + 10_000)
     shown = chains.shown_compositions(recipe["chain_coverage"])
+    edge = chains.edge_compositions(recipe["chain_coverage"])
+    edge_share = recipe.get("chain_edge_share", 0.0)
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
@@ -355,7 +359,8 @@ def warm_start(model, tokenizer, recipe: dict, seed: int):
             warmup = min(1.0, (step + 1) / 30)
             group["lr"] = lr * warmup * (0.55 + 0.45 * math.cos(math.pi * step / steps))
         examples = [mix.sample() for _ in range(recipe["batch_size"])]
-        examples = [shown_chain(rng, shown) if ex["task"] == "chains" else ex for ex in examples]
+        examples = [shown_chain(rng, edge if edge_share and rng.random() < edge_share else shown)
+                    if ex["task"] == "chains" else ex for ex in examples]
         examples = [corrupt(ex, rng) if rng.random() < noise else ex for ex in examples]
         input_ids, labels = supervised_batch(tokenizer, examples)
         loss = model(input_ids=input_ids, labels=labels).loss

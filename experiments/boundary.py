@@ -17,10 +17,14 @@ newly lost against the base) and boundary.png (pass@k curves, base vs arms).
 """
 
 import argparse
+import contextlib
 import json
+import multiprocessing
+import os
 import random
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 # the repository's modules, not experiments/'s
@@ -35,7 +39,7 @@ import sampling
 import tasks
 import train
 
-EDGE = 3  # the depth where the chosen base solves rarely but not never (see --coverage)
+EDGE = 3  # the depth where the chosen base solves sometimes but not always (see --edge-share)
 ARMS = {  # train.py flags of each arm, on top of COMMON; all sample the chains family only
     "control": ["--curriculum", "true", "--level", "5", "--curriculum-replay", "0.8",
                 "--curriculum-threshold", "2"],
@@ -47,13 +51,19 @@ ARMS = {  # train.py flags of each arm, on top of COMMON; all sample the chains 
     "edge-explore": ["--curriculum", "true", "--level", str(EDGE), "--curriculum-threshold", "0.5",
                      "--advantage", "passk", "--passk-k", "8", "--temperature", "1.2",
                      "--clip-high", "0.4"],
+    # BroRL (arXiv 2510.01180): more rollouts per prompt, fewer prompts; the same 512 rollouts a
+    # step as the other arms, so the arm isolates N
+    "edge-broad": ["--curriculum", "true", "--level", str(EDGE), "--curriculum-threshold", "0.5",
+                   "--n", "64", "--prompts-per-step", "8"],
 }
 ARM_NOTES = {"control": "the default RL settings, prompts uniform over depths 1-5",
              "easy": "depths 1-2 only (what the base already solves)",
              "edge": f"edge curriculum: depth {EDGE} first, promoted at pass rate 0.5, 25% replay "
                      "of easier depths",
              "hard": "depth 5 only (never solved by the base)",
-             "edge-explore": "edge curriculum + pass@k advantage (k=8), T=1.2, clip-high 0.4"}
+             "edge-explore": "edge curriculum + pass@k advantage (k=8), T=1.2, clip-high 0.4",
+             "edge-broad": "edge curriculum with BroRL's broad rollouts: N=64 samples per prompt, "
+                           "8 prompts a step (the same 512 rollouts)"}
 
 
 def parse_args(argv):
@@ -61,14 +71,21 @@ def parse_args(argv):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arms", default="control,edge",
                         help=f"comma-separated, from {', '.join(ARMS)}")
-    parser.add_argument("--seeds", default="0,1", help="RL seeds (the base is the same for all)")
-    parser.add_argument("--coverage", type=float, default=2.15,
-                        help="the base's warm-start coverage of chains")
+    parser.add_argument("--seeds", default="0,1,2", help="RL seeds (the base is the same for all)")
+    parser.add_argument("--coverage", type=float, default=2.0,
+                        help="the base's warm-start coverage of chains (chains.shown_compositions)")
+    parser.add_argument("--edge-share", type=float, default=0.02,
+                        help="fraction of the warm-start's chains drawn from any chain of the edge "
+                             "(models.WARMSTART's chain_edge_share): shown rarely, not never")
+    parser.add_argument("--noise", type=float, default=0.0,
+                        help="fraction of the warm-start's worked answers corrupted")
     parser.add_argument("--warmstart-steps", type=int, default=1200)
     parser.add_argument("--steps", type=int, default=80, help="RL steps per run")
     parser.add_argument("--prompts-per-step", type=int, default=32)
-    parser.add_argument("--problems", type=int, default=64, help="held-out problems per split")
+    parser.add_argument("--problems", type=int, default=128, help="held-out problems per split")
     parser.add_argument("--n", type=int, default=256, help="samples per problem for pass@k")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="runs trained and measured side by side, one thread each")
     parser.add_argument("--out", default="runs/boundary-experiment")
     args = parser.parse_args(argv)
     args.arms, args.seeds = args.arms.split(","), [int(s) for s in args.seeds.split(",")]
@@ -160,7 +177,8 @@ def plot(result: dict, n: int, path: Path) -> None:
     FigureCanvasAgg(fig)
     axes = fig.subplots(-(-len(names) // 4), 4, squeeze=False).flatten()
     arms = sorted({run.rsplit("-s", 1)[0] for run in result["runs"]})
-    colours = dict(zip(arms, ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]))
+    colours = dict(zip(arms, ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple",
+                                  "tab:brown"]))
     for ax, split in zip(axes, names):
         base = curve(result["base"][split], n)
         ax.plot(list(base), list(base.values()), color="black", lw=2, label="base")
@@ -182,48 +200,130 @@ def plot(result: dict, n: int, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def verdict(result: dict, n: int) -> str:
+    """The goal, checked per arm. A seed expands a split when its pass@k is at or above the base's
+    for every k ≤ n and the lower 95% bound of its Δpass@n is above 0. The goal holds for an arm
+    when that is so in at least two of three seeds on the edge split and on the held-out chains
+    of the edge's depth, and in-distribution pass@n (depths below the edge, mean over seeds) is
+    within 0.02 of the base's."""
+    goal_splits = [f"depth {EDGE}", f"held-out chains, depth {EDGE}"]
+    inside = [f"depth {d}" for d in range(1, EDGE)]
+    arms = list(dict.fromkeys(run.rsplit("-s", 1)[0] for run in result["runs"]))
+    lines = []
+    for arm in arms:
+        runs = [run for run in result["runs"] if run.rsplit("-s", 1)[0] == arm]
+        needed = -(-2 * len(runs) // 3)  # two of three seeds
+        parts, holds = [], True
+        for split in goal_splits:
+            base, base_curve = result["base"][split], curve(result["base"][split], n)
+            expanded = 0
+            for run in runs:
+                trained = result["runs"][run][split]
+                run_curve = curve(trained, n)
+                every_k = all(run_curve[k] >= base_curve[k] - 1e-9 for k in base_curve)
+                expanded += every_k and bootstrap_difference(base, trained, n, n)[1] > 0
+            parts.append(f"{split}: expanded in {expanded} of {len(runs)} seeds")
+            holds &= expanded >= needed
+        for split in inside:
+            base_n = curve(result["base"][split], n)[n]
+            change = sum(curve(result["runs"][run][split], n)[n] - base_n
+                         for run in runs) / len(runs)
+            parts.append(f"{split} pass@{n} {change:+.3f}")
+            holds &= change >= -0.02
+        lines.append(f"- **{arm}**: goal {'holds' if holds else 'not met'} ({'; '.join(parts)})")
+    return "\n".join(lines)
+
+
+def base_dir_of(args) -> str:
+    """The experiment's base, warm-started once and reused while its recipe is unchanged."""
+    return models.ensure_tiny_base(
+        f"runs/base/tiny-chains-c{args.coverage}-e{args.edge_share}-n{args.noise}"
+        f"-w{args.warmstart_steps}-s0", seed=0, task_mix="chains", chain_coverage=args.coverage,
+        chain_edge_share=args.edge_share, noise=args.noise, steps=args.warmstart_steps)
+
+
+def measure(model_dir: str, problems: int, n: int) -> dict[str, list[int]]:
+    torch.set_num_threads(1)
+    return counts_of(model_dir, splits(problems), n)
+
+
+def train_and_measure(arm: str, seed: int, base_dir: str, args, retrain: bool):
+    """One arm × seed: RL from the base (train.py with the arm's flags; its log goes to
+    <out>/<arm>-s<seed>.log), then the trained model measured. Returns (counts, training seconds
+    or None when only measured)."""
+    torch.set_num_threads(1)
+    out, run = Path(args.out), f"{arm}-s{seed}"
+    seconds = None
+    if retrain:
+        started = time.time()
+        with (open(out / f"{run}.log", "w") as log, contextlib.redirect_stdout(log),
+              contextlib.redirect_stderr(log)):
+            train.main(["--model", base_dir, "--tasks", "chains", "--run", f"{out.name}/{run}",
+                        "--seed", str(seed), "--steps", str(args.steps),
+                        "--prompts-per-step", str(args.prompts_per_step),
+                        "--max-new-tokens", "32", "--eval-every", "0", "--eval-problems", "16",
+                        "--val-problems", "16", "--eval-samples", "4",
+                        "--boundary-problems", "0", "--save-every", "0"] + ARMS[arm])
+        seconds = time.time() - started
+    return measure(f"runs/{out.name}/{run}/final", args.problems, args.n), seconds
+
+
+def side_by_side(jobs: int, calls: dict):
+    """Yield (name, result) of each call, `jobs` at a time in fresh processes (one thread each;
+    every run is seeded, so the results do not depend on `jobs`), or in this process if jobs = 1."""
+    if jobs == 1:
+        for name, (function, arguments) in calls.items():
+            yield name, function(*arguments)
+        return
+    # Imported as a module (the tests do), this file is found by name in the children: its
+    # folder goes last on the path they inherit (the top of the file put the repository first).
+    if str(Path(__file__).resolve().parent) not in sys.path:
+        sys.path.append(str(Path(__file__).resolve().parent))
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(function, *arguments): name
+                   for name, (function, arguments) in calls.items()}
+        for future in as_completed(futures):
+            yield futures[future], future.result()
+
+
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    base_dir = models.ensure_tiny_base(
-        f"runs/base/tiny-chains-c{args.coverage}-w{args.warmstart_steps}-s0", seed=0,
-        task_mix="chains", chain_coverage=args.coverage, steps=args.warmstart_steps, noise=0.0)
-    sets = splits(args.problems)
+    base_dir = base_dir_of(args)
     saved = out / "boundary.json"
     result = json.loads(saved.read_text()) if saved.is_file() else {}
-    settings = {k: v for k, v in vars(args).items() if k not in ("arms", "seeds", "out")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("arms", "seeds", "out", "jobs")}
     # what the trained models depend on
     training = {k: v for k, v in settings.items() if k not in ("problems", "n")}
     if result.get("settings") != settings:  # other settings: measure everything again
         trained_before = (result.get("seconds", {}) if result.get("training", training) == training
                           else {})
-        result = {"settings": settings, "training": training,
-                  "base": counts_of(base_dir, sets, args.n), "runs": {}, "seconds": trained_before}
+        result = {"settings": settings, "training": training, "base": None, "runs": {},
+                  "seconds": trained_before}
+    calls = {} if result["base"] else {"base": (measure, (base_dir, args.problems, args.n))}
     for arm in args.arms:
         for seed in args.seeds:
             run = f"{arm}-s{seed}"
             if run in result["runs"]:
                 continue  # measured by an earlier invocation with the same settings
-            final = f"runs/{out.name}/{run}/final"
-            # trained alike: measure only
-            if run in result["seconds"] and Path(final, "config.json").is_file():
-                result["runs"][run] = counts_of(final, sets, args.n)
-                saved.write_text(json.dumps(result))
-                continue
-            run_started = time.time()
-            train.main(["--model", base_dir, "--tasks", "chains", "--run", f"{out.name}/{run}",
-                        "--seed", str(seed), "--steps", str(args.steps),
-                        "--prompts-per-step", str(args.prompts_per_step),
-                        "--max-new-tokens", "32", "--eval-every", "0", "--eval-problems", "16",
-                        "--val-problems", "16", "--eval-samples", "4", "--boundary-problems", "0",
-                        "--save-every", "0"] + ARMS[arm])
-            result["runs"][run] = counts_of(final, sets, args.n)
-            result["seconds"][run] = time.time() - run_started
-            saved.write_text(json.dumps(result))
-    report = summary(result, args.n) + "\n\nPer run:\n\n" + table(result, args.n)
+            # trained alike before: measure only
+            retrain = not (run in result["seconds"]
+                           and Path(f"runs/{out.name}/{run}/final/config.json").is_file())
+            calls[run] = (train_and_measure, (arm, seed, base_dir, args, retrain))
+    for name, done in side_by_side(args.jobs, calls):
+        if name == "base":
+            result["base"] = done
+        else:
+            result["runs"][name], seconds = done
+            if seconds is not None:
+                result["seconds"][name] = seconds
+        print(f"{name} done ({time.time() - started:.0f} s since the start)", flush=True)
+        saved.write_text(json.dumps(result))
+    report = (summary(result, args.n) + "\n\nThe goal:\n\n" + verdict(result, args.n)
+              + "\n\nPer run:\n\n" + table(result, args.n))
     notes = "\n".join(f"- **{arm}**: {ARM_NOTES[arm]}" for arm in ARMS
                       if any(r.startswith(arm + "-s") for r in result["runs"]))
     (out / "boundary.md").write_text(f"{report}\n\n{notes}\n")

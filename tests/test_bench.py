@@ -60,9 +60,12 @@ def test_boundary_experiment_runs_its_arms_and_reports_each_split(tmp_path, monk
 
     boundary.main(["--arms", "control,edge-explore", "--seeds", "0,1", "--steps", "1",
                    "--problems", "2", "--n", "4", "--warmstart-steps", "2",
-                   "--prompts-per-step", "2", "--out", "runs/bx"])
+                   "--prompts-per-step", "2", "--jobs", "2", "--out", "runs/bx"])
     result = json.loads((tmp_path / "runs" / "bx" / "boundary.json").read_text())
     assert set(result["runs"]) == {"control-s0", "control-s1", "edge-explore-s0", "edge-explore-s1"}
+    assert set(result["seconds"]) == set(result["runs"])
+    # each run's training log is its own file, not interleaved on the terminal
+    assert "step" in (tmp_path / "runs" / "bx" / "control-s1.log").read_text()
     splits = list(result["base"])
     assert len(splits) == 8 and all(set(run) == set(splits) for run in result["runs"].values())
     assert all(0 <= c <= 4
@@ -75,6 +78,30 @@ def test_boundary_experiment_runs_its_arms_and_reports_each_split(tmp_path, monk
             and summary.count("\n| ") == 8)
     assert per_run.count("| base |") == 8 and per_run.count("| control-s1 |") == 8
     assert (tmp_path / "runs" / "bx" / "boundary.png").stat().st_size > 10_000
+    assert "The goal:" in summary and "- **edge-explore**: goal " in summary
+
+
+def test_boundary_verdict_needs_two_seeds_of_three_on_both_splits_and_the_base_kept_inside(
+        monkeypatch):
+    """Hand-made counts (n = 4): the goal holds when two of three seeds gain on every problem of
+    the edge split and of the edge's held-out chains while depths 1-2 stay at the base's pass@4;
+    one seed fewer, or a lost in-distribution problem, and it is not met."""
+    monkeypatch.syspath_prepend(str(REPO / "experiments"))
+    import boundary
+
+    edge, heldout = f"depth {boundary.EDGE}", f"held-out chains, depth {boundary.EDGE}"
+    base = {"depth 1": [4] * 10, "depth 2": [4] * 10, edge: [0] * 10, heldout: [0] * 5 + [1] * 5}
+    gained = {**base, edge: [2] * 10, heldout: [3] * 10}
+    result = {"base": base, "runs": {"a-s0": gained, "a-s1": gained, "a-s2": base,
+                                     "b-s0": gained, "b-s1": base, "b-s2": base,
+                                     "c-s0": gained, "c-s1": gained,
+                                     "c-s2": {**gained, "depth 2": [4] * 7 + [0] * 3}}}
+    lines = boundary.verdict(result, 4).splitlines()
+    assert lines[0].startswith("- **a**: goal holds (depth 3: expanded in 2 of 3 seeds; "
+                               "held-out chains, depth 3: expanded in 2 of 3 seeds;")
+    assert lines[1].startswith("- **b**: goal not met (depth 3: expanded in 1 of 3 seeds")
+    # depth 2 lost 0.3 of pass@4 in one seed of three: -0.1 on average
+    assert lines[2].startswith("- **c**: goal not met") and "depth 2 pass@4 -0.100" in lines[2]
 
 
 # ----------------------------------------------------------------------------- bench/peer.py, smoke

@@ -97,6 +97,38 @@ def test_coverage_places_the_edge():
         chains.shown_compositions(0.5)
 
 
+def test_edge_compositions_are_the_trainable_chains_of_the_first_depth_not_shown_in_full():
+    assert chains.edge_compositions(2.0) == chains.split(3)[0]
+    assert chains.edge_compositions(2.15) == chains.split(3)[0]
+    assert len(chains.edge_compositions(1.5)) == 17
+    assert chains.edge_compositions(chains.MAX_DEPTH) == []
+
+
+def test_warm_start_edge_share_draws_that_fraction_from_every_edge_chain(monkeypatch):
+    """chain_edge_share: about that fraction of the chains problems come from the edge's
+    trainable chains (all of them reachable), the rest from the shown ones; 0 draws none."""
+    def drawn_with(share: float) -> list[dict]:
+        seen, original = [], models.supervised_batch
+
+        def recording_batch(tokenizer, examples):
+            seen.extend(examples)
+            return original(tokenizer, examples)
+
+        monkeypatch.setattr(models, "supervised_batch", recording_batch)
+        tokenizer = models.build_tokenizer()
+        recipe = {"task_mix": "chains", "level": 1, "steps": 4, "batch_size": 100, "lr": 1e-3,
+                  "noise": 0.0, "chain_coverage": 2.0, "chain_edge_share": share}
+        models.warm_start(models.build_tiny_model(tokenizer), tokenizer, recipe, seed=0)
+        return seen
+
+    drawn = drawn_with(0.25)
+    deep = [tuple(ex["ops"]) for ex in drawn if len(ex["ops"]) == 3]
+    assert len(drawn) == 400 and 60 < len(deep) < 140  # 100 expected
+    assert set(deep) <= set(chains.split(3)[0]) and len(set(deep)) > 30
+    assert all(len(ex["ops"]) <= 2 or tuple(ex["ops"]) in deep for ex in drawn)
+    assert not any(len(ex["ops"]) == 3 for ex in drawn_with(0.0))
+
+
 def test_warm_start_draws_chains_only_from_the_shown_ones(monkeypatch):
     shown = chains.shown_compositions(1.5)
     rng = random.Random(0)
