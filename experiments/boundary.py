@@ -1,19 +1,21 @@
 """Does RL expand the reasoning boundary, or only sharpen it? The chains experiment (issue 15), arms
 side by side.
 
-    # the headline: control vs edge, seeds 0 and 1
+    # the headline: control vs edge, seeds 0, 1 and 2
     python experiments/boundary.py
-    # the full sweep
-    python experiments/boundary.py --arms control,easy,edge,hard,edge-explore --seeds 0,1,2
+    # the sweep
+    python experiments/boundary.py --arms control,edge,edge-explore,edge-broad
 
 One base, warm-started on the chains task family up to a set composition depth (--coverage,
-chains.py), then one RL run per arm and seed from that base (train.py with the arm's flags). Every
+chains.py) and shown the edge's chains rarely (--edge-share), then one RL run per arm and seed from
+that base (train.py with the arm's flags), --jobs of them side by side, one thread each. Every
 model is measured the same way: n samples per held-out problem at ProRL's evaluation settings
 (T=0.6, top-p 0.95), unbiased pass@k for k = 1 ... n per split: each depth's held-out problems (of
 chains RL may train on) and the held-out chains (compositions never shown to the warm-start or to
 RL). Writes <out>/boundary.json (every count), boundary.md (the table: pass@k, the trained − base
 difference at k = n with a 95% bootstrap interval over problems, and the problems newly solved and
-newly lost against the base) and boundary.png (pass@k curves, base vs arms).
+newly lost against the base; then the goal checked per arm, see verdict) and boundary.png (pass@k
+curves, base vs arms).
 """
 
 import argparse
