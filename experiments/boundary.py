@@ -252,12 +252,11 @@ def measure(model_dir: str, problems: int, n: int) -> dict[str, list[int]]:
 def train_and_measure(arm: str, seed: int, base_dir: str, args, retrain: bool):
     """One arm × seed: RL from the base (train.py with the arm's flags; its log goes to
     <out>/<arm>-s<seed>.log), then the trained model measured. Returns (counts, training seconds
-    or None when only measured)."""
+    or None when only measured, seconds in all)."""
     torch.set_num_threads(1)
     out, run = Path(args.out), f"{arm}-s{seed}"
-    seconds = None
+    seconds, started = None, time.time()
     if retrain:
-        started = time.time()
         with (open(out / f"{run}.log", "w") as log, contextlib.redirect_stdout(log),
               contextlib.redirect_stderr(log)):
             train.main(["--model", base_dir, "--tasks", "chains", "--run", f"{out.name}/{run}",
@@ -267,7 +266,8 @@ def train_and_measure(arm: str, seed: int, base_dir: str, args, retrain: bool):
                         "--val-problems", "16", "--eval-samples", "4",
                         "--boundary-problems", "0", "--save-every", "0"] + ARMS[arm])
         seconds = time.time() - started
-    return measure(f"runs/{out.name}/{run}/final", args.problems, args.n), seconds
+    counts = measure(f"runs/{out.name}/{run}/final", args.problems, args.n)
+    return counts, seconds, time.time() - started
 
 
 def side_by_side(jobs: int, calls: dict):
@@ -319,9 +319,10 @@ def main(argv: list[str]) -> None:
         if name == "base":
             result["base"] = done
         else:
-            result["runs"][name], seconds = done
+            result["runs"][name], seconds, in_all = done
             if seconds is not None:
                 result["seconds"][name] = seconds
+            result.setdefault("job_seconds", {})[name] = in_all
         print(f"{name} done ({time.time() - started:.0f} s since the start)", flush=True)
         saved.write_text(json.dumps(result))
     report = (summary(result, args.n) + "\n\nThe goal:\n\n" + verdict(result, args.n)
