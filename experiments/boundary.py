@@ -57,6 +57,10 @@ ARMS = {  # train.py flags of each arm, on top of COMMON; all sample the chains 
     # step as the other arms, so the arm isolates N
     "edge-broad": ["--curriculum", "true", "--level", str(EDGE), "--curriculum-threshold", "0.5",
                    "--n", "64", "--prompts-per-step", "8"],
+    # the unlikeliness reward (arXiv 2506.02355): right answers the policy already finds likely
+    # earn less, so RL stops pushing mass onto them alone
+    "edge-unlikely": ["--curriculum", "true", "--level", str(EDGE), "--curriculum-threshold",
+                      "0.5", "--unlikeliness", "0.25"],
 }
 ARM_NOTES = {"control": "the default RL settings, prompts uniform over depths 1-5",
              "easy": "depths 1-2 only (what the base already solves)",
@@ -65,7 +69,8 @@ ARM_NOTES = {"control": "the default RL settings, prompts uniform over depths 1-
              "hard": "depth 5 only (never solved by the base)",
              "edge-explore": "edge curriculum + pass@k advantage (k=8), T=1.2, clip-high 0.4",
              "edge-broad": "edge curriculum with BroRL's broad rollouts: N=64 samples per prompt, "
-                           "8 prompts a step (the same 512 rollouts)"}
+                           "8 prompts a step (the same 512 rollouts)",
+             "edge-unlikely": "edge curriculum + the unlikeliness reward (β_rank 0.25)"}
 
 
 def parse_args(argv):
@@ -180,7 +185,7 @@ def plot(result: dict, n: int, path: Path) -> None:
     axes = fig.subplots(-(-len(names) // 4), 4, squeeze=False).flatten()
     arms = sorted({run.rsplit("-s", 1)[0] for run in result["runs"]})
     colours = dict(zip(arms, ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple",
-                                  "tab:brown"]))
+                                  "tab:brown", "tab:pink"]))
     for ax, split in zip(axes, names):
         base = curve(result["base"][split], n)
         ax.plot(list(base), list(base.values()), color="black", lw=2, label="base")
