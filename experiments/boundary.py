@@ -1,7 +1,7 @@
 """Does RL expand the reasoning boundary, or only sharpen it? The chains experiment (issue 15), arms
 side by side.
 
-    # the headline: control vs edge, seeds 0, 1 and 2
+    # the headline: control vs edge-explore (the best arm of the sweep), seeds 0, 1 and 2
     python experiments/boundary.py
     # the sweep
     python experiments/boundary.py --arms control,edge,edge-explore,edge-broad
@@ -76,7 +76,7 @@ ARM_NOTES = {"control": "the default RL settings, prompts uniform over depths 1-
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arms", default="control,edge",
+    parser.add_argument("--arms", default="control,edge-explore",
                         help=f"comma-separated, from {', '.join(ARMS)}")
     parser.add_argument("--seeds", default="0,1,2", help="RL seeds (the base is the same for all)")
     parser.add_argument("--coverage", type=float, default=2.0,
