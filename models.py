@@ -320,7 +320,7 @@ def ensure_tiny_base(path: str, seed: int = 0, log=print, **warmstart) -> str:
         return path
     start = time.time()
     log(f"building the tiny base model in {path}: {warmstart['steps']} supervised warm-start steps "
-        "(about a minute)")
+        "(minutes on a CPU; built once, then reused)")
     tokenizer = build_tokenizer()
     model = build_tiny_model(tokenizer, seed)
     warm_start(model, tokenizer, warmstart, seed)
