@@ -56,8 +56,7 @@ TINY_CONFIG = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers"
                "tie_word_embeddings": True}
 WARMSTART = {"task_mix": "sort:2,reverse:1,countdown:3", "level": 1, "steps": 500,
              "batch_size": 128, "lr": 3e-3, "noise": 0.4,
-             # chain_coverage: see chains.shown_compositions; chain_edge_share: the fraction of
-             # chains problems drawn from every chain of the edge (chains.edge_compositions)
+             # chains: see chains.shown_compositions and warm_start
              "chain_coverage": 1.0, "chain_edge_share": 0.0}
 
 
@@ -334,23 +333,21 @@ def ensure_tiny_base(path: str, seed: int = 0, log=print, **warmstart) -> str:
 
 def warm_start(model, tokenizer, recipe: dict, seed: int):
     """Supervised next-token training on (prompt, solution) pairs, loss on the solution tokens only;
-    `recipe` has WARMSTART's keys (task mix, level, steps, batch size, lr, noise, chain
-    coverage).
+    `recipe` has WARMSTART's keys (task mix, level, steps, batch size, lr, noise, chains).
 
     Deliberately short, and with a fraction `noise` of the solutions corrupted (one character
     replaced by a random digit), like a pretrained base that has also seen wrong worked answers:
     the base then puts real probability on wrong answers, so its pass@k is far above its pass@1,
-    the regime where RL gains. A chains problem is drawn from the chains that `chain_coverage`
-    shows, whatever the level: the coverage places the edge of the base's competence
-    (chains.shown_compositions); with `chain_edge_share` > 0 that fraction of them comes from any
-    chain of the edge instead, so the base meets the edge rarely rather than never.
+    the regime where RL gains. Chains problems come from the chains `chain_coverage` shows, which
+    places the edge of the base's competence (chains.shown_compositions), and a fraction
+    `chain_edge_share` from any chain of the edge (chains.edge_compositions): met rarely, not never.
     """
     steps, lr, noise = recipe["steps"], recipe["lr"], recipe["noise"]
     # a stream apart from RL's
     mix = tasks.TaskMix(recipe["task_mix"], level=recipe["level"], seed=seed + 10_000)
     shown = chains.shown_compositions(recipe["chain_coverage"])
-    edge = chains.edge_compositions(recipe["chain_coverage"])
-    edge_share = recipe.get("chain_edge_share", 0.0)
+    edge, edge_share = (chains.edge_compositions(recipe["chain_coverage"]),
+                        recipe.get("chain_edge_share", 0.0))
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
