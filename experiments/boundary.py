@@ -330,6 +330,9 @@ def main(argv: list[str]) -> None:
             result.setdefault("job_seconds", {})[name] = in_all
         print(f"{name} done ({time.time() - started:.0f} s since the start)", flush=True)
         saved.write_text(json.dumps(result))
+    # the report's order is ARMS' and the seeds', not the order the runs finished in
+    result["runs"] = dict(sorted(result["runs"].items(), key=lambda item: (
+        list(ARMS).index(item[0].rsplit("-s", 1)[0]), int(item[0].rsplit("-s", 1)[1]))))
     report = (summary(result, args.n) + "\n\nThe goal:\n\n" + verdict(result, args.n)
               + "\n\nPer run:\n\n" + table(result, args.n))
     notes = "\n".join(f"- **{arm}**: {ARM_NOTES[arm]}" for arm in ARMS
