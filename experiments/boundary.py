@@ -102,6 +102,20 @@ def parse_args(argv):
     return args
 
 
+def arm_and_seed(run: str) -> tuple[str, int]:
+    """A run's name, "<arm>-s<seed>", split: "edge-explore-s2" → ("edge-explore", 2)."""
+    arm, seed = run.rsplit("-s", 1)
+    return arm, int(seed)
+
+
+def runs_by_arm(result: dict) -> dict[str, list[str]]:
+    """Each arm's runs, the arms in the order their runs appear in result["runs"]."""
+    arms = {}
+    for run in result["runs"]:
+        arms.setdefault(arm_and_seed(run)[0], []).append(run)
+    return arms
+
+
 def splits(problems: int) -> dict[str, list[dict]]:
     """The held-out evaluation sets: per depth, then the held-out compositions of depths 2-4."""
     sets = {f"depth {d}": tasks.heldout("chains", problems, d)
@@ -158,13 +172,12 @@ def summary(result: dict, n: int) -> str:
     """One row per split: pass@1 / pass@n of the base and of each arm (mean over its seeds), then
     each seed's Δpass@n with its 95% interval, the lower bound first (above 0: that seed expanded
     the boundary there)."""
-    arms = list(dict.fromkeys(run.rsplit("-s", 1)[0] for run in result["runs"]))
+    arms = runs_by_arm(result)
     lines = ["| split | base | " + " | ".join(arms) + " |", "|" + "---|" * (len(arms) + 2)]
     for split, base in result["base"].items():
         base_curve = curve(base, n)
         cells = [f"{base_curve[1]:.3f} / {base_curve[n]:.3f}"]
-        for arm in arms:
-            runs = [run for run in result["runs"] if run.rsplit("-s", 1)[0] == arm]
+        for runs in arms.values():
             curves = [curve(result["runs"][run][split], n) for run in runs]
             gains = [bootstrap_difference(base, result["runs"][run][split], n, n) for run in runs]
             cells.append(f"{sum(c[1] for c in curves) / len(curves):.3f} / "
@@ -183,14 +196,14 @@ def plot(result: dict, n: int, path: Path) -> None:
     fig = Figure(figsize=(3.2 * 4, 3.0 * -(-len(names) // 4)), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(-(-len(names) // 4), 4, squeeze=False).flatten()
-    arms = sorted({run.rsplit("-s", 1)[0] for run in result["runs"]})
+    arms = sorted(runs_by_arm(result))
     colours = dict(zip(arms, ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple",
                                   "tab:brown", "tab:pink"]))
     for ax, split in zip(axes, names):
         base = curve(result["base"][split], n)
         ax.plot(list(base), list(base.values()), color="black", lw=2, label="base")
         for run, by_split in result["runs"].items():
-            arm = run.rsplit("-s", 1)[0]
+            arm = arm_and_seed(run)[0]
             trained = curve(by_split[split], n)
             # one legend entry per arm, not per seed
             labelled = arm in ax.get_legend_handles_labels()[1]
@@ -215,10 +228,8 @@ def verdict(result: dict, n: int) -> str:
     within 0.02 of the base's."""
     goal_splits = [f"depth {EDGE}", f"held-out chains, depth {EDGE}"]
     inside = [f"depth {d}" for d in range(1, EDGE)]
-    arms = list(dict.fromkeys(run.rsplit("-s", 1)[0] for run in result["runs"]))
     lines = []
-    for arm in arms:
-        runs = [run for run in result["runs"] if run.rsplit("-s", 1)[0] == arm]
+    for arm, runs in runs_by_arm(result).items():
         needed = -(-2 * len(runs) // 3)  # two of three seeds
         parts, holds = [], True
         for split in goal_splits:
@@ -332,11 +343,10 @@ def main(argv: list[str]) -> None:
         saved.write_text(json.dumps(result))
     # the report's order is ARMS' and the seeds', not the order the runs finished in
     result["runs"] = dict(sorted(result["runs"].items(), key=lambda item: (
-        list(ARMS).index(item[0].rsplit("-s", 1)[0]), int(item[0].rsplit("-s", 1)[1]))))
+        list(ARMS).index(arm_and_seed(item[0])[0]), arm_and_seed(item[0])[1])))
     report = (summary(result, args.n) + "\n\nThe goal:\n\n" + verdict(result, args.n)
               + "\n\nPer run:\n\n" + table(result, args.n))
-    notes = "\n".join(f"- **{arm}**: {ARM_NOTES[arm]}" for arm in ARMS
-                      if any(r.startswith(arm + "-s") for r in result["runs"]))
+    notes = "\n".join(f"- **{arm}**: {ARM_NOTES[arm]}" for arm in runs_by_arm(result))
     (out / "boundary.md").write_text(f"{report}\n\n{notes}\n")
     plot(result, args.n, out / "boundary.png")
     print(report)
