@@ -97,6 +97,20 @@ def test_coverage_places_the_edge():
         chains.shown_compositions(0.5)
 
 
+def warm_start_examples(monkeypatch, recipe: dict) -> list[dict]:
+    """Every example models.warm_start trains on with this recipe (seed 0), in order."""
+    seen, original = [], models.supervised_batch
+
+    def recording_batch(tokenizer, examples):
+        seen.extend(examples)
+        return original(tokenizer, examples)
+
+    monkeypatch.setattr(models, "supervised_batch", recording_batch)
+    tokenizer = models.build_tokenizer()
+    models.warm_start(models.build_tiny_model(tokenizer), tokenizer, recipe, seed=0)
+    return seen
+
+
 def test_edge_compositions_are_the_trainable_chains_of_the_first_depth_not_shown_in_full():
     assert chains.edge_compositions(2.0) == chains.split(3)[0]
     assert chains.edge_compositions(2.15) == chains.split(3)[0]
@@ -108,18 +122,9 @@ def test_warm_start_edge_share_draws_that_fraction_from_every_edge_chain(monkeyp
     """chain_edge_share: about that fraction of the chains problems come from the edge's
     trainable chains (all of them reachable), the rest from the shown ones; 0 draws none."""
     def drawn_with(share: float) -> list[dict]:
-        seen, original = [], models.supervised_batch
-
-        def recording_batch(tokenizer, examples):
-            seen.extend(examples)
-            return original(tokenizer, examples)
-
-        monkeypatch.setattr(models, "supervised_batch", recording_batch)
-        tokenizer = models.build_tokenizer()
         recipe = {"task_mix": "chains", "level": 1, "steps": 4, "batch_size": 100, "lr": 1e-3,
                   "noise": 0.0, "chain_coverage": 2.0, "chain_edge_share": share}
-        models.warm_start(models.build_tiny_model(tokenizer), tokenizer, recipe, seed=0)
-        return seen
+        return warm_start_examples(monkeypatch, recipe)
 
     drawn = drawn_with(0.25)
     deep = [tuple(ex["ops"]) for ex in drawn if len(ex["ops"]) == 3]
@@ -134,17 +139,9 @@ def test_warm_start_draws_chains_only_from_the_shown_ones(monkeypatch):
     rng = random.Random(0)
     # all 13, no other
     assert {tuple(models.shown_chain(rng, shown)["ops"]) for _ in range(300)} == set(shown)
-    seen, original = [], models.supervised_batch
-
-    def recording_batch(tokenizer, examples):
-        seen.extend(examples)
-        return original(tokenizer, examples)
-
-    monkeypatch.setattr(models, "supervised_batch", recording_batch)
-    tokenizer = models.build_tokenizer()
     recipe = {"task_mix": "chains:1,sort:1", "level": 2, "steps": 2, "batch_size": 64, "lr": 1e-3,
               "noise": 0.0, "chain_coverage": 1.5}
-    models.warm_start(models.build_tiny_model(tokenizer), tokenizer, recipe, seed=0)
+    seen = warm_start_examples(monkeypatch, recipe)
     drawn = [ex for ex in seen if ex["task"] == "chains"]
     # about half of the mix, and the sort half untouched
     assert 30 < len(drawn) < 98 and len(seen) == 128
